@@ -1,0 +1,171 @@
+"""Model specs and strict checkpoint loading.
+
+A *model spec* names a model everywhere in vtp-ray (CLI, Serve config, Ray Data jobs):
+
+- a local checkpoint directory as upstream publishes it: ``config.json`` + ``model.safetensors``
+  (or a sharded ``model.safetensors.index.json``);
+- ``random:vtp-small`` (a bundled preset) or ``random:/path/to/config.json``: seeded random weights
+  with real hyper-parameters, for smoke tests and benchmarks. Always reported as random.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import VTPConfig
+from .vtp import VTPModel
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+PRESETS = ("vtp-small",)
+DOWNLOAD_HINT = (
+    "Download a published checkpoint into a local directory, e.g.\n"
+    "  modelscope download --model MiniMax/VTP-Small-f16d64 --local_dir ./VTP-Small-f16d64\n"
+    "  huggingface-cli download MiniMaxAI/VTP-Small-f16d64 --local-dir ./VTP-Small-f16d64\n"
+    "and pass that directory; or try everything with seeded random weights: --model random:vtp-small"
+)
+
+_ROPE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the model its config describes."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with the facts that must travel with everything it produces."""
+
+    model: VTPModel
+    spec: str
+    random_weights: bool
+
+    @property
+    def config(self) -> VTPConfig:
+        return self.model.config
+
+    @property
+    def config_digest(self) -> str:
+        return self.model.config.digest()
+
+    @property
+    def name(self) -> str:
+        if self.random_weights:
+            return f"{self.spec} (random weights)"
+        return Path(self.spec).name or self.spec
+
+
+def resolve_rope_dtype(rope_dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(rope_dtype, torch.dtype):
+        if rope_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"rope_dtype must be float32 or bfloat16, got {rope_dtype}")
+        return rope_dtype
+    try:
+        return _ROPE_DTYPES[rope_dtype]
+    except KeyError:
+        raise ValueError(f"rope_dtype must be 'float32' or 'bfloat16', got {rope_dtype!r}") from None
+
+
+def load_model(spec: str, rope_dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model a spec names, in eval mode, float32, on ``device``."""
+    rope = resolve_rope_dtype(rope_dtype)
+    spec = str(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        config = _random_config(spec[len(RANDOM_PREFIX) :])
+        model = VTPModel(config, rope_dtype=rope)
+        init_random_weights(model, seed=0)
+        log.warning("model %s has RANDOM weights: outputs are meaningless beyond speed and plumbing", spec)
+        random_weights = True
+    else:
+        directory = Path(spec).expanduser()
+        if not directory.exists():
+            raise FileNotFoundError(f"model path {spec!r} does not exist.\n{DOWNLOAD_HINT}")
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{spec!r} has no config.json: it is not a VTP checkpoint directory.\n{DOWNLOAD_HINT}")
+        model = VTPModel(VTPConfig.from_json_file(directory / "config.json"), rope_dtype=rope)
+        load_state_strict(model, read_safetensors(directory))
+        random_weights = False
+    return LoadedModel(model.eval().to(device), spec, random_weights)
+
+
+def _random_config(name: str) -> VTPConfig:
+    if name in PRESETS:
+        text = resources.files("vtp_ray.model").joinpath("presets", f"{name}.json").read_text(encoding="utf-8")
+        return VTPConfig.from_dict(json.loads(text))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return VTPConfig.from_json_file(path)
+    raise ValueError(f"unknown random model {name!r}: use one of {list(PRESETS)} or a path to a config.json")
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(
+            f"{directory} has neither model.safetensors nor model.safetensors.index.json.\n{DOWNLOAD_HINT}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers / short files
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+    return tensors
+
+
+def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error naming it."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{label} ({len(items)}): {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json; " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=True)
+
+
+@torch.no_grad()
+def init_random_weights(model: VTPModel, seed: int = 0) -> None:
+    """Deterministic random weights with sane activation scales (the training init, roughly)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 and leaf in ("weight", "gamma") or name.startswith("logit_"):
+            continue  # norm weights (ones), layer scales, logit scale/bias keep their constructor values
+        if leaf == "bias" or leaf.endswith("_bias"):
+            p.zero_()
+        elif name == "positional_embedding":
+            p.normal_(0.0, 0.01, generator=g)
+        elif name == "text_projection" or leaf == "in_proj_weight":
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+        else:
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=g)
