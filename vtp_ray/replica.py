@@ -51,6 +51,8 @@ class VTPReplica:
             norms, RoPE and softmax statistics stay float32.
         rope_dtype: ``float32`` (portable) or ``bfloat16`` (bit-faithful to upstream).
         warmup_size: side of the square image used to warm up; 0 skips the warm-up.
+        cpu_threads: torch's intra-op threads when running on the CPU (default: torch's choice,
+            which inside a Ray actor follows the actor's ``num_cpus`` through OMP_NUM_THREADS).
     """
 
     def __init__(
@@ -60,9 +62,12 @@ class VTPReplica:
         precision: str = "fp32",
         rope_dtype: str = "float32",
         warmup_size: int = 256,
+        cpu_threads: int | None = None,
     ) -> None:
         started = time.perf_counter()
         self.device = resolve_device(device)
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
         self.dtype = resolve_precision(precision)
         self.precision = precision
         self.loaded = load_model(model, rope_dtype=rope_dtype, device=self.device)

@@ -1,0 +1,413 @@
+"""Image I/O and preprocessing for the visual tokenizer service.
+
+Data path: encoded bytes or a file path -> ``decode_image`` (size limits, first frame, EXIF orientation,
+any mode flattened to RGB) -> ``center_crop_adm`` / ``resize_plain`` -> uint8 ``(H, W, 3)`` numpy array
+(``preprocess``). On the model side, batches of those arrays become torch tensors and ``normalize`` is the
+single place where they turn into float ``(N, 3, H, W)``; ``denormalize_to_uint8`` and ``to_png_bytes`` go
+back the other way for reconstructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, TypeAlias
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "NORMALIZATIONS",
+    "PATCH_SIZE",
+    "CropMode",
+    "DecodeErrorReason",
+    "DecodeLimits",
+    "ImageDecodeError",
+    "ImageSource",
+    "Normalization",
+    "NormalizationKind",
+    "center_crop_adm",
+    "decode_image",
+    "denormalize_to_uint8",
+    "normalize",
+    "preprocess",
+    "preprocess_with_info",
+    "resize_plain",
+    "to_png_bytes",
+    "to_rgb",
+]
+
+ImageSource: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
+CropMode = Literal["center", "resize"]
+NormalizationKind = Literal["imagenet", "half"]
+DecodeErrorReason = Literal["empty", "too_large_bytes", "too_many_pixels", "truncated", "not_an_image", "unsupported"]
+
+#: The model's patch size; ``preprocess`` only produces square sides that are a multiple of it.
+PATCH_SIZE = 16
+
+_WHITE = (255, 255, 255)
+# Modes with an alpha channel (straight or premultiplied); they are composited over white.
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+# Modes whose colour-key transparency (``info["transparency"]``) Pillow can expand into an alpha channel.
+_COLOR_KEY_MODES = frozenset({"L", "P", "RGB"})
+# Pillow decodes EPS by running Ghostscript in a subprocess; untrusted uploads must never reach it.
+_REFUSED_FORMATS = frozenset({"EPS"})
+_EPS_MAGIC = (b"%!PS", b"\xc5\xd0\xd3\xc6")
+
+
+class ImageDecodeError(ValueError):
+    """Raised for any input that cannot become an image.
+
+    ``reason`` is a short machine-readable code (see ``DecodeErrorReason``); ``str(err)`` is the human
+    message.
+    """
+
+    def __init__(self, reason: DecodeErrorReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: DecodeErrorReason = reason
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[DecodeErrorReason, str]]:
+        # Keeps the error picklable (Ray ships exceptions between processes); the default reduce would
+        # call __init__ with the message only.
+        return (type(self), (self.reason, str(self)))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-call limits that protect the decoder from oversized inputs.
+
+    ``max_pixels`` defaults to Pillow's own ``Image.MAX_IMAGE_PIXELS`` (about 0.25 GiB at 24 bpp) but is
+    enforced here, per call, from the image header and before any pixel data is decoded.
+    """
+
+    max_bytes: int = 64 * 2**20
+    max_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
+
+
+_DEFAULT_LIMITS = DecodeLimits()
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS) -> Image.Image:
+    """Decode encoded image bytes, or the file at a path, into an RGB ``PIL.Image.Image``.
+
+    Takes the first frame of animated images, applies the EXIF orientation and flattens every mode to RGB
+    (see ``to_rgb``). Every input that cannot become an image raises ``ImageDecodeError``. A ``str`` is a
+    filesystem path, never image data; filesystem errors while reading a path (``FileNotFoundError``,
+    ``PermissionError``, ...) propagate unchanged because they are the caller's problem, not the input's.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data: bytes | bytearray | memoryview = src
+        _check_byte_size(memoryview(src).nbytes, limits)
+    elif isinstance(src, (str, os.PathLike)):
+        data = _read_limited(os.fspath(src), limits)
+    else:
+        raise TypeError(f"expected image bytes or a path, got {type(src).__name__}")
+    return _decode_bytes(data, limits)
+
+
+def _check_byte_size(n_bytes: int, limits: DecodeLimits) -> None:
+    if n_bytes == 0:
+        raise ImageDecodeError("empty", "image data is empty")
+    if n_bytes > limits.max_bytes:
+        raise ImageDecodeError(
+            "too_large_bytes",
+            f"image is {n_bytes} bytes, over the limit of {limits.max_bytes} (set max_bytes to raise it)",
+        )
+
+
+def _read_limited(path: str, limits: DecodeLimits) -> bytes:
+    _check_byte_size(os.path.getsize(path), limits)
+    with open(path, "rb") as f:
+        # Read at most one byte past the limit: the file may have grown since getsize().
+        data = f.read(limits.max_bytes + 1)
+    _check_byte_size(len(data), limits)
+    return data
+
+
+def _decode_bytes(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except UnidentifiedImageError as e:
+        if bytes(data[:4]) in _EPS_MAGIC:
+            raise ImageDecodeError("unsupported", "EPS/PostScript images are not accepted") from e
+        raise ImageDecodeError("not_an_image", "data is not an image in any supported format") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow checks its process-wide Image.MAX_IMAGE_PIXELS inside open(), before our own check can run
+        # (the warning only arrives here as an exception when warnings are turned into errors).
+        raise ImageDecodeError(
+            "too_many_pixels",
+            f"image has too many pixels to decode safely: {e} "
+            "(Pillow's process-wide Image.MAX_IMAGE_PIXELS applies on top of max_pixels)",
+        ) from e
+    except MemoryError:
+        raise  # a resource problem on this side, not a bad input
+    except Exception as e:
+        raise _pillow_error(e, "cannot read image header") from e
+
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels",
+            f"image has {width * height} pixels ({width}x{height}), over the limit of {limits.max_pixels} "
+            "(set max_pixels to raise it)",
+        )
+
+    try:
+        img.seek(0)  # first frame of animated GIF / WebP / APNG
+        img.load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _pillow_error(e, f"cannot decode {img.format} image") from e
+
+    _apply_exif_orientation(img)
+    try:
+        if img.mode == "I" and img.format == "PNG":
+            # PNG has no 32-bit mode: this is 16-bit grayscale, which Pillow < 10.3 opens as "I", not "I;16".
+            return _gray16_to_rgb(img)
+        return to_rgb(img)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _pillow_error(e, f"cannot convert {img.format} image in mode {img.mode} to RGB") from e
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()  # registers all plugins; a cheap no-op after the first call
+    return [fmt for fmt in Image.ID if fmt not in _REFUSED_FORMATS]
+
+
+def _pillow_error(e: Exception, what: str) -> ImageDecodeError:
+    if isinstance(e, EOFError) or "truncated" in str(e).lower():
+        return ImageDecodeError("truncated", f"{what}: image data is truncated ({e})")
+    return ImageDecodeError("unsupported", f"{what}: {type(e).__name__}: {e}")
+
+
+def _apply_exif_orientation(img: Image.Image) -> None:
+    # Malformed EXIF metadata does not make the pixels unusable: keep the stored orientation, as image
+    # viewers do. In place, so nothing is copied when there is nothing to rotate.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any Pillow mode to RGB, deterministically.
+
+    * Alpha (RGBA, LA, PA, premultiplied RGBa, and P / L / RGB with colour-key transparency) is composited
+      over an opaque white background, the usual convention for documents and web images.
+    * 16-bit grayscale (``I;16*``) is scaled to 8 bits with ``round(v / 257)``, so 0 -> 0 and 65535 -> 255.
+    * 32-bit ``I`` and ``F`` are clipped to 0..255 (``F`` is truncated towards zero), exactly as Pillow's
+      ``convert`` does; such images are assumed to already be in 8-bit range.
+    * Everything else (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, ...) goes through Pillow's ``convert("RGB")``.
+
+    Returns ``img`` itself when it is already plain RGB.
+    """
+    mode = img.mode
+    has_color_key = mode in _COLOR_KEY_MODES and "transparency" in img.info
+    if mode == "RGB" and not has_color_key:
+        return img
+    if mode.startswith("I;16"):
+        return _gray16_to_rgb(img)
+    if mode in _ALPHA_MODES or has_color_key:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _WHITE)
+        out.paste(rgba, mask=rgba)  # the RGBA image's alpha band is the mask
+        return out
+    return img.convert("RGB")
+
+
+def _gray16_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (any ``I;16*`` mode, or ``I`` holding 16-bit values) -> RGB via ``round(v / 257)``."""
+    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    gray = ((values + 128) // 257).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+def _check_positive_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+
+
+def center_crop_adm(img: Image.Image, size: int) -> Image.Image:
+    """ADM (guided-diffusion) center crop to ``size x size``, as used for the model's published numbers.
+
+    Halve with a box filter while the short side is at least ``2 * size``, bicubic-resize so the short side
+    is ``size``, then crop the center.
+    """
+    _check_positive_size(size)
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+    width, height = img.size
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def resize_plain(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize to ``size x size``, ignoring the aspect ratio (the ``"resize"`` crop mode)."""
+    _check_positive_size(size)
+    return img.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
+def preprocess_with_info(
+    src: ImageSource | Image.Image | np.ndarray,
+    size: int = 256,
+    crop: CropMode = "center",
+    limits: DecodeLimits = _DEFAULT_LIMITS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like ``preprocess``, but also return the original ``(width, height)`` before cropping.
+
+    For decoded inputs the original size is taken after the EXIF orientation is applied, i.e. as displayed.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+        raise ValueError(f"size must be a positive multiple of the patch size {PATCH_SIZE}, got {size!r}")
+    if crop not in ("center", "resize"):
+        raise ValueError(f"crop must be 'center' or 'resize', got {crop!r}")
+
+    if isinstance(src, Image.Image):
+        img = to_rgb(src)
+    elif isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3:
+            raise ValueError(f"array input must be uint8 of shape (H, W, 3), got {src.dtype} {src.shape}")
+        img = Image.fromarray(src)
+    else:
+        img = decode_image(src, limits)
+
+    orig_size = img.size
+    img = center_crop_adm(img, size) if crop == "center" else resize_plain(img, size)
+    # np.array (not asarray) gives a writable, C-contiguous array that owns its memory.
+    arr = np.array(img, dtype=np.uint8)
+    return arr, orig_size
+
+
+def preprocess(
+    src: ImageSource | Image.Image | np.ndarray,
+    size: int = 256,
+    crop: CropMode = "center",
+    limits: DecodeLimits = _DEFAULT_LIMITS,
+) -> np.ndarray:
+    """Decode (if needed), crop and return a C-contiguous uint8 array of shape ``(size, size, 3)``.
+
+    ``src`` is encoded bytes, a path (see ``decode_image``), a ``PIL.Image.Image`` (converted with
+    ``to_rgb``; its EXIF orientation is not applied, as the caller already decoded it) or a uint8
+    ``(H, W, 3)`` RGB array. ``size`` must be a positive multiple of ``PATCH_SIZE``.
+    """
+    return preprocess_with_info(src, size, crop, limits)[0]
+
+
+def to_png_bytes(arr: np.ndarray) -> bytes:
+    """Encode a uint8 ``(H, W, 3)`` RGB array as PNG (fast, low compression)."""
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected a uint8 array of shape (H, W, 3), got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- normalization
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel (R, G, B) mean and std applied to pixel values in [0, 1]."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+NORMALIZATIONS: Mapping[str, Normalization] = MappingProxyType(
+    {
+        "imagenet": Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        "half": Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    }
+)
+
+
+def _resolve(kind: NormalizationKind | str | Normalization) -> Normalization:
+    if isinstance(kind, Normalization):
+        return kind
+    try:
+        return NORMALIZATIONS[kind]
+    except KeyError:
+        raise ValueError(f"unknown normalization {kind!r}; expected one of {sorted(NORMALIZATIONS)}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(
+    norm: Normalization, inverse: bool, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (1, 3, 1, 1) tensors, cached so repeated calls do no host-to-device copies."""
+    if inverse:  # [normalized] -> [0, 255]
+        scale = [255.0 * s for s in norm.std]
+        shift = [255.0 * m for m in norm.mean]
+    else:  # [0, 255] -> ((x / 255) - mean) / std, with the constants folded in float64
+        scale = [1.0 / (255.0 * s) for s in norm.std]
+        shift = [-m / s for m, s in zip(norm.mean, norm.std, strict=True)]
+    return (
+        torch.tensor(scale, dtype=dtype, device=device).view(1, 3, 1, 1),
+        torch.tensor(shift, dtype=dtype, device=device).view(1, 3, 1, 1),
+    )
+
+
+def normalize(
+    images_u8: torch.Tensor,
+    kind: NormalizationKind | Normalization = "imagenet",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> contiguous float ``(N, 3, H, W)``: ``(x / 255 - mean) / std``, per channel.
+
+    Equivalent to torchvision's ``ToTensor`` + ``Normalize``, on the input's device, in two passes: a
+    permute+cast copy, then one in-place fused multiply-add ``x * scale + shift`` with the constants folded
+    (``scale = 1 / (255 * std)``, ``shift = -mean / std``). In float32 the result is within ~1e-6 of the
+    exact value. For half-precision dtypes the arithmetic runs in float32 and is rounded once at the end (one
+    extra pass), so bfloat16 / float16 outputs do not pick up the rounding of the folded constants.
+    """
+    if images_u8.dtype != torch.uint8 or images_u8.ndim != 4 or images_u8.shape[-1] != 3:
+        raise ValueError(
+            f"expected a uint8 tensor of shape (N, H, W, 3), got {images_u8.dtype} {tuple(images_u8.shape)}"
+        )
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    scale, shift = _affine(_resolve(kind), False, images_u8.device, compute_dtype)
+    x = images_u8.permute(0, 3, 1, 2).to(dtype=compute_dtype, memory_format=torch.contiguous_format)
+    torch.addcmul(shift, x, scale, out=x)  # x = x * scale + shift, in place
+    return x if dtype == compute_dtype else x.to(dtype)
+
+
+def denormalize_to_uint8(images: torch.Tensor, kind: NormalizationKind | Normalization = "imagenet") -> torch.Tensor:
+    """Inverse of ``normalize``: float ``(N, 3, H, W)`` -> contiguous uint8 ``(N, H, W, 3)``, same device.
+
+    Computes ``clamp(x * std + mean, 0, 1) * 255`` in float32 whatever the input dtype (the 255 is folded
+    into the affine) and rounds to nearest with ``torch.round`` (ties to even) rather than truncating as a
+    bare ``.to(torch.uint8)`` would, so ``normalize`` followed by ``denormalize_to_uint8`` returns the
+    original pixels exactly.
+    """
+    if not images.dtype.is_floating_point or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"expected a floating point tensor of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    scale, shift = _affine(_resolve(kind), True, images.device, torch.float32)
+    x = torch.addcmul(shift, images.to(torch.float32), scale)  # a fresh tensor: safe to modify in place
+    x.clamp_(0.0, 255.0).round_()
+    return x.permute(0, 2, 3, 1).to(dtype=torch.uint8, memory_format=torch.contiguous_format)
