@@ -35,6 +35,7 @@ __all__ = [
     "center_crop_adm",
     "decode_image",
     "denormalize_to_uint8",
+    "denormalize_to_unit",
     "normalize",
     "preprocess",
     "preprocess_with_info",
@@ -411,3 +412,9 @@ def denormalize_to_uint8(images: torch.Tensor, kind: NormalizationKind | Normali
     x = torch.addcmul(shift, images.to(torch.float32), scale)  # a fresh tensor: safe to modify in place
     x.clamp_(0.0, 255.0).round_()
     return x.permute(0, 2, 3, 1).to(dtype=torch.uint8, memory_format=torch.contiguous_format)
+
+
+def denormalize_to_unit(images: torch.Tensor, kind: NormalizationKind | Normalization = "imagenet") -> torch.Tensor:
+    """Inverse of ``normalize`` without rounding: float32 ``(N, 3, H, W)`` in [0, 1] (for metrics such as PSNR)."""
+    scale, shift = _affine(_resolve(kind), True, images.device, torch.float32)
+    return torch.addcmul(shift, images.to(torch.float32), scale).clamp_(0.0, 255.0).div_(255.0)

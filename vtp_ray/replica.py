@@ -111,6 +111,11 @@ class VTPReplica:
         return result
 
     @torch.inference_mode()
+    def encode(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Latents only, (N, C, h, w) float32: what a diffusion model trains on."""
+        return self._out(self.model.get_reconstruction_latents(self._images_in(images)))
+
+    @torch.inference_mode()
     def reconstruct(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Encode and decode: uint8 (N, H, W, 3) -> uint8 (N, H, W, 3)."""
         latents = self.model.get_reconstruction_latents(self._images_in(images))

@@ -1,0 +1,131 @@
+"""Latency and throughput of the replica's verbs, plus the model's FLOP count to put them against."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .device import synchronize
+from .model import VTPConfig
+from .replica import VTPReplica
+
+VERBS = ("encode", "decode", "tokenize", "reconstruct")
+
+
+def _ffn_macs(kind: str, dim: int, ratio: float) -> int:
+    hidden = int(dim * ratio)
+    if kind == "mlp":
+        return 2 * dim * hidden
+    align = int(kind[len("swiglu") :] or 8)
+    d = int(hidden * 2 / 3)
+    return 3 * dim * (d + (-d % align))
+
+
+def _blocks_macs(tokens: int, dim: int, depth: int, ffn: str, ratio: float) -> int:
+    per_token = 4 * dim * dim + _ffn_macs(ffn, dim, ratio)  # qkv + proj + ffn
+    attention = 2 * tokens * tokens * dim  # q @ k^T and attn @ v
+    return depth * (tokens * per_token + attention)
+
+
+def model_flops(cfg: VTPConfig, height: int = 256, width: int = 256) -> dict[str, float]:
+    """FLOPs (2 x multiply-adds) of one image through the encoder trunk and the pixel decoder."""
+    p = cfg.vision_patch_size
+    n = (height // p) * (width // p)
+    d, c, dd = cfg.vision_embed_dim, cfg.vision_feature_bottleneck, cfg.decoder_embed_dim
+    encode = n * d * 3 * p * p + _blocks_macs(n + 1, d, cfg.vision_depth, cfg.vision_ffn_layer, cfg.vision_mlp_ratio)
+    encode += n * d * c
+    decode = n * c * dd + _blocks_macs(n, dd, cfg.decoder_depth, cfg.decoder_ffn_layer, 4.0) + n * dd * 3 * 16 * 16
+    return {"encode": 2.0 * encode, "decode": 2.0 * decode}
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, runs: int = 5) -> float:
+    """Median seconds of ``runs`` calls after ``warmup`` calls, synchronizing the device around each."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@dataclass
+class BenchRow:
+    precision: str
+    batch: int
+    verb: str
+    seconds: float
+    flops_per_image: float
+
+    @property
+    def ms_per_batch(self) -> float:
+        return self.seconds * 1e3
+
+    @property
+    def ms_per_image(self) -> float:
+        return self.seconds * 1e3 / self.batch
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds
+
+    @property
+    def gflops(self) -> float:
+        return self.flops_per_image * self.images_per_s / 1e9
+
+
+def bench(
+    model: str,
+    device: str = "auto",
+    precisions: Sequence[str] = ("fp32",),
+    batch_sizes: Sequence[int] = (1, 8),
+    size: int = 256,
+    verbs: Sequence[str] = VERBS,
+    warmup: int = 3,
+    runs: int = 5,
+) -> list[BenchRow]:
+    """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for precision in precisions:
+        replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
+        flops = model_flops(replica.model.config, size, size)
+        per_verb = {
+            "encode": flops["encode"],
+            "tokenize": flops["encode"],
+            "decode": flops["decode"],
+            "reconstruct": flops["encode"] + flops["decode"],
+        }
+        for batch in batch_sizes:
+            images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+            latents = replica.encode(images)
+            calls = {
+                "encode": lambda: replica.encode(images),
+                "tokenize": lambda: replica.tokenize(images),
+                "decode": lambda: replica.decode(latents),
+                "reconstruct": lambda: replica.reconstruct(images),
+            }
+            for verb in verbs:
+                seconds = time_call(calls[verb], replica.device, warmup, runs)
+                rows.append(BenchRow(precision, batch, verb, seconds, per_verb[verb]))
+        del replica
+    return rows
+
+
+def format_rows(rows: Sequence[BenchRow]) -> str:
+    header = f"{'precision':<10}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}{'GFLOP/s':>9}"
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r.precision:<10}{r.batch:>6}  {r.verb:<12}{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}"
+            f"{r.images_per_s:>10.2f}{r.gflops:>9.0f}"
+        )
+    return "\n".join(lines)
