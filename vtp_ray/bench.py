@@ -93,35 +93,38 @@ def bench(
     runs: int = 5,
 ) -> list[BenchRow]:
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images."""
-    rows = []
-    rng = np.random.default_rng(0)
+    rows: list[BenchRow] = []
     for precision in precisions:
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
-        flops = model_flops(replica.model.config, size, size)
-        per_verb = {
-            "encode": flops["encode"],
-            "tokenize": flops["encode"],
-            "decode": flops["decode"],
-            "reconstruct": flops["encode"] + flops["decode"],
-        }
         for batch in batch_sizes:
-            images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-            latents = replica.encode(images)
-            calls = {
-                "encode": lambda: replica.encode(images),
-                "tokenize": lambda: replica.tokenize(images),
-                "decode": lambda: replica.decode(latents),
-                "reconstruct": lambda: replica.reconstruct(images),
-            }
-            for verb in verbs:
-                seconds = time_call(calls[verb], replica.device, warmup, runs)
-                rows.append(BenchRow(precision, batch, verb, seconds, per_verb[verb]))
-        del replica
+            rows += _bench_batch(replica, batch, size, verbs, warmup, runs)
+    return rows
+
+
+def _bench_batch(
+    replica: VTPReplica, batch: int, size: int, verbs: Sequence[str], warmup: int, runs: int
+) -> list[BenchRow]:
+    flops = model_flops(replica.model.config, size, size)
+    images = np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    latents = replica.encode(images)
+    calls = {
+        "encode": (lambda: replica.encode(images), flops["encode"]),
+        "tokenize": (lambda: replica.tokenize(images), flops["encode"]),
+        "decode": (lambda: replica.decode(latents), flops["decode"]),
+        "reconstruct": (lambda: replica.reconstruct(images), flops["encode"] + flops["decode"]),
+    }
+    rows = []
+    for verb in verbs:
+        call, verb_flops = calls[verb]
+        seconds = time_call(call, replica.device, warmup, runs)
+        rows.append(BenchRow(replica.precision, batch, verb, seconds, verb_flops))
     return rows
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    header = f"{'precision':<10}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}{'GFLOP/s':>9}"
+    header = (
+        f"{'precision':<10}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}{'GFLOP/s':>9}"
+    )
     lines = [header]
     for r in rows:
         lines.append(

@@ -11,6 +11,7 @@ import functools
 import os
 import random
 import resource
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -85,7 +86,17 @@ def resolve_precision(precision: str) -> torch.dtype:
         raise ValueError(f"unknown precision {precision!r}: use one of {list(PRECISIONS)}") from None
 
 
-def device_module(device: torch.device):  # noqa: ANN201 - torch.cuda / torch.npu have no common type
+def cpu_has_fast_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` in hardware (AVX512-BF16 / AMX); without it, PyTorch falls back to
+    scalar kernels that are far slower than float32."""
+    probes = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes.get(dtype, ()))
+
+
+def device_module(device: torch.device) -> ModuleType | None:
     """``torch.cuda`` or ``torch.npu`` for an accelerator, None for the CPU."""
     if device.type == "cpu":
         return None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .device import memory_stats, resolve_device, resolve_precision, synchronize
+from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .images import denormalize_to_uint8, normalize
 from .model import load_model
 
@@ -32,7 +32,9 @@ def as_image_batch(images: np.ndarray | list[np.ndarray], patch: int = 16) -> np
             raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}")
         images = np.stack(images)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise TypeError(f"images must be a uint8 numpy array, got {type(images).__name__} {getattr(images, 'dtype', '')}")
+        raise TypeError(
+            f"images must be a uint8 numpy array, got {type(images).__name__} {getattr(images, 'dtype', '')}"
+        )
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
     n, h, w, _ = images.shape
@@ -70,6 +72,13 @@ class VTPReplica:
             torch.set_num_threads(cpu_threads)
         self.dtype = resolve_precision(precision)
         self.precision = precision
+        if self.device.type == "cpu" and self.dtype != torch.float32 and not cpu_has_fast_low_precision(self.dtype):
+            log.warning(
+                "precision %s on a CPU without native %s matmuls (no AVX512-BF16/AMX): expect it to be much slower "
+                "than fp32; use --precision fp32 here",
+                precision,
+                self.dtype,
+            )
         self.loaded = load_model(model, rope_dtype=rope_dtype, device=self.device)
         self.model = self.loaded.model.to_precision(self.dtype)
         cfg = self.model.config

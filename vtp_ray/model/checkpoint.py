@@ -90,7 +90,9 @@ def load_model(spec: str, rope_dtype: str | torch.dtype = "float32", device: str
         if not directory.exists():
             raise FileNotFoundError(f"model path {spec!r} does not exist.\n{DOWNLOAD_HINT}")
         if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{spec!r} has no config.json: it is not a VTP checkpoint directory.\n{DOWNLOAD_HINT}")
+            raise FileNotFoundError(
+                f"{spec!r} has no config.json: it is not a VTP checkpoint directory.\n{DOWNLOAD_HINT}"
+            )
         config = VTPConfig.from_json_file(directory / "config.json")
         with torch.device("meta"):  # skip the constructor's random init: every tensor comes from the file
             model = VTPModel(config, rope_dtype=rope)
@@ -129,7 +131,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     tensors[key] = f.get_tensor(key)
         except Exception as e:  # safetensors raises its own error types for corrupt headers / short files
             raise CheckpointError(f"cannot read {file}: {e}") from e
@@ -168,7 +170,7 @@ def init_random_weights(model: VTPModel, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 and leaf in ("weight", "gamma") or name.startswith("logit_"):
+        if (p.ndim <= 1 and leaf in ("weight", "gamma")) or name.startswith("logit_"):
             continue  # norm weights (ones), layer scales, logit scale/bias keep their constructor values
         if leaf == "bias" or leaf.endswith("_bias"):
             p.zero_()

@@ -157,7 +157,7 @@ class AxialRoPE(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+    def _apply(self, fn, recurse=True):
         self._cache.clear()  # tables live on the old device/dtype
         return super()._apply(fn, recurse)
 

@@ -128,7 +128,7 @@ class PixelDecoder(nn.Module):
         self.proj_out = TokenConv1x1(dim, 3 * DECODER_UPSCALE**2)
 
     def forward(self, latents: Tensor) -> Tensor:
-        b, c, h, w = latents.shape
+        b, _, h, w = latents.shape
         x = self.proj_in(latents.flatten(2).transpose(1, 2)).float()
         rope = self.rope_embed.sincos(h, w)
         for block in self.blocks:
@@ -278,7 +278,7 @@ class VTPModel(nn.Module):
         if reshape:
             h, w = image.shape[-2] // self.trunk.patch_size, image.shape[-1] // self.trunk.patch_size
             patches = [p.reshape(len(p), h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        return tuple(zip(patches, classes)) if return_class_token else tuple(patches)
+        return tuple(zip(patches, classes, strict=True)) if return_class_token else tuple(patches)
 
     def get_clip_image_feature(self, image: Tensor, normalize: bool = True) -> Tensor:
         """CLIP image embedding (B, D)."""
