@@ -1,0 +1,48 @@
+"""Replica placement chosen from the cluster's resources, and explicit placements checked against them."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtp_ray.placement import PlacementError, device_for, resolve_placement
+
+LAPTOP = {"CPU": 8.0, "memory": 1e10}
+GPU_BOX = {"CPU": 32.0, "GPU": 4.0}
+ASCEND = {"CPU": 192.0, "NPU": 8.0, "GPU": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("cluster", "options", "device"),
+    [
+        (ASCEND, {"resources": {"NPU": 1}}, "npu:0"),
+        ({**GPU_BOX, "NPU": 2.0}, {"resources": {"NPU": 1}}, "npu:0"),
+        (GPU_BOX, {"num_gpus": 1}, "cuda:0"),
+        (LAPTOP, {"num_cpus": 1}, "cpu"),
+    ],
+)
+def test_auto_prefers_npu_then_gpu_then_cpu(cluster, options, device):
+    assert resolve_placement("auto", cluster) == options
+    assert resolve_placement(None, cluster) == options
+    assert device_for(options) == device
+
+
+def test_explicit_placements_win_when_the_cluster_can_hold_them():
+    assert resolve_placement({"num_cpus": 4}, ASCEND) == {"num_cpus": 4}
+    assert resolve_placement("gpu", GPU_BOX) == {"num_gpus": 1}
+    assert resolve_placement({"resources": {"NPU": 2}, "num_cpus": 8}, ASCEND) == {
+        "resources": {"NPU": 2},
+        "num_cpus": 8,
+    }
+
+
+def test_an_unsatisfiable_placement_fails_at_once_naming_the_setting():
+    with pytest.raises(PlacementError) as err:
+        resolve_placement({"resources": {"NPU": 1}}, LAPTOP, setting="serve_config.yaml args.placement")
+    message = str(err.value)
+    assert "serve_config.yaml args.placement" in message and "'NPU': 1.0" in message and "auto" in message
+    with pytest.raises(PlacementError, match="GPU"):
+        resolve_placement("gpu", ASCEND)
+    with pytest.raises(PlacementError, match="unsupported keys"):
+        resolve_placement({"num_tpus": 1}, ASCEND)
+    with pytest.raises(PlacementError, match="use auto, npu, gpu, cpu"):
+        resolve_placement("tpu", ASCEND)
