@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .replica import VTPReplica  # noqa: E402  (needs __version__)
+from .replica import VTPReplica
 
 __all__ = ["VTPReplica", "__version__"]
