@@ -163,11 +163,19 @@ class AxialRoPE(nn.Module):
 
     @staticmethod
     def rotate(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-        """x * cos + rotate_half(x) * sin, computed in sin's dtype, returned in x's dtype."""
+        """x * cos + rotate_half(x) * sin, computed in sin's dtype, returned in x's dtype.
+
+        ``rotate_half(x) * sin`` is written straight into one buffer, half by half (no neg/cat
+        temporaries); each product is rounded as upstream rounds it, so bfloat16 RoPE stays exact.
+        """
         xr = x.to(sin.dtype)
         x1, x2 = xr.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (xr * cos + rotated * sin).to(x.dtype)
+        s1, s2 = sin.chunk(2, dim=-1)
+        rotated = torch.empty_like(xr, memory_format=torch.contiguous_format)
+        r1, r2 = rotated.chunk(2, dim=-1)
+        torch.mul(x2, s1, out=r1).neg_()
+        torch.mul(x1, s2, out=r2)
+        return rotated.add_(xr * cos).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
