@@ -284,3 +284,15 @@ def test_intermediate_layers_options(portable_mode, reference):
     torch.testing.assert_close(last, portable_mode.get_last_layer_feature(x)["patch_tokens"])
     (raw,) = portable_mode.get_intermediate_layers_feature(x, n=1, norm=False)
     assert not torch.allclose(raw, last)
+
+
+def test_rope_tables_cached_under_inference_mode_serve_autograd_later(tiny_dir, reference):
+    model = load_model(str(tiny_dir)).model
+    x = reference["s0.image"]
+    with torch.inference_mode():
+        expected = model.get_reconstruction_latents(x)
+    image = x.clone().requires_grad_(True)
+    latents = model.get_reconstruction_latents(image)
+    latents.sum().backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all()
+    torch.testing.assert_close(latents.detach(), expected)

@@ -134,10 +134,13 @@ class AxialRoPE(nn.Module):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def sincos(self, h: int, w: int, prefix: int = 0) -> tuple[Tensor, Tensor]:
-        """(sin, cos) of shape (prefix + h*w, head_dim) in ``self.dtype``, cached per grid."""
+        """(signed sin, cos) of shape (prefix + h*w, head_dim) in ``self.dtype``, cached per grid."""
         key = (h, w, prefix, self.dtype, self.periods.device)
         if key not in self._cache:
-            self._cache[key] = self._compute(h, w, prefix)
+            # Normal tensors even when first asked for under inference_mode, so that a later call with
+            # autograd enabled can still use the cached tables.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache[key] = self._compute(h, w, prefix)
         return self._cache[key]
 
     def _compute(self, h: int, w: int, prefix: int) -> tuple[Tensor, Tensor]:
@@ -149,6 +152,7 @@ class AxialRoPE(nn.Module):
         angles = 2 * math.pi * coords[:, :, None] / self.periods.to(self.dtype)[None, None, :]
         angles = angles.flatten(1, 2).tile(2)
         sin, cos = torch.sin(angles), torch.cos(angles)
+        sin[:, : sin.shape[1] // 2].neg_()  # the sign of rotate_half, folded into the table (see rotate)
         if prefix:
             sin = torch.cat([sin.new_zeros(prefix, sin.shape[1]), sin])
             cos = torch.cat([cos.new_ones(prefix, cos.shape[1]), cos])
@@ -162,20 +166,16 @@ class AxialRoPE(nn.Module):
         return super()._apply(fn, recurse)
 
     @staticmethod
-    def rotate(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-        """x * cos + rotate_half(x) * sin, computed in sin's dtype, returned in x's dtype.
+    def rotate(x: Tensor, signed_sin: Tensor, cos: Tensor) -> Tensor:
+        """``x * cos + rotate_half(x) * sin``, computed in the tables' dtype, returned in x's dtype.
 
-        ``rotate_half(x) * sin`` is written straight into one buffer, half by half (no neg/cat
-        temporaries); each product is rounded as upstream rounds it, so bfloat16 RoPE stays exact.
+        With ``rotate_half(x) = cat(-x2, x1)``, the sign lives in the cached table instead
+        (``signed_sin = cat(-sin1, sin2)``), which saves a negation pass; every product is rounded
+        exactly as upstream rounds it, so bfloat16 RoPE stays bit-faithful.
         """
-        xr = x.to(sin.dtype)
+        xr = x.to(signed_sin.dtype)
         x1, x2 = xr.chunk(2, dim=-1)
-        s1, s2 = sin.chunk(2, dim=-1)
-        rotated = torch.empty_like(xr, memory_format=torch.contiguous_format)
-        r1, r2 = rotated.chunk(2, dim=-1)
-        torch.mul(x2, s1, out=r1).neg_()
-        torch.mul(x1, s2, out=r2)
-        return rotated.add_(xr * cos).to(x.dtype)
+        return (xr * cos + torch.cat([x2, x1], dim=-1) * signed_sin).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
