@@ -33,7 +33,11 @@ def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32") -> 
         required="VTP_MODEL" not in os.environ,
         help="checkpoint directory, or random:vtp-small for seeded random weights (env VTP_MODEL)",
     )
-    parser.add_argument("--device", default="auto", help="auto (npu > cuda > cpu), npu:N, cuda:N or cpu")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (npu > cuda > cpu; in a Ray job: the device its placement gives), npu:N, cuda:N or cpu",
+    )
     parser.add_argument("--precision", default=precision, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--rope-dtype", default="float32", choices=["float32", "bfloat16"])
 
@@ -180,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(func=cmd_bench)
+
+    from .tokenize import add_cli as add_tokenize
+
+    add_tokenize(sub)
     return parser
 
 

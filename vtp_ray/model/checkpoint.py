@@ -46,22 +46,23 @@ class LoadedModel:
     """A model with the facts that must travel with everything it produces."""
 
     model: VTPModel
-    spec: str
-    random_weights: bool
+    source: ModelSpec
 
     @property
-    def config(self) -> VTPConfig:
-        return self.model.config
-
-    @property
-    def config_digest(self) -> str:
-        return self.model.config.digest()
+    def spec(self) -> str:
+        return self.source.spec
 
     @property
     def name(self) -> str:
-        if self.random_weights:
-            return f"{self.spec} (random weights)"
-        return Path(self.spec).name or self.spec
+        return self.source.name
+
+    @property
+    def random_weights(self) -> bool:
+        return self.source.random_weights
+
+    @property
+    def config_digest(self) -> str:
+        return self.source.config.digest()
 
 
 def resolve_rope_dtype(rope_dtype: str | torch.dtype) -> torch.dtype:
@@ -75,31 +76,48 @@ def resolve_rope_dtype(rope_dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"rope_dtype must be 'float32' or 'bfloat16', got {rope_dtype!r}") from None
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model spec and its hyper-parameters (no weights read yet)."""
+
+    spec: str  # absolute checkpoint path, or the random: spec as given
+    config: VTPConfig
+    random_weights: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec} (random weights)" if self.random_weights else Path(self.spec).name
+
+
+def read_spec(spec: str) -> ModelSpec:
+    """Resolve a model spec and read its config; a missing checkpoint says how to get one."""
+    spec = str(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        return ModelSpec(spec, _random_config(spec[len(RANDOM_PREFIX) :]), random_weights=True)
+    directory = Path(spec).expanduser()
+    if not directory.exists():
+        raise FileNotFoundError(f"model path {spec!r} does not exist.\n{DOWNLOAD_HINT}")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{spec!r} has no config.json: not a VTP checkpoint directory.\n{DOWNLOAD_HINT}")
+    # Absolute, so that Ray workers (whatever their working directory) load the same checkpoint.
+    resolved = str(directory.resolve())
+    return ModelSpec(resolved, VTPConfig.from_json_file(directory / "config.json"), random_weights=False)
+
+
 def load_model(spec: str, rope_dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model a spec names, in eval mode, float32, on ``device``."""
     rope = resolve_rope_dtype(rope_dtype)
-    spec = str(spec)
-    if spec.startswith(RANDOM_PREFIX):
-        config = _random_config(spec[len(RANDOM_PREFIX) :])
-        model = VTPModel(config, rope_dtype=rope)
+    resolved = read_spec(spec)
+    if resolved.random_weights:
+        model = VTPModel(resolved.config, rope_dtype=rope)
         init_random_weights(model, seed=0)
         log.warning("model %s has RANDOM weights: outputs are meaningless beyond speed and plumbing", spec)
-        random_weights = True
     else:
-        directory = Path(spec).expanduser()
-        if not directory.exists():
-            raise FileNotFoundError(f"model path {spec!r} does not exist.\n{DOWNLOAD_HINT}")
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{spec!r} has no config.json: it is not a VTP checkpoint directory.\n{DOWNLOAD_HINT}"
-            )
-        config = VTPConfig.from_json_file(directory / "config.json")
         with torch.device("meta"):  # skip the constructor's random init: every tensor comes from the file
-            model = VTPModel(config, rope_dtype=rope)
+            model = VTPModel(resolved.config, rope_dtype=rope)
         model.to_empty(device="cpu")
-        load_state_strict(model, read_safetensors(directory))
-        random_weights = False
-    return LoadedModel(model.eval().to(device), spec, random_weights)
+        load_state_strict(model, read_safetensors(Path(resolved.spec)))
+    return LoadedModel(model.eval().to(device), resolved)
 
 
 def _random_config(name: str) -> VTPConfig:

@@ -127,7 +127,8 @@ class AxialRoPE(nn.Module):
     def __init__(self, dim: int, num_heads: int, base: float = 100.0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         head_dim = dim // num_heads
-        periods = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+        # Built on the CPU even under a meta-device build: meta arange pays a multi-second one-off import.
+        periods = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32, device="cpu") / (head_dim // 2))
         # Stored in bfloat16 by upstream; loading keeps the stored values, computing uses `dtype`.
         self.register_buffer("periods", periods.to(torch.bfloat16), persistent=True)
         self.dtype = dtype

@@ -1,0 +1,362 @@
+"""``tokenize_dataset`` end to end on a real local Ray cluster: real files in, parquet read back with pyarrow.
+
+One cluster for the module, started with ``resources={"NPU": 2}`` so that the default placement pins each replica
+to an NPU (the replicas compute on the CPU: ``device="cpu"``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from vtp_ray import VTPReplica
+from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
+from vtp_ray.latent_store import METADATA_KEY, OutputMismatchError
+from vtp_ray.placement import PlacementError
+from vtp_ray.tokenize import ReplicaStartError, TokenizeWorker, decode_images, tokenize_dataset
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+LIMITS = DecodeLimits(max_pixels=50_000)
+SHAPE = (8, SIZE // 16, SIZE // 16)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A local Ray of its own (no fixed ports, nothing global stopped); yields its address for other drivers."""
+    assert not ray.is_initialized(), "another test module left Ray running"
+    ray.init(num_cpus=4, resources={"NPU": 2}, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _noise(rng: np.random.Generator, height: int, width: int, channels: int = 3) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, channels) if channels > 1 else (height, width), dtype=np.uint8)
+
+
+def make_tree(root: Path) -> dict[str, str | None]:
+    """Images of many modes and sizes, broken files and ignored files; -> {path: expected error reason or None}."""
+    rng = np.random.default_rng(0)
+    expected: dict[str, str | None] = {}
+
+    def save(rel: str, image: Image.Image, reason: str | None = None, **params) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **params)
+        expected[str(path)] = reason
+
+    save("cat/rgb.jpg", Image.fromarray(_noise(rng, 72, 96)), quality=95)
+    save("cat/rgba.png", Image.fromarray(_noise(rng, 96, 64, 4), "RGBA"))
+    save("cat/nested/deep/gray.png", Image.fromarray(_noise(rng, 80, 100, 1), "L"))
+    save("cat/palette.gif", Image.fromarray(_noise(rng, 50, 70)).convert("P"))
+    save("dog/wide.jpg", Image.fromarray(_noise(rng, 90, 200)))
+    save("dog/gray16.png", Image.fromarray(rng.integers(0, 65536, (60, 50), dtype=np.uint16)))
+    save("dog/cmyk.jpg", Image.fromarray(_noise(rng, 80, 80)).convert("CMYK"))
+    save("dog/small.bmp", Image.fromarray(_noise(rng, 30, 20)))
+    save("top.webp", Image.fromarray(_noise(rng, 64, 64)))
+    save("dog/huge.png", Image.new("RGB", (300, 300)), "too_many_pixels")  # over LIMITS.max_pixels
+
+    jpeg = io.BytesIO()
+    Image.fromarray(_noise(rng, 64, 64)).save(jpeg, format="JPEG")
+    broken = {"cat/truncated.jpg": (jpeg.getvalue()[:600], "truncated"), "cat/empty.jpg": (b"", "empty")}
+    broken["dog/text.jpg"] = (b"this is not a picture\n", "not_an_image")
+    for rel, (data, reason) in broken.items():
+        (root / rel).write_bytes(data)
+        expected[str(root / rel)] = reason
+
+    (root / ".hidden").mkdir()
+    Image.new("RGB", (32, 32)).save(root / ".hidden" / "skipped.jpg")
+    (root / "dog" / "readme.md").write_text("not an input")
+    return expected
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("images")
+    return root, make_tree(root)
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_dir) -> VTPReplica:
+    return VTPReplica(str(tiny_dir), device="cpu", warmup_size=SIZE)
+
+
+def _settings(tiny_dir: Path) -> dict:
+    return {
+        "model": str(tiny_dir),
+        "device": "cpu",
+        "size": SIZE,
+        "batch_size": 2,
+        "rows_per_file": 4,
+        "flip": True,
+        "labels_from_dirs": True,
+        "limits": LIMITS,
+        "progress": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def job(cluster, tree, tiny_dir, tmp_path_factory):
+    """One run with the default placement (auto: NPU here) and the default pool (one replica per NPU)."""
+    root, _ = tree
+    output = tmp_path_factory.mktemp("job") / "out"
+    summary = tokenize_dataset(str(root), str(output), **_settings(tiny_dir))
+    return output, summary
+
+
+def _rows(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output / "data").set_index("path").sort_index()
+
+
+def _array(column) -> np.ndarray:
+    return np.stack([np.asarray(v) for v in column]).reshape(-1, *SHAPE)
+
+
+# ------------------------------------------------------------------------------------------- counts
+
+
+def test_every_input_ends_as_exactly_one_row_or_one_error(job, tree):
+    output, summary = job
+    _, expected = tree
+    rows = pq.read_table(output / "data", columns=["path"]).column("path").to_pylist()
+    errors = pq.read_table(output / "errors.parquet").to_pylist()
+    assert len(rows) == len(set(rows)) and {e["path"] for e in errors}.isdisjoint(rows)
+    assert len(rows) + len(errors) == len(expected) == summary.inputs == 13
+    assert sorted(rows) == sorted(p for p, reason in expected.items() if reason is None)
+    assert {e["path"]: e["reason"] for e in errors} == {p: r for p, r in expected.items() if r}
+    assert all(e["error"] for e in errors)
+    assert (summary.rows, summary.errors, summary.skipped, summary.processed, summary.missing) == (9, 4, 0, 13, 0)
+
+
+def test_the_schema_holds_flat_latents_and_the_manifest_says_what_made_them(job, replica):
+    output, _ = job
+    parts = sorted((output / "data").glob("part-*.parquet"))
+    assert len(parts) >= 3  # rows_per_file=4
+    schema = pq.read_schema(parts[0])
+    assert schema.names == ["path", "label", "width", "height", "latents", "latents_flip", "clip_embedding"]
+    assert schema.field("latents").type == pa.list_(pa.field("element", pa.float32(), False), 128)
+    assert json.loads(schema.field("latents").metadata[b"shape"]) == list(SHAPE)
+    assert schema.field("clip_embedding").type.list_size == 64 and schema.field("label").nullable
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["model"]["config_digest"] == replica.info["config_digest"]
+    assert manifest["model"]["random_weights"] is False and manifest["model"]["name"] == "vtp-tiny"
+    assert (manifest["precision"], manifest["device"], manifest["vtp_ray_version"]) == ("fp32", "cpu", "0.1.0")
+    assert manifest["preprocessing"]["size"] == SIZE and manifest["preprocessing"]["crop"] == "center"
+    assert manifest["preprocessing"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    in_file = json.loads(schema.metadata[METADATA_KEY])
+    assert in_file["model"] == manifest["model"] and in_file["run"]["replica_pool"] == 2
+
+
+def test_plain_pandas_rows_become_numpy_arrays_of_the_right_shape(job, tree):
+    output, _ = job
+    root, _ = tree
+    df = pd.read_parquet(output / "data")
+    row = df.iloc[0]
+    latents = np.asarray(row["latents"], dtype=np.float32).reshape(SHAPE)  # the README's one-liner
+    assert latents.shape == SHAPE and np.isfinite(latents).all()
+    labels = dict(zip(df["path"], df["label"], strict=True))
+    assert labels[str(root / "cat/nested/deep/gray.png")] == "cat" and labels[str(root / "dog/wide.jpg")] == "dog"
+    assert pd.isna(labels[str(root / "top.webp")])
+    sizes = {p: (w, h) for p, w, h in zip(df["path"], df["width"], df["height"], strict=True)}
+    assert sizes[str(root / "dog/wide.jpg")] == (200, 90) and sizes[str(root / "dog/small.bmp")] == (20, 30)
+
+
+def test_latents_are_the_replicas_on_the_same_preprocessed_image(job, replica):
+    output, _ = job
+    rows = _rows(output)
+    images = np.stack([preprocess(path, SIZE, "center") for path in rows.index])
+    expected = replica.tokenize(images)
+    np.testing.assert_array_equal(_array(rows["latents"]), expected["latents"])
+    flipped = replica.tokenize(np.ascontiguousarray(images[:, :, ::-1]))
+    np.testing.assert_array_equal(_array(rows["latents_flip"]), flipped["latents"])
+    embeddings = np.stack([np.asarray(v) for v in rows["clip_embedding"]])
+    np.testing.assert_allclose(embeddings, expected["clip_embedding"], rtol=1e-5, atol=1e-6)  # batch-size rounding
+
+
+def _check_stats(output: Path) -> dict:
+    stats = json.loads((output / "stats.json").read_text())
+    table = pq.read_table(output / "data", columns=["latents"])
+    latents = table.column("latents").combine_chunks().flatten().to_numpy().reshape(-1, *SHAPE).astype(np.float64)
+    assert stats["latents"]["count"] == latents.shape[0] * SHAPE[1] * SHAPE[2]
+    np.testing.assert_allclose(stats["latents"]["mean"], latents.mean(axis=(0, 2, 3)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["latents"]["std"], latents.std(axis=(0, 2, 3)), rtol=1e-9, atol=1e-12)
+    return stats
+
+
+def test_stats_are_numpys_mean_and_std_over_the_written_latents(job):
+    output, _ = job
+    stats = _check_stats(output)
+    assert (stats["rows"], stats["errors"], stats["duplicate_rows"]) == (9, 4, 0)
+    assert stats["errors_by_reason"] == {"too_many_pixels": 1, "truncated": 1, "empty": 1, "not_an_image": 1}
+    assert stats["last_run"]["processed"] == 13 and stats["last_run"]["images_per_s"] > 0
+
+
+def test_the_default_placement_pins_one_replica_per_npu(job):
+    output, _ = job
+    run = json.loads((output / "stats.json").read_text())["last_run"]
+    assert run["replica_options"] == {"resources": {"NPU": 1}} and run["replica_pool"] == 2
+    assert sum(run["replicas"].values()) == 9
+    npus = {name.rsplit("NPU ", 1)[1] for name in run["replicas"]}  # "host:pid cpu NPU 1"
+    assert npus <= {"0", "1"} and len(npus) == len(run["replicas"])
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def test_a_rerun_redoes_only_what_is_missing(job, tree, tiny_dir, tmp_path):
+    output, _ = job
+    root, _ = tree
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    last = sorted((copy / "data").glob("part-*.parquet"))[-1]
+    lost = pq.read_table(last, columns=["path"]).num_rows
+    last.unlink()  # as if the job had died before writing it
+    (copy / "data" / ".part-00009.parquet.tmp").write_bytes(b"PAR1 half")  # and while writing this one
+
+    summary = tokenize_dataset(str(root), str(copy), retry_errors=True, **_settings(tiny_dir))
+
+    assert summary.processed == lost + 4 and summary.skipped == 13 - lost - 4  # the errors are retried
+    assert (summary.rows, summary.errors, summary.missing) == (9, 4, 0)
+    assert not list((copy / "data").glob(".*.tmp"))
+    before, after = _rows(output), _rows(copy)
+    assert list(after.index) == list(before.index)
+    np.testing.assert_array_equal(_array(after["latents"]), _array(before["latents"]))
+    assert len(pq.read_table(copy / "errors.parquet")) == 4
+    _check_stats(copy)
+
+
+def _replica_pids() -> set[int]:
+    """Processes of TokenizeWorker actors (Ray titles an actor's process after its class)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"TokenizeWorker" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def _wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while len(list((output / "data").glob("part-*.parquet"))) < count:
+        assert process.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"fewer than {count} parts written in time"
+        time.sleep(0.02)
+
+
+def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing(cluster, tiny_dir, tmp_path):
+    root = tmp_path / "many"
+    rng = np.random.default_rng(1)
+    for i in range(48):
+        (root / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_noise(rng, 40 + i, 64)).save(root / f"d{i % 4}" / f"{i}.jpg")
+    (root / "d0" / "bad.jpg").write_bytes(b"nope")
+    output = tmp_path / "out"
+    args = [str(root), "-o", str(output), "--model", str(tiny_dir), "--size", str(SIZE), "--device", "cpu"]
+    args += ["--resources", '{"NPU": 1}', "--replicas", "1", "--batch-size", "1", "--rows-per-file", "1"]
+    args += ["--dtype", "float16", "--address", cluster, "--no-progress"]
+    before = _replica_pids()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vtp_ray.cli", "tokenize", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_parts(output, 1, process)
+        (replica,) = _replica_pids() - before
+        os.kill(replica, signal.SIGKILL)  # Ray Data restarts the actor and retries its batch
+        parts = len(list((output / "data").glob("part-*.parquet")))
+        _wait_for_parts(output, parts + 1, process)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+    finally:
+        process.kill()
+    done_before = sum(pq.read_table(p).num_rows for p in (output / "data").glob("part-*.parquet"))
+    assert 1 <= done_before < 48
+
+    summary = tokenize_dataset(
+        str(root), str(output), model=str(tiny_dir), size=SIZE, device="cpu", resources={"NPU": 1}, replicas=1,
+        latent_dtype="float16", progress=False,
+    )  # fmt: skip
+
+    rows = pq.read_table(output / "data")
+    paths = rows.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 48 and summary.errors == 1 and summary.missing == 0
+    assert summary.skipped >= done_before and summary.processed == 49 - summary.skipped
+    assert rows.schema.field("latents").type.value_type == pa.float16()
+    assert np.asarray(pd.read_parquet(output / "data")["latents"].iloc[0]).dtype == np.float16
+    assert _check_stats(output)["duplicate_rows"] == 0
+
+
+def test_an_output_made_with_other_settings_is_refused(job, tree, tiny_dir):
+    output, _ = job
+    root, _ = tree
+    before = sorted(p.name for p in (output / "data").iterdir())
+    with pytest.raises(OutputMismatchError, match=r"preprocessing\.crop: 'center' there, 'resize' now"):
+        tokenize_dataset(str(root), str(output), **{**_settings(tiny_dir), "crop": "resize"})
+    with pytest.raises(OutputMismatchError, match="latent_dtype"):
+        tokenize_dataset(str(root), str(output), **{**_settings(tiny_dir), "latent_dtype": "float16"})
+    assert sorted(p.name for p in (output / "data").iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------- placement
+
+
+def test_a_placement_the_cluster_cannot_satisfy_fails_at_once(cluster, tree, tiny_dir, tmp_path):
+    root, _ = tree
+    with pytest.raises(PlacementError, match="--resources"):
+        tokenize_dataset(str(root), str(tmp_path / "out"), **_settings(tiny_dir), resources={"GPU": 1})
+    assert not (tmp_path / "out").exists()
+
+
+def test_replicas_that_cannot_start_fail_with_the_reason_and_leave_nothing(cluster, tree, tiny_dir, tmp_path):
+    root, _ = tree
+    settings = {**_settings(tiny_dir), "device": "npu:0"}  # placed on an NPU, but no torch_npu here
+    with pytest.raises(ReplicaStartError, match="DeviceUnavailableError: device 'npu:0'"):
+        tokenize_dataset(str(root), str(tmp_path / "out"), **settings)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- the model stage
+
+
+def test_the_model_stage_passes_error_rows_through_untouched(cluster, tree, tiny_dir, replica):
+    root, _ = tree
+    good, bad = str(root / "cat" / "rgb.jpg"), str(root / "dog" / "text.jpg")
+    batch = decode_images(
+        pa.table({"path": [bad, good], "label": ["dog", "cat"]}), size=SIZE, crop="center", limits=LIMITS,
+        filesystem=None,
+    )  # fmt: skip
+    kwargs = {"model": str(tiny_dir), "device": "cpu", "precision": "fp32", "rope_dtype": "float32"}
+    kwargs.update(cpu_threads=None, size=SIZE, flip=False, latent_dtype="float32")
+    worker = TokenizeWorker(**kwargs, expected_digest=replica.info["config_digest"])
+    out = worker(batch)
+    assert out.column("latents").is_null().to_pylist() == [True, False]
+    image, (width, _) = preprocess_with_info(good, SIZE)
+    assert out.column("width").to_pylist()[1] == width
+    latents = np.asarray(out.column("latents")[1].as_py(), np.float32).reshape(1, *SHAPE)
+    np.testing.assert_array_equal(latents, replica.tokenize(image[None])["latents"])
+    with pytest.raises(RuntimeError, match="config digest"):
+        TokenizeWorker(**kwargs, expected_digest="0000")
