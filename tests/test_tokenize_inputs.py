@@ -27,7 +27,7 @@ from vtp_ray.latent_store import (
     OutputMismatchError,
     row_schema,
 )
-from vtp_ray.tokenize import _actor_options, _replicas_arg, _resources_arg, build_manifest, decode_images, model_facts
+from vtp_ray.tokenize import _actor_options, build_manifest, decode_images, model_facts, replicas_arg, resources_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,10 +249,10 @@ def test_model_facts_come_from_the_config_alone(tiny_dir: Path):
 
 
 def test_cli_flags_parse_replicas_and_resources():
-    assert _replicas_arg("3") == 3 and _replicas_arg("1-4") == (1, 4)
-    assert _resources_arg("NPU") == "npu" and _resources_arg('{"NPU": 1}') == {"NPU": 1}
+    assert replicas_arg("3") == 3 and replicas_arg("1-4") == (1, 4)
+    assert resources_arg("NPU") == "npu" and resources_arg('{"NPU": 1}') == {"NPU": 1}
     with pytest.raises(argparse.ArgumentTypeError):
-        _resources_arg("[1]")
+        resources_arg("[1]")
     assert _actor_options({"NPU": 1, "CPU": 2}) == {"num_cpus": 2, "resources": {"NPU": 1}}
     assert _actor_options({"GPU": 1}) == {"num_gpus": 1}
     assert _actor_options({"num_gpus": 1}) == {"num_gpus": 1}

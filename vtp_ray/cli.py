@@ -25,12 +25,12 @@ def _csv(kind: type) -> Callable[[str], list]:
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
-def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32") -> None:
+def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True) -> None:
     """The flags every model-running command shares."""
     parser.add_argument(
         "--model",
         default=os.environ.get("VTP_MODEL"),
-        required="VTP_MODEL" not in os.environ,
+        required=required and "VTP_MODEL" not in os.environ,
         help="checkpoint directory, or random:vtp-small for seeded random weights (env VTP_MODEL)",
     )
     parser.add_argument(
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tokenize import add_cli as add_tokenize
 
     add_tokenize(sub)
+    from .evaluate import add_cli as add_eval
+
+    add_eval(sub)
     return parser
 
 

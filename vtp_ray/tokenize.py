@@ -58,7 +58,7 @@ class ReplicaStartError(ValueError):
     """The model replicas failed in their constructor: a wrong model, device or precision for the workers."""
 
 
-def _replica_start_failure(error: BaseException) -> str | None:
+def replica_start_failure(error: BaseException) -> str | None:
     """The last line of a replica constructor's error (``Type: message``) when ``error`` comes from one."""
     from ray.exceptions import RayActorError
 
@@ -248,7 +248,7 @@ class TokenizeWorker:
         from .replica import VTPReplica
 
         self.replica = VTPReplica(
-            model, device, precision, rope_dtype, warmup_size=size, cpu_threads=_cpu_threads(cpu_threads, device)
+            model, device, precision, rope_dtype, warmup_size=size, cpu_threads=replica_cpu_threads(cpu_threads, device)
         )
         info = self.replica.info
         if info["config_digest"] != expected_digest:  # e.g. a different checkpoint at the same path on this node
@@ -290,7 +290,7 @@ class TokenizeWorker:
         return outputs
 
 
-def _cpu_threads(cpu_threads: int | None, device: str) -> int | None:
+def replica_cpu_threads(cpu_threads: int | None, device: str) -> int | None:
     """Torch threads for a CPU replica: inside a Ray actor torch would follow ``num_cpus`` (usually 1)."""
     if cpu_threads or not device.startswith("cpu"):
         return cpu_threads
@@ -341,7 +341,7 @@ def _canonical(options: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None) -> Iterator[None]:
     """Use the Ray this process is connected to; else join ``address`` or start an embedded local Ray."""
     import ray
 
@@ -356,7 +356,7 @@ def _ray_session(address: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -369,7 +369,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _Pipeline:
+class Pipeline:
     """The settings of the Ray Data pipeline of one run."""
 
     model: str
@@ -518,7 +518,7 @@ class _PartWriter:
         return stats
 
 
-def _check_arguments(
+def check_arguments(
     size: int, batch_size: int, rows_per_file: int, latent_dtype: str, precision: str, replicas: Any
 ) -> None:
     from .device import PRECISIONS
@@ -595,7 +595,7 @@ def tokenize_dataset(
     Returns a ``TokenizeSummary``; the same numbers and the latent statistics are in ``output/stats.json``.
     """
     started = time.perf_counter()
-    _check_arguments(size, batch_size, rows_per_file, latent_dtype, precision, replicas)
+    check_arguments(size, batch_size, rows_per_file, latent_dtype, precision, replicas)
     limits = limits or DecodeLimits()
     found = discover_inputs(inputs, labels_from_dirs=labels_from_dirs, filesystem=filesystem)
     facts = model_facts(model)
@@ -607,7 +607,7 @@ def tokenize_dataset(
     store = LatentStore(output, manifest, overwrite=overwrite)
     done = store.done_paths(retry_errors).combine_chunks()
     todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
-    pipeline = _Pipeline(
+    pipeline = Pipeline(
         facts["spec"], facts["config_digest"], precision, rope_dtype, device, size, crop, batch_size, replicas,
         resources, decode_cpus, flip, latent_dtype, cpu_threads, limits, filesystem,
     )  # fmt: skip
@@ -623,7 +623,7 @@ def tokenize_dataset(
     writer = _PartWriter(store, run, rows_per_file, flush_interval_s)
     try:
         if todo.num_rows:
-            with _ray_session(address), _progress_bars(progress):
+            with ray_session(address), progress_bars(progress):
                 options, run["device"], run["replica_pool"] = pipeline.placement()
                 run["replica_options"] = options
                 dataset = pipeline.dataset(todo, options, run["device"], run["replica_pool"])
@@ -631,7 +631,7 @@ def tokenize_dataset(
                     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                         writer.add(batch)
                 except Exception as e:
-                    if (reason := _replica_start_failure(e)) is None:
+                    if (reason := replica_start_failure(e)) is None:
                         raise
                     raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
                 finally:
@@ -667,7 +667,7 @@ def tokenize_dataset(
 # ----------------------------------------------------------------------------------------------- the CLI
 
 
-def _replicas_arg(text: str) -> int | tuple[int, int]:
+def replicas_arg(text: str) -> int | tuple[int, int]:
     low, sep, high = text.partition("-")
     try:
         return (int(low), int(high)) if sep else int(low)
@@ -675,7 +675,7 @@ def _replicas_arg(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
 
 
-def _resources_arg(text: str) -> str | dict[str, Any]:
+def resources_arg(text: str) -> str | dict[str, Any]:
     if text.lower() in ("auto", "npu", "gpu", "cuda", "cpu"):
         return text.lower()
     try:
@@ -710,11 +710,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", choices=["center", "resize"], default="center", help="ADM center crop, or plain resize")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     p.add_argument(
-        "--replicas", type=_replicas_arg, default=None, metavar="N|MIN-MAX",
+        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
         help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
     )  # fmt: skip
     p.add_argument(
-        "--resources", type=_resources_arg, default="auto",
+        "--resources", type=resources_arg, default="auto",
         help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
     )  # fmt: skip
     p.add_argument("--flip", action="store_true", help="also store latents_flip (horizontally flipped image)")

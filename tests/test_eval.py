@@ -1,0 +1,255 @@
+"""``vtp-ray eval``: the metrics on known answers, then end to end on a real local Ray cluster with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from vtp_ray import VTPReplica
+from vtp_ray.cli import main
+from vtp_ray.evaluate import compare_reports, evaluate_dataset
+from vtp_ray.images import DecodeLimits, preprocess_with_info
+from vtp_ray.quality import (
+    FeatureStats,
+    InceptionFeatures,
+    Lpips,
+    frechet_distance,
+    frechet_distance_of_samples,
+    psnr,
+    ssim,
+)
+from vtp_ray.tokenize import ReplicaStartError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "fixtures" / "vtp-tiny")
+SIZE = 64
+N_IMAGES = 12
+
+
+# ------------------------------------------------------------------------------------------ Fréchet distance
+
+
+def test_frechet_identical_gaussians_is_zero() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 8))
+    sigma = np.cov(a, rowvar=False)
+    assert frechet_distance(a.mean(0), sigma, a.mean(0), sigma) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_diagonal_closed_form() -> None:
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 4, 6), rng.uniform(0.1, 4, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # The same Gaussians in a rotated basis: the distance does not change.
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    rotated = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_singular_and_one_dimensional() -> None:
+    # 1-D: (mu1 - mu2)^2 + (s1 - s2)^2 with standard deviations s.
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
+    # Rank-deficient covariances (fewer samples than dimensions, as rFID on few images): finite, >= 0.
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(5, 20)), rng.normal(size=(5, 20))
+    d = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert math.isfinite(d) and d > 0
+    with pytest.raises(ValueError, match="shape"):
+        frechet_distance(np.zeros(2), np.eye(3), np.zeros(2), np.eye(3))
+
+
+@pytest.mark.parametrize("n", [5, 50])
+def test_frechet_of_samples_matches_covariance_route(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 8)), rng.normal(1.0, 2.0, size=(n + 3, 8))
+    expected = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert frechet_distance_of_samples(x, y) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+    assert frechet_distance_of_samples(x, x) == pytest.approx(0.0, abs=1e-9)
+    # FeatureStats picks the sample route below dim vectors and the covariance route above: the same answer.
+    a, b = FeatureStats(8), FeatureStats(8)
+    a.add(x)
+    b.add(y)
+    assert a.frechet_to(b) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+
+
+def test_feature_stats_match_numpy() -> None:
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(40, 5)).astype(np.float32)
+    stats = FeatureStats(5)
+    for part in np.array_split(x, 3):
+        stats.add(part)
+    mu, sigma = stats.mean_cov()
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStats(5).mean_cov()
+
+
+# ------------------------------------------------------------------------------------------ PSNR, SSIM, LPIPS
+
+
+def test_psnr_and_ssim_known_answers() -> None:
+    rng = np.random.default_rng(4)
+    ref = rng.integers(20, 236, (3, 32, 32, 3), dtype=np.uint8)
+    assert np.isinf(psnr(ref, ref)).all()
+    np.testing.assert_allclose(ssim(torch.from_numpy(ref), torch.from_numpy(ref)), 1.0, atol=1e-6)
+    # +-5 on every pixel (random signs): MSE = 25 exactly.
+    noisy = (ref.astype(np.int16) + rng.choice([-5, 5], ref.shape)).astype(np.uint8)
+    np.testing.assert_allclose(psnr(ref, noisy), 10 * np.log10(255**2 / 25), rtol=1e-12)
+    values = ssim(torch.from_numpy(ref), torch.from_numpy(noisy))
+    assert values.shape == (3,) and (values < 1).all() and (values > 0.5).all()
+
+
+def test_lpips_identical_is_zero(tmp_path: Path) -> None:
+    weights = tmp_path / "lpips.pt"
+    Lpips.save_random(weights)
+    lpips = Lpips(weights)
+    rng = np.random.default_rng(5)
+    a, b = (torch.from_numpy(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)) for _ in range(2))
+    np.testing.assert_allclose(lpips(a, a), 0.0, atol=1e-7)
+    assert (lpips(a, b) > 0).all()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    assert not ray.is_initialized(), "another test module left Ray running"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 smooth-plus-noise images of various sizes and 1 broken file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(6)
+    for i in range(N_IMAGES):
+        h, w = int(rng.integers(64, 120)), int(rng.integers(64, 120))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 40.0 * (i % 6))], -1)
+        pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i:02d}.{'png' if i % 2 else 'jpg'}")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A locally built Inception v3 of random weights (and a random LPIPS), saved as state dict files."""
+    from torchvision.models import inception_v3
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), root / "inception.pt")
+    Lpips.save_random(root / "lpips.pt")
+    return {"inception": root / "inception.pt", "lpips": root / "lpips.pt"}
+
+
+@pytest.fixture(scope="module")
+def runs(cluster: None, images: Path, weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("eval")
+    common = {"model": TINY, "device": "cpu", "size": SIZE, "batch_size": 5, "progress": False}
+    fp32 = evaluate_dataset(
+        str(images), out / "fp32", precision="fp32", save_images=3,
+        inception_weights=weights["inception"], lpips_weights=weights["lpips"], **common,
+    )  # fmt: skip
+    bf16 = evaluate_dataset(
+        str(images), out / "bf16", precision="bf16", inception_weights=weights["inception"], **common
+    )
+    return {"fp32": (fp32, out / "fp32"), "bf16": (bf16, out / "bf16")}
+
+
+def test_report_and_parquet(runs: dict, images: Path) -> None:
+    report, out = runs["fp32"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["counts"] == report["counts"]
+    assert on_disk["model"]["name"] == "vtp-tiny" and on_disk["random_weights"] is False
+    assert on_disk["precision"] == "fp32" and on_disk["device_kind"] == "cpu"
+    counts = on_disk["counts"]
+    assert counts["inputs"] == N_IMAGES + 1 and counts["evaluated"] == N_IMAGES and counts["errors"] == 1
+    assert [e["path"] for e in on_disk["errors"]] == [str(images / "broken.jpg")]
+    assert on_disk["errors"][0]["reason"] and on_disk["errors"][0]["error"]
+    metrics = on_disk["metrics"]
+    assert math.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0
+    assert metrics["psnr"]["count"] == N_IMAGES and 0 < metrics["psnr"]["mean"] < 100
+    assert 0 < metrics["ssim"]["mean"] <= 1 and metrics["lpips"]["mean"] > 0
+    assert on_disk["skipped_metrics"] == {}
+    table = pq.read_table(out / "per_image.parquet")
+    assert table.column_names == ["path", "label", "width", "height", "psnr", "ssim", "lpips"]
+    assert table.column("path").to_pylist() == sorted(str(p) for p in images.glob("img*"))
+    assert np.mean(table.column("psnr").to_numpy()) == pytest.approx(metrics["psnr"]["mean"])
+    saved = sorted((out / "images").iterdir())  # the first 3 inputs, of which broken.jpg is one
+    assert [p.name for p in saved] == ["000001_img00.png", "000002_img01.png"]
+    assert Image.open(saved[0]).size == (2 * SIZE, SIZE)
+
+
+def test_per_image_psnr_matches_replica(runs: dict) -> None:
+    _, out = runs["fp32"]
+    table = pq.read_table(out / "per_image.parquet").to_pylist()
+    replica = VTPReplica(TINY, "cpu", "fp32", warmup_size=0)
+    refs = np.stack([preprocess_with_info(row["path"], SIZE, "center", DecodeLimits())[0] for row in table])
+    expected = psnr(refs, replica.reconstruct(refs))
+    np.testing.assert_allclose([row["psnr"] for row in table], expected, rtol=1e-9)
+    assert [(row["width"], row["height"]) for row in table] == [Image.open(r["path"]).size for r in table]
+
+
+def test_missing_lpips_is_reported(runs: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    report, out = runs["bf16"]
+    assert "lpips" not in report["metrics"]
+    assert "--lpips-weights" in report["skipped_metrics"]["lpips"]
+    assert "VTP_LPIPS_WEIGHTS" in report["skipped_metrics"]["lpips"]
+    assert report["precision"] == "bf16" and math.isfinite(report["metrics"]["rfid"])
+    assert pq.read_table(out / "per_image.parquet").column_names == ["path", "label", "width", "height", "psnr", "ssim"]
+
+
+@pytest.fixture
+def cli():
+    """``vtp-ray`` in-process (so that output is captured by capsys)."""
+    return main
+
+
+def test_compare(runs: dict, cli, capsys: pytest.CaptureFixture[str]) -> None:
+    (_, a), (_, b) = runs["fp32"], runs["bf16"]
+    result = compare_reports(a, b / "report.json")
+    assert result["common_images"] == N_IMAGES and result["only_a"] == result["only_b"] == 0
+    assert set(result["metrics"]) >= {"psnr", "ssim", "rfid", "lpips"}
+    assert result["metrics"]["lpips"]["b"] is None and result["metrics"]["lpips"]["diff"] is None
+    assert result["psnr_diff"]["max_abs"] >= abs(result["psnr_diff"]["mean"])
+    assert cli(["eval", "--compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "vtp-tiny cpu fp32" in printed and "vtp-tiny cpu bf16" in printed
+    assert "PSNR B - A (dB)" in printed and "psnr" in printed
+
+
+def test_cli_errors(images: Path, tmp_path: Path, cli, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pt"
+    code = cli(["eval", str(images), "-o", str(tmp_path), "--model", TINY, "--lpips-weights", str(missing)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "LPIPS weights" in err and str(missing) in err and "--lpips-weights" in err
+    assert cli(["eval", "--compare", str(tmp_path), str(tmp_path)]) == 2
+    assert "no report.json" in capsys.readouterr().err
+
+
+def test_replicas_that_cannot_start_fail_with_the_reason(cluster: None, images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ReplicaStartError, match="DeviceUnavailableError: device 'npu:0'"):
+        evaluate_dataset(str(images), tmp_path / "out", model=TINY, device="npu:0", size=SIZE, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inception_features_shape(weights: dict[str, Path]) -> None:
+    features = InceptionFeatures(weights["inception"])(torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8))
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
