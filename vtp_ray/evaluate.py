@@ -47,10 +47,10 @@ from .quality import (
     FeatureStats,
     resolve_weights,
 )
-from .tokenize import decode_block, model_facts
+from .tokenize import model_facts
 
 if TYPE_CHECKING:
-    from ray.data import Dataset
+    pass
 
 __all__ = [
     "FORMAT",
@@ -312,18 +312,11 @@ def evaluate_dataset(
     with ray_session(address), progress_bars(progress):
         options, run_device, pool = pipeline.placement()
         worker = {
-            "model": facts["spec"],
-            "device": run_device,
-            "precision": precision,
-            "rope_dtype": rope_dtype,
-            "cpu_threads": cpu_threads,
-            "size": size,
-            "expected_digest": facts["config_digest"],
             "inception_weights": str(inception) if inception else None,
             "lpips_weights": str(lpips) if lpips else None,
             "save_paths": frozenset(paths[:save_images]),
         }
-        dataset = _dataset(pipeline, found.table, options, pool, worker)
+        dataset = pipeline.dataset(found.table, options, run_device, pool, EvalWorker, worker)
         try:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 collector.add(batch)
@@ -387,42 +380,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (tuple, frozenset, set)):
         return list(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _dataset(
-    pipeline: Any, todo: pa.Table, options: Mapping[str, Any], pool: int | tuple[int, int], worker: dict[str, Any]
-) -> Dataset:
-    """tokenize's decode stage (one task per model batch), then the ``EvalWorker`` pool."""
-    import ray
-
-    blocks = math.ceil(todo.num_rows / pipeline.batch_size)
-    decoded = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
-        decode_block,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={
-            "inputs": [ray.put(todo)],
-            "block_rows": pipeline.batch_size,
-            "size": pipeline.size,
-            "crop": pipeline.crop,
-            "limits": pipeline.limits,
-            "filesystem": pipeline.filesystem,
-        },
-        num_cpus=pipeline.decode_cpus,
-    )
-    strategy = (
-        ray.data.ActorPoolStrategy(size=pool)
-        if isinstance(pool, int)
-        else ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
-    )
-    return decoded.map_batches(
-        EvalWorker,
-        batch_format="pyarrow",
-        batch_size=pipeline.batch_size,
-        compute=strategy,
-        fn_constructor_kwargs=worker,
-        **options,
-    )
 
 
 # ------------------------------------------------------------------------------------------ comparison

@@ -415,8 +415,15 @@ class Pipeline:
         return options, device, replicas
 
     def dataset(
-        self, todo: pa.Table, options: Mapping[str, Any], device: str, replicas: int | tuple[int, int]
+        self,
+        todo: pa.Table,
+        options: Mapping[str, Any],
+        device: str,
+        replicas: int | tuple[int, int],
+        worker: type | None = None,
+        worker_kwargs: Mapping[str, Any] | None = None,
     ) -> Dataset:
+        """Decode tasks (one per model batch), then a pool of ``worker`` actors (``TokenizeWorker`` by default)."""
         import ray
 
         # One read task per model batch, made lazily from block numbers: ray.data.from_arrow would run a metadata
@@ -442,22 +449,23 @@ class Pipeline:
             if isinstance(replicas, int)
             else ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
         )
+        common = {
+            "model": self.model,
+            "device": device,
+            "precision": self.precision,
+            "rope_dtype": self.rope_dtype,
+            "cpu_threads": self.cpu_threads,
+            "size": self.size,
+            "expected_digest": self.config_digest,
+        }
+        if worker is None:
+            worker, worker_kwargs = TokenizeWorker, {"flip": self.flip, "latent_dtype": self.latent_dtype}
         return decoded.map_batches(
-            TokenizeWorker,
+            worker,
             batch_format="pyarrow",
             batch_size=self.batch_size,
             compute=pool,
-            fn_constructor_kwargs={
-                "model": self.model,
-                "device": device,
-                "precision": self.precision,
-                "rope_dtype": self.rope_dtype,
-                "cpu_threads": self.cpu_threads,
-                "size": self.size,
-                "flip": self.flip,
-                "latent_dtype": self.latent_dtype,
-                "expected_digest": self.config_digest,
-            },
+            fn_constructor_kwargs={**common, **(worker_kwargs or {})},
             **options,
         )
 
