@@ -1,0 +1,285 @@
+"""Load test of the Serve application over loopback HTTP, next to ``VTPReplica`` called directly.
+
+One run loads ``VTPReplica`` in this process and starts a local Ray with the application (same model,
+precision and CPU threads). Then, for each client count, that many concurrent HTTP clients send one request at
+a time until ``--requests`` have completed or the time limit passes; throughput, p50 / p99 latency and the mean
+``x-vtp-batch-size`` are reported. Right before and after each client count the direct replica is timed at
+batch 1 (latency) and at ``--max-batch-size`` (throughput), and the HTTP figures are compared with the mean of
+the two, so drift in background load shifts both sides alike.
+
+Wall-clock figures need a machine to themselves. CPU seconds per image (user + system, summed over this
+process and every process it started: Ray, the proxy, both deployments; Linux /proc) do not, and show the
+serving overhead even when other jobs share the cores: run with OMP_WAIT_POLICY=PASSIVE there, so that torch's
+threads do not spin (and burn CPU) while preempted.
+
+    PYTHONPATH=. python benchmarks/serve_load.py                      # random:vtp-small, fp32, 1 and 16 clients
+    PYTHONPATH=. python benchmarks/serve_load.py --endpoint encode --clients 1 4 16 --requests 16 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
+
+import httpx
+import numpy as np
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from deployments import AppArgs, compose_app
+from vtp_ray import VTPReplica
+from vtp_ray.images import preprocess
+
+# HTTP endpoint -> the VTPReplica verb it runs.
+VERBS = {"reconstruct": "reconstruct", "encode": "tokenize", "embed": "embed"}
+
+
+@dataclass
+class Direct:
+    """``VTPReplica`` timings: batch-1 p50 latency, and throughput and CPU seconds per image at each batch size."""
+
+    p50_ms: float
+    images_per_s: float
+    cpu_s_per_image_b1: float
+    cpu_s_per_image: float
+
+    @staticmethod
+    def mean(a: Direct, b: Direct) -> Direct:
+        return Direct(*((x + y) / 2 for x, y in zip(astuple(a), astuple(b), strict=True)))
+
+
+@dataclass
+class Level:
+    """One client count's HTTP results."""
+
+    clients: int
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    failed: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # from the Server-Timing header
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.elapsed_s
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def cpu_s_per_image(self) -> float:
+        return self.cpu_s / len(self.latencies_ms)
+
+
+def tree_cpu_s(root: int | None = None) -> float:
+    """User + system CPU seconds of ``root`` (default: this process) and all its live descendants (Linux)."""
+    parent, ticks = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid, utime + stime
+    tree, frontier = set(), [root or os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        tree.add(pid)
+        frontier += [child for child, ppid in parent.items() if ppid == pid and child not in tree]
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random:vtp-small")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--endpoint", default="reconstruct", choices=sorted(VERBS))
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--requests", type=int, nargs="+", default=None, help="per client count (default 16 / 4x)")
+    parser.add_argument("--time-limit-s", type=float, default=180.0, help="per client count")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    parser.add_argument("--direct-runs", type=int, default=5, help="batch-1 calls per direct timing")
+    parser.add_argument("--direct-batches", type=int, default=2, help="full-batch calls per direct timing")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs (torch threads) for the model")
+    args = parser.parse_args()
+    if args.requests is None:
+        args.requests = [max(16, 4 * c) for c in args.clients]
+    if len(args.requests) != len(args.clients):
+        parser.error("--requests needs one count per --clients value")
+    return args
+
+
+def sample_jpeg(size: int) -> bytes:
+    """A photo-like test image (smooth gradients, a block, mild noise), a bit larger than the model input."""
+    h, w = size + size // 4, size + size // 2
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin((x + y) / 23.0)], axis=-1) * 255
+    image[h // 4 : h // 2, w // 3 : w // 2] = (200, 40, 40)
+    image += np.random.default_rng(0).normal(0, 6, image.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def direct_timer(args: argparse.Namespace, data: bytes) -> Callable[[], Direct]:
+    """Load ``VTPReplica`` here; the returned function times it at batch 1 and at the full batch size."""
+    torch.set_num_threads(args.cpus)
+    replica = VTPReplica(args.model, device="cpu", precision=args.precision, warmup_size=args.image_size)
+    verb = getattr(replica, VERBS[args.endpoint])
+    image = preprocess(data, size=args.image_size)
+    one, full = image[None], np.stack([image] * args.max_batch_size)
+    verb(full)  # warm up the full batch shape too
+
+    def measure() -> Direct:
+        latencies = []
+        cpu_started = tree_cpu_s()
+        for _ in range(args.direct_runs):
+            started = time.perf_counter()
+            verb(one)
+            latencies.append((time.perf_counter() - started) * 1000)
+        cpu_b1 = (tree_cpu_s() - cpu_started) / args.direct_runs
+        images = args.direct_batches * args.max_batch_size
+        started, cpu_started = time.perf_counter(), tree_cpu_s()
+        for _ in range(args.direct_batches):
+            verb(full)
+        throughput = images / (time.perf_counter() - started)
+        return Direct(statistics.median(latencies), throughput, cpu_b1, (tree_cpu_s() - cpu_started) / images)
+
+    return measure
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(args: argparse.Namespace) -> str:
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = AppArgs(
+        model=args.model,
+        precision=args.precision,
+        placement={"num_cpus": args.cpus},  # same torch threads as the direct run (Ray sets OMP_NUM_THREADS)
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        image_size=args.image_size,
+    )
+    serve.run(compose_app(app_args), name="vtp", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+async def run_level(url: str, endpoint: str, data: bytes, clients: int, requests: int, limit_s: float) -> Level:
+    """``clients`` concurrent clients, each sending one request at a time, until ``requests`` are done."""
+    level = Level(clients)
+    remaining = requests
+    deadline = time.perf_counter() + limit_s
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal remaining
+        while remaining > 0 and time.perf_counter() < deadline:
+            remaining -= 1
+            started = time.perf_counter()
+            response = await http.post(f"/v1/{endpoint}", content=data, headers={"content-type": "image/jpeg"})
+            if response.status_code != 200:
+                level.failed += 1
+                continue
+            level.latencies_ms.append((time.perf_counter() - started) * 1000)
+            level.batch_sizes.append(int(response.headers["x-vtp-batch-size"]))
+            for entry in response.headers["server-timing"].split(","):
+                name, _, duration = entry.strip().partition(";dur=")
+                level.stages_ms.setdefault(name, []).append(float(duration))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=limit_s, limits=limits) as http:
+        started, cpu_started = time.perf_counter(), tree_cpu_s()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        level.elapsed_s, level.cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started
+    return level
+
+
+def main() -> None:
+    args = parse_args()
+    data = sample_jpeg(args.image_size)
+    print(
+        f"model {args.model}, {args.precision}, {args.image_size}px, /v1/{args.endpoint} vs "
+        f"VTPReplica.{VERBS[args.endpoint]}, {args.cpus} CPU threads, max_batch_size {args.max_batch_size}, "
+        f"batch_wait_timeout_s {args.batch_wait_timeout_s}"
+    )
+    # With OpenMP's default active waiting, torch's threads collapse when other processes share the cores;
+    # OMP_WAIT_POLICY=PASSIVE (inherited by the Ray workers this process starts) makes runs on a busy machine
+    # comparable.
+    print(
+        "load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
+        f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}",
+    )
+    measure_direct = direct_timer(args, data)
+    url = start_app(args)
+    rows = []
+    try:
+        warmup = 2 * args.max_batch_size
+        asyncio.run(run_level(url, args.endpoint, data, warmup, warmup, args.time_limit_s))
+        for clients, requests in zip(args.clients, args.requests, strict=True):
+            before = measure_direct()
+            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s))
+            after = measure_direct()
+            rows.append((level, Direct.mean(before, after)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("load average at end:   {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+    b = args.max_batch_size
+    print(f"\nHTTP /v1/{args.endpoint}")
+    print(
+        f"{'clients':>7} {'ok':>4} {'failed':>6} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} {'cpu-s/img':>9}"
+    )
+    for level, _ in rows:
+        mean_batch = statistics.fmean(level.batch_sizes) if level.batch_sizes else float("nan")
+        print(
+            f"{level.clients:>7} {len(level.latencies_ms):>4} {level.failed:>6} {level.throughput:>7.2f} "
+            f"{level.percentile(50):>8.1f} {level.percentile(99):>8.1f} {mean_batch:>5.2f} "
+            f"{level.cpu_s_per_image:>9.3f}"
+        )
+    print(f"\ndirect VTPReplica.{VERBS[args.endpoint]} (mean of the timings right before and after each level)")
+    print(
+        f"{'clients':>7} {'b1 p50 ms':>9} {f'b{b} img/s':>9} {'b1 cpu-s/img':>12} {f'b{b} cpu-s/img':>12} | "
+        f"{f'img/s / b{b}':>10} {'p50 - b1 ms':>11} {'cpu-s/img direct / HTTP':>23}"
+    )
+    for level, direct in rows:
+        # The CPU comparison takes the direct batch size the HTTP level ran at: 1 for one client.
+        direct_cpu = direct.cpu_s_per_image_b1 if level.clients == 1 else direct.cpu_s_per_image
+        print(
+            f"{level.clients:>7} {direct.p50_ms:>9.1f} {direct.images_per_s:>9.2f} {direct.cpu_s_per_image_b1:>12.3f} "
+            f"{direct.cpu_s_per_image:>12.3f} | {level.throughput / direct.images_per_s:>10.2f} "
+            f"{level.percentile(50) - direct.p50_ms:>+11.1f} {direct_cpu / level.cpu_s_per_image:>23.2f}"
+        )
+    print("goals: img/s / b8 >= 0.85 at 16 clients; p50 - b1 <= 20 ms at 1 client")
+
+    stages = list(rows[0][0].stages_ms)
+    print("\nwhere a request's time went, mean ms (Server-Timing; rest: HTTP, the proxy, Serve's hops)")
+    print(f"{'clients':>7} " + " ".join(f"{name:>8}" for name in [*stages, "rest"]))
+    for level, _ in rows:
+        means = [statistics.fmean(level.stages_ms[name]) for name in stages]
+        rest = statistics.fmean(level.latencies_ms) - sum(means)
+        print(f"{level.clients:>7} " + " ".join(f"{ms:>8.1f}" for ms in [*means, rest]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The application arguments (``applications[].args`` in serve_config.yaml), with env var overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from vtp_ray.images import PATCH_SIZE
+
+#: Env vars that win over the config file, so one config serves many models and machines.
+ENV_OVERRIDES: Mapping[str, str] = {
+    "model": "VTP_MODEL",
+    "precision": "VTP_PRECISION",
+    "device": "VTP_DEVICE",
+    "api_key": "VTP_API_KEY",
+}
+
+
+def _check_side(value: int, name: str) -> int:
+    if value % PATCH_SIZE:
+        raise ValueError(f"{name} must be a multiple of {PATCH_SIZE}, got {value}")
+    return value
+
+
+class AppArgs(BaseModel):
+    """Validated application arguments; see serve_config.yaml for what each one does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="checkpoint directory, or random:vtp-small")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str | None = Field(None, description="default: the device that goes with the placement")
+    placement: str | dict[str, Any] = Field("auto", description="auto, npu, gpu, cpu or Ray actor options")
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=60.0)
+    image_size: int = Field(256, ge=PATCH_SIZE, le=4096, description="default side of the square model input")
+    max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
+    max_body_bytes: int = Field(16 * 2**20, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
+    api_key: SecretStr | None = None
+
+    @field_validator("image_size", "max_image_size")
+    @classmethod
+    def _multiple_of_patch(cls, value: int, info: Any) -> int:
+        return _check_side(value, info.field_name)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> AppArgs:
+        if self.image_size > self.max_image_size:
+            raise ValueError(f"image_size {self.image_size} is larger than max_image_size {self.max_image_size}")
+        return self
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ) -> AppArgs:
+        """Validate the config's ``args``, after the ``VTP_*`` env vars that are set replace their fields."""
+        merged = dict(args or {})
+        for field, var in ENV_OVERRIDES.items():
+            if environ.get(var):
+                merged[field] = environ[var]
+        return cls.model_validate(merged)

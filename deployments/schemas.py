@@ -1,0 +1,87 @@
+"""Pydantic models of the JSON bodies the API accepts and returns."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_Dim = Annotated[int, Field(ge=1, le=65536)]
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a message saying what was wrong (422s also carry pydantic's ``detail``)."""
+
+    error: str
+
+
+class EncodeResponse(BaseModel):
+    """``/v1/encode``: the latents of one image and its CLIP embedding."""
+
+    shape: list[int] = Field(description="[C, h, w]")
+    dtype: str = Field("float32", description="always float32")
+    latents: str = Field(description="base64 of the C-order, little-endian float32 bytes")
+    clip_embedding: list[float] | None = Field(description="normalized CLIP image embedding; null without CLIP head")
+
+
+class LatentsPayload(BaseModel):
+    """``/v1/decode``'s JSON body: what ``/v1/encode`` returns (``clip_embedding`` may stay in, it is ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    shape: Annotated[list[_Dim], Field(min_length=3, max_length=3, description="[C, h, w]")]
+    dtype: str = Field(description="must be float32")
+    latents: str = Field(description="base64 of the C-order, little-endian float32 bytes")
+
+
+class EmbedResponse(BaseModel):
+    """``/v1/embed``: the normalized CLIP image embedding."""
+
+    embedding: list[float]
+    dim: int
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Limits(BaseModel):
+    image_size: int
+    max_image_size: int
+    max_body_bytes: int
+    max_pixels: int
+    api_key_required: bool
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+
+class ReplicaInfo(BaseModel):
+    """Which model replica answered, where it runs, and the accelerators Ray gave it."""
+
+    id: str
+    actor_name: str
+    node_id: str
+    visible_devices: dict[str, str] = Field(description="ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES")
+    accelerator_ids: dict[str, list[str]] = Field(description="Ray's accelerator ids by resource, e.g. NPU")
+    cpu_threads: int = Field(description="torch's intra-op threads (from num_cpus in the placement)")
+
+
+class ModelInfo(BaseModel):
+    """``/v1/model``: what the replica that answered serves, and how."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    model_spec: str
+    random_weights: bool
+    config_digest: str
+    device: str
+    precision: str
+    latent_channels: int
+    embedding_dim: int | None
+    batching: Batching
+    replica: ReplicaInfo
+    limits: Limits

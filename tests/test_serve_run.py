@@ -1,0 +1,110 @@
+"""``serve run serve_config.yaml`` as users run it: a subprocess with its own embedded Ray.
+
+A temporary copy of the shipped config moves the port to a free one and makes the model deployment tiny
+(2 requests in flight, 1 queued) so that a burst of requests gets Serve's back-pressure answer, 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from test_serve import TINY, free_port, png_array, png_bytes, post_concurrently, random_image
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 150
+
+
+def _serve_executable() -> str:
+    return str(Path(sys.executable).with_name("serve"))
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("serve_run")
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(max_batch_size=4, batch_wait_timeout_s=0.5)
+    model = next(d for d in app["deployments"] if d["name"] == "VTPModel")
+    model.update(max_ongoing_requests=2, max_queued_requests=1)
+    config_path = tmp / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # RAY_ADDRESS=local: always a fresh embedded Ray, never a cluster some other process started here.
+    env = {**os.environ, "VTP_MODEL": TINY, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    log_path = tmp / "serve_run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [_serve_executable(), "run", str(config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the Ray processes it starts go down with it
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process, log_path)
+        yield url
+    finally:
+        _stop(process)
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/v1/model", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"serve run did not answer within {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)  # what Ctrl-C does: serve shuts down, the embedded Ray with it
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of its group is left
+    process.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_serve_run_starts_and_answers(base_url: str) -> None:
+    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok"}
+    info = httpx.get(f"{base_url}/v1/model").json()
+    assert info["model_spec"] == TINY  # VTP_MODEL overrides the config's model
+    assert info["device"] == "cpu"  # placement: auto on a machine without NPUs or GPUs
+    response = httpx.post(
+        f"{base_url}/v1/reconstruct", content=png_bytes(random_image()), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200, response.text
+    assert png_array(response.content).shape == (256, 256, 3)  # the config's image_size
+
+
+@pytest.mark.slow
+def test_over_capacity_is_503_not_an_unbounded_queue(base_url: str) -> None:
+    png = png_bytes(random_image(64, 64))
+    requests = [{"url": "/v1/embed", "content": png, "headers": {"content-type": "image/png"}}] * 12
+    responses = post_concurrently(base_url, requests)
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses and set(statuses) == {200, 503}, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert "capacity" in refused.json()["error"] and refused.headers["retry-after"] == "1"
+    # Capacity frees up again once the burst is through.
+    assert httpx.post(f"{base_url}/v1/embed", content=png, headers={"content-type": "image/png"}).status_code == 200
