@@ -128,9 +128,10 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
     """``x-vtp-batch-size``, and a ``Server-Timing`` header saying where the request's time went (ms)."""
     stages = {**timings, "queue": outcome.queue_ms, "model": outcome.model_ms}
+    ordered = (name for name in ("input", "queue", "model", "output") if name in stages)
     return {
         BATCH_SIZE_HEADER: str(outcome.batch_size),
-        "server-timing": ", ".join(f"{name};dur={ms:.1f}" for name, ms in stages.items()),
+        "server-timing": ", ".join(f"{name};dur={stages[name]:.1f}" for name in ordered),
     }
 
 

@@ -35,11 +35,11 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
     where the ``deployments:`` section sets them.
     """
     if not ray.is_initialized():
-        ray.init()  # `serve run deployments.app:build_app` builds before it connects; RAY_ADDRESS applies
+        ray.init(namespace="serve")  # `serve run deployments.app:build_app` builds before it connects
     placement = resolve_placement(args.placement, setting=PLACEMENT_SETTING)
     options = {
         "ray_actor_options": placement,
-        # One batch running and a full one forming: @serve.batch never forms a batch larger than this.
+        # A batch running and the next one's worth waiting: @serve.batch never forms a batch larger than this.
         "max_ongoing_requests": 2 * args.max_batch_size,
         **model_options,
     }

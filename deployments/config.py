@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from vtp_ray.images import PATCH_SIZE
 
@@ -17,12 +17,6 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "device": "VTP_DEVICE",
     "api_key": "VTP_API_KEY",
 }
-
-
-def _check_side(value: int, name: str) -> int:
-    if value % PATCH_SIZE:
-        raise ValueError(f"{name} must be a multiple of {PATCH_SIZE}, got {value}")
-    return value
 
 
 class AppArgs(BaseModel):
@@ -44,8 +38,10 @@ class AppArgs(BaseModel):
 
     @field_validator("image_size", "max_image_size")
     @classmethod
-    def _multiple_of_patch(cls, value: int, info: Any) -> int:
-        return _check_side(value, info.field_name)
+    def _multiple_of_patch(cls, value: int, info: ValidationInfo) -> int:
+        if value % PATCH_SIZE:
+            raise ValueError(f"{info.field_name} must be a multiple of {PATCH_SIZE}, got {value}")
+        return value
 
     @field_validator("api_key", mode="before")
     @classmethod

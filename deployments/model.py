@@ -2,8 +2,9 @@
 
 Every verb shares one ``@serve.batch`` queue, so a replica runs one model call at a time. A formed batch is
 split into groups of the same verb and input shape (requests of different image sizes never share a model
-call), and each request learns the size of the group it ran in. Inputs arrive already validated by the
-ingress; if a model call fails anyway, only the requests of that group fail.
+call), and each request learns the size of the group it ran in. While model calls run, newcomers wait at an
+admission gate and enter together afterwards, so that under load batches form full (see ``run``). Inputs
+arrive already validated by the ingress; if a model call fails anyway, only the requests of that group fail.
 """
 
 from __future__ import annotations

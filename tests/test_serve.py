@@ -210,6 +210,8 @@ def test_encode_then_decode_equals_reconstruct(client: httpx.Client, png: bytes)
     reconstruction = post_image(client, "/v1/reconstruct", png)
     assert reconstruction.status_code == 200 and reconstruction.headers["content-type"] == "image/png"
     assert reconstruction.headers["x-vtp-batch-size"] == "1"
+    stages = [entry.split(";dur=")[0].strip() for entry in reconstruction.headers["server-timing"].split(",")]
+    assert stages == ["input", "queue", "model", "output"]
     expected = png_array(reconstruction.content)
     assert expected.shape == (SIZE, SIZE, 3)
 
@@ -321,6 +323,7 @@ _BAD_INPUTS = {
     "wrong content type": ("/v1/reconstruct", {"content": b"{}", "headers": _JSON}, 415, "Content-Type"),
     "no content type": ("/v1/embed", {"content": b"abc"}, 415, "Content-Type"),
     "multipart without image": ("/v1/embed", {"files": {"photo": ("a.png", b"x")}}, 400, "'image'"),
+    "multipart over the limit": ("/v1/embed", {"files": {"image": ("a.png", bytes(MAX_BODY_BYTES))}}, 413, "limit"),
     "size not a multiple of 16": (
         "/v1/encode",
         {"params": {"size": 40}, "content": b"x", "headers": _IMAGE},
