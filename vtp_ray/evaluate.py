@@ -47,7 +47,7 @@ from .quality import (
     FeatureStats,
     resolve_weights,
 )
-from .tokenize import model_facts
+from .tokenize import model_facts, pipeline_kwargs
 
 if TYPE_CHECKING:
     pass
@@ -480,7 +480,7 @@ def print_comparison(result: Mapping[str, Any], file: TextIO | None = None) -> N
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``vtp-ray eval`` on the ``vtp-ray`` command's subparsers."""
     from .cli import add_model_args
-    from .tokenize import replicas_arg, resources_arg
+    from .tokenize import add_pipeline_args
 
     p = subparsers.add_parser(
         "eval",
@@ -492,23 +492,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two eval runs (DIR or DIR/report.json)")
     add_model_args(p, required=False)  # --compare needs no model: run_cli checks it for a run
-    p.add_argument("--size", type=int, default=256, help="square input side in pixels, a multiple of 16")
-    p.add_argument("--crop", choices=["center", "resize"], default="center", help="ADM center crop, or plain resize")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument("--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX", help="model actors")
-    p.add_argument("--resources", type=resources_arg, default="auto", help="per replica, as for tokenize")
-    p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray)")
+    add_pipeline_args(p)
     p.add_argument("--save-images", type=int, default=0, metavar="N", help="save the first N as reference|recon PNGs")
     p.add_argument(
         "--inception-weights", metavar="PATH", help=f"torchvision inception_v3 state dict (env {INCEPTION_ENV})"
     )
     p.add_argument("--lpips-weights", metavar="PATH", help=f"LPIPS AlexNet state dict (env {LPIPS_ENV})")
-    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
-    p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
-    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
     p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run_cli)
 
 
@@ -528,23 +518,10 @@ def run_cli(args: argparse.Namespace) -> int:
     report = evaluate_dataset(
         args.inputs,
         args.output,
-        model=args.model,
-        precision=args.precision,
-        device=args.device,
-        size=args.size,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        replicas=args.replicas,
-        resources=args.resources,
-        labels_from_dirs=args.labels_from_dirs,
-        address=args.address,
         save_images=args.save_images,
         inception_weights=args.inception_weights,
         lpips_weights=args.lpips_weights,
-        limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
-        rope_dtype=args.rope_dtype,
-        cpu_threads=args.cpu_threads,
-        progress=args.progress,
+        **pipeline_kwargs(args),
     )
     if args.json:
         print(json.dumps(report, indent=2, default=_json_default))

@@ -697,6 +697,47 @@ def resources_arg(text: str) -> str | dict[str, Any]:
     return value
 
 
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a Ray Data run over images that ``tokenize`` and ``eval`` share."""
+    p.add_argument("--size", type=int, default=256, help="square input side in pixels, a multiple of 16")
+    p.add_argument("--crop", choices=["center", "resize"], default="center", help="ADM center crop, or plain resize")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument(
+        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
+        help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resources", type=resources_arg, default="auto",
+        help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
+    )  # fmt: skip
+    p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray, or RAY_ADDRESS)")
+    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
+    p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
+    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What the model flags and the shared pipeline flags pass to ``tokenize_dataset`` / ``evaluate_dataset``."""
+    return {
+        "model": args.model,
+        "precision": args.precision,
+        "device": args.device,
+        "rope_dtype": args.rope_dtype,
+        "size": args.size,
+        "crop": args.crop,
+        "batch_size": args.batch_size,
+        "replicas": args.replicas,
+        "resources": args.resources,
+        "labels_from_dirs": args.labels_from_dirs,
+        "address": args.address,
+        "limits": DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
+        "cpu_threads": args.cpu_threads,
+        "progress": args.progress,
+    }
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``vtp-ray tokenize`` on the ``vtp-ray`` command's subparsers."""
     from .cli import add_model_args
@@ -714,29 +755,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (local or URI)")
     add_model_args(p)
-    p.add_argument("--size", type=int, default=256, help="square input side in pixels, a multiple of 16")
-    p.add_argument("--crop", choices=["center", "resize"], default="center", help="ADM center crop, or plain resize")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument(
-        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
-        help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--resources", type=resources_arg, default="auto",
-        help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
-    )  # fmt: skip
+    add_pipeline_args(p)
     p.add_argument("--flip", action="store_true", help="also store latents_flip (horizontally flipped image)")
     p.add_argument("--dtype", dest="latent_dtype", choices=list(LATENT_DTYPES), default="float32",
                    help="dtype of the stored latents")  # fmt: skip
-    p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray, or RAY_ADDRESS)")
     p.add_argument("--overwrite", action="store_true", help="delete existing results in DIR instead of resuming")
     p.add_argument("--retry-errors", action="store_true", help="also redo inputs recorded in errors.parquet")
     p.add_argument("--rows-per-file", type=int, default=2048, help="inputs per part file")
-    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
-    p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
-    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run_cli)
 
 
@@ -745,25 +770,12 @@ def run_cli(args: argparse.Namespace) -> int:
     summary = tokenize_dataset(
         args.inputs,
         args.output,
-        model=args.model,
-        precision=args.precision,
-        device=args.device,
-        size=args.size,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        replicas=args.replicas,
-        resources=args.resources,
         flip=args.flip,
         latent_dtype=args.latent_dtype,
-        labels_from_dirs=args.labels_from_dirs,
-        address=args.address,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
         rows_per_file=args.rows_per_file,
-        limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
-        rope_dtype=args.rope_dtype,
-        cpu_threads=args.cpu_threads,
-        progress=args.progress,
+        **pipeline_kwargs(args),
     )
     print(summary.line())
     return 1 if summary.missing else 0
