@@ -46,3 +46,13 @@ def test_an_unsatisfiable_placement_fails_at_once_naming_the_setting():
         resolve_placement({"num_tpus": 1}, ASCEND)
     with pytest.raises(PlacementError, match="use auto, npu, gpu, cpu"):
         resolve_placement("tpu", ASCEND)
+
+
+def test_a_placement_no_single_node_can_hold_fails_although_the_cluster_sums_to_it():
+    two_small_nodes = [{"CPU": 4.0, "NPU": 1.0}, {"CPU": 4.0, "NPU": 1.0}]
+    assert resolve_placement("auto", two_small_nodes) == {"resources": {"NPU": 1}}
+    with pytest.raises(PlacementError, match=r"no node has that much \(the most any node has: \{'NPU': 1.0\}\)"):
+        resolve_placement({"resources": {"NPU": 2}}, two_small_nodes, setting="--resources")
+    with pytest.raises(PlacementError, match="no node has that much"):  # every resource on the same node
+        resolve_placement({"resources": {"NPU": 1}, "num_cpus": 8}, [{"CPU": 8.0}, {"CPU": 2.0, "NPU": 8.0}])
+    assert resolve_placement({"resources": {"NPU": 1}, "num_cpus": 2}, [{"CPU": 8.0}, {"CPU": 2.0, "NPU": 8.0}])

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from collections import Counter
@@ -112,7 +111,7 @@ class EvalWorker:
     ) -> None:
         from .quality import InceptionFeatures, Lpips
         from .replica import VTPReplica
-        from .tokenize import replica_cpu_threads
+        from .tokenize import replica_cpu_threads, replica_label
 
         self.replica = VTPReplica(
             model, device, precision, rope_dtype, warmup_size=size, cpu_threads=replica_cpu_threads(cpu_threads, device)
@@ -123,7 +122,7 @@ class EvalWorker:
         self.size, self.save_paths = size, save_paths
         self.inception = InceptionFeatures(inception_weights, self.replica.device) if inception_weights else None
         self.lpips = Lpips(lpips_weights, self.replica.device) if lpips_weights else None
-        self.name = f"{socket.gethostname()}:{os.getpid()} {info['device']}"
+        self.name = replica_label(info["device"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

@@ -8,6 +8,7 @@ message naming the setting to change, instead of waiting forever for a replica t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 SHORTCUTS: dict[str, dict[str, Any]] = {
@@ -22,23 +23,29 @@ class PlacementError(ValueError):
     """A placement that this cluster can never satisfy."""
 
 
-def _cluster_resources() -> dict[str, float]:
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray cluster."""
     import ray
 
-    return ray.cluster_resources()
+    return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
 
 
 def resolve_placement(
     placement: str | dict[str, Any] | None = "auto",
-    cluster: dict[str, float] | None = None,
+    nodes: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
     setting: str = "placement",
 ) -> dict[str, Any]:
     """Ray actor options (``resources`` / ``num_gpus`` / ``num_cpus``) for one replica.
 
-    ``placement`` is ``auto``, a shortcut (``npu``, ``gpu``, ``cpu``) or explicit actor options;
-    ``setting`` names where it came from, for the error message.
+    ``placement`` is ``auto``, a shortcut (``npu``, ``gpu``, ``cpu``) or explicit actor options; ``nodes`` the
+    resources of each node (one mapping: a one-node cluster; default: the connected cluster's); ``setting``
+    names where the placement came from, for the error message.
     """
-    cluster = _cluster_resources() if cluster is None else cluster
+    nodes = cluster_nodes() if nodes is None else [nodes] if isinstance(nodes, Mapping) else list(nodes)
+    cluster: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node.items():
+            cluster[name] = cluster.get(name, 0) + amount
     if placement is None or placement == "auto":
         if cluster.get("NPU", 0) >= 1:
             return {"resources": {"NPU": 1}}
@@ -67,6 +74,12 @@ def resolve_placement(
             f"{setting} asks for {short} per replica but the whole cluster has {have}, so no replica could ever "
             f"start. Change {setting} (e.g. to 'auto', which picks NPU, else GPU, else CPU from the cluster), or "
             "add nodes that have it (on Ascend: `ray start --resources '{\"NPU\": 8}'` if Ray did not detect the NPUs)."
+        )
+    if not any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
+        largest = {k: max(node.get(k, 0) for node in nodes) for k in wanted}
+        raise PlacementError(
+            f"{setting} asks for {wanted} per replica, but a replica runs on one node and no node has that much "
+            f"(the most any node has: {largest}). Ask for less per replica in {setting}."
         )
     return options
 

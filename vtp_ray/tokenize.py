@@ -243,7 +243,6 @@ class TokenizeWorker:
         latent_dtype: str,
         expected_digest: str,
     ) -> None:
-        import ray
 
         from .replica import VTPReplica
 
@@ -261,9 +260,7 @@ class TokenizeWorker:
             self.columns["latents_flip"] = latents
         if info["embedding_dim"]:
             self.columns["clip_embedding"] = (pa.float32(), (info["embedding_dim"],))
-        accelerators = {k: v for k, v in ray.get_runtime_context().get_accelerator_ids().items() if v}
-        ids = "".join(f" {kind} {','.join(map(str, v))}" for kind, v in sorted(accelerators.items()))
-        self.name = f"{socket.gethostname()}:{os.getpid()} {info['device']}{ids}"
+        self.name = replica_label(info["device"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
@@ -288,6 +285,16 @@ class TokenizeWorker:
         if self.flip:
             outputs["latents_flip"] = self.replica.tokenize(np.ascontiguousarray(pixels[:, :, ::-1]))["latents"]
         return outputs
+
+
+def replica_label(device: str) -> str:
+    """Who this actor is in run stats: host:pid, Ray node (id prefix), device and the accelerator ids Ray gave it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    accelerators = {k: v for k, v in context.get_accelerator_ids().items() if v}
+    ids = "".join(f" {kind} {','.join(map(str, v))}" for kind, v in sorted(accelerators.items()))
+    return f"{socket.gethostname()}:{os.getpid()} node {context.get_node_id()[:8]} {device}{ids}"
 
 
 def replica_cpu_threads(cpu_threads: int | None, device: str) -> int | None:
@@ -393,10 +400,10 @@ class Pipeline:
         """``(actor options, device, replicas)`` for the connected cluster; fails fast if it cannot fit."""
         import ray
 
-        from .placement import PlacementError, device_for, resolve_placement
+        from .placement import PlacementError, cluster_nodes, device_for, resolve_placement
 
         cluster = ray.cluster_resources()
-        options = resolve_placement(_actor_options(self.resources), cluster, setting="--resources")
+        options = resolve_placement(_actor_options(self.resources), cluster_nodes(), setting="--resources")
         device = device_for(options) if self.device == "auto" else self.device
         replicas = self.replicas or _default_replicas(options, cluster)
         if _canonical(options) == _canonical({"num_cpus": self.decode_cpus}):

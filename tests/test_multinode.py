@@ -1,0 +1,158 @@
+"""A real multi-node Ray cluster on this one machine: a head and two worker raylets, each worker advertising
+``{"NPU": 1}`` (the replicas compute on the CPU). Serve spreads its replicas over the nodes; ``tokenize`` uses
+actors on both and writes the same rows as on one; a worker node that dies mid-job loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+from ray.cluster_utils import Cluster
+from test_serve import SIZE, TINY, free_port, png_bytes, post_concurrently, random_image
+from test_serve_cluster import replicas_seen
+
+from deployments import AppArgs, compose_app
+from vtp_ray.placement import PlacementError
+from vtp_ray.tokenize import tokenize_dataset
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+NPU = {"NPU": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Cluster, list[str]]]:
+    """The cluster, connected, and its two worker nodes' ids (the head has no NPU: no replica lands there)."""
+    assert not ray.is_initialized(), "another test module left Ray running"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2, resources=NPU) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    try:
+        yield cluster, [node.node_id for node in workers]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """40 PNGs of assorted heights and one broken file: enough batches that both replicas get work."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        (root / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + i, 64, 3), dtype=np.uint8)).save(root / f"d{i % 2}" / f"{i}.png")
+    (root / "d1" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def _nodes_of(replica_labels: dict[str, int]) -> set[str]:
+    """Node-id prefixes out of the run stats' replica labels ("host:pid node 1a2b3c4d cpu NPU 0")."""
+    return {label.split(" node ")[1].split()[0] for label in replica_labels}
+
+
+def test_serve_puts_the_two_replicas_on_different_nodes_and_both_answer(cluster) -> None:
+    _, worker_ids = cluster
+    port = free_port()
+    # One proxy: every raylet here shares the loopback address, so per-node proxies would fight over the port.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        args = AppArgs(model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu")
+        serve.run(compose_app(args, num_replicas=2), name="vtp", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            replicas = replicas_seen(client, 2)
+        assert sorted(r["node_id"] for r in replicas.values()) == sorted(worker_ids)
+        assert all(r["accelerator_ids"] == {"NPU": ["0"]} for r in replicas.values())
+
+        png = png_bytes(random_image())
+        request = {"url": "/v1/embed", "content": png, "headers": {"content-type": "image/png"}}
+        responses = post_concurrently(f"http://127.0.0.1:{port}", [request] * 12)
+        assert [r.status_code for r in responses] == [200] * 12
+        embeddings = np.array([r.json()["embedding"] for r in responses])
+        np.testing.assert_allclose(embeddings, embeddings[:1].repeat(12, 0), atol=1e-6)  # same model on both
+    finally:
+        serve.shutdown()
+
+
+def test_tokenize_uses_both_nodes_and_writes_the_rows_one_node_writes(cluster, images, tmp_path) -> None:
+    settings = {"model": TINY, "device": "cpu", "size": SIZE, "batch_size": 2, "resources": NPU, "progress": False}
+    spread = tokenize_dataset(str(images), str(tmp_path / "two"), replicas=2, **settings)
+    single = tokenize_dataset(str(images), str(tmp_path / "one"), replicas=1, **settings)
+
+    _, worker_ids = cluster
+    assert _nodes_of(spread.stats["last_run"]["replicas"]) == {node[:8] for node in worker_ids}
+    assert len(_nodes_of(single.stats["last_run"]["replicas"])) == 1
+    for summary in (spread, single):
+        assert (summary.rows, summary.errors, summary.missing) == (40, 1, 0)
+
+    def rows(name: str) -> pd.DataFrame:
+        return pd.read_parquet(tmp_path / name / "data").set_index("path").sort_index()
+
+    two, one = rows("two"), rows("one")
+    assert list(two.index) == list(one.index) and list(two.columns) == list(one.columns)
+    for column in one.columns:  # equal up to float noise: batches of other compositions block GEMMs otherwise
+        np.testing.assert_allclose(np.stack(two[column].to_numpy()), np.stack(one[column].to_numpy()), atol=1e-6)
+    reasons = {
+        name: pd.read_parquet(tmp_path / name / "errors.parquet", columns=["path", "reason"]) for name in ("two", "one")
+    }
+    assert reasons["two"].sort_values("path").values.tolist() == reasons["one"].sort_values("path").values.tolist()
+
+
+def test_a_worker_node_dying_mid_job_loses_and_repeats_nothing(cluster, images, tmp_path) -> None:
+    head, _ = cluster
+    output = tmp_path / "out"
+    args = [str(images), "-o", str(output), "--model", TINY, "--size", str(SIZE), "--device", "cpu"]
+    args += ["--resources", '{"NPU": 1}', "--replicas", "2", "--batch-size", "1", "--rows-per-file", "1"]
+    args += ["--address", head.address, "--no-progress"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vtp_ray.cli", "tokenize", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(list((output / "data").glob("part-*.parquet"))) < 4:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "fewer than 4 parts written in time"
+            time.sleep(0.05)
+        victim = next(node for node in head.worker_nodes)
+        head.remove_node(victim, allow_graceful=False)  # the raylet and everything on it die at once
+        log, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+    assert process.returncode == 0, log
+
+    rows = pq.read_table(output / "data").column("path").to_pylist()
+    errors = pq.read_table(output / "errors.parquet").column("path").to_pylist()
+    assert len(rows) == len(set(rows)) == 40
+    assert errors == [str(images / "d1" / "broken.png")]
+    assert "41 inputs" in log and "40 rows, 1 errors" in log
+
+
+def test_a_replica_bigger_than_any_node_fails_at_once_though_the_cluster_sums_to_it(cluster, images, tmp_path) -> None:
+    with pytest.raises(PlacementError, match="no node has that much"):
+        tokenize_dataset(str(images), str(tmp_path / "out"), model=TINY, resources={"NPU": 2}, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PlacementError, match=r"args\.placement.*no node has that much"):
+        compose_app(AppArgs(model=TINY, placement={"resources": {"NPU": 2}}))
