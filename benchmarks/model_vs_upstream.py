@@ -26,8 +26,8 @@ import torch
 from vtp_ray import VTPReplica
 from vtp_ray.bench import model_flops
 from vtp_ray.device import cpu_has_fast_low_precision
-from vtp_ray.images import normalize
 from vtp_ray.model import load_model
+from vtp_ray.normalize import normalize
 from vtp_ray.verify import verify
 
 

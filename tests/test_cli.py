@@ -68,6 +68,12 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
 
 
+def test_bench_refuses_an_unknown_verb_before_loading_anything(tiny_dir):
+    result = vtp_ray("bench", "--model", str(tiny_dir), "--verbs", "encode,fly")
+    assert result.returncode == 2
+    assert "unknown verbs ['fly']: choose from encode, decode, tokenize, reconstruct" in result.stderr
+
+
 @pytest.mark.parametrize("command", ["verify", "bench", "reconstruct"])
 def test_a_missing_model_path_says_how_to_get_weights(tmp_path, command):
     extra = [str(tmp_path / "x.png"), "--out", str(tmp_path)] if command == "reconstruct" else []

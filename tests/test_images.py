@@ -22,14 +22,13 @@ from vtp_ray.images import (
     Normalization,
     center_crop_adm,
     decode_image,
-    denormalize_to_uint8,
-    normalize,
     preprocess,
     preprocess_with_info,
     resize_plain,
     to_png_bytes,
     to_rgb,
 )
+from vtp_ray.normalize import denormalize_to_uint8, normalize
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

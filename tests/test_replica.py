@@ -8,7 +8,7 @@ import torch
 from conftest import rel_err
 
 from vtp_ray import VTPReplica
-from vtp_ray.images import normalize
+from vtp_ray.normalize import normalize
 
 
 @pytest.fixture(scope="module")

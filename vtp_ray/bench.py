@@ -93,6 +93,8 @@ def bench(
     runs: int = 5,
 ) -> list[BenchRow]:
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images."""
+    if unknown := [verb for verb in verbs if verb not in VERBS]:
+        raise ValueError(f"unknown verbs {unknown}: choose from {', '.join(VERBS)}")
     rows: list[BenchRow] = []
     for precision in precisions:
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)

@@ -16,8 +16,8 @@ import torch
 
 from . import __version__
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
-from .images import denormalize_to_uint8, normalize
 from .model import load_model
+from .normalize import denormalize_to_uint8, normalize
 
 log = logging.getLogger(__name__)
 

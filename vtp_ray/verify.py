@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import resolve_device, resolve_precision, seed_everything, synchronize
-from .images import denormalize_to_unit, normalize
 from .model import load_model
+from .normalize import denormalize_to_unit, normalize
 
 OUTPUTS = ("img_feat", "latents", "reconstruction")
 
