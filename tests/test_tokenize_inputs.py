@@ -266,3 +266,11 @@ def test_the_command_reports_a_bad_input_in_one_line_without_starting_ray(tmp_pa
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("vtp-ray tokenize: error:")
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_decode_stage_does_not_import_torch():
+    # Ray Data runs decode_block in processes of its own, on every node: torch would add seconds and hundreds
+    # of MB to each of them for nothing.
+    code = "import sys, vtp_ray.tokenize; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]"

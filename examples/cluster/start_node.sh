@@ -28,8 +28,8 @@ fi
 
 if [[ $# -eq 0 ]]; then
   # The dashboard (port 8265) is where `serve deploy`, `serve status` and `ray job submit` connect.
-  ray start --head --port 6379 --dashboard-host 0.0.0.0 "${args[@]}"
+  ray start --head --port 6379 --dashboard-host 0.0.0.0 ${args[@]+"${args[@]}"}
 else
-  ray start --address "$1" "${args[@]}"
+  ray start --address "$1" ${args[@]+"${args[@]}"}
 fi
 ray status
