@@ -1,6 +1,7 @@
 """A real multi-node Ray cluster on this one machine: a head and two worker raylets, each worker advertising
-``{"NPU": 1}`` (the replicas compute on the CPU). Serve spreads its replicas over the nodes; ``tokenize`` uses
-actors on both and writes the same rows as on one; a worker node that dies mid-job loses nothing.
+``{"NPU": 1}`` (the replicas compute on the CPU). Serve spreads its replicas over the nodes and survives one
+killed under load; ``tokenize`` uses actors on both nodes and writes the same rows as on one; a worker node
+that dies mid-job loses nothing.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,7 +26,7 @@ import ray
 from PIL import Image
 from ray import serve
 from ray.cluster_utils import Cluster
-from test_serve import SIZE, TINY, free_port, png_bytes, post_concurrently, random_image
+from test_serve import SIZE, TINY, free_port, png_bytes, post_concurrently, random_image, wait_until
 from test_serve_cluster import replicas_seen
 
 from deployments import AppArgs, compose_app
@@ -34,6 +37,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 NPU = {"NPU": 1}
+CLIENTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -71,27 +75,88 @@ def _nodes_of(replica_labels: dict[str, int]) -> set[str]:
     return {label.split(" node ")[1].split()[0] for label in replica_labels}
 
 
-def test_serve_puts_the_two_replicas_on_different_nodes_and_both_answer(cluster) -> None:
-    _, worker_ids = cluster
+@pytest.fixture(scope="class")
+def serve_url(cluster) -> Iterator[str]:
+    """The app with 2 replicas of {"NPU": 1}; shut down after the Serve tests, freeing the NPUs for tokenize."""
     port = free_port()
     # One proxy: every raylet here shares the loopback address, so per-node proxies would fight over the port.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         args = AppArgs(model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu")
-        serve.run(compose_app(args, num_replicas=2), name="vtp", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        # health_check_period_s: notice a killed replica within a second rather than ten.
+        serve.run(compose_app(args, num_replicas=2, health_check_period_s=1), name="vtp", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@dataclass(frozen=True)
+class _Result:
+    sent: float
+    status: int
+    error: str | None
+
+
+def _load(base_url: str, png: bytes, results: list[_Result], stop: threading.Event) -> None:
+    """One client sending /v1/embed back to back until ``stop``."""
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        while not stop.is_set():
+            sent = time.monotonic()
+            response = client.post("/v1/embed", content=png, headers={"content-type": "image/png"})
+            results.append(_Result(sent, response.status_code, response.json().get("error")))
+
+
+class TestServe:
+    def test_the_two_replicas_land_on_different_nodes_and_both_answer(self, cluster, serve_url: str) -> None:
+        _, worker_ids = cluster
+        with httpx.Client(base_url=serve_url, timeout=60) as client:
             replicas = replicas_seen(client, 2)
         assert sorted(r["node_id"] for r in replicas.values()) == sorted(worker_ids)
         assert all(r["accelerator_ids"] == {"NPU": ["0"]} for r in replicas.values())
 
-        png = png_bytes(random_image())
-        request = {"url": "/v1/embed", "content": png, "headers": {"content-type": "image/png"}}
-        responses = post_concurrently(f"http://127.0.0.1:{port}", [request] * 12)
+        request = {"url": "/v1/embed", "content": png_bytes(random_image()), "headers": {"content-type": "image/png"}}
+        responses = post_concurrently(serve_url, [request] * 12)
         assert [r.status_code for r in responses] == [200] * 12
         embeddings = np.array([r.json()["embedding"] for r in responses])
         np.testing.assert_allclose(embeddings, embeddings[:1].repeat(12, 0), atol=1e-6)  # same model on both
-    finally:
-        serve.shutdown()
+
+    def test_a_replica_killed_under_load_fails_at_most_its_in_flight_requests(self, cluster, serve_url: str) -> None:
+        _, worker_ids = cluster
+        client = httpx.Client(base_url=serve_url, timeout=60)
+        victim_id, victim = next(iter(replicas_seen(client, 2).items()))
+        png = png_bytes(random_image())
+        results: list[_Result] = []
+        stop = threading.Event()
+        clients = [threading.Thread(target=_load, args=(serve_url, png, results, stop)) for _ in range(CLIENTS)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_until(lambda: len(results) >= 2 * CLIENTS, timeout_s=60, what="the load to get going")
+            killed_at = time.monotonic()
+            ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+            # Serve replaces the dead replica, on the node whose NPU it freed.
+            replacement = replicas_seen(client, 2, exclude={victim_id})
+            recovered_at = time.monotonic()
+            wait_until(lambda: sum(r.sent > recovered_at for r in results) >= 4 * CLIENTS, 60, "load after recovery")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+            client.close()
+
+        failed = [r for r in results if r.status != 200]
+        after = [r for r in results if r.sent > recovered_at]
+        print(
+            f"\n{len(results)} requests from {CLIENTS} clients; {len(failed)} failed when the replica was killed; "
+            f"recovered in {recovered_at - killed_at:.1f}s; {len(after)} requests after recovery, all answered"
+        )
+        # Only the requests the dead replica held may fail: each client has at most one in flight.
+        assert len(failed) <= CLIENTS
+        for result in failed:  # reported as a retryable error, not a hang or a bare 500
+            assert result.status == 503 and "died" in result.error, result
+            assert result.sent < recovered_at
+        assert all(r.status == 200 for r in after)
+        assert sorted(r["node_id"] for r in replacement.values()) == sorted(worker_ids)
 
 
 def test_tokenize_uses_both_nodes_and_writes_the_rows_one_node_writes(cluster, images, tmp_path) -> None:
