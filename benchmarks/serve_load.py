@@ -112,7 +112,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, nargs="+", default=None, help="per client count (default 16 / 4x)")
     parser.add_argument("--time-limit-s", type=float, default=180.0, help="per client count")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.0)
     parser.add_argument("--direct-runs", type=int, default=5, help="batch-1 calls per direct timing")
     parser.add_argument("--direct-batches", type=int, default=2, help="full-batch calls per direct timing")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs (torch threads) for the model")

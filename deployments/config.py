@@ -29,7 +29,7 @@ class AppArgs(BaseModel):
     device: str | None = Field(None, description="default: the device that goes with the placement")
     placement: str | dict[str, Any] = Field("auto", description="auto, npu, gpu, cpu or Ray actor options")
     max_batch_size: int = Field(8, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=60.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=60.0)
     image_size: int = Field(256, ge=PATCH_SIZE, le=4096, description="default side of the square model input")
     max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
     max_body_bytes: int = Field(16 * 2**20, gt=0)

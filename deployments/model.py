@@ -106,7 +106,7 @@ class VTPModelDeployment:
         }
 
     # The decorator's values are placeholders: __init__ sets the configured ones.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _batch(self, jobs: list[_Job]) -> list[Outcome | Exception]:
         """Split a formed batch into same-verb, same-shape groups and make one model call per group."""
         self._admitting.clear()

@@ -117,6 +117,9 @@ class TestServe:
         request = {"url": "/v1/embed", "content": png_bytes(random_image()), "headers": {"content-type": "image/png"}}
         responses = post_concurrently(serve_url, [request] * 12)
         assert [r.status_code for r in responses] == [200] * 12
+        # With no batch wait (the default), requests that arrive during a model call still share the next one.
+        sizes = [int(r.headers["x-vtp-batch-size"]) for r in responses]
+        assert max(sizes) > 1, sizes
         embeddings = np.array([r.json()["embedding"] for r in responses])
         np.testing.assert_allclose(embeddings, embeddings[:1].repeat(12, 0), atol=1e-6)  # same model on both
 
