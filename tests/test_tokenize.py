@@ -256,7 +256,14 @@ def _replica_pids() -> set[int]:
     return pids
 
 
-def _wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
+def start_tokenize_cli(args: list[str], **popen) -> subprocess.Popen:
+    """``vtp-ray tokenize ARGS`` in a process of its own (a driver that can be killed or outlive a node)."""
+    command = [sys.executable, "-m", "vtp_ray.cli", "tokenize", *args]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, **popen)
+
+
+def wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
+    """Until ``output`` holds ``count`` data parts; fails if the job ends first or takes over two minutes."""
     deadline = time.monotonic() + 120
     while len(list((output / "data").glob("part-*.parquet"))) < count:
         assert process.poll() is None, "the job ended before it could be interrupted"
@@ -276,19 +283,13 @@ def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing
     args += ["--resources", '{"NPU": 1}', "--replicas", "1", "--batch-size", "1", "--rows-per-file", "1"]
     args += ["--dtype", "float16", "--address", cluster, "--no-progress"]
     before = _replica_pids()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vtp_ray.cli", "tokenize", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_tokenize_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_parts(output, 1, process)
+        wait_for_parts(output, 1, process)
         (replica,) = _replica_pids() - before
         os.kill(replica, signal.SIGKILL)  # Ray Data restarts the actor and retries its batch
         parts = len(list((output / "data").glob("part-*.parquet")))
-        _wait_for_parts(output, parts + 1, process)
+        wait_for_parts(output, parts + 1, process)
         process.send_signal(signal.SIGKILL)
         assert process.wait(30) == -signal.SIGKILL
     finally:
