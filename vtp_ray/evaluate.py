@@ -281,7 +281,7 @@ def evaluate_dataset(
 
     Returns the report (also written to ``output/report.json``).
     """
-    from .tokenize import Pipeline, ReplicaStartError, progress_bars, ray_session, replica_start_failure
+    from .tokenize import Pipeline, pipeline_outputs, progress_bars, ray_session
 
     started = time.perf_counter()
     _check(size, batch_size, precision, replicas, save_images)
@@ -296,9 +296,7 @@ def evaluate_dataset(
     for metric, reason in skipped.items():
         log.warning("%s skipped: %s", metric, reason)
     found = discover_inputs(inputs, labels_from_dirs=labels_from_dirs, filesystem=filesystem)
-    facts = model_facts(model)
-    if size % int(facts["patch_size"]):
-        raise ValueError(f"size {size} is not a multiple of the model's patch size {facts['patch_size']}")
+    facts = model_facts(model, size)
     out = Path(output).expanduser()
     paths = found.table.column("path").to_pylist()
     collector = _Collector(out / IMAGES, size, {p: i for i, p in enumerate(paths)})
@@ -316,13 +314,8 @@ def evaluate_dataset(
             "save_paths": frozenset(paths[:save_images]),
         }
         dataset = pipeline.dataset(found.table, options, run_device, pool, EvalWorker, worker)
-        try:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                collector.add(batch)
-        except Exception as e:  # a wrong model, device or precision for the workers: one clear line
-            if (reason := replica_start_failure(e)) is None:
-                raise
-            raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
+        for batch in pipeline_outputs(dataset):
+            collector.add(batch)
     seconds = time.perf_counter() - started
 
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves nothing behind

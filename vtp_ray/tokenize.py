@@ -58,6 +58,16 @@ class ReplicaStartError(ValueError):
     """The model replicas failed in their constructor: a wrong model, device or precision for the workers."""
 
 
+def pipeline_outputs(dataset: Dataset) -> Iterator[pa.Table]:
+    """The output batches of a pipeline; replicas that fail in their constructor raise ``ReplicaStartError``."""
+    try:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    except Exception as e:  # a wrong model, device or precision for the workers: one clear line
+        if (reason := replica_start_failure(e)) is None:
+            raise
+        raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
+
+
 def replica_start_failure(error: BaseException) -> str | None:
     """The last line of a replica constructor's error (``Type: message``) when ``error`` comes from one."""
     from ray.exceptions import RayActorError
@@ -96,12 +106,17 @@ class TokenizeSummary:
 # ------------------------------------------------------------------------------------------- the model
 
 
-def model_facts(model: str) -> dict[str, Any]:
-    """What the manifest records about a model spec, read from its config alone (no weights are loaded)."""
+def model_facts(model: str, size: int | None = None) -> dict[str, Any]:
+    """What the manifest records about a model spec, read from its config alone (no weights are loaded).
+
+    With ``size``, also check that it is a multiple of the model's patch size.
+    """
     from .model.checkpoint import read_spec
 
     resolved = read_spec(model)
     config = resolved.config
+    if size is not None and size % config.vision_patch_size:
+        raise ValueError(f"size {size} is not a multiple of the model's patch size {config.vision_patch_size}")
     return {
         "name": resolved.name,
         "spec": resolved.spec,
@@ -613,9 +628,7 @@ def tokenize_dataset(
     check_arguments(size, batch_size, rows_per_file, latent_dtype, precision, replicas)
     limits = limits or DecodeLimits()
     found = discover_inputs(inputs, labels_from_dirs=labels_from_dirs, filesystem=filesystem)
-    facts = model_facts(model)
-    if size % int(facts["patch_size"]):
-        raise ValueError(f"size {size} is not a multiple of the model's patch size {facts['patch_size']}")
+    facts = model_facts(model, size)
     manifest = build_manifest(
         facts, precision=precision, rope_dtype=rope_dtype, size=size, crop=crop, flip=flip, latent_dtype=latent_dtype
     )
@@ -643,12 +656,8 @@ def tokenize_dataset(
                 run["replica_options"] = options
                 dataset = pipeline.dataset(todo, options, run["device"], run["replica_pool"])
                 try:
-                    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for batch in pipeline_outputs(dataset):
                         writer.add(batch)
-                except Exception as e:
-                    if (reason := replica_start_failure(e)) is None:
-                        raise
-                    raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
                 finally:
                     writer.flush()  # what arrived is kept, also when the job fails or is interrupted
     finally:
