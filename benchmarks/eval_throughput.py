@@ -55,18 +55,19 @@ def main() -> None:
 
     import ray
 
-    from vtp_ray.evaluate import evaluate_dataset
-    from vtp_ray.tokenize import tokenize_dataset
+    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline.evaluate import evaluate_dataset
+    from vtp_ray.pipeline.tokenize import tokenize_dataset
 
-    common = {
-        "model": args.model,
-        "precision": args.precision,
-        "size": args.size,
-        "batch_size": args.batch_size,
-        "replicas": args.replicas,
-        "resources": "cpu",
-        "progress": False,
-    }
+    spec = PipelineSpec(
+        model=args.model,
+        precision=args.precision,
+        size=args.size,
+        batch_size=args.batch_size,
+        replicas=args.replicas,
+        resources="cpu",
+        progress=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
@@ -75,14 +76,14 @@ def main() -> None:
         try:
             rates: dict[str, float] = {}
             started = time.perf_counter()
-            summary = tokenize_dataset(str(root / "images"), str(root / "tokens"), **common)
+            summary = tokenize_dataset(str(root / "images"), str(root / "tokens"), spec)
             rates["tokenize"] = summary.processed / (time.perf_counter() - started)
             runs = {"eval": {}}
             if args.rfid:
                 runs["eval+rFID"] = {"inception_weights": random_inception(root / "inception.pt")}
             for name, extra in runs.items():
                 started = time.perf_counter()
-                report = evaluate_dataset(str(root / "images"), root / name, **common, **extra)
+                report = evaluate_dataset(str(root / "images"), root / name, spec, **extra)
                 rates[name] = report["counts"]["evaluated"] / (time.perf_counter() - started)
                 assert report["counts"]["evaluated"] == args.images, report["counts"]
         finally:

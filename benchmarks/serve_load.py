@@ -40,7 +40,7 @@ from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 
 # HTTP endpoint -> the VTPReplica verb it runs.
-VERBS = {"reconstruct": "reconstruct", "encode": "tokenize", "embed": "embed"}
+VERBS = {"reconstruct": "reconstruct", "encode": "encode", "embed": "embed"}
 
 
 @dataclass
@@ -177,11 +177,10 @@ def start_app(args: argparse.Namespace) -> str:
         model=args.model,
         precision=args.precision,
         placement={"num_cpus": args.cpus},  # same torch threads as the direct run (Ray sets OMP_NUM_THREADS)
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
         image_size=args.image_size,
     )
-    serve.run(compose_app(app_args), name="vtp", route_prefix="/")
+    batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    serve.run(compose_app(app_args, user_config=batching), name="vtp", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 

@@ -1,9 +1,9 @@
-"""Throughput of ``vtp-ray tokenize`` against ``VTPReplica.tokenize`` alone, in one run on one machine.
+"""Throughput of ``vtp-ray tokenize`` against ``VTPReplica.encode`` alone, in one run on one machine.
 
 Writes a few hundred JPEGs of 300-400 px (smooth random content, so they compress like photos) to a temporary
 directory, then measures, at the same batch size and precision:
 
-- replica: ``VTPReplica.tokenize`` on images already decoded and cropped (the model alone);
+- replica: ``VTPReplica.encode`` on images already decoded and cropped (the model alone);
 - pipeline: ``tokenize_dataset`` on the files (read, decode, crop, model, parquet), counted from its first output,
   i.e. once the replicas are loaded and warm.
 
@@ -43,7 +43,7 @@ def write_images(directory: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 class ReplicaRate:
-    """``VTPReplica.tokenize`` images/s on pre-decoded batches (the model alone), measurable several times."""
+    """``VTPReplica.encode`` images/s on pre-decoded batches (the model alone), measurable several times."""
 
     def __init__(self, args: argparse.Namespace, paths: list[Path]) -> None:
         from vtp_ray import VTPReplica
@@ -53,22 +53,21 @@ class ReplicaRate:
         self.replica = VTPReplica(args.model, "cpu", args.precision, cpu_threads=os.cpu_count(), warmup_size=args.size)
         images = np.stack([preprocess(p, args.size) for p in paths[: args.batch_size * args.replica_batches]])
         self.batches = np.split(images, args.replica_batches)
-        self.replica.tokenize(self.batches[0])
+        self.replica.encode(self.batches[0])
 
     def measure(self) -> float:
         started = time.perf_counter()
         for batch in self.batches:
-            self.replica.tokenize(batch)
+            self.replica.encode(batch)
         return sum(len(b) for b in self.batches) / (time.perf_counter() - started)
 
 
 def pipeline_rate(args: argparse.Namespace, directory: Path, output: Path) -> dict:
     """``tokenize_dataset`` on the files: its run statistics (``stats.json``'s ``last_run``)."""
-    from vtp_ray.tokenize import tokenize_dataset
+    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline.tokenize import tokenize_dataset
 
-    summary = tokenize_dataset(
-        str(directory),
-        str(output),
+    spec = PipelineSpec(
         model=args.model,
         precision=args.precision,
         size=args.size,
@@ -77,6 +76,7 @@ def pipeline_rate(args: argparse.Namespace, directory: Path, output: Path) -> di
         resources="cpu",
         progress=False,
     )
+    summary = tokenize_dataset(str(directory), str(output), spec)
     assert summary.rows == args.images and summary.missing == 0, summary.line()
     return summary.stats["last_run"]
 
@@ -102,9 +102,7 @@ def main() -> None:
         # The model alone, before and after the pipeline: this machine's speed drifts (shared CPUs).
         model = ReplicaRate(args, paths)
         before = model.measure()
-        print(
-            f"replica  : {before:8.2f} images/s  (VTPReplica.tokenize on pre-decoded arrays, batch {args.batch_size})"
-        )
+        print(f"replica  : {before:8.2f} images/s  (VTPReplica.encode on pre-decoded arrays, batch {args.batch_size})")
 
         import ray
 

@@ -1,24 +1,28 @@
 """The Serve application builder: ``import_path: deployments.app:build_app`` in serve_config.yaml.
 
-Placement is resolved here, when the application is built, from what the cluster has: ``auto`` asks for an NPU
-per model replica on Ascend, else a GPU, else a CPU; an explicit placement the cluster cannot satisfy fails the
-deployment at once with a message naming the setting, instead of leaving replicas pending forever.
+``placement: auto`` (the default) is resolved here, when the application is built: one NPU per model replica when
+the cluster has NPUs, else one GPU, else one CPU; an explicit placement the cluster cannot satisfy fails the
+deployment at once with a message naming the setting, instead of leaving replicas pending forever. The result is
+the model deployment's ``ray_actor_options``, which a config's ``deployments: [{name: VTPReplica,
+ray_actor_options: ...}]`` overrides the standard way; either way each replica's device follows the accelerator
+Ray assigns it. Building never starts Ray: without a connection (``serve run deployments.app:build_app`` builds
+before it connects), ``auto`` is resolved from the accelerators Ray would detect on this machine.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-import ray
 from ray.serve import Application
 
-from vtp_ray.placement import device_for, resolve_placement
+from vtp_ray.placement import resolve_placement
 
-from .api import IngressSettings, VTPIngress
 from .config import AppArgs
-from .model import VTPModelDeployment
+from .ingress import IngressSettings, VTPIngress
+from .replica import BatchingConfig, ReplicaDeployment
 
-PLACEMENT_SETTING = "applications[].args.placement in serve_config.yaml"
+PLACEMENT_SETTING = "applications[].args.placement"
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -31,25 +35,17 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
     """The ingress bound to the model deployment.
 
     ``model_options`` are extra Serve deployment options for the model deployment (``num_replicas``,
-    ``max_queued_requests``...), for callers that build the app in Python rather than from a config file,
-    where the ``deployments:`` section sets them.
+    ``user_config``, ``max_queued_requests``...), for callers that build the app in Python rather than from a
+    config file, where the ``deployments:`` section sets them.
     """
-    if not ray.is_initialized():
-        ray.init(namespace="serve")  # `serve run deployments.app:build_app` builds before it connects
-    placement = resolve_placement(args.placement, setting=PLACEMENT_SETTING)
+    batching = BatchingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
     options = {
-        "ray_actor_options": placement,
-        # A batch running and the next one's worth waiting: @serve.batch never forms a batch larger than this.
-        "max_ongoing_requests": 2 * args.max_batch_size,
+        "ray_actor_options": resolve_placement(args.placement, _nodes(), setting=PLACEMENT_SETTING),
+        "user_config": batching.model_dump(),
         **model_options,
     }
-    model = VTPModelDeployment.options(**options).bind(
-        model=args.model,
-        device=args.device or device_for(placement),
-        precision=args.precision,
-        warmup_size=args.image_size,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
+    model = ReplicaDeployment.options(**options).bind(
+        model=args.model, precision=args.precision, device=args.device, warmup_size=args.image_size
     )
     settings = IngressSettings(
         image_size=args.image_size,
@@ -59,3 +55,24 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         api_key=args.api_key.get_secret_value() if args.api_key else None,
     )
     return VTPIngress.bind(model, settings)
+
+
+def _nodes() -> list[dict[str, float]]:
+    """Each node's resources: the connected cluster's, else what Ray would detect on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        from vtp_ray.placement import cluster_nodes
+
+        return cluster_nodes()
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    node = {"CPU": float(os.cpu_count() or 1)}
+    for resource in ("NPU", "GPU"):
+        try:
+            count = get_accelerator_manager_for_resource(resource).get_current_node_num_accelerators()
+        except Exception:  # a probe that fails means none usable here
+            count = 0
+        if count:
+            node[resource] = float(count)
+    return [node]

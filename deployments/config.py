@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from vtp_ray.images import PATCH_SIZE
+from vtp_ray.options import PRECISIONS
 
 #: Env vars that win over the config file, so one config serves many models and machines.
 ENV_OVERRIDES: Mapping[str, str] = {
@@ -24,12 +25,14 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(min_length=1, description="checkpoint directory, or random:vtp-small")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: str | None = Field(None, description="default: the device that goes with the placement")
-    placement: str | dict[str, Any] = Field("auto", description="auto, npu, gpu, cpu or Ray actor options")
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=60.0)
+    model: str = Field(min_length=1, description="checkpoint directory, or random:vtp-small (required)")
+    precision: Literal[PRECISIONS] = "fp32"
+    device: str | None = Field(None, description="default: the accelerator Ray assigns each replica, else the CPU")
+    placement: str | dict[str, Any] = Field(
+        "auto", description="auto, npu, gpu, cpu or Ray actor options; a config's ray_actor_options overrides it"
+    )
+    max_batch_size: int = Field(8, ge=1, le=1024, description="initial batching; live: the deployment's user_config")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=60.0, description="initial; live: user_config")
     image_size: int = Field(256, ge=PATCH_SIZE, le=4096, description="default side of the square model input")
     max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
     max_body_bytes: int = Field(16 * 2**20, gt=0)

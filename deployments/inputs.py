@@ -11,14 +11,16 @@ import base64
 import binascii
 import io
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
+from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from vtp_ray.arrays import LatentsTooLarge, as_latent_batch
 from vtp_ray.images import PATCH_SIZE, CropMode, DecodeLimits, ImageDecodeError, preprocess
 
 from .schemas import LatentsPayload
@@ -32,12 +34,15 @@ _TOO_LARGE_REASONS = ("too_large_bytes", "too_many_pixels")
 class ApiError(Exception):
     """A request the API refuses: HTTP ``status``, a short ``kind`` for metrics, and a message for the client."""
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
         self.headers = headers
+        self.extra = extra  # more JSON fields of the error body (pydantic's ``detail`` for 422s)
 
 
 def media_type(request: Request) -> str:
@@ -104,7 +109,7 @@ def check_size(size: int, max_size: int) -> int:
     return size
 
 
-def decode_image(data: bytes, size: int, crop: CropMode, limits: DecodeLimits) -> np.ndarray:
+def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: DecodeLimits) -> np.ndarray:
     """Encoded image -> the preprocessed uint8 (size, size, 3) model input. CPU work: call it off the event loop."""
     try:
         return preprocess(data, size=size, crop=crop, limits=limits)
@@ -114,13 +119,15 @@ def decode_image(data: bytes, size: int, crop: CropMode, limits: DecodeLimits) -
 
 
 def parse_latents(body: bytes, content_type: str) -> np.ndarray:
-    """Latents from ``/v1/encode``'s JSON or a .npy file -> float32 array, not yet checked (see ``check_latents``)."""
+    """Latents from ``/v1/encode``'s JSON or a .npy file -> an array, not yet checked (see ``check_latents``)."""
     if content_type == "application/json":
         try:
             payload = LatentsPayload.model_validate_json(body)
         except ValidationError as e:
             details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-            raise ApiError(422, "invalid_json", f"invalid latents JSON: {details}") from e
+            raise ApiError(
+                422, "invalid_json", f"invalid latents JSON: {details}", detail=jsonable_encoder(e.errors())
+            ) from e
         return _latents_from_payload(payload)
     if content_type in _NPY_TYPES:
         return _latents_from_npy(body)
@@ -146,35 +153,31 @@ def _latents_from_payload(payload: LatentsPayload) -> np.ndarray:
             "bad_latents",
             f"latents hold {len(raw)} bytes but shape {payload.shape} of float32 needs {expected}",
         )
-    return np.frombuffer(raw, dtype="<f4").reshape(payload.shape).astype(np.float32)
+    return np.frombuffer(raw, dtype="<f4").reshape(payload.shape)
 
 
 def _latents_from_npy(body: bytes) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError, EOFError, OSError... for bad files
-        raise ApiError(400, "bad_latents", f"body is not a readable .npy file: {e}") from e
-    if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
-        raise ApiError(400, "bad_latents", f"latents must be a float array, got {getattr(array, 'dtype', type(array))}")
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    return array.astype(np.float32)
+    except Exception as e:  # numpy raises ValueError, EOFError, OSError... for bad or pickled files
+        raise ApiError(
+            400, "bad_latents", f"body is not a .npy file of a plain numeric array ({type(e).__name__})"
+        ) from e
+    if not isinstance(array, np.ndarray):
+        raise ApiError(400, "bad_latents", "body is not a .npy file of a single array")
+    return array
 
 
 def check_latents(latents: np.ndarray, channels: int, max_side: int) -> np.ndarray:
-    """Latents (C, h, w) the model can decode into an image no larger than ``max_side`` pixels a side."""
-    if latents.ndim != 3 or latents.shape[0] != channels or 0 in latents.shape:
-        raise ApiError(
-            400, "bad_latents", f"latents must have shape ({channels}, h, w) with h, w >= 1, got {list(latents.shape)}"
-        )
-    h, w = latents.shape[1:]
-    if max(h, w) * PATCH_SIZE > max_side:
-        raise ApiError(
-            413,
-            "too_large",
-            f"latents of {h}x{w} decode to {h * PATCH_SIZE}x{w * PATCH_SIZE} pixels, over the limit of "
-            f"{max_side} a side (max_image_size)",
-        )
-    if not np.isfinite(latents).all():
-        raise ApiError(400, "bad_latents", "latents contain NaN or inf")
-    return np.ascontiguousarray(latents)
+    """One image's latents ``(C, h, w)`` or ``(1, C, h, w)``, any float dtype and byte order, that decode to an
+    image no larger than ``max_side`` pixels a side -> native float32 ``(C, h, w)``."""
+    batch = latents[None] if latents.ndim == 3 else latents
+    try:
+        batch = as_latent_batch(batch, channels, max_side)
+    except LatentsTooLarge as e:
+        raise ApiError(413, "too_large", f"{e} (max_image_size)") from e
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, "bad_latents", str(e)) from e
+    if len(batch) != 1:
+        raise ApiError(400, "bad_latents", f"one image's latents per request, got a batch of {len(batch)}")
+    return batch[0]

@@ -29,7 +29,7 @@ class LatentsPayload(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    shape: Annotated[list[_Dim], Field(min_length=3, max_length=3, description="[C, h, w]")]
+    shape: Annotated[list[_Dim], Field(max_length=8, description="[C, h, w]")]
     dtype: str = Field(description="must be float32")
     latents: str = Field(description="base64 of the C-order, little-endian float32 bytes")
 
@@ -64,6 +64,7 @@ class ReplicaInfo(BaseModel):
     id: str
     actor_name: str
     node_id: str
+    loaded_at: float = Field(description="when this replica loaded its model (Unix time): unchanged by reconfigure")
     visible_devices: dict[str, str] = Field(description="ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES")
     accelerator_ids: dict[str, list[str]] = Field(description="Ray's accelerator ids by resource, e.g. NPU")
     cpu_threads: int = Field(description="torch's intra-op threads (from num_cpus in the placement)")

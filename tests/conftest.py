@@ -1,13 +1,18 @@
+"""Shared fixtures: the tiny checkpoint and its upstream reference, and one local Ray runtime for the modules that
+can share it (Serve and Ray Data jobs on a single node). Modules that need a runtime of their own (a multi-node
+``Cluster``, a dashboard for ``serve deploy``, a ``serve run`` subprocess) start it themselves; this one is stopped
+for them first, through the ``own_ray`` fixture."""
+
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 from safetensors.torch import load_file
-
-FIXTURES = Path(__file__).parent / "fixtures"
-TINY = FIXTURES / "vtp-tiny"
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -17,9 +22,51 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    return TINY
+    return Path(TINY)
 
 
 @pytest.fixture(scope="session")
 def reference() -> dict[str, torch.Tensor]:
-    return load_file(str(TINY / "reference.safetensors"))
+    return load_file(str(Path(TINY) / "reference.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> str:
+    """The shared local Ray: 4 logical CPUs and 2 declared NPUs (so NPU pinning is testable here; the replicas
+    compute on the CPU). Started by the first module that asks, left running for the next one, stopped at the end
+    of the session (or by ``own_ray``). Returns its GCS address, for drivers in other processes."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, resources={"NPU": 2}, include_dashboard=False, logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def own_ray() -> None:
+    """For modules that start a Ray of their own (mark them ``own_ray``): the shared runtime is stopped first."""
+    _stop_ray()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Modules with a Ray of their own run last, so that the shared runtime starts once for all the others.
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
+def pytest_sessionfinish() -> None:
+    _stop_ray()
+
+
+def _stop_ray() -> None:
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        from ray import serve
+
+        with contextlib.suppress(Exception):  # no Serve running
+            serve.shutdown()
+        ray.shutdown()

@@ -1,14 +1,22 @@
-"""The vtp-ray command, run as a user runs it: a real subprocess on real files."""
+"""The vtp-ray command: its flags parsed in-process (fast), then run as a user runs it, a real subprocess on real
+files (slow)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from vtp_ray.cli import build_parser
+from vtp_ray.cli.args import pipeline_spec
+from vtp_ray.pipeline import PipelineSpec
+
+slow = pytest.mark.slow
 
 
 def vtp_ray(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -17,6 +25,36 @@ def vtp_ray(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def test_job_flags_become_one_pipeline_spec():
+    args = build_parser().parse_args(
+        ["tokenize", "in", "-o", "out", "--model", "m", "--size", "128", "--replicas", "2-4", "--resources",
+         '{"NPU": 1}', "--batch-size", "16", "--crop", "resize", "--precision", "bf16", "--no-progress"]
+    )  # fmt: skip
+    spec = pipeline_spec(args)
+    assert spec == PipelineSpec(
+        "m", precision="bf16", size=128, crop="resize", batch_size=16, replicas=(2, 4), resources={"NPU": 1},
+        progress=False,
+    )  # fmt: skip
+    assert (args.func.__name__, args.output, args.flip, args.rows_per_file) == ("cmd_tokenize", "out", False, 2048)
+    assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m"])) == PipelineSpec("m")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tokenize", "in", "-o", "out", "--model", "m", "--replicas", "two"],
+        ["tokenize", "in", "-o", "out", "--model", "m", "--resources", "[1]"],
+        ["bench", "--model", "m", "--precisions", "fp32", "--precision", "int8"],
+        ["reconstruct", "a.png", "--out", "o", "--model", "m", "--crop", "diagonal"],
+    ],
+)
+def test_bad_flags_are_refused_by_the_parser(argv: list[str], capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@slow
 def test_info_reports_versions_and_devices():
     result = vtp_ray("info")
     assert result.returncode == 0, result.stderr
@@ -25,6 +63,14 @@ def test_info_reports_versions_and_devices():
     assert "cpu" in info["devices"]["types"]
 
 
+@slow
+def test_info_without_a_cluster_at_the_address_says_so_in_one_line():
+    result = vtp_ray("info", env={**os.environ, "RAY_ADDRESS": "auto"})
+    assert result.returncode == 2, result.stdout
+    assert "no Ray cluster found at 'auto'" in result.stderr and "Traceback" not in result.stderr
+
+
+@slow
 def test_reconstruct_writes_pngs_and_reports_bad_files(tiny_dir, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
@@ -44,6 +90,7 @@ def test_reconstruct_writes_pngs_and_reports_bad_files(tiny_dir, tmp_path):
             assert im.size == (128, 64) and im.mode == "RGB"  # input | reconstruction
 
 
+@slow
 def test_verify_passes_and_fails_by_threshold(tiny_dir):
     ok = vtp_ray("verify", "--model", str(tiny_dir), "--size", "64", "--device", "cpu")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -55,6 +102,7 @@ def test_verify_passes_and_fails_by_threshold(tiny_dir):
     assert "FAIL" in strict.stdout
 
 
+@slow
 def test_bench_reports_every_verb_and_batch(tiny_dir):
     result = vtp_ray(
         "bench", "--model", str(tiny_dir), "--size", "64", "--batch-sizes", "1,2", "--warmup", "0", "--runs", "1",
@@ -63,17 +111,19 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert {(r["batch"], r["verb"]) for r in rows} == {
-        (b, v) for b in (1, 2) for v in ("encode", "decode", "tokenize", "reconstruct")
+        (b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")
     }
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
 
 
+@slow
 def test_bench_refuses_an_unknown_verb_before_loading_anything(tiny_dir):
     result = vtp_ray("bench", "--model", str(tiny_dir), "--verbs", "encode,fly")
     assert result.returncode == 2
-    assert "unknown verbs ['fly']: choose from encode, decode, tokenize, reconstruct" in result.stderr
+    assert "unknown verbs ['fly']: choose from encode, decode, reconstruct, embed" in result.stderr
 
 
+@slow
 @pytest.mark.parametrize("command", ["verify", "bench", "reconstruct"])
 def test_a_missing_model_path_says_how_to_get_weights(tmp_path, command):
     extra = [str(tmp_path / "x.png"), "--out", str(tmp_path)] if command == "reconstruct" else []

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
+from helpers import TINY
 from PIL import Image
 
 from vtp_ray import VTPReplica
 from vtp_ray.cli import main
-from vtp_ray.evaluate import compare_reports, evaluate_dataset
 from vtp_ray.images import DecodeLimits, preprocess_with_info
+from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
+from vtp_ray.pipeline.evaluate import evaluate_dataset
+from vtp_ray.pipeline.report import compare_reports
 from vtp_ray.quality import (
     FeatureStats,
     InceptionFeatures,
@@ -27,12 +29,10 @@ from vtp_ray.quality import (
     psnr,
     ssim,
 )
-from vtp_ray.tokenize import ReplicaStartError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "fixtures" / "vtp-tiny")
 SIZE = 64
 N_IMAGES = 12
+pytestmark = pytest.mark.slow
 
 
 # ------------------------------------------------------------------------------------------ Fréchet distance
@@ -124,14 +124,6 @@ def test_lpips_identical_is_zero(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
-    assert not ray.is_initialized(), "another test module left Ray running"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 smooth-plus-noise images of various sizes and 1 broken file."""
     root = tmp_path_factory.mktemp("images")
@@ -159,15 +151,15 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def runs(cluster: None, images: Path, weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+def runs(ray_runtime: str, images: Path, weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("eval")
-    common = {"model": TINY, "device": "cpu", "size": SIZE, "batch_size": 5, "progress": False}
+    spec = PipelineSpec(model=TINY, device="cpu", resources="cpu", size=SIZE, batch_size=5, progress=False)
     fp32 = evaluate_dataset(
-        str(images), out / "fp32", precision="fp32", save_images=3,
-        inception_weights=weights["inception"], lpips_weights=weights["lpips"], **common,
+        str(images), out / "fp32", spec, save_images=3,
+        inception_weights=weights["inception"], lpips_weights=weights["lpips"],
     )  # fmt: skip
     bf16 = evaluate_dataset(
-        str(images), out / "bf16", precision="bf16", inception_weights=weights["inception"], **common
+        str(images), out / "bf16", replace(spec, precision="bf16"), inception_weights=weights["inception"]
     )
     return {"fp32": (fp32, out / "fp32"), "bf16": (bf16, out / "bf16")}
 
@@ -244,9 +236,10 @@ def test_cli_errors(images: Path, tmp_path: Path, cli, capsys: pytest.CaptureFix
     assert "no report.json" in capsys.readouterr().err
 
 
-def test_replicas_that_cannot_start_fail_with_the_reason(cluster: None, images: Path, tmp_path: Path) -> None:
+def test_replicas_that_cannot_start_fail_with_the_reason(ray_runtime: str, images: Path, tmp_path: Path) -> None:
+    spec = PipelineSpec(model=TINY, device="npu:0", resources="cpu", size=SIZE, progress=False)
     with pytest.raises(ReplicaStartError, match="DeviceUnavailableError: device 'npu:0'"):
-        evaluate_dataset(str(images), tmp_path / "out", model=TINY, device="npu:0", size=SIZE, progress=False)
+        evaluate_dataset(str(images), tmp_path / "out", spec)
     assert not (tmp_path / "out").exists()
 
 

@@ -12,7 +12,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import AppArgs
-from vtp_ray.placement import device_for, resolve_placement
+from deployments.replica import BatchingConfig
+from vtp_ray.placement import resolve_placement
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
@@ -33,8 +34,12 @@ def test_serve_configs_are_valid_for_ray_and_for_the_app(path: Path) -> None:
         env = (app.runtime_env or {}).get("env_vars", {})
         args = AppArgs.from_args(app.args, environ=env)  # the env vars win, as where the app is built
         placement = resolve_placement(args.placement, ASCEND_AND_CUDA, setting=f"{path.name} {app.name}")
-        assert device_for(placement) in ("npu:0", "cuda:0")
-        assert {d.name for d in app.deployments} <= {"VTPModel", "VTPIngress"}
+        replica = next(d for d in app.deployments if d.name == "VTPReplica")
+        explicit = "ray_actor_options" in replica.model_fields_set
+        options = replica.ray_actor_options.model_dump(exclude_unset=True) if explicit else placement
+        assert options.get("num_gpus") or (options.get("resources") or {}).get("NPU"), options  # an accelerator each
+        assert {d.name for d in app.deployments} <= {"VTPReplica", "VTPIngress"}
+        BatchingConfig.model_validate(replica.user_config)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)

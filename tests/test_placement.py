@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vtp_ray.placement import PlacementError, device_for, resolve_placement
+from vtp_ray.placement import PlacementError, assigned_device, device_for, resolve_placement
 
 LAPTOP = {"CPU": 8.0, "memory": 1e10}
 GPU_BOX = {"CPU": 32.0, "GPU": 4.0}
@@ -56,3 +56,12 @@ def test_a_placement_no_single_node_can_hold_fails_although_the_cluster_sums_to_
     with pytest.raises(PlacementError, match="no node has that much"):  # every resource on the same node
         resolve_placement({"resources": {"NPU": 1}, "num_cpus": 8}, [{"CPU": 8.0}, {"CPU": 2.0, "NPU": 8.0}])
     assert resolve_placement({"resources": {"NPU": 1}, "num_cpus": 2}, [{"CPU": 8.0}, {"CPU": 2.0, "NPU": 8.0}])
+
+
+@pytest.mark.slow
+def test_the_assigned_device_follows_the_accelerator_ray_gave(ray_runtime):
+    import ray
+
+    on_npu = ray.remote(resources={"NPU": 1})(assigned_device)
+    on_cpu = ray.remote(num_cpus=0.5)(assigned_device)
+    assert ray.get([on_npu.remote(), on_cpu.remote()]) == ["npu:0", "cpu"]

@@ -22,27 +22,32 @@ def images():
     return rng.integers(0, 256, size=(3, 64, 48, 3), dtype=np.uint8)
 
 
-def test_tokenize_is_the_model_on_normalized_images(replica, images):
-    out = replica.tokenize(images)
-    assert out["latents"].dtype == np.float32 and out["latents"].shape == (3, 8, 4, 3)
-    assert out["clip_embedding"].shape == (3, 64)
+def test_encode_is_the_model_on_normalized_images(replica, images):
+    out = replica.encode(images)
+    assert out.latents.dtype == np.float32 and out.latents.shape == (3, 8, 4, 3)
+    assert out.clip_embedding.shape == (3, 64) and len(out) == 3
     with torch.inference_mode():
         expected = replica.model.encode(normalize(torch.from_numpy(images)))
-    np.testing.assert_array_equal(out["latents"], expected.latents.numpy())
-    np.testing.assert_array_equal(out["clip_embedding"], expected.clip_image_feature.numpy())
-    np.testing.assert_allclose(np.linalg.norm(out["clip_embedding"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(out.latents, expected.latents.numpy())
+    np.testing.assert_array_equal(out.clip_embedding, expected.clip_image_feature.numpy())
+    np.testing.assert_allclose(np.linalg.norm(out.clip_embedding, axis=1), 1.0, rtol=1e-5)
+    one = out[1]  # one image's results, as Serve hands them out
+    assert one.latents.shape == (8, 4, 3) and one.clip_embedding.shape == (64,)
 
 
-def test_reconstruct_equals_decode_of_tokenize_and_embed_equals_its_embedding(replica, images):
-    out = replica.tokenize(images)
+def test_reconstruct_equals_decode_of_encode_and_embed_equals_its_embedding(replica, images):
+    out = replica.encode(images)
     recon = replica.reconstruct(images)
     assert recon.dtype == np.uint8 and recon.shape == images.shape
-    np.testing.assert_array_equal(recon, replica.decode(out["latents"]))
-    np.testing.assert_array_equal(replica.embed(images), out["clip_embedding"])
+    np.testing.assert_array_equal(recon, replica.decode(out.latents))
+    np.testing.assert_array_equal(replica.embed(images), out.clip_embedding)
+    # Other float dtypes and byte orders are converted to float32; the result stays within float16 rounding.
+    decoded16 = replica.decode(out.latents.astype(">f8").astype(np.float16))
+    assert np.abs(decoded16.astype(int) - recon).max() <= 8
 
 
 def test_a_list_of_equal_images_is_a_batch(replica, images):
-    np.testing.assert_array_equal(replica.tokenize(list(images))["latents"], replica.tokenize(images)["latents"])
+    np.testing.assert_array_equal(replica.encode(list(images)).latents, replica.encode(images).latents)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +64,7 @@ def test_a_list_of_equal_images_is_a_batch(replica, images):
 )
 def test_bad_image_batches_are_refused(replica, bad, error, match):
     with pytest.raises(error, match=match):
-        replica.tokenize(bad)
+        replica.encode(bad)
 
 
 @pytest.mark.parametrize(
@@ -81,17 +86,17 @@ def test_bf16_replica_stays_close_to_fp32(tiny_dir, replica, images):
     bf16 = VTPReplica(str(tiny_dir), device="cpu", precision="bf16", warmup_size=0)
     assert bf16.model.trunk.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert bf16.model.trunk.norm.weight.dtype == torch.float32  # norms stay float32
-    a, b = bf16.tokenize(images), replica.tokenize(images)
-    assert rel_err(torch.from_numpy(a["latents"]), torch.from_numpy(b["latents"])) < 2e-2
-    assert a["latents"].dtype == np.float32
+    a, b = bf16.encode(images), replica.encode(images)
+    assert rel_err(torch.from_numpy(a.latents), torch.from_numpy(b.latents)) < 2e-2
+    assert a.latents.dtype == np.float32
 
 
 def test_info_names_the_model_and_its_settings(replica, tiny_dir):
     info = replica.info
-    assert info["random_weights"] is False
-    assert info["model_spec"] == str(tiny_dir)
-    assert info["device"] == "cpu" and info["precision"] == "fp32"
-    assert len(info["config_digest"]) == 16
+    assert info.random_weights is False and info.model == "vtp-tiny"
+    assert info.model_spec == str(tiny_dir)
+    assert info.device == "cpu" and info.precision == "fp32"
+    assert len(info.config_digest) == 16 and info.to_dict()["latent_channels"] == 8
 
 
 def test_unknown_precision_and_unavailable_devices_are_clear(tiny_dir):

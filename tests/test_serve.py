@@ -1,24 +1,36 @@
-"""The Serve application end to end: a local Ray, real HTTP on a free loopback port, the tiny fixture model.
+"""The Serve application end to end: the shared local Ray, real HTTP on a free loopback port, the tiny model.
 
-Helpers shared with the other ``test_serve_*`` modules live at the top of this one.
+Two applications run side by side: ``vtp`` at ``/`` (one CPU replica, no API key) for the API's behaviour, and
+``vtp-npu`` at ``/npu`` (two replicas pinned to declared NPUs the standard way, ``ray_actor_options``, with an
+API key) for placement and authentication.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import ray
-from PIL import Image
+from helpers import (
+    CHANNELS,
+    NPY,
+    ROOT,
+    SIZE,
+    TINY,
+    free_port,
+    png_array,
+    png_bytes,
+    post_concurrently,
+    random_image,
+    replicas_seen,
+)
 from ray import serve
 
 from deployments import AppArgs, build_app, compose_app
@@ -26,84 +38,19 @@ from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.placement import PlacementError
 
-TINY = str(Path(__file__).parent / "fixtures" / "vtp-tiny")
-SIZE = 64  # the tiny model's training size
-CHANNELS = 8
-NPY = "application/x-npy"
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def random_image(height: int = 80, width: int = 100, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except (httpx.HTTPError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def start_serve(**ray_init: Any) -> str:
-    """Start a local Ray and Serve on a free loopback port; returns the base URL."""
-    ray.init(include_dashboard=False, **ray_init)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
-
-
-def stop_serve() -> None:
-    serve.shutdown()
-    ray.shutdown()
-
-
-async def _post_all(base_url: str, requests: list[dict[str, Any]]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        return await asyncio.gather(*(client.post(**kwargs) for kwargs in requests))
-
-
-def post_concurrently(base_url: str, requests: list[dict[str, Any]]) -> list[httpx.Response]:
-    """Send all ``requests`` (``httpx.AsyncClient.post`` kwargs) at once."""
-    return asyncio.run(_post_all(base_url, requests))
-
-
-# ----------------------------------------------------------------------------------------------- fixtures
+pytestmark = pytest.mark.slow
 
 MAX_BODY_BYTES = 300_000
 MAX_PIXELS = 1_000_000
 MAX_IMAGE_SIZE = 256
+KEY = "test-key-0123"
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    url = start_serve(num_cpus=4)
+def base_url(ray_runtime: str) -> Iterator[str]:
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
         model=TINY,
         image_size=SIZE,
@@ -112,10 +59,14 @@ def base_url() -> Iterator[str]:
         batch_wait_timeout_s=0.1,
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
+        placement="cpu",
     )
     serve.run(compose_app(args), name="vtp", route_prefix="/")
-    yield url
-    stop_serve()
+    npu = AppArgs(model=TINY, image_size=SIZE, api_key=KEY, device="cpu")  # declared NPUs, computed on the CPU
+    pinned = compose_app(npu, num_replicas=2, ray_actor_options={"num_cpus": 0.5, "resources": {"NPU": 1}})
+    serve.run(pinned, name="vtp-npu", route_prefix="/npu")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()  # the Ray runtime stays, for the next module
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +122,17 @@ def test_bad_args_are_refused(bad: dict[str, Any]) -> None:
 
 def test_explicit_npu_placement_fails_fast_naming_the_setting(base_url: str) -> None:
     started = time.monotonic()
-    with pytest.raises(PlacementError, match=r"applications\[\]\.args\.placement in serve_config\.yaml"):
-        build_app({"model": TINY, "placement": {"resources": {"NPU": 1}}})
+    with pytest.raises(PlacementError, match=r"applications\[\]\.args\.placement"):
+        build_app({"model": TINY, "placement": {"resources": {"GPU": 1}}})
     assert time.monotonic() - started < 5
 
 
-def test_health_and_model_info_auto_placement_on_cpu(client: httpx.Client) -> None:
+def test_health_and_model_info(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
     assert info["model"] == "vtp-tiny" and info["model_spec"] == TINY
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
-    assert (info["device"], info["precision"]) == ("cpu", "fp32")  # auto placement: no NPU / GPU here
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")  # placement cpu: no accelerator assigned
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
     assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
     assert info["limits"]["image_size"] == SIZE and info["limits"]["api_key_required"] is False
@@ -190,15 +141,15 @@ def test_health_and_model_info_auto_placement_on_cpu(client: httpx.Client) -> No
 # ---------------------------------------------------------------------------------------------- round trips
 
 
-def test_encode_equals_replica_tokenize(client: httpx.Client, png: bytes, replica: VTPReplica) -> None:
-    expected = replica.tokenize(preprocess(png, size=SIZE)[None])
+def test_encode_equals_replica_encode(client: httpx.Client, png: bytes, replica: VTPReplica) -> None:
+    expected = replica.encode(preprocess(png, size=SIZE)[None])[0]
     response = post_image(client, "/v1/encode", png)
     assert response.status_code == 200, response.text
     assert response.headers["x-vtp-batch-size"] == "1"
     body = response.json()
     assert body["shape"] == [CHANNELS, SIZE // 16, SIZE // 16] and body["dtype"] == "float32"
-    np.testing.assert_allclose(latents_of(response), expected["latents"][0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(body["clip_embedding"], expected["clip_embedding"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(latents_of(response), expected.latents, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(body["clip_embedding"], expected.clip_embedding, rtol=1e-5, atol=1e-5)
 
     as_npy = post_image(client, "/v1/encode", png, headers={"accept": NPY})
     assert as_npy.status_code == 200 and as_npy.headers["content-type"] == NPY
@@ -261,7 +212,7 @@ def test_concurrent_requests_form_batches(base_url: str, replica: VTPReplica) ->
     assert all(r.status_code == 200 for r in responses)
     sizes = [int(r.headers["x-vtp-batch-size"]) for r in responses]
     assert max(sizes) > 1 and max(sizes) <= 4, sizes
-    expected = replica.tokenize(np.stack([preprocess(png_bytes(im), size=SIZE) for im in images]))["latents"]
+    expected = replica.encode(np.stack([preprocess(png_bytes(im), size=SIZE) for im in images])).latents
     for response, latents in zip(responses, expected, strict=True):
         np.testing.assert_allclose(latents_of(response), latents, rtol=1e-4, atol=1e-4)
 
@@ -334,13 +285,15 @@ _BAD_INPUTS = {
     "unknown crop": ("/v1/encode", {"params": {"crop": "diagonal"}, "content": b"x", "headers": _IMAGE}, 422, "crop"),
     "latents not json": ("/v1/decode", {"content": b"{nope", "headers": _JSON}, 422, "JSON"),
     "latents field missing": ("/v1/decode", {"json": {"shape": [8, 4, 4], "dtype": "float32"}}, 422, "latents"),
-    "latents shape rank": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, shape=[8, 16])}, 422, "shape"),
+    "latents shape rank": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS[0], shape=[4, 4])}, 400, "shape"),
+    "latents batch": ("/v1/decode", {"json": _latents_json(np.zeros((2, CHANNELS, 4, 4), np.float32))}, 400, "one"),
     "latents dtype": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, dtype="float16")}, 400, "dtype"),
     "latents not base64": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, latents="@@@")}, 400, "base64"),
     "latents bytes vs shape": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, shape=[8, 4, 5])}, 400, "bytes"),
     "latents channels": ("/v1/decode", {"json": _latents_json(np.zeros((4, 4, 4), np.float32))}, 400, "shape"),
     "latents NaN": ("/v1/decode", {"json": _latents_json(_NAN_LATENTS)}, 400, "NaN"),
     "npy not a file": ("/v1/decode", {"content": b"\x93NUMPY garbage", "headers": _NPY}, 400, ".npy"),
+    "npy pickled": ("/v1/decode", {"content": _npy(np.array([{}], dtype=object)), "headers": _NPY}, 400, ".npy"),
     "npy integers": ("/v1/decode", {"content": _npy(np.zeros((8, 4, 4), np.int32)), "headers": _NPY}, 400, "float"),
     "npy inf": ("/v1/decode", {"content": _npy(np.full((8, 4, 4), np.inf, np.float32)), "headers": _NPY}, 400, "inf"),
     "npy too large": (
@@ -377,3 +330,56 @@ def test_unknown_route_and_method_errors_are_json(client: httpx.Client) -> None:
     assert client.get("/v1/nothing").json() == {"error": "Not Found"}
     response = client.get("/v1/encode")
     assert response.status_code == 405 and "error" in response.json()
+
+
+def test_malformed_json_errors_carry_pydantics_detail(client: httpx.Client) -> None:
+    response = client.post("/v1/decode", content=b"{nope", headers=_JSON)
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+    pickled = client.post("/v1/decode", content=_npy(np.array([{}], dtype=object)), headers=_NPY)
+    assert "pickle" not in pickled.json()["error"]  # nothing that reads like advice to load it unsafely
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f8", ">f4"])
+def test_npy_latents_of_other_float_dtypes_are_converted(client: httpx.Client, png: bytes, dtype: str) -> None:
+    latents = np.load(io.BytesIO(post_image(client, "/v1/encode", png, headers={"accept": NPY}).content))
+    reference = client.post("/v1/decode", content=_npy(latents), headers=_NPY)
+    converted = client.post("/v1/decode", content=_npy(latents.astype(dtype)), headers=_NPY)
+    assert converted.status_code == 200, converted.text
+    tolerance = 8 if dtype == "<f2" else 1  # float16 rounding of the latents moves a few pixels
+    assert np.abs(png_array(converted.content).astype(int) - png_array(reference.content)).max() <= tolerance
+
+
+def test_the_ingress_never_imports_torch() -> None:
+    code = "import sys, deployments, deployments.ingress, deployments.protocol; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------- placement and the API key (/npu)
+
+
+@pytest.fixture(scope="module")
+def npu_client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{base_url}/npu", timeout=60, headers=AUTH) as c:
+        yield c
+
+
+def test_each_replica_sees_its_own_npu_and_uses_its_cpu(npu_client: httpx.Client) -> None:
+    replicas = replicas_seen(npu_client, 2)
+    assert sorted(r["visible_devices"]["ASCEND_RT_VISIBLE_DEVICES"] for r in replicas.values()) == ["0", "1"]
+    assert sorted(r["accelerator_ids"]["NPU"][0] for r in replicas.values()) == ["0", "1"]
+
+
+def test_api_key_guards_v1_but_not_healthz(npu_client: httpx.Client, png: bytes) -> None:
+    image = {"content": png, "headers": {"content-type": "image/png"}}
+    with httpx.Client(base_url=npu_client.base_url, timeout=60) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+            response = anonymous.get("/v1/model", headers=headers)
+            assert response.status_code == 401 and "API key" in response.json()["error"]
+            assert response.headers["www-authenticate"] == "Bearer"
+        # Refused before the body is looked at: a bad body still gets 401, not 400.
+        response = anonymous.post("/v1/embed", content=b"not an image", headers={"content-type": "image/png"})
+        assert response.status_code == 401
+    assert npu_client.get("/v1/model").status_code == 200
+    assert npu_client.post("/v1/embed", **image).status_code == 200

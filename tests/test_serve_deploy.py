@@ -1,8 +1,10 @@
-"""``serve deploy serve_config.yaml`` to a running Ray, as on a cluster, and ``serve status`` when a model cannot load.
+"""``serve deploy serve_config.yaml`` to a running Ray, as on a cluster: ``serve status`` when a model cannot load,
+and batching changed live.
 
-The shipped config with two applications: a model path that does not exist and a checkpoint whose safetensors
-file is cut short. Each ends DEPLOY_FAILED after a bounded number of constructor attempts, with the loader's
-reason in ``serve status`` and in the Serve logs, and no replica left restarting.
+The shipped config with three applications: the tiny model, a model path that does not exist and a checkpoint
+whose safetensors file is cut short. Each broken one ends DEPLOY_FAILED after a bounded number of constructor
+attempts, with the loader's reason in ``serve status`` and in the Serve logs, and no replica left restarting. A
+second ``serve deploy`` with a new ``user_config`` changes the good one's batching without reloading its weights.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import ray
 import yaml
-from ray import serve
-from test_serve import TINY, free_port, wait_until
+from helpers import ROOT, SIZE, TINY, free_port, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
-ROOT = Path(__file__).resolve().parents[1]
 MISSING = "/nonexistent/VTP-Small-f16d64"
 FAIL_WITHIN_S = 180
 
@@ -43,9 +44,8 @@ def _corrupt_checkpoint(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float, Path]]:
-    """(dashboard address, deploy time, session log dir) of a Ray that `serve deploy` was run on."""
-    assert not ray.is_initialized(), "another test module left Ray running"
+def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """What `serve deploy` was run with: dashboard address, deploy time, session log dir, config, HTTP URL."""
     tmp = tmp_path_factory.mktemp("serve_deploy")
     dashboard_port, http_port = free_port(), free_port()
     ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port, logging_level=logging.WARNING)
@@ -53,10 +53,11 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, fl
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port
-    shipped = config["applications"].pop()
+    good = config["applications"][0]
+    good["args"].update(model=TINY, image_size=SIZE)
     broken = {"missing": MISSING, "corrupt": str(_corrupt_checkpoint(tmp / "corrupt"))}
     for name, model in broken.items():
-        app = {**shipped, "name": name, "route_prefix": f"/{name}", "args": {**shipped["args"], "model": model}}
+        app = {**good, "name": name, "route_prefix": f"/{name}", "args": {**good["args"], "model": model}}
         config["applications"].append(app)
     path = tmp / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -64,11 +65,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, fl
     address = f"http://127.0.0.1:{dashboard_port}"
     deployed_at = time.monotonic()
     subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], cwd=tmp, check=True, capture_output=True)
-    try:
-        yield address, deployed_at, logs
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    yield {"address": address, "at": deployed_at, "logs": logs, "config": config, "tmp": tmp}
+    # own_ray's successor (or the session end) stops this Ray
 
 
 def serve_status(address: str) -> dict[str, Any]:
@@ -85,7 +83,7 @@ def serve_status(address: str) -> dict[str, Any]:
     ],
 )
 def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed, app: str, reason: str) -> None:
-    address, deployed_at, logs = deployed
+    address, deployed_at, logs = deployed["address"], deployed["at"], deployed["logs"]
 
     def failed() -> dict[str, Any] | None:
         status = serve_status(address)["applications"][app]
@@ -93,15 +91,41 @@ def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed,
 
     status = wait_until(failed, FAIL_WITHIN_S, f"{app} to end DEPLOY_FAILED", interval_s=2)
     assert time.monotonic() - deployed_at < FAIL_WITHIN_S
-    model = status["deployments"]["VTPModel"]
+    model = status["deployments"]["VTPReplica"]
     assert model["status"] == "DEPLOY_FAILED"
     assert reason in model["message"], model["message"]
-    assert "VTPModel" in status["message"]
+    assert "VTPReplica" in status["message"]
 
     time.sleep(3)  # and it stays down: no replica is starting again behind the failed status
-    again = serve_status(address)["applications"][app]["deployments"]["VTPModel"]
+    again = serve_status(address)["applications"][app]["deployments"]["VTPReplica"]
     assert again["status"] == "DEPLOY_FAILED"
     assert not {state: n for state, n in again.get("replica_states", {}).items() if state != "STOPPING" and n}
 
     logged = "".join(p.read_text(errors="replace") for p in (logs / "serve").glob("*.log"))
     assert reason in logged
+
+
+def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) -> None:
+    config, address = deployed["config"], deployed["address"]
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+
+        (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
+        replica["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002}
+        path = deployed["tmp"] / "serve_config_2.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
+
+        def reconfigured() -> dict[str, Any] | None:
+            info = client.get("/v1/model").json()
+            return info if info["batching"]["max_batch_size"] == 3 else None
+
+        after = wait_until(reconfigured, 60, "the new batching to apply")
+    assert after["batching"] == {"max_batch_size": 3, "batch_wait_timeout_s": 0.002}
+    # The same replica, loaded once: reconfigure ran on it, the weights were not loaded again.
+    assert (after["replica"]["id"], after["replica"]["loaded_at"]) == (
+        before["replica"]["id"],
+        before["replica"]["loaded_at"],
+    )

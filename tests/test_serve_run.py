@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_serve import TINY, free_port, png_array, png_bytes, post_concurrently, random_image
+from helpers import ROOT, TINY, free_port, png_array, png_bytes, post_concurrently, random_image
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 150
 
 
@@ -35,9 +35,9 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
-    app["args"].update(max_batch_size=4, batch_wait_timeout_s=0.5)
-    model = next(d for d in app["deployments"] if d["name"] == "VTPModel")
+    model = next(d for d in app["deployments"] if d["name"] == "VTPReplica")
     model.update(max_ongoing_requests=2, max_queued_requests=1)
+    model["user_config"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}
     config_path = tmp / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -84,7 +84,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=10)
 
 
-@pytest.mark.slow
 def test_serve_run_starts_and_answers(base_url: str) -> None:
     assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok"}
     info = httpx.get(f"{base_url}/v1/model").json()
@@ -97,7 +96,6 @@ def test_serve_run_starts_and_answers(base_url: str) -> None:
     assert png_array(response.content).shape == (256, 256, 3)  # the config's image_size
 
 
-@pytest.mark.slow
 def test_over_capacity_is_503_not_an_unbounded_queue(base_url: str) -> None:
     png = png_bytes(random_image(64, 64))
     requests = [{"url": "/v1/embed", "content": png, "headers": {"content-type": "image/png"}}] * 12

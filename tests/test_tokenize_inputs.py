@@ -1,4 +1,4 @@
-"""Tokenization without Ray: input discovery, the decode stage, the output store and its statistics, CLI flags."""
+"""Pipelines without Ray: input discovery, the preprocess stage, the output store and its statistics, CLI flags."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ROOT
 from PIL import Image
 
-from vtp_ray.dataset import InputError, _glob_regex, discover_inputs
+from vtp_ray.cli.args import replicas_arg, resources_arg
 from vtp_ray.images import DecodeLimits
-from vtp_ray.latent_store import (
+from vtp_ray.pipeline import ModelFacts, PipelineSpec
+from vtp_ray.pipeline.inputs import InputError, _glob_regex, discover_inputs
+from vtp_ray.pipeline.runner import _actor_options
+from vtp_ray.pipeline.stages import preprocess_rows
+from vtp_ray.pipeline.store import (
     DATA_DIR,
     ERROR_SCHEMA,
     ERRORS_FILE,
@@ -27,9 +32,7 @@ from vtp_ray.latent_store import (
     OutputMismatchError,
     row_schema,
 )
-from vtp_ray.tokenize import _actor_options, build_manifest, decode_images, model_facts, replicas_arg, resources_arg
-
-ROOT = Path(__file__).resolve().parents[1]
+from vtp_ray.pipeline.tokenize import build_manifest
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Path:
@@ -122,17 +125,17 @@ def test_a_manifest_without_a_path_column_is_refused(tree: Path):
         discover_inputs(str(tree / "bad.csv"))
 
 
-# --------------------------------------------------------------------------------------- decode stage
+# ----------------------------------------------------------------------------------- preprocess stage
 
 
-def test_decode_turns_every_bad_input_into_an_error_row(tree: Path):
+def test_preprocess_turns_every_bad_input_into_an_error_row(tree: Path):
     (tree / "empty.jpg").write_bytes(b"")
     (tree / "text.jpg").write_text("hello")
     big = _image(tree / "big.png", (300, 200))
     good = tree / "a_class" / "1.jpg"
     paths = [str(good), str(tree / "empty.jpg"), str(tree / "text.jpg"), str(big), str(tree / "gone.jpg")]
     batch = pa.table({"path": paths, "label": ["x", None, None, None, None]})
-    out = decode_images(batch, size=32, crop="center", limits=DecodeLimits(max_pixels=50_000), filesystem=None)
+    out = preprocess_rows(batch, size=32, crop="center", limits=DecodeLimits(max_pixels=50_000), filesystem=None)
     assert out.column("reason").to_pylist() == [None, "empty", "not_an_image", "too_many_pixels", "unreadable"]
     assert out.column("error").null_count == 1 and all(out.column("error").to_pylist()[1:])
     assert out.column("width").to_pylist()[0] == 40 and out.column("height").to_pylist()[0] == 30
@@ -158,20 +161,20 @@ def test_channel_stats_merge_to_numpys_mean_and_population_std():
 # ------------------------------------------------------------------------------------------------ store
 
 
-FACTS = {
-    "name": "test",
-    "spec": "random:test",
-    "random_weights": True,
-    "config_digest": "abc",
-    "patch_size": 16,
-    "latent_channels": 2,
-    "embedding_dim": None,
-}
+FACTS = ModelFacts(
+    name="test",
+    spec="random:test",
+    random_weights=True,
+    config_digest="abc",
+    patch_size=16,
+    latent_channels=2,
+    embedding_dim=None,
+)
 
 
-def _manifest(**changes) -> dict:
-    options = {"precision": "fp32", "rope_dtype": "float32", "size": 32, "crop": "center", "flip": False}
-    return build_manifest(FACTS, **{**options, "latent_dtype": "float32", **changes})
+def _manifest(size: int = 32, precision: str = "fp32") -> dict:
+    spec = PipelineSpec("random:test", precision=precision, size=size)
+    return build_manifest(spec, FACTS, flip=False, latent_dtype="float32")
 
 
 def _rows(manifest: dict, paths: list[str], value: float = 1.0) -> pa.Table:
@@ -240,12 +243,30 @@ def test_the_store_refuses_results_made_differently_and_overwrite_starts_again(t
 
 
 def test_model_facts_come_from_the_config_alone(tiny_dir: Path):
-    facts = model_facts(str(tiny_dir))
-    assert facts["random_weights"] is False and facts["latent_channels"] == 8 and facts["embedding_dim"] == 64
-    assert Path(facts["spec"]).is_absolute()
-    assert model_facts("random:vtp-small")["latent_channels"] == 64
+    facts = ModelFacts.of(str(tiny_dir))
+    assert facts.random_weights is False and facts.latent_channels == 8 and facts.embedding_dim == 64
+    assert Path(facts.spec).is_absolute()
+    assert ModelFacts.of("random:vtp-small").latent_channels == 64
     with pytest.raises(FileNotFoundError, match="random:vtp-small"):
-        model_facts("no/such/checkpoint")
+        ModelFacts.of("no/such/checkpoint")
+    with pytest.raises(ValueError, match="patch size"):
+        ModelFacts.of(str(tiny_dir), size=40)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"size": 40}, "size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "int8"}, "precision"),
+        ({"replicas": (3, 1)}, "replicas"),
+        ({"crop": "diagonal"}, "crop"),
+        ({"decode_cpus": 0}, "decode_cpus"),
+    ],
+)
+def test_a_spec_with_bad_settings_is_refused(bad: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        PipelineSpec("random:vtp-small", **bad)
 
 
 def test_cli_flags_parse_replicas_and_resources():
@@ -268,9 +289,10 @@ def test_the_command_reports_a_bad_input_in_one_line_without_starting_ray(tmp_pa
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_decode_stage_does_not_import_torch():
-    # Ray Data runs decode_block in processes of its own, on every node: torch would add seconds and hundreds
+def test_the_preprocess_stage_does_not_import_torch():
+    # Ray Data runs preprocess_block in processes of its own, on every node: torch would add seconds and hundreds
     # of MB to each of them for nothing.
-    code = "import sys, vtp_ray.tokenize; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    modules = "vtp_ray.pipeline.stages, vtp_ray.pipeline.tokenize, vtp_ray.pipeline.evaluate"
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "[]"

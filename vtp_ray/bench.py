@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from .device import synchronize
 from .model import VTPConfig
 from .replica import VTPReplica
 
-VERBS = ("encode", "decode", "tokenize", "reconstruct")
+VERBS = ("encode", "decode", "reconstruct", "embed")
 
 
 def _ffn_macs(kind: str, dim: int, ratio: float) -> int:
@@ -64,6 +66,7 @@ class BenchRow:
     verb: str
     seconds: float
     flops_per_image: float
+    random_weights: bool = False
 
     @property
     def ms_per_batch(self) -> float:
@@ -80,6 +83,9 @@ class BenchRow:
     @property
     def gflops(self) -> float:
         return self.flops_per_image * self.images_per_s / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ms_per_image": self.ms_per_image, "images_per_s": self.images_per_s}
 
 
 def bench(
@@ -108,18 +114,18 @@ def _bench_batch(
 ) -> list[BenchRow]:
     flops = model_flops(replica.model.config, size, size)
     images = np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    latents = replica.encode(images)
+    latents = replica.encode(images).latents
     calls = {
         "encode": (lambda: replica.encode(images), flops["encode"]),
-        "tokenize": (lambda: replica.tokenize(images), flops["encode"]),
         "decode": (lambda: replica.decode(latents), flops["decode"]),
         "reconstruct": (lambda: replica.reconstruct(images), flops["encode"] + flops["decode"]),
+        "embed": (lambda: replica.embed(images), flops["encode"]),
     }
     rows = []
     for verb in verbs:
         call, verb_flops = calls[verb]
         seconds = time_call(call, replica.device, warmup, runs)
-        rows.append(BenchRow(replica.precision, batch, verb, seconds, verb_flops))
+        rows.append(BenchRow(replica.info.precision, batch, verb, seconds, verb_flops, replica.info.random_weights))
     return rows
 
 
@@ -131,6 +137,6 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     for r in rows:
         lines.append(
             f"{r.precision:<10}{r.batch:>6}  {r.verb:<12}{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}"
-            f"{r.images_per_s:>10.2f}{r.gflops:>9.0f}"
+            f"{r.images_per_s:>10.2f}{r.gflops:>9.0f}" + ("  (random weights)" if r.random_weights else "")
         )
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from types import ModuleType
 import numpy as np
 import torch
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .options import check_precision
+
+_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -80,10 +82,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 def resolve_precision(precision: str) -> torch.dtype:
     """``fp32 | bf16 | fp16`` -> the dtype matmul weights are kept in."""
-    try:
-        return PRECISIONS[precision]
-    except KeyError:
-        raise ValueError(f"unknown precision {precision!r}: use one of {list(PRECISIONS)}") from None
+    return _DTYPES[check_precision(precision)]
 
 
 def cpu_has_fast_low_precision(dtype: torch.dtype) -> bool:

@@ -91,3 +91,16 @@ def device_for(options: dict[str, Any]) -> str:
     if options.get("num_gpus"):
         return "cuda:0"
     return "cpu"
+
+
+def assigned_device() -> str:
+    """Inside a Ray actor or task: the device of the accelerator Ray assigned to it, ``npu:0`` / ``cuda:0`` (Ray
+    narrows the visible devices to the assigned ones, so index 0 is its own), or ``cpu`` when it assigned none."""
+    import ray
+
+    ids = ray.get_runtime_context().get_accelerator_ids()
+    if ids.get("NPU"):
+        return "npu:0"
+    if ids.get("GPU"):
+        return "cuda:0"
+    return "cpu"

@@ -62,12 +62,12 @@ def resolve_weights(path: str | os.PathLike[str] | None, env: str, what: str, fl
 # ------------------------------------------------------------------------------------------ pixel metrics
 
 
-def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB of uint8 images ``(N, H, W, C)`` (peak 255); ``inf`` where they are identical."""
-    diff = reference.astype(np.float64) - reconstruction.astype(np.float64)
+def psnr(reference: np.ndarray, reconstruction: np.ndarray, peak: float = 255.0) -> np.ndarray:
+    """Per-image PSNR in dB of ``(N, ...)`` arrays (uint8 pixels: peak 255); ``inf`` where they are identical."""
+    diff = np.asarray(reference, np.float64) - np.asarray(reconstruction, np.float64)
     mse = (diff * diff).reshape(len(diff), -1).mean(axis=1)
     with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(255.0**2 / mse)
+        return 10.0 * np.log10(peak**2 / mse)
 
 
 def _nchw_unit(images: torch.Tensor) -> torch.Tensor:

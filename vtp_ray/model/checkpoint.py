@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,6 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import VTPConfig
-from .vtp import VTPModel
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ DOWNLOAD_HINT = (
     "and pass that directory; or try everything with seeded random weights: --model random:vtp-small"
 )
 
-_ROPE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not match the model its config describes."""
@@ -45,7 +43,7 @@ class CheckpointError(RuntimeError):
 class LoadedModel:
     """A model with the facts that must travel with everything it produces."""
 
-    model: VTPModel
+    model: nn.Module
     source: ModelSpec
 
     @property
@@ -63,17 +61,6 @@ class LoadedModel:
     @property
     def config_digest(self) -> str:
         return self.source.config.digest()
-
-
-def resolve_rope_dtype(rope_dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(rope_dtype, torch.dtype):
-        if rope_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"rope_dtype must be float32 or bfloat16, got {rope_dtype}")
-        return rope_dtype
-    try:
-        return _ROPE_DTYPES[rope_dtype]
-    except KeyError:
-        raise ValueError(f"rope_dtype must be 'float32' or 'bfloat16', got {rope_dtype!r}") from None
 
 
 @dataclass(frozen=True)
@@ -104,20 +91,23 @@ def read_spec(spec: str) -> ModelSpec:
     return ModelSpec(resolved, VTPConfig.from_json_file(directory / "config.json"), random_weights=False)
 
 
-def load_model(spec: str, rope_dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model a spec names, in eval mode, float32, on ``device``."""
-    rope = resolve_rope_dtype(rope_dtype)
-    resolved = read_spec(spec)
-    if resolved.random_weights:
-        model = VTPModel(resolved.config, rope_dtype=rope)
+def build_model(
+    source: ModelSpec, make: Callable[[VTPConfig], nn.Module], device: str | torch.device = "cpu"
+) -> nn.Module:
+    """``make(config)``, with the spec's weights loaded strictly (or seeded random ones), in eval mode on ``device``.
+
+    Model-agnostic: the caller says how to build the module, this function only fills it.
+    """
+    if source.random_weights:
+        model = make(source.config)
         init_random_weights(model, seed=0)
-        log.warning("model %s has RANDOM weights: outputs are meaningless beyond speed and plumbing", spec)
+        log.warning("model %s has RANDOM weights: outputs are meaningless beyond speed and plumbing", source.spec)
     else:
         with torch.device("meta"):  # skip the constructor's random init: every tensor comes from the file
-            model = VTPModel(resolved.config, rope_dtype=rope)
+            model = make(source.config)
         model.to_empty(device="cpu")
-        load_state_strict(model, read_safetensors(Path(resolved.spec)))
-    return LoadedModel(model.eval().to(device), resolved)
+        load_state_strict(model, read_safetensors(Path(source.spec)))
+    return model.eval().to(device)
 
 
 def _random_config(name: str) -> VTPConfig:
@@ -183,7 +173,7 @@ def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
 
 
 @torch.no_grad()
-def init_random_weights(model: VTPModel, seed: int = 0) -> None:
+def init_random_weights(model: nn.Module, seed: int = 0) -> None:
     """Deterministic random weights with sane activation scales (the training init, roughly)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):

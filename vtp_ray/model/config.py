@@ -128,3 +128,8 @@ class VTPConfig:
     @property
     def latent_channels(self) -> int:
         return self.vision_feature_bottleneck
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of the CLIP embeddings (image and text), ``None`` for a checkpoint without a CLIP head."""
+        return self.text_embed_dim if self.train_clip else None

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import LoadedModel, build_model, read_spec
 from .config import VTPConfig
 from .layers import AxialRoPE, Block, LayerNorm, Linear, TextBlock, TokenConv1x1, make_norm
 
@@ -162,8 +163,9 @@ class VTPModel(nn.Module):
     normalized with ImageNet mean/std, shape (B, 3, H, W), H and W multiples of 16.
     """
 
-    def __init__(self, config: VTPConfig, rope_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: VTPConfig, rope_dtype: str | torch.dtype = torch.float32) -> None:
         super().__init__()
+        rope_dtype = resolve_rope_dtype(rope_dtype)
         self.config = config
         self.trunk = VisionTrunk(config, rope_dtype)
         self.visual_proj = None
@@ -197,8 +199,6 @@ class VTPModel(nn.Module):
         cls, path: str, rope_dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
     ) -> VTPModel:
         """Load an upstream checkpoint directory (or a model spec such as ``random:vtp-small``) strictly."""
-        from .checkpoint import load_model
-
         return load_model(path, rope_dtype=rope_dtype, device=device).model
 
     # ----------------------------------------------------------------------------------- precision
@@ -330,3 +330,27 @@ class VTPModel(nn.Module):
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         return logits, logits.T
+
+
+# ------------------------------------------------------------------------------------------- building
+
+_ROPE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_rope_dtype(rope_dtype: str | torch.dtype) -> torch.dtype:
+    """``float32`` (portable, the default) or ``bfloat16`` (upstream's) as a torch dtype."""
+    if isinstance(rope_dtype, torch.dtype):
+        if rope_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"rope_dtype must be float32 or bfloat16, got {rope_dtype}")
+        return rope_dtype
+    try:
+        return _ROPE_DTYPES[rope_dtype]
+    except KeyError:
+        raise ValueError(f"rope_dtype must be 'float32' or 'bfloat16', got {rope_dtype!r}") from None
+
+
+def load_model(spec: str, rope_dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model a spec names (checkpoint directory or ``random:...``), in eval mode, float32, on ``device``."""
+    rope = resolve_rope_dtype(rope_dtype)
+    source = read_spec(spec)
+    return LoadedModel(build_model(source, lambda config: VTPModel(config, rope_dtype=rope), device), source)

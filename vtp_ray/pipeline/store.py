@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .dataset import resolve_location
+from .inputs import resolve_location
 
 __all__ = [
     "DATA_DIR",

@@ -1,4 +1,4 @@
-"""The HTTP ingress: a thin FastAPI app that validates, decodes and encodes, and leaves the model to ``VTPModel``.
+"""The HTTP ingress: a thin FastAPI app that validates, decodes and encodes, and leaves the model to ``VTPReplica``.
 
 Requests are checked (API key, content type, byte and pixel limits, image decoding, latents) here, before they
 reach the model deployment's batch queue, so a bad request never fails its batch-mates. Decoding and PNG
@@ -37,13 +37,13 @@ from .inputs import (
     ApiError,
     check_latents,
     check_size,
-    decode_image,
     media_type,
     parse_latents,
+    preprocess_upload,
     read_body,
     read_image_upload,
 )
-from .model import Outcome, Verb
+from .protocol import Outcome, Verb
 from .schemas import EmbedResponse, EncodeResponse, ErrorResponse, Health, LatentsPayload, Limits, ModelInfo
 
 BATCH_SIZE_HEADER = "x-vtp-batch-size"
@@ -99,7 +99,7 @@ def _error_response(status: int, kind: str, message: str, **extra: Any) -> JSONR
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    response = _error_response(exc.status, exc.kind, exc.message)
+    response = _error_response(exc.status, exc.kind, exc.message, **exc.extra)
     response.headers.update(exc.headers or {})
     return response
 
@@ -138,7 +138,7 @@ def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
 @serve.deployment(name="VTPIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class VTPIngress:
-    """HTTP API in front of the ``VTPModel`` deployment."""
+    """HTTP API in front of the ``VTPReplica`` deployment."""
 
     def __init__(self, model: DeploymentHandle, settings: IngressSettings) -> None:
         self._model = model
@@ -188,8 +188,8 @@ class VTPIngress:
         timings: dict[str, float] = {}
         with _timed(timings, "input"):
             image = await self._image_input(request, size, crop)
-        outcome = await self._run("tokenize", image)
-        latents, clip = outcome.value
+        outcome = await self._run("encode", image)
+        latents, clip = outcome.value.latents, outcome.value.clip_embedding
         latents = np.ascontiguousarray(latents, dtype="<f4")
         if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
             buffer = io.BytesIO()
@@ -248,7 +248,7 @@ class VTPIngress:
         self._authorize(request)
         side = check_size(self._settings.image_size if size is None else size, self._settings.max_image_size)
         data = await read_image_upload(request, self._settings.max_body_bytes)
-        return await asyncio.to_thread(decode_image, data, side, crop, self._limits)
+        return await asyncio.to_thread(preprocess_upload, data, side, crop, self._limits)
 
     async def _info(self) -> dict[str, Any]:
         # Every replica serves the same model, so any one's answer holds for all of them.

@@ -1,0 +1,103 @@
+"""Helpers the test modules share (fixtures live in ``conftest.py``): paths, images, HTTP, polling, subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY = str(FIXTURES / "vtp-tiny")
+SIZE = 64  # the tiny model's training size
+CHANNELS = 8  # the tiny model's latent channels
+NPY = "application/x-npy"
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_image(height: int = 80, width: int = 100, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except (httpx.HTTPError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+async def _post_all(base_url: str, requests: list[dict[str, Any]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        return await asyncio.gather(*(client.post(**kwargs) for kwargs in requests))
+
+
+def post_concurrently(base_url: str, requests: list[dict[str, Any]]) -> list[httpx.Response]:
+    """Send all ``requests`` (``httpx.AsyncClient.post`` kwargs) at once."""
+    return asyncio.run(_post_all(base_url, requests))
+
+
+def replicas_seen(client: httpx.Client, want: int, exclude: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Ask /v1/model until ``want`` different live replicas (not in ``exclude``) have answered."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    def enough() -> bool:
+        for _ in range(10):
+            response = client.get("/v1/model")
+            info = response.json()["replica"] if response.status_code == 200 else None
+            if info and info["id"] not in exclude:
+                seen[info["id"]] = info
+        return len(seen) >= want
+
+    wait_until(enough, timeout_s=60, what=f"{want} replicas answering /v1/model")
+    return seen
+
+
+def start_tokenize_cli(args: list[str], **popen: Any) -> subprocess.Popen:
+    """``vtp-ray tokenize ARGS`` in a process of its own (a driver that can be killed or outlive a node)."""
+    command = [sys.executable, "-m", "vtp_ray.cli", "tokenize", *args]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, **popen)
+
+
+def wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
+    """Until ``output`` holds ``count`` data parts; fails if the job ends first or takes over two minutes."""
+    deadline = time.monotonic() + 120
+    while len(list((output / "data").glob("part-*.parquet"))) < count:
+        assert process.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"fewer than {count} parts written in time"
+        time.sleep(0.02)

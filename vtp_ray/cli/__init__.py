@@ -1,0 +1,43 @@
+"""The ``vtp-ray`` command: info, reconstruct, verify, bench (one process) and tokenize, eval (Ray Data jobs).
+
+This package is the only place that knows argparse: every command turns its flags into the library's typed
+arguments and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import jobs, model
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtp-ray", description="VTP visual tokenizer: model commands and Ray Data jobs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model.register(sub)
+    jobs.register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix (a wrong flag, path, device or input): one line, no traceback."""
+    from ..device import DeviceUnavailableError
+    from ..model import CheckpointError
+
+    return (FileNotFoundError, ValueError, ConnectionError, DeviceUnavailableError, CheckpointError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"vtp-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2

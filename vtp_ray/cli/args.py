@@ -1,0 +1,98 @@
+"""The flags commands share, defined once, and their conversion into the library's typed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..images import DecodeLimits
+from ..options import CROPS, PRECISIONS, ROPE_DTYPES
+from ..pipeline import PipelineSpec
+
+
+def csv(kind: type) -> Callable[[str], list]:
+    """``a,b,c`` -> ``[kind(a), kind(b), kind(c)]``."""
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True) -> None:
+    """The flags every model-running command shares."""
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("VTP_MODEL"),
+        required=required and "VTP_MODEL" not in os.environ,
+        help="checkpoint directory, or random:vtp-small for seeded random weights (env VTP_MODEL)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (npu > cuda > cpu; in a Ray job: the device its placement gives), npu:N, cuda:N or cpu",
+    )
+    parser.add_argument("--precision", default=precision, choices=PRECISIONS)
+    parser.add_argument("--rope-dtype", default="float32", choices=ROPE_DTYPES)
+
+
+def replicas_arg(text: str) -> int | tuple[int, int]:
+    low, sep, high = text.partition("-")
+    try:
+        return (int(low), int(high)) if sep else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+
+
+def resources_arg(text: str) -> str | dict[str, Any]:
+    if text.lower() in ("auto", "npu", "gpu", "cuda", "cpu"):
+        return text.lower()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, npu, gpu, cpu or a JSON object like '{{\"NPU\": 1}}', got {text!r}"
+        )
+    return value
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a Ray Data job over images (``PipelineSpec``), shared by ``tokenize`` and ``eval``."""
+    p.add_argument("--size", type=int, default=256, help="square input side in pixels, a multiple of 16")
+    p.add_argument("--crop", choices=CROPS, default="center", help="ADM center crop, or plain resize")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument(
+        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
+        help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resources", type=resources_arg, default="auto",
+        help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
+    )  # fmt: skip
+    p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray, or RAY_ADDRESS)")
+    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
+    p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
+    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
+    """The ``PipelineSpec`` of the model flags and the pipeline flags."""
+    return PipelineSpec(
+        model=args.model,
+        precision=args.precision,
+        device=args.device,
+        rope_dtype=args.rope_dtype,
+        size=args.size,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        replicas=args.replicas,
+        resources=args.resources,
+        labels_from_dirs=args.labels_from_dirs,
+        address=args.address,
+        limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
+        cpu_threads=args.cpu_threads,
+        progress=args.progress,
+    )

@@ -1,0 +1,106 @@
+"""``vtp-ray tokenize | eval``: the Ray Data jobs over image sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..pipeline.store import LATENT_DTYPES
+from ..quality import INCEPTION_ENV, LPIPS_ENV
+from .args import add_model_args, add_pipeline_args, pipeline_spec
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the job commands to the ``vtp-ray`` command's subparsers."""
+    p = sub.add_parser(
+        "tokenize",
+        help="tokenize an image dataset into parquet latents with Ray Data",
+        description="Tokenize images into parquet latents (DIR/data), errors.parquet, stats.json and manifest.json. "
+        "Re-running the same command on the same DIR resumes.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="directory (recursive), glob, manifest (.txt, or .csv/.tsv/.parquet with a path column and an "
+        "optional label column) or image file; local or any pyarrow URI (s3://...)",
+    )  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (local or URI)")
+    add_model_args(p)
+    add_pipeline_args(p)
+    p.add_argument("--flip", action="store_true", help="also store latents_flip (horizontally flipped image)")
+    p.add_argument("--dtype", dest="latent_dtype", choices=list(LATENT_DTYPES), default="float32",
+                   help="dtype of the stored latents")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="delete existing results in DIR instead of resuming")
+    p.add_argument("--retry-errors", action="store_true", help="also redo inputs recorded in errors.parquet")
+    p.add_argument("--rows-per-file", type=int, default=2048, help="inputs per part file")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "eval",
+        help="reconstruction quality (PSNR, SSIM, LPIPS, rFID) over an image set with Ray Data",
+        description="Reconstruct every input through a replica pool and write DIR/report.json and "
+        "DIR/per_image.parquet; or, with --compare A B, print the differences of two such runs.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, globs, manifests or images (as tokenize)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output directory")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two eval runs (DIR or DIR/report.json)")
+    add_model_args(p, required=False)  # --compare needs no model: cmd_eval checks it for a run
+    add_pipeline_args(p)
+    p.add_argument("--save-images", type=int, default=0, metavar="N", help="save the first N as reference|recon PNGs")
+    p.add_argument(
+        "--inception-weights", metavar="PATH", help=f"torchvision inception_v3 state dict (env {INCEPTION_ENV})"
+    )
+    p.add_argument("--lpips-weights", metavar="PATH", help=f"LPIPS AlexNet state dict (env {LPIPS_ENV})")
+    p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Prints the summary line; exit code 1 if some inputs are still missing."""
+    from ..pipeline.tokenize import tokenize_dataset
+
+    summary = tokenize_dataset(
+        args.inputs,
+        args.output,
+        pipeline_spec(args),
+        flip=args.flip,
+        latent_dtype=args.latent_dtype,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
+        rows_per_file=args.rows_per_file,
+    )
+    print(summary.line())
+    return 1 if summary.missing else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Prints the headline metrics (or the comparison)."""
+    from ..pipeline.report import REPORT, compare_reports, print_comparison, summary_line
+
+    if args.compare:
+        if args.inputs or args.output:
+            raise ValueError("--compare takes two reports and no INPUT / --output")
+        result = compare_reports(*args.compare)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_comparison(result)
+        return 0
+    if not args.inputs or not args.output or not args.model:
+        raise ValueError("eval needs INPUT..., --output DIR and --model (or env VTP_MODEL), or --compare A B")
+    from ..pipeline.evaluate import evaluate_dataset
+
+    report = evaluate_dataset(
+        args.inputs,
+        args.output,
+        pipeline_spec(args),
+        save_images=args.save_images,
+        inception_weights=args.inception_weights,
+        lpips_weights=args.lpips_weights,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, default=list))
+        return 0
+    print(summary_line(report))
+    if report["skipped_metrics"]:  # the reasons were logged when the run started, and are in the report
+        print(f"skipped: {', '.join(report['skipped_metrics'])} (see skipped_metrics in {REPORT})")
+    return 0

@@ -1,0 +1,48 @@
+"""The typed results of a replica (numpy only, no torch: they travel to processes that never load the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Encoded", "ReplicaInfo"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What ``encode`` returns for a batch of N images."""
+
+    latents: np.ndarray  # (N, C, h, w) float32
+    clip_embedding: np.ndarray | None  # (N, D) float32, L2-normalized; None without a CLIP head
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int | slice) -> Encoded:
+        """The results of some of the images (``encoded[i]`` keeps the batch dimension out)."""
+        clip = None if self.clip_embedding is None else self.clip_embedding[index]
+        return Encoded(self.latents[index], clip)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica serves and how: everything a result must be traceable to."""
+
+    model: str  # display name ("VTP-Small-f16d64", or "random:vtp-small (random weights)")
+    model_spec: str  # absolute checkpoint path or random: spec
+    random_weights: bool
+    config_digest: str
+    device: str
+    device_type: str
+    precision: str
+    rope_dtype: str
+    patch_size: int
+    latent_channels: int
+    embedding_dim: int | None
+    vtp_ray_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,137 @@
+"""Eval reports after the run: the headline line, loading a report back, and comparing two runs (``--compare``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pyarrow.parquet as pq
+
+__all__ = [
+    "FORMAT",
+    "PER_IMAGE",
+    "PER_IMAGE_METRICS",
+    "REPORT",
+    "compare_reports",
+    "load_report",
+    "plural",
+    "print_comparison",
+    "summary_line",
+]
+
+FORMAT = "vtp-ray-eval"
+FORMAT_VERSION = 1
+REPORT = "report.json"
+PER_IMAGE = "per_image.parquet"
+PER_IMAGE_METRICS = ("psnr", "ssim", "lpips")
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 error``, ``2 errors``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def load_report(location: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+    """``(report, directory)`` from an eval output directory or its ``report.json``."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        path = path / REPORT
+    if not path.is_file():
+        raise FileNotFoundError(f"{location}: no {REPORT} (pass an eval output directory or its report.json)")
+    report = json.loads(path.read_text())
+    if report.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vtp-ray eval report (format {report.get('format')!r})")
+    return report, path.parent
+
+
+def _label(report: Mapping[str, Any]) -> str:
+    return f"{report['model']['name']} {report['device_kind']} {report['precision']}"
+
+
+def compare_reports(a: str | os.PathLike[str], b: str | os.PathLike[str], *, top: int = 5) -> dict[str, Any]:
+    """Differences ``B - A`` of two eval runs: aggregated metrics, and per-image PSNR joined on path."""
+    report_a, dir_a = load_report(a)
+    report_b, dir_b = load_report(b)
+    metrics: dict[str, dict[str, float | None]] = {}
+    for name in sorted(set(report_a["metrics"]) | set(report_b["metrics"])):
+        va, vb = (_headline(r["metrics"].get(name)) for r in (report_a, report_b))
+        metrics[name] = {"a": va, "b": vb, "diff": vb - va if va is not None and vb is not None else None}
+    result: dict[str, Any] = {"a": _label(report_a), "b": _label(report_b), "metrics": metrics}
+    columns = ["path", "psnr", "ssim"]
+    ta, tb = (pq.read_table(d / PER_IMAGE, columns=columns) for d in (dir_a, dir_b))
+    joined = ta.join(tb, "path", left_suffix="_a", right_suffix="_b", join_type="inner").to_pandas()
+    result["common_images"] = len(joined)
+    result["only_a"], result["only_b"] = ta.num_rows - len(joined), tb.num_rows - len(joined)
+    if len(joined):
+        diff = (joined["psnr_b"] - joined["psnr_a"]).replace([np.inf, -np.inf], np.nan)
+        ssim_diff = joined["ssim_b"] - joined["ssim_a"]
+        result["psnr_diff"] = {
+            "mean": _finite(diff.mean()),
+            "mean_abs": _finite(diff.abs().mean()),
+            "max_abs": _finite(diff.abs().max()),
+        }
+        result["ssim_diff"] = {"mean": _finite(ssim_diff.mean()), "max_abs": _finite(ssim_diff.abs().max())}
+        worst = joined.assign(diff=diff).dropna(subset=["diff"])
+        worst = worst.reindex(worst["diff"].abs().sort_values(ascending=False).index).head(top)
+        result["largest_psnr_diffs"] = [
+            {"path": r.path, "psnr_a": r.psnr_a, "psnr_b": r.psnr_b, "diff": r.diff} for r in worst.itertuples()
+        ]
+    return result
+
+
+def _headline(value: Any) -> float | None:
+    if isinstance(value, Mapping):
+        value = value.get("mean")
+    return float(value) if value is not None else None
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def print_comparison(result: Mapping[str, Any], file: TextIO | None = None) -> None:
+    """The comparison as a small text table (on stdout by default)."""
+    file = file or sys.stdout
+    print(f"A: {result['a']}\nB: {result['b']}", file=file)
+    print(f"{'metric':<8} {'A':>12} {'B':>12} {'B - A':>12}", file=file)
+    for name, m in result["metrics"].items():
+        diff = "n/a" if m["diff"] is None else f"{m['diff']:+.6g}"
+        print(f"{name:<8} {_fmt_g(m['a']):>12} {_fmt_g(m['b']):>12} {diff:>12}", file=file)
+    print(
+        f"per image: {result['common_images']} in both, {result['only_a']} only in A, {result['only_b']} only in B",
+        file=file,
+    )
+    if result.get("psnr_diff"):
+        d, s = result["psnr_diff"], result["ssim_diff"]
+        print(
+            f"PSNR B - A (dB): mean {_fmt(d['mean'])}, mean |diff| {_fmt(d['mean_abs'])}, max |diff| "
+            f"{_fmt(d['max_abs'])}; SSIM B - A: mean {_fmt(s['mean'], 6)}, max |diff| {_fmt(s['max_abs'], 6)}",
+            file=file,
+        )
+        for r in result["largest_psnr_diffs"]:
+            print(f"  {r['diff']:+.4f} dB  {r['psnr_a']:.3f} -> {r['psnr_b']:.3f}  {r['path']}", file=file)
+
+
+def summary_line(report: Mapping[str, Any]) -> str:
+    """One line: counts, headline metrics, throughput."""
+    c, m = report["counts"], report["metrics"]
+    parts = [f"{name} {_fmt(_headline(m[name]))}" for name in (*PER_IMAGE_METRICS, "rfid") if name in m]
+    random = " (RANDOM weights: the metrics are meaningless)" if report["random_weights"] else ""
+    return (
+        f"eval {_label(report)}: {plural(c['evaluated'], 'image')}, {plural(c['errors'], 'error')}; "
+        + ", ".join(parts) + f"; {report['seconds']:.1f}s ({report['images_per_s']:.3g} images/s)" + random
+    )  # fmt: skip

@@ -1,0 +1,263 @@
+"""Running a pipeline on Ray: the session, the placement of the replica pool, the dataset, and its outputs.
+
+Every job builds the same dataset::
+
+    input table (driver)  ->  read + preprocess (CPU tasks)  ->  ReplicaWorker pool (actors)  ->  driver
+    path, label               one task per model batch           the job's subclass               the job's writer
+
+``run_pipeline`` yields the output batches in a Ray session; the job's writer consumes them on the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from .spec import PipelineSpec
+from .stages import preprocess_block
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+__all__ = ["Placement", "ReplicaStartError", "ReplicaUsage", "run_pipeline"]
+
+_ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
+
+
+class ReplicaStartError(ValueError):
+    """The model replicas failed in their constructor: a wrong model, device or precision for the workers."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the replica pool runs: Ray actor options per replica, the replicas' device, the pool size."""
+
+    options: dict[str, Any]
+    device: str
+    replicas: int | tuple[int, int]
+
+    @classmethod
+    def resolve(cls, spec: PipelineSpec) -> Placement:
+        """The placement of ``spec`` on the connected cluster; fails fast if it can never fit."""
+        import ray
+
+        from ..placement import PlacementError, cluster_nodes, device_for, resolve_placement
+
+        cluster = ray.cluster_resources()
+        options = resolve_placement(_actor_options(spec.resources), cluster_nodes(), setting="--resources")
+        device = device_for(options) if spec.device == "auto" else spec.device
+        replicas = spec.replicas or _default_replicas(options, cluster)
+        if _canonical(options) == _canonical({"num_cpus": spec.decode_cpus}):
+            raise ValueError(
+                f"decode_cpus={spec.decode_cpus} equals the replicas' {options}: Ray Data would fuse decoding into "
+                "the model actors; choose another value"
+            )
+        min_replicas = replicas if isinstance(replicas, int) else replicas[0]
+        needed = min_replicas * float(options.get("num_cpus") or 0) + spec.decode_cpus
+        if needed > cluster.get("CPU", 0):
+            raise PlacementError(
+                f"{min_replicas} replica(s) with {options} and decoding ({spec.decode_cpus} CPU per task) need "
+                f"{needed:g} CPUs, the cluster has {cluster.get('CPU', 0):g}: lower --replicas, or give Ray more "
+                "logical CPUs (ray start --num-cpus N; they may exceed the cores)"
+            )
+        return cls(options, device, replicas)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"replica_options": self.options, "device": self.device, "replica_pool": self.replicas}
+
+
+def _actor_options(resources: str | Mapping[str, Any]) -> str | dict[str, Any]:
+    """``{"NPU": 1}`` (Ray resources per replica) or Ray actor options -> what ``resolve_placement`` takes."""
+    if isinstance(resources, str):
+        return resources
+    if set(resources) <= _ACTOR_OPTION_KEYS:
+        return dict(resources)
+    options: dict[str, Any] = {}
+    custom = {}
+    for key, value in resources.items():
+        if key == "CPU":
+            options["num_cpus"] = value
+        elif key == "GPU":
+            options["num_gpus"] = value
+        else:
+            custom[key] = value
+    if custom:
+        options["resources"] = custom
+    return options
+
+
+def _default_replicas(options: Mapping[str, Any], cluster: Mapping[str, float]) -> int:
+    """One replica per accelerator the cluster has for this placement, else one."""
+    wanted = {k: float(v) for k, v in (options.get("resources") or {}).items() if v}
+    if options.get("num_gpus"):
+        wanted["GPU"] = float(options["num_gpus"])
+    if not wanted:
+        return 1
+    return max(1, min(int(cluster.get(k, 0) // v) for k, v in wanted.items()))
+
+
+def _canonical(options: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What Ray Data compares to decide whether two map stages fuse (CPUs default to 1)."""
+    resources = {k: float(v) for k, v in (options.get("resources") or {}).items() if v}
+    cpus, gpus = float(options.get("num_cpus") or 1), float(options.get("num_gpus") or 0)
+    return cpus, gpus, resources, options.get("memory"), options.get("accelerator_type")
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use the Ray this process is connected to; else join ``address`` or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    before = context.enable_progress_bars
+    context.enable_progress_bars = enabled
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+
+
+def build_dataset(
+    spec: PipelineSpec,
+    todo: pa.Table,
+    placement: Placement,
+    worker: type,
+    worker_kwargs: Mapping[str, Any],
+    expected_digest: str,
+) -> Dataset:
+    """Preprocess tasks (one per model batch), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass)."""
+    import ray
+
+    # One read task per model batch, made lazily from block numbers: ray.data.from_arrow would run a metadata task
+    # per block up front (minutes for millions of inputs). The input table goes through the object store once.
+    blocks = math.ceil(todo.num_rows / spec.batch_size)
+    preprocessed = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+        preprocess_block,
+        batch_format="pyarrow",
+        batch_size=None,  # one block number per task
+        fn_kwargs={
+            "inputs": [ray.put(todo)],
+            "block_rows": spec.batch_size,
+            "size": spec.size,
+            "crop": spec.crop,
+            "limits": spec.limits,
+            "filesystem": spec.filesystem,
+        },
+        num_cpus=spec.decode_cpus,
+    )
+    replicas = placement.replicas
+    pool = (
+        ray.data.ActorPoolStrategy(size=replicas)
+        if isinstance(replicas, int)
+        else ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
+    )
+    return preprocessed.map_batches(
+        worker,
+        batch_format="pyarrow",
+        batch_size=spec.batch_size,
+        compute=pool,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "device": placement.device,
+            "expected_digest": expected_digest,
+            **worker_kwargs,
+        },
+        **placement.options,
+    )
+
+
+@contextlib.contextmanager
+def run_pipeline(
+    spec: PipelineSpec,
+    todo: pa.Table,
+    worker: type,
+    expected_digest: str,
+    worker_kwargs: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[Placement, Iterator[pa.Table]]]:
+    """In a Ray session: ``(placement, output batches)`` of ``todo`` through ``worker`` replicas.
+
+    Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
+    constructor (a wrong model, device or precision for the workers).
+    """
+    with ray_session(spec.address), _progress_bars(spec.progress):
+        placement = Placement.resolve(spec)
+        dataset = build_dataset(spec, todo, placement, worker, worker_kwargs or {}, expected_digest)
+        yield placement, _outputs(dataset)
+
+
+def _outputs(dataset: Dataset) -> Iterator[pa.Table]:
+    try:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    except Exception as e:
+        if (reason := _replica_start_failure(e)) is None:
+            raise
+        raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
+
+
+def _replica_start_failure(error: BaseException) -> str | None:
+    """The last line of a replica constructor's error (``Type: message``) when ``error`` comes from one."""
+    from ray.exceptions import RayActorError
+
+    while error is not None:
+        if isinstance(error, RayActorError) and error.actor_init_failed:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            return lines[-1] if lines else str(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class ReplicaUsage:
+    """Counts the driver keeps while output batches arrive: inputs done, rows and model seconds per replica."""
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.rows: Counter[str] = Counter()  # rows (not errors) per replica
+        self.busy: Counter[str] = Counter()  # seconds in the model per replica
+        self._first_output: tuple[float, int] | None = None  # (time, inputs) of the first batch
+
+    def add(self, batch: pa.Table) -> None:
+        if self._first_output is None:
+            self._first_output = (time.perf_counter(), batch.num_rows)
+        self.processed += batch.num_rows
+        ok = batch.filter(batch.column("error").is_null())
+        self.rows.update(ok.column("replica").to_pylist())
+        for row in batch.group_by("replica").aggregate([("model_seconds", "sum")]).to_pylist():
+            self.busy[row["replica"]] += row["model_seconds_sum"]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and rates; "warm" counts from the first output on, when the model replicas are up."""
+        stats: dict[str, Any] = {
+            "processed": self.processed,
+            "replicas": dict(self.rows),
+            # Against the run's seconds: a replica mostly idle is starved of input (decoding, storage).
+            "replica_model_s": {name: round(seconds, 3) for name, seconds in self.busy.items()},
+        }
+        if self._first_output and self.processed > self._first_output[1]:
+            warm_s = time.perf_counter() - self._first_output[0]
+            stats["warm_images_per_s"] = round((self.processed - self._first_output[1]) / warm_s, 3)
+        return stats

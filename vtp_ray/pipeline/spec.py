@@ -1,0 +1,113 @@
+"""The settings every Ray Data job over images shares (``PipelineSpec``) and the model facts read from a config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ..images import PATCH_SIZE, CropMode, DecodeLimits
+from ..options import CROPS, ROPE_DTYPES, check_precision
+
+__all__ = ["ModelFacts", "PipelineSpec"]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One run's model, preprocessing, batching and placement: what ``tokenize``, ``eval`` (and the jobs built the
+    same way) take, each adding only its own output options.
+
+    Args:
+        model: a model spec (checkpoint directory or ``random:vtp-small``).
+        precision, rope_dtype: as ``VTPReplica``'s.
+        device: ``auto`` follows the placement (``npu:0`` / ``cuda:0`` / ``cpu``); or any ``VTPReplica`` device.
+        size, crop: the square model input and how images become it.
+        batch_size: images per model call.
+        replicas: actors in the model pool; ``(min, max)`` for an autoscaling pool. Default: one per NPU / GPU
+            of the cluster for accelerator placements, else 1.
+        resources: per replica: ``auto`` (NPU, else GPU, else CPU, from the cluster), ``npu`` / ``gpu`` / ``cpu``,
+            Ray resources such as ``{"NPU": 1}``, or Ray actor options.
+        decode_cpus: Ray CPUs per read + decode task. Fractional by default: decoding is light and waits on
+            storage. It must differ from the replicas' CPUs, or Ray Data fuses decoding into the model actors
+            (ray-project/ray#54433), where it would run in series with inference.
+        labels_from_dirs: label = first-level sub-directory of directory and glob inputs (ImageFolder).
+        address: the Ray cluster to join (``auto``: the local ``ray start`` one); default an embedded local Ray,
+            or the one this process is already connected to.
+        limits: decoder limits; inputs over them become errors.
+        cpu_threads: torch threads of a CPU replica (default: the cores of its node).
+        filesystem: the pyarrow filesystem the input paths live in (default: from each path or URI).
+        progress: show Ray Data's progress bars.
+    """
+
+    model: str
+    precision: str = "fp32"
+    device: str = "auto"
+    rope_dtype: str = "float32"
+    size: int = 256
+    crop: CropMode = "center"
+    batch_size: int = 32
+    replicas: int | tuple[int, int] | None = None
+    resources: str | Mapping[str, Any] = "auto"
+    decode_cpus: float = 0.5
+    labels_from_dirs: bool = False
+    address: str | None = None
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    cpu_threads: int | None = None
+    filesystem: pafs.FileSystem | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        size, replicas = self.size, self.replicas
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+            raise ValueError(f"size must be a positive multiple of {PATCH_SIZE}, got {size!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {list(CROPS)}, got {self.crop!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_precision(self.precision)
+        if self.rope_dtype not in ROPE_DTYPES:
+            raise ValueError(f"rope_dtype must be one of {list(ROPE_DTYPES)}, got {self.rope_dtype!r}")
+        if replicas is not None and not (
+            (isinstance(replicas, int) and replicas >= 1)
+            or (isinstance(replicas, tuple) and len(replicas) == 2 and 1 <= replicas[0] <= replicas[1])
+        ):
+            raise ValueError(f"replicas must be a positive int or a (min, max) range, got {replicas!r}")
+        if self.decode_cpus <= 0:
+            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What outputs record about a model spec, read from its config alone (no weights are loaded)."""
+
+    name: str
+    spec: str
+    random_weights: bool
+    config_digest: str
+    patch_size: int
+    latent_channels: int
+    embedding_dim: int | None
+
+    @classmethod
+    def of(cls, model: str, size: int | None = None) -> ModelFacts:
+        """Read ``model``'s config; with ``size``, also check that it is a multiple of the model's patch size."""
+        from ..model.checkpoint import read_spec
+
+        resolved = read_spec(model)
+        config = resolved.config
+        if size is not None and size % config.vision_patch_size:
+            raise ValueError(f"size {size} is not a multiple of the model's patch size {config.vision_patch_size}")
+        return cls(
+            name=resolved.name,
+            spec=resolved.spec,
+            random_weights=resolved.random_weights,
+            config_digest=config.digest(),
+            patch_size=config.vision_patch_size,
+            latent_channels=config.latent_channels,
+            embedding_dim=config.embedding_dim,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

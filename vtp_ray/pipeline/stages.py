@@ -1,0 +1,120 @@
+"""The torch-free pieces of a pipeline: the read + preprocess stage, and the Arrow <-> numpy views the workers use.
+
+Rows travel as Arrow tables. After the preprocess stage a row is ``path, label, width, height, image, reason,
+error``: ``image`` is the preprocessed ``size x size x 3`` uint8 pixels as one fixed-size binary value, or null with
+``reason`` / ``error`` saying why the input could not become an image. This module never imports torch: Ray Data
+runs the stage in plain CPU worker processes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ..images import CropMode, DecodeLimits, ImageDecodeError, preprocess_with_info
+from .inputs import read_bytes
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+__all__ = ["fixed_size_lists", "nullable_floats", "pixels", "preprocess_block", "preprocess_rows", "valid_rows"]
+
+
+def preprocess_rows(
+    batch: pa.Table, *, size: int, crop: CropMode, limits: DecodeLimits, filesystem: pafs.FileSystem | None
+) -> pa.Table:
+    """Read, decode and crop a batch of ``path, label`` rows.
+
+    Adds ``width, height`` (original size), ``image`` and ``reason, error``. An input that cannot be read or
+    decoded becomes a row with a null image and its reason: it never raises, so one bad file cannot fail the job.
+    """
+    paths = batch.column("path").to_pylist()
+    images: list[bytes | None] = []
+    widths: list[int | None] = []
+    heights: list[int | None] = []
+    reasons: list[str | None] = []
+    messages: list[str | None] = []
+    for path in paths:
+        array = width = height = reason = message = None
+        try:
+            array, (width, height) = preprocess_with_info(
+                read_bytes(path, filesystem, limits.max_bytes), size, crop, limits
+            )
+        except ImageDecodeError as e:
+            reason, message = e.reason, str(e)
+        except OSError as e:  # missing, unreadable, or a storage error
+            reason, message = "unreadable", f"cannot read the file: {e}"
+        except MemoryError:
+            raise  # this worker's problem, not the input's: let Ray retry the task
+        except Exception as e:
+            reason, message = "unexpected", f"{type(e).__name__}: {e}"
+        images.append(None if array is None else array.tobytes())
+        widths.append(width)
+        heights.append(height)
+        reasons.append(reason)
+        messages.append(message)
+    return pa.table(
+        {
+            "path": batch.column("path"),
+            "label": batch.column("label"),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "image": pa.array(images, pa.binary(size * size * 3)),
+            "reason": pa.array(reasons, pa.string()),
+            "error": pa.array(messages, pa.string()),
+        }
+    )
+
+
+def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
+    """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
+    import ray
+
+    table = ray.get(inputs[0])  # nested in a list: Ray Data passes it through unresolved
+    rows = pa.concat_tables([table.slice(i * block_rows, block_rows) for i in block.column("id").to_pylist()])
+    return preprocess_rows(rows, **preprocess)
+
+
+# ------------------------------------------------------------------------------------------ Arrow views
+
+
+def valid_rows(batch: pa.Table) -> np.ndarray:
+    """Boolean mask of the rows that hold an image (no error)."""
+    return batch.column("error").is_null().to_numpy(zero_copy_only=False)
+
+
+def pixels(images: pa.FixedSizeBinaryArray | pa.ChunkedArray, size: int) -> np.ndarray:
+    """The images of a fixed-size binary column as one writable uint8 ``(N, size, size, 3)`` array.
+
+    The column is one contiguous buffer: it is viewed as ``(N, H, W, 3)`` and copied once (torch wants a writable
+    array). Null entries must have been filtered out.
+    """
+    if isinstance(images, pa.ChunkedArray):
+        images = images.combine_chunks()
+    width = size * size * 3
+    view = np.frombuffer(images.buffers()[1], np.uint8, len(images) * width, images.offset * width)
+    return view.reshape(len(images), size, size, 3).copy()
+
+
+def fixed_size_lists(
+    values: np.ndarray | None, valid: np.ndarray, dtype: pa.DataType, shape: tuple[int, ...]
+) -> pa.Array:
+    """Per-valid-row ``(n_valid, *shape)`` values -> a ``len(valid)`` long ``fixed_size_list<dtype>`` column, null
+    where not valid (all null when ``values`` is None)."""
+    k = int(np.prod(shape))
+    full = np.zeros((len(valid), k), dtype=dtype.to_pandas_dtype())
+    if values is not None:
+        full[valid] = values.reshape(len(values), k)
+    mask = ~valid if values is not None else np.ones(len(valid), bool)
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), dtype), k, mask=pa.array(mask))
+
+
+def nullable_floats(values: np.ndarray | None, valid: np.ndarray) -> pa.Array:
+    """Per-valid-row float64 values -> a full-length column, null for error rows (all null when ``values`` is None)."""
+    full = np.zeros(len(valid), np.float64)
+    if values is not None:
+        full[valid] = values
+    return pa.array(full, pa.float64(), mask=~valid if values is not None else np.ones(len(valid), bool))

@@ -1,0 +1,249 @@
+"""``vtp-ray tokenize``: images -> parquet latents and CLIP embeddings, resumable (layout: ``store``).
+
+The job is the shared pipeline (``runner``) with ``TokenizeWorker`` as its model stage and ``PartWriter`` on the
+driver, which streams the results into whole parquet parts: rows + errors always equal the inputs, a killed job
+resumes where its last part ended, and no row is written twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import __version__
+from ..images import NORMALIZATIONS
+from .inputs import discover_inputs
+from .report import plural
+from .runner import ReplicaUsage, run_pipeline
+from .spec import ModelFacts, PipelineSpec
+from .stages import fixed_size_lists
+from .store import ERROR_SCHEMA, FORMAT, FORMAT_VERSION, LATENT_DTYPES, LatentStore
+from .worker import ReplicaWorker
+
+__all__ = ["TokenizeSummary", "TokenizeWorker", "build_manifest", "tokenize_dataset"]
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING = {
+    "center": "ADM center crop: halve with a box filter while the short side >= 2 x size, bicubic-resize the "
+    "short side to size, crop the center",
+    "resize": "bicubic resize to size x size, aspect ratio not kept",
+}
+
+
+@dataclass(frozen=True)
+class TokenizeSummary:
+    """What a run did. ``rows`` and ``errors`` count the whole output directory (all runs)."""
+
+    output: str
+    inputs: int  # unique inputs named by this run
+    skipped: int  # of those, already done by an earlier run
+    processed: int  # inputs this run turned into a row or an error
+    rows: int
+    errors: int
+    missing: int  # inputs of this run with neither a row nor an error: 0 unless the run was cut short
+    seconds: float
+    images_per_s: float
+    random_weights: bool
+    stats: dict[str, Any]
+
+    def line(self) -> str:
+        return (
+            f"tokenize: {plural(self.inputs, 'input')}, {self.skipped} skipped (already done), {self.processed} "
+            f"processed in {self.seconds:.1f}s ({self.images_per_s:.3g} images/s); output {self.output}: "
+            f"{plural(self.rows, 'row')}, {plural(self.errors, 'error')}"
+            + (f", {self.missing} MISSING" if self.missing else "")
+            + (" (RANDOM weights: the latents are meaningless)" if self.random_weights else "")
+        )
+
+
+def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_dtype: str) -> dict[str, Any]:
+    """The description of an output directory: everything needed to interpret (and reproduce) its latents."""
+    grid = spec.size // model.patch_size
+    latent_shape = [model.latent_channels, grid, grid]
+    columns: dict[str, Any] = {"latents": {"shape": latent_shape, "dtype": latent_dtype}}
+    if flip:
+        columns["latents_flip"] = {"shape": latent_shape, "dtype": latent_dtype, "of": "the horizontally flipped image"}
+    if model.embedding_dim:
+        columns["clip_embedding"] = {"shape": [model.embedding_dim], "dtype": "float32", "normalized": True}
+    norm = NORMALIZATIONS["imagenet"]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vtp_ray_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {**model.to_dict(), "rope_dtype": spec.rope_dtype},
+        "precision": spec.precision,
+        "preprocessing": {
+            "size": spec.size,
+            "crop": spec.crop,
+            "method": PREPROCESSING[spec.crop],
+            "decode": "first frame, EXIF orientation applied, alpha composited over white, RGB",
+            "normalization": {"kind": "imagenet", "mean": list(norm.mean), "std": list(norm.std)},
+        },
+        "flip": flip,
+        "latent_dtype": latent_dtype,
+        "columns": columns,
+    }
+
+
+class TokenizeWorker(ReplicaWorker):
+    """The model stage: latents (and ``latents_flip``) and CLIP embeddings of the valid rows."""
+
+    def __init__(self, *, flip: bool, latent_dtype: str, **base: Any) -> None:
+        super().__init__(**base)
+        self.flip = flip
+        info = self.replica.info
+        grid = self.spec.size // info.patch_size
+        latents = (LATENT_DTYPES[latent_dtype], (info.latent_channels, grid, grid))
+        self.outputs: dict[str, tuple[pa.DataType, tuple[int, ...]]] = {"latents": latents}
+        if flip:
+            self.outputs["latents_flip"] = latents
+        if info.embedding_dim:
+            self.outputs["clip_embedding"] = (pa.float32(), (info.embedding_dim,))
+
+    def process(self, images: np.ndarray, rows: pa.Table) -> dict[str, np.ndarray]:
+        encoded = self.replica.encode(images)
+        result = {"latents": encoded.latents, "clip_embedding": encoded.clip_embedding}
+        if self.flip:
+            result["latents_flip"] = self.replica.encode(np.ascontiguousarray(images[:, :, ::-1])).latents
+        return result
+
+    def columns(self, batch: pa.Table, valid: np.ndarray, result: dict[str, np.ndarray] | None) -> pa.Table:
+        out = batch.drop_columns(["image"])
+        for name, (dtype, shape) in self.outputs.items():
+            values = None if result is None else result[name]
+            out = out.append_column(name, fixed_size_lists(values, valid, dtype, shape))
+        return out
+
+
+class PartWriter:
+    """Buffers the pipeline's output on the driver and writes it as whole parts (rows and errors)."""
+
+    def __init__(self, store: LatentStore, run: Mapping[str, Any], rows_per_file: int, flush_interval_s: float) -> None:
+        self.store, self.run = store, run
+        self.rows_per_file, self.flush_interval_s = rows_per_file, flush_interval_s
+        self.usage = ReplicaUsage()
+        self._rows: list[pa.Table] = []
+        self._errors: list[pa.Table] = []
+        self._pending = 0
+        self._last_flush = time.monotonic()
+
+    def add(self, batch: pa.Table) -> None:
+        self.usage.add(batch)
+        start = 0
+        while start < batch.num_rows:  # parts of at most rows_per_file inputs, whatever the batch size
+            chunk = batch.slice(start, self.rows_per_file - self._pending)
+            start += chunk.num_rows
+            failed = chunk.column("error").is_valid()
+            self._rows.append(chunk.filter(pc.invert(failed)).select(self.store.schema.names))
+            self._errors.append(chunk.filter(failed).select(ERROR_SCHEMA.names))
+            self._pending += chunk.num_rows
+            if self._pending >= self.rows_per_file or time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            # Written with the first part, so that a run that fails before producing anything leaves no trace.
+            self.store.write_manifest(device=self.run["device"].split(":")[0])
+            self.store.write_part(pa.concat_tables(self._rows), pa.concat_tables(self._errors), self.run)
+        self._rows, self._errors, self._pending = [], [], 0
+        self._last_flush = time.monotonic()
+
+
+def tokenize_dataset(
+    inputs: str | Sequence[str],
+    output: str,
+    spec: PipelineSpec,
+    *,
+    flip: bool = False,
+    latent_dtype: str = "float32",
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    rows_per_file: int = 2048,
+    flush_interval_s: float = 120.0,
+) -> TokenizeSummary:
+    """Tokenize every image named by ``inputs`` into parquet latents in ``output``.
+
+    Args:
+        inputs: directories, globs or manifests (see ``inputs.discover_inputs``); local or any pyarrow URI.
+        output: the output directory (local or URI). Re-running on it resumes: done inputs are skipped.
+        spec: model, preprocessing, batching and placement.
+        flip: also store ``latents_flip``, the latents of the horizontally flipped image.
+        latent_dtype: ``float32`` or ``float16`` for the stored latents (embeddings stay float32).
+        overwrite: delete an existing output first instead of resuming into it.
+        retry_errors: also redo inputs that ended as errors in earlier runs.
+        rows_per_file, flush_interval_s: a part is written when this many inputs are buffered, or this long
+            after the previous one: the most a killed job can lose.
+
+    Returns a ``TokenizeSummary``; the same numbers and the latent statistics are in ``output/stats.json``.
+    """
+    started = time.perf_counter()
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype must be one of {list(LATENT_DTYPES)}, got {latent_dtype!r}")
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+    found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
+    model = ModelFacts.of(spec.model, spec.size)
+    manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
+    store = LatentStore(output, manifest, overwrite=overwrite)
+    done = store.done_paths(retry_errors).combine_chunks()
+    todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
+    limits = spec.limits
+    run: dict[str, Any] = {
+        "run_id": uuid.uuid4().hex[:12],
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "driver_host": socket.gethostname(),
+        "decode_limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
+        "inputs": len(found),
+        "duplicate_inputs": found.duplicates,
+        "skipped": len(found) - todo.num_rows,
+    }
+    writer = PartWriter(store, run, rows_per_file, flush_interval_s)
+    try:
+        if todo.num_rows:
+            worker = {"flip": flip, "latent_dtype": latent_dtype}
+            with run_pipeline(spec, todo, TokenizeWorker, model.config_digest, worker) as (placement, batches):
+                run.update(placement.to_dict())
+                try:
+                    for batch in batches:
+                        writer.add(batch)
+                finally:
+                    writer.flush()  # what arrived is kept, also when the job fails or is interrupted
+    finally:
+        # Also after a failure: the parts written so far are reflected in errors.parquet and stats.json.
+        seconds = time.perf_counter() - started
+        last_run = {**run, **writer.usage.stats(), "seconds": round(seconds, 3)}
+        last_run["images_per_s"] = round(writer.usage.processed / seconds, 3)
+        stats = store.finalize(last_run)
+
+    accounted = pa.chunked_array([*store.row_paths().chunks, *store.merged_errors().column("path").chunks], pa.string())
+    missing = pc.invert(pc.is_in(found.table.column("path"), value_set=accounted.combine_chunks()))
+    summary = TokenizeSummary(
+        output=output,
+        inputs=len(found),
+        skipped=run["skipped"],
+        processed=writer.usage.processed,
+        rows=stats["rows"],
+        errors=stats["errors"],
+        missing=pc.sum(missing).as_py() or 0,
+        seconds=seconds,
+        images_per_s=last_run["images_per_s"],
+        random_weights=model.random_weights,
+        stats=stats,
+    )
+    if summary.missing:
+        log.warning("%d inputs have neither a row nor an error: re-run the same command", summary.missing)
+    if stats["duplicate_rows"]:
+        log.warning("%s has %d duplicate rows: did two jobs write it at once?", output, stats["duplicate_rows"])
+    return summary

@@ -1,0 +1,90 @@
+"""``ReplicaWorker``: the Ray Data actor class every job's model stage derives from.
+
+It holds one ``VTPReplica`` (built once per actor, checked against the config digest the driver read), hands the
+valid rows of each batch to the job's ``process`` as one pixel array, and lets the job turn the result into
+columns. Error rows pass through untouched and never reach the model. Every output row also says which replica
+made it and the model time it took, which the driver reports per replica (``ReplicaUsage``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .spec import PipelineSpec
+from .stages import pixels, valid_rows
+
+__all__ = ["ReplicaWorker", "replica_cpu_threads", "replica_label"]
+
+
+class ReplicaWorker:
+    """Base class of the model stage: subclasses implement ``process`` and ``columns``.
+
+    Args:
+        spec: the run's settings.
+        device: the device the placement gives (``npu:0``, ``cuda:0``, ``cpu``).
+        expected_digest: the config digest the driver read; another one on this node is an error (e.g. a different
+            checkpoint at the same path).
+    """
+
+    def __init__(self, spec: PipelineSpec, device: str, expected_digest: str) -> None:
+        from ..replica import VTPReplica
+
+        self.spec = spec
+        self.replica = VTPReplica(
+            spec.model,
+            device,
+            spec.precision,
+            spec.rope_dtype,
+            warmup_size=spec.size,
+            cpu_threads=replica_cpu_threads(spec.cpu_threads, device),
+        )
+        digest = self.replica.info.config_digest
+        if digest != expected_digest:
+            raise RuntimeError(f"model {spec.model!r} has config digest {digest} here, not {expected_digest}")
+        self.name = replica_label(self.replica.info.device)
+
+    def process(self, images: np.ndarray, rows: pa.Table) -> Any:
+        """The model work on the valid rows: ``images`` uint8 ``(n, size, size, 3)``, ``rows`` their table rows."""
+        raise NotImplementedError
+
+    def columns(self, batch: pa.Table, valid: np.ndarray, result: Any | None) -> pa.Table:
+        """The output table of ``batch`` given ``process``'s result (None when no row is valid)."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = valid_rows(batch)
+        started = time.perf_counter()
+        result = None
+        if valid.any():
+            rows = batch.filter(pa.array(valid))
+            result = self.process(pixels(rows.column("image"), self.spec.size), rows)
+        seconds = time.perf_counter() - started
+        out = self.columns(batch, valid, result)
+        out = out.append_column("replica", pa.array([self.name] * batch.num_rows, pa.string()))
+        return out.append_column("model_seconds", pa.array(np.where(valid, seconds / max(valid.sum(), 1), 0.0)))
+
+
+def replica_label(device: str) -> str:
+    """Who this actor is in run stats: host:pid, Ray node (id prefix), device and the accelerator ids Ray gave it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    accelerators = {k: v for k, v in context.get_accelerator_ids().items() if v}
+    ids = "".join(f" {kind} {','.join(map(str, v))}" for kind, v in sorted(accelerators.items()))
+    return f"{socket.gethostname()}:{os.getpid()} node {context.get_node_id()[:8]} {device}{ids}"
+
+
+def replica_cpu_threads(cpu_threads: int | None, device: str) -> int | None:
+    """Torch threads for a CPU replica: inside a Ray actor torch would follow ``num_cpus`` (usually 1)."""
+    if cpu_threads or not device.startswith("cpu"):
+        return cpu_threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count()
