@@ -10,8 +10,9 @@ rFID       ``FidInceptionFeatures``: pytorch-fid's FID Inception itself (2048-d 
 =========  =====================================================================================================
 
 Images are uint8 ``(N, H, W, 3)``: reconstructions are quantized to uint8 before any metric, as a saved PNG is.
-Upstream computes rFID from its saved PNGs, so rFID sees the same pixels; it computes PSNR, SSIM and LPIPS on the
-float decoder output, so ours see an extra rounding of at most half a level per pixel.
+Upstream computes rFID from its saved PNGs too (written with ``(x * 255).astype(uint8)``, which truncates where
+vtp-ray rounds to nearest), and PSNR, SSIM and LPIPS on the float decoder output, where ours see the uint8 image:
+at most one level per pixel apart.
 
 Network weights are never downloaded: they come from local files (``VTP_INCEPTION_WEIGHTS`` /
 ``VTP_LPIPS_WEIGHTS`` or explicit paths). torchmetrics, torchvision and pytorch-fid come with ``vtp-ray[eval]``,
