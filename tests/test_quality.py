@@ -234,6 +234,19 @@ def test_lpips_matches_lpips_package(net: str, tmp_path: Path, images: tuple) ->
     np.testing.assert_allclose(Lpips(tmp_path / "module.pth", net=net)(ref, rec), values, rtol=1e-6)
 
 
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_lpips_loads_the_trained_heads_file(net: str, tmp_path: Path, images: tuple) -> None:
+    """The heads the lpips package ships (``vgg.pth`` = upstream's) merged with a trunk state dict: a valid file."""
+    import lpips
+
+    heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    save_random_lpips(tmp_path / "random.pth", net)
+    trunk = {k: v for k, v in torch.load(tmp_path / "random.pth", weights_only=True).items() if k.startswith("feat")}
+    torch.save({**trunk, **torch.load(heads, map_location="cpu", weights_only=True)}, tmp_path / "merged.pth")
+    values = Lpips(tmp_path / "merged.pth", net=net)(*images)
+    assert values.shape == (N,) and np.isfinite(values).all() and (values > 0).all()
+
+
 # ------------------------------------------------------------------------------------------------ SSIM, PSNR
 
 
