@@ -34,11 +34,9 @@ def write_images(directory: Path, count: int, seed: int = 0) -> None:
 
 
 def random_inception(path: Path) -> Path:
-    import torch
-    from torchvision.models import inception_v3
+    from vtp_ray.metrics import save_random_fid_inception
 
-    torch.manual_seed(0)
-    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), path)
+    save_random_fid_inception(path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""``vtp-ray eval``: the metrics on known answers, then end to end on a real local Ray cluster with the tiny model."""
+"""``vtp-ray eval`` end to end on a real local Ray cluster with the tiny model (the metrics: test_quality.py)."""
 
 from __future__ import annotations
 
@@ -10,114 +10,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from helpers import TINY
 from PIL import Image
 
 from vtp_ray import VTPReplica
 from vtp_ray.cli import main
 from vtp_ray.images import DecodeLimits, preprocess_with_info
+from vtp_ray.metrics import psnr, save_random_fid_inception, save_random_lpips
 from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
 from vtp_ray.pipeline.evaluate import evaluate_dataset
 from vtp_ray.pipeline.report import compare_reports
-from vtp_ray.quality import (
-    FeatureStats,
-    InceptionFeatures,
-    Lpips,
-    frechet_distance,
-    frechet_distance_of_samples,
-    psnr,
-    ssim,
-)
 
 SIZE = 64
 N_IMAGES = 12
 pytestmark = pytest.mark.slow
-
-
-# ------------------------------------------------------------------------------------------ Fréchet distance
-
-
-def test_frechet_identical_gaussians_is_zero() -> None:
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(50, 8))
-    sigma = np.cov(a, rowvar=False)
-    assert frechet_distance(a.mean(0), sigma, a.mean(0), sigma) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_frechet_diagonal_closed_form() -> None:
-    rng = np.random.default_rng(1)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    a, b = rng.uniform(0.1, 4, 6), rng.uniform(0.1, 4, 6)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
-    # The same Gaussians in a rotated basis: the distance does not change.
-    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    rotated = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
-    assert rotated == pytest.approx(expected, rel=1e-8)
-
-
-def test_frechet_singular_and_one_dimensional() -> None:
-    # 1-D: (mu1 - mu2)^2 + (s1 - s2)^2 with standard deviations s.
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
-    # Rank-deficient covariances (fewer samples than dimensions, as rFID on few images): finite, >= 0.
-    rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(5, 20)), rng.normal(size=(5, 20))
-    d = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    assert math.isfinite(d) and d > 0
-    with pytest.raises(ValueError, match="shape"):
-        frechet_distance(np.zeros(2), np.eye(3), np.zeros(2), np.eye(3))
-
-
-@pytest.mark.parametrize("n", [5, 50])
-def test_frechet_of_samples_matches_covariance_route(n: int) -> None:
-    rng = np.random.default_rng(n)
-    x, y = rng.normal(size=(n, 8)), rng.normal(1.0, 2.0, size=(n + 3, 8))
-    expected = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    assert frechet_distance_of_samples(x, y) == pytest.approx(expected, rel=1e-7, abs=1e-9)
-    assert frechet_distance_of_samples(x, x) == pytest.approx(0.0, abs=1e-9)
-    # FeatureStats picks the sample route below dim vectors and the covariance route above: the same answer.
-    a, b = FeatureStats(8), FeatureStats(8)
-    a.add(x)
-    b.add(y)
-    assert a.frechet_to(b) == pytest.approx(expected, rel=1e-7, abs=1e-9)
-
-
-def test_feature_stats_match_numpy() -> None:
-    x = np.random.default_rng(3).normal(2.0, 3.0, size=(40, 5)).astype(np.float32)
-    stats = FeatureStats(5)
-    for part in np.array_split(x, 3):
-        stats.add(part)
-    mu, sigma = stats.mean_cov()
-    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-10)
-    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-8, atol=1e-10)
-    with pytest.raises(ValueError, match="at least 2"):
-        FeatureStats(5).mean_cov()
-
-
-# ------------------------------------------------------------------------------------------ PSNR, SSIM, LPIPS
-
-
-def test_psnr_and_ssim_known_answers() -> None:
-    rng = np.random.default_rng(4)
-    ref = rng.integers(20, 236, (3, 32, 32, 3), dtype=np.uint8)
-    assert np.isinf(psnr(ref, ref)).all()
-    np.testing.assert_allclose(ssim(torch.from_numpy(ref), torch.from_numpy(ref)), 1.0, atol=1e-6)
-    # +-5 on every pixel (random signs): MSE = 25 exactly.
-    noisy = (ref.astype(np.int16) + rng.choice([-5, 5], ref.shape)).astype(np.uint8)
-    np.testing.assert_allclose(psnr(ref, noisy), 10 * np.log10(255**2 / 25), rtol=1e-12)
-    values = ssim(torch.from_numpy(ref), torch.from_numpy(noisy))
-    assert values.shape == (3,) and (values < 1).all() and (values > 0.5).all()
-
-
-def test_lpips_identical_is_zero(tmp_path: Path) -> None:
-    weights = tmp_path / "lpips.pt"
-    Lpips.save_random(weights)
-    lpips = Lpips(weights)
-    rng = np.random.default_rng(5)
-    a, b = (torch.from_numpy(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)) for _ in range(2))
-    np.testing.assert_allclose(lpips(a, a), 0.0, atol=1e-7)
-    assert (lpips(a, b) > 0).all()
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -141,12 +47,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A locally built Inception v3 of random weights (and a random LPIPS), saved as state dict files."""
-    from torchvision.models import inception_v3
-
     root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), root / "inception.pt")
-    Lpips.save_random(root / "lpips.pt")
+    save_random_fid_inception(root / "inception.pt")
+    save_random_lpips(root / "lpips.pt")
     return {"inception": root / "inception.pt", "lpips": root / "lpips.pt"}
 
 
@@ -241,8 +144,3 @@ def test_replicas_that_cannot_start_fail_with_the_reason(ray_runtime: str, image
     with pytest.raises(ReplicaStartError, match="DeviceUnavailableError: device 'npu:0'"):
         evaluate_dataset(str(images), tmp_path / "out", spec)
     assert not (tmp_path / "out").exists()
-
-
-def test_inception_features_shape(weights: dict[str, Path]) -> None:
-    features = InceptionFeatures(weights["inception"])(torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8))
-    assert features.shape == (2, 2048) and np.isfinite(features).all()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import cpu_has_fast_low_precision, resolve_device, resolve_precision, seed_everything, synchronize
+from .metrics import psnr
 from .model import load_model
 from .normalize import denormalize_to_unit, normalize
-from .quality import psnr
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtp-ray", description="VTP visual tokenizer: model commands and Ray Data jobs")
+    parser = argparse.ArgumentParser(
+        prog="vtp-ray", description="VTP visual tokenizer: model commands and Ray Data jobs"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     model.register(sub)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
-from ..quality import INCEPTION_ENV, LPIPS_ENV
 from .args import add_model_args, add_pipeline_args, pipeline_spec
 
 
@@ -47,9 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pipeline_args(p)
     p.add_argument("--save-images", type=int, default=0, metavar="N", help="save the first N as reference|recon PNGs")
     p.add_argument(
-        "--inception-weights", metavar="PATH", help=f"torchvision inception_v3 state dict (env {INCEPTION_ENV})"
-    )
-    p.add_argument("--lpips-weights", metavar="PATH", help=f"LPIPS AlexNet state dict (env {LPIPS_ENV})")
+        "--inception-weights", metavar="PATH",
+        help=f"pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth (env {INCEPTION_ENV})",
+    )  # fmt: skip
+    p.add_argument(
+        "--lpips-weights", metavar="PATH",
+        help=f"LPIPS state dict: VGG16 (upstream's) or AlexNet trunk + lin0..4 heads (env {LPIPS_ENV})",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
     p.set_defaults(func=cmd_eval)
 

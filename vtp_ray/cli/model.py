@@ -97,7 +97,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..images import ImageDecodeError, preprocess, to_png_bytes
-    from ..quality import psnr
+    from ..metrics import psnr
     from ..replica import VTPReplica
 
     replica = VTPReplica(args.model, args.device, args.precision, args.rope_dtype, warmup_size=0)

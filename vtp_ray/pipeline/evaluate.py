@@ -29,7 +29,14 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..images import to_png_bytes
-from ..quality import INCEPTION_DIM, INCEPTION_ENV, LPIPS_ENV, FeatureStats, resolve_weights
+from ..metrics import (
+    INCEPTION_DIM,
+    INCEPTION_ENV,
+    LPIPS_ENV,
+    FeatureStats,
+    require_eval_dependencies,
+    resolve_weights,
+)
 from .inputs import discover_inputs
 from .report import FORMAT, FORMAT_VERSION, PER_IMAGE, PER_IMAGE_METRICS, REPORT
 from .runner import ReplicaUsage, run_pipeline
@@ -55,18 +62,18 @@ class EvalWorker(ReplicaWorker):
     def __init__(
         self, *, inception_weights: str | None, lpips_weights: str | None, save_paths: frozenset[str], **base: Any
     ) -> None:
-        from ..quality import InceptionFeatures, Lpips
+        from ..metrics import FidInceptionFeatures, Lpips
 
         super().__init__(**base)
         device = self.replica.device
-        self.inception = InceptionFeatures(inception_weights, device) if inception_weights else None
+        self.inception = FidInceptionFeatures(inception_weights, device) if inception_weights else None
         self.lpips = Lpips(lpips_weights, device) if lpips_weights else None
         self.save_paths = save_paths
 
     def process(self, images: np.ndarray, rows: pa.Table) -> dict[str, Any]:
         import torch
 
-        from ..quality import psnr, ssim
+        from ..metrics import psnr, ssim
 
         recon = self.replica.reconstruct(images)
         reference, output = (torch.from_numpy(a).to(self.replica.device) for a in (images, recon))
@@ -176,11 +183,13 @@ def evaluate_dataset(
     started = time.perf_counter()
     if save_images < 0:
         raise ValueError(f"save_images must be >= 0, got {save_images}")
-    inception = resolve_weights(inception_weights, INCEPTION_ENV, "Inception v3", "--inception-weights")
+    inception = resolve_weights(inception_weights, INCEPTION_ENV, "FID Inception", "--inception-weights")
     lpips = resolve_weights(lpips_weights, LPIPS_ENV, "LPIPS", "--lpips-weights")
+    # Checked here, before Ray starts: a missing package would otherwise fail inside every worker.
+    require_eval_dependencies({"psnr", "ssim"} | ({"rfid"} if inception else set()) | ({"lpips"} if lpips else set()))
     skipped: dict[str, str] = {}
     if inception is None:
-        skipped["rfid"] = f"no Inception v3 weights: pass --inception-weights PATH or set {INCEPTION_ENV}"
+        skipped["rfid"] = f"no FID Inception weights: pass --inception-weights PATH or set {INCEPTION_ENV}"
     if lpips is None:
         skipped["lpips"] = f"no LPIPS weights: pass --lpips-weights PATH or set {LPIPS_ENV}"
     for metric, reason in skipped.items():
@@ -231,7 +240,16 @@ def evaluate_dataset(
         "replica_options": placement.options,
         "replica_pool": placement.replicas,
         "preprocessing": {"size": spec.size, "crop": spec.crop},
-        "metric_weights": {"inception": str(inception) if inception else None, "lpips": str(lpips) if lpips else None},
+        "metric_weights": {
+            "inception": str(inception) if inception else None,
+            "lpips": str(lpips) if lpips else None,
+        },
+        "metric_definitions": {
+            "psnr": "per image on uint8 pixels, peak 255",
+            "ssim": "torchmetrics, 11x11 Gaussian (sigma 1.5), data_range 1.0 on [0, 1]",
+            "lpips": "LPIPS v0.1 (VGG16 or AlexNet, as the weights file holds) on uint8 images scaled to [-1, 1]",
+            "rfid": "pytorch-fid's FID Inception (pool3, 2048-d) on uint8 images; Frechet distance of the two sets",
+        },
         "counts": {
             "inputs": len(found),
             "duplicate_inputs": found.duplicates,
