@@ -7,6 +7,8 @@
 #
 # Every node needs vtp-ray installed and the model at MODEL; the inputs must be readable from every node
 # (shared filesystem or object storage); the output is written by the driver (head node or object storage).
+# `ray job submit` presents the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (see
+# start_node.sh).
 set -euo pipefail
 
 inputs="$1"
