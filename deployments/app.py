@@ -20,6 +20,7 @@ from vtp_ray.placement import resolve_placement
 
 from .config import AppArgs
 from .ingress import IngressSettings, VTPIngress
+from .models import deployment_name
 from .replica import BatchingConfig, ReplicaDeployment
 
 PLACEMENT_SETTING = "applications[].args.placement"
@@ -32,11 +33,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def compose_app(args: AppArgs, **model_options: Any) -> Application:
-    """The ingress bound to the model deployment.
+    """The ingress bound to one model deployment per served checkpoint (``VTPReplica`` for ``args.model``,
+    ``VTPReplica-<name>`` for each of ``args.models``).
 
-    ``model_options`` are extra Serve deployment options for the model deployment (``num_replicas``,
+    ``model_options`` are extra Serve deployment options for the model deployments (``num_replicas``,
     ``user_config``, ``max_queued_requests``...), for callers that build the app in Python rather than from a
-    config file, where the ``deployments:`` section sets them.
+    config file, where the ``deployments:`` section sets them (per deployment).
     """
     batching = BatchingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
     options = {
@@ -44,17 +46,22 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         "user_config": batching.model_dump(),
         **model_options,
     }
-    model = ReplicaDeployment.options(**options).bind(
-        model=args.model, precision=args.precision, device=args.device, warmup_size=args.image_size
-    )
+    models = {
+        name: ReplicaDeployment.options(name=deployment_name(name, name == args.model_name), **options).bind(
+            model=checkpoint, precision=args.precision, device=args.device, warmup_size=args.image_size
+        )
+        for name, checkpoint in args.checkpoints().items()
+    }
     settings = IngressSettings(
         image_size=args.image_size,
         max_image_size=args.max_image_size,
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
         api_key=args.api_key.get_secret_value() if args.api_key else None,
+        default_model=args.model_name,
+        model_wait_s=args.model_wait_s,
     )
-    return VTPIngress.bind(model, settings)
+    return VTPIngress.bind(models, settings)
 
 
 def _nodes() -> list[dict[str, float]]:

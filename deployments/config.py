@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -18,6 +19,10 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "device": "VTP_DEVICE",
     "api_key": "VTP_API_KEY",
 }
+
+
+#: Model names: path segments of the OIP routes and values of ``?model=`` (no ``.``: OIP names are ``<model>.<verb>``).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 class AppArgs(BaseModel):
@@ -38,6 +43,28 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(16 * 2**20, gt=0)
     max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
     api_key: SecretStr | None = None
+    model_name: str = Field("vtp", description="the name requests use for `model` (the default model)")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="more checkpoints served beside `model`, by name: one model deployment each (VTPReplica-<name>)",
+    )
+    model_wait_s: float = Field(
+        10.0, ge=0.0, le=600.0, description="how long a request waits for a model replica before a 503"
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_model_name(value)
+
+    @field_validator("models")
+    @classmethod
+    def _valid_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, spec in value.items():
+            _check_model_name(name)
+            if not spec:
+                raise ValueError(f"models.{name}: empty checkpoint")
+        return value
 
     @field_validator("image_size", "max_image_size")
     @classmethod
@@ -55,7 +82,13 @@ class AppArgs(BaseModel):
     def _sizes_agree(self) -> AppArgs:
         if self.image_size > self.max_image_size:
             raise ValueError(f"image_size {self.image_size} is larger than max_image_size {self.max_image_size}")
+        if self.model_name in self.models:
+            raise ValueError(f"models.{self.model_name} clashes with model_name, the default model's name")
         return self
+
+    def checkpoints(self) -> dict[str, str]:
+        """Every served model by name, the default first."""
+        return {self.model_name: self.model, **self.models}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ) -> AppArgs:
@@ -65,3 +98,9 @@ class AppArgs(BaseModel):
             if environ.get(var):
                 merged[field] = environ[var]
         return cls.model_validate(merged)
+
+
+def _check_model_name(name: str) -> str:
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_' and '-' (at most 63, no leading '-' or '_')")
+    return name

@@ -23,15 +23,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vtp_ray import __version__
 from vtp_ray.images import CropMode, DecodeLimits, to_png_bytes
 
-from . import metrics
+from . import metrics, oip
 from .inputs import (
     NPY_MEDIA_TYPE,
     ApiError,
@@ -43,6 +41,7 @@ from .inputs import (
     read_body,
     read_image_upload,
 )
+from .models import ModelSelection, ModelSet
 from .protocol import Outcome, Verb
 from .schemas import EmbedResponse, EncodeResponse, ErrorResponse, Health, LatentsPayload, Limits, ModelInfo
 
@@ -58,6 +57,8 @@ class IngressSettings:
     max_body_bytes: int
     max_pixels: int
     api_key: str | None = None
+    default_model: str = "vtp"
+    model_wait_s: float = 10.0
 
 
 app = FastAPI(
@@ -87,6 +88,9 @@ _LATENTS_BODY = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)
 }
+app.add_middleware(ModelSelection)  # ?model= / x-vtp-model pick the model of a /v1 request
+app.include_router(oip.router)
+
 _PNG = {200: {"content": {"image/png": {}}, "description": "the image as PNG"}}
 _SIZE = Query(None, description="side of the square model input (multiple of 16); default: image_size")
 _CROP = Query("center", description="center: ADM center crop (as in training); resize: squash to a square")
@@ -140,22 +144,52 @@ def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
 class VTPIngress:
     """HTTP API in front of the ``VTPReplica`` deployment."""
 
-    def __init__(self, model: DeploymentHandle, settings: IngressSettings) -> None:
-        self._model = model
+    def __init__(self, models: dict[str, DeploymentHandle], settings: IngressSettings) -> None:
+        app_name = serve.get_replica_context().app_name
+        self._models = ModelSet(models, settings.default_model, app_name, settings.model_wait_s)
         self._settings = settings
         self._limits = DecodeLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
-        self._model_info: dict[str, Any] | None = None
+        oip.attach(
+            oip.OipContext(
+                self._models,
+                settings.image_size,
+                settings.max_image_size,
+                settings.max_body_bytes,
+                self._limits,
+                self._authorize,
+            )
+        )
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         """Liveness of the HTTP path; never needs the API key."""
         return Health()
 
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 when every model has a replica that can answer, else 503 with the reasons."""
+        statuses = await self._models.readiness.statuses()
+        models = {name: status.to_dict() for name, status in statuses.items()}
+        reasons = [status.reason for status in statuses.values() if not status.ready]
+        if reasons:
+            return JSONResponse({"status": "not_ready", "error": "; ".join(reasons), "models": models}, 503)
+        return JSONResponse({"status": "ready", "models": models})
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models(self, request: Request) -> JSONResponse:
+        """The served models by name (``?model=`` / ``x-vtp-model`` values), the default, and their readiness."""
+        self._authorize(request)
+        statuses = await self._models.readiness.statuses()
+        return JSONResponse(
+            {"default": self._models.default, "models": {name: s.to_dict() for name, s in statuses.items()}}
+        )
+
     @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
     async def model(self, request: Request) -> ModelInfo:
         """The model, device, precision and batch settings of the replica that answers."""
         self._authorize(request)
-        info = await self._call_model("info")
+        name = self._models.resolve()
+        info = await self._models.call(name, "info")  # fresh: says which replica answered
         s = self._settings
         limits = Limits(
             image_size=s.image_size,
@@ -164,7 +198,7 @@ class VTPIngress:
             max_pixels=s.max_pixels,
             api_key_required=s.api_key is not None,
         )
-        return ModelInfo(**info, limits=limits)
+        return ModelInfo(**info, limits=limits, name=name, models=self._models.names)
 
     @app.post("/v1/reconstruct", response_class=Response, responses={**_PNG, **_ERRORS}, openapi_extra=_IMAGE_BODY)
     async def reconstruct(self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP) -> Response:
@@ -251,27 +285,10 @@ class VTPIngress:
         return await asyncio.to_thread(preprocess_upload, data, side, crop, self._limits)
 
     async def _info(self) -> dict[str, Any]:
-        # Every replica serves the same model, so any one's answer holds for all of them.
-        if self._model_info is None:
-            self._model_info = await self._call_model("info")
-        return self._model_info
+        return await self._models.info(self._models.resolve())
 
     async def _run(self, verb: Verb, array: np.ndarray) -> Outcome:
         return await self._call_model("run", verb, array)
 
     async def _call_model(self, method: str, *args: Any) -> Any:
-        try:
-            return await getattr(self._model, method).remote(*args)
-        except BackPressureError as e:
-            raise ApiError(
-                503,
-                "overloaded",
-                "the model replicas are at capacity (max_queued_requests); retry later",
-                headers={"Retry-After": "1"},
-            ) from e
-        except RayTaskError as e:
-            raise ApiError(500, "model", f"the model call failed: {e.cause}") from e
-        except RayActorError as e:
-            raise ApiError(
-                503, "replica_died", "the model replica died during the request; retry", headers={"Retry-After": "1"}
-            ) from e
+        return await self._models.call(self._models.resolve(), method, *args)

@@ -1,0 +1,135 @@
+"""Readiness of the model deployments, read from Serve's own status (no model call, no torch).
+
+The ingress is up long before (and regardless of whether) a model replica is: liveness (``/healthz``,
+``/v2/health/live``) says the HTTP path answers; readiness (``/readyz``, ``/v2/health/ready``, the per-model
+``ready`` routes) says a model replica can answer, and why not when none can: still starting (loading weights,
+waiting for resources) or failed with the loader's message. A background task polls ``serve.status()``; requests
+wait on its result for a bounded time instead of queueing on a handle that may never get a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ray import serve
+
+#: The longest loader message a readiness answer repeats (the tail: where Python puts the exception).
+_MAX_REASON_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model deployment's readiness: ``ready`` when at least one replica is running."""
+
+    name: str
+    deployment: str
+    ready: bool
+    state: str  # Serve's deployment status (UPDATING, HEALTHY, DEPLOY_FAILED, UNHEALTHY...) or UNKNOWN
+    running_replicas: int
+    reason: str  # why not ready; empty when ready
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_statuses(app_name: str, deployments: Mapping[str, str]) -> dict[str, ModelStatus]:
+    """The readiness of each model (name -> deployment name) of application ``app_name``, from ``serve.status()``.
+
+    Blocking (a call to the Serve controller): run it off the event loop.
+    """
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception as e:  # the controller is unreachable or restarting: nothing can be promised
+        return {name: _unknown(name, dep, f"cannot read Serve's status: {e}") for name, dep in deployments.items()}
+    statuses = {}
+    for name, dep in deployments.items():
+        overview = app.deployments.get(dep) if app else None
+        if overview is None:
+            statuses[name] = _unknown(name, dep, f"model {name!r}: deployment {dep} is not deployed (yet)")
+            continue
+        running = int(overview.replica_states.get("RUNNING", 0))
+        state = str(getattr(overview.status, "value", overview.status))
+        reason = "" if running else _reason(name, state, overview.message, overview.replica_states)
+        statuses[name] = ModelStatus(name, dep, running > 0, state, running, reason)
+    return statuses
+
+
+def _unknown(name: str, deployment: str, reason: str) -> ModelStatus:
+    return ModelStatus(name, deployment, False, "UNKNOWN", 0, reason)
+
+
+def _reason(name: str, state: str, message: str, replicas: Mapping[Any, int]) -> str:
+    if state == "DEPLOY_FAILED":
+        what = f"model {name!r} failed to start"
+    else:
+        counts = ", ".join(f"{getattr(k, 'value', k)}: {v}" for k, v in replicas.items() if v) or "none yet"
+        what = f"model {name!r} has no running replica yet ({state}; replicas {counts})"
+    message = message.strip()
+    if len(message) > _MAX_REASON_CHARS:
+        message = "..." + message[-_MAX_REASON_CHARS:]
+    return f"{what}: {message}" if message else what
+
+
+class ReadinessMonitor:
+    """Polls the readiness of the model deployments in the background of the ingress's event loop.
+
+    Args:
+        app_name: the Serve application the models belong to.
+        deployments: model name -> deployment name.
+        poll_s: seconds between two reads of Serve's status.
+    """
+
+    def __init__(self, app_name: str, deployments: Mapping[str, str], poll_s: float = 1.0) -> None:
+        self._app_name = app_name
+        self._deployments = dict(deployments)
+        self._poll_s = poll_s
+        self._statuses: dict[str, ModelStatus] = {}
+        self._polled = asyncio.Event()  # set, then replaced, after every poll
+        self._task: asyncio.Task[None] | None = None
+
+    async def statuses(self) -> dict[str, ModelStatus]:
+        """The latest readiness of every model (waits for the first poll)."""
+        if not self._statuses:
+            await self._next_poll()
+        return self._statuses
+
+    async def status(self, name: str) -> ModelStatus:
+        return (await self.statuses())[name]
+
+    async def wait_ready(self, name: str, timeout_s: float) -> ModelStatus:
+        """The model's status once it is ready, or after ``timeout_s`` (then not ready, with the reason)."""
+        deadline = time.monotonic() + timeout_s
+        status = await self.status(name)
+        while not status.ready and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._next_poll(), left)
+            status = self._statuses[name]
+        return status
+
+    async def until_unavailable(self, name: str, grace_s: float) -> ModelStatus:
+        """Returns once the model has had no running replica for ``grace_s``: a request waiting on it is lost."""
+        while True:
+            status = await self.status(name)
+            if status.ready:
+                await self._next_poll()
+                continue
+            status = await self.wait_ready(name, grace_s)
+            if not status.ready:
+                return status
+
+    async def _next_poll(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll_forever())
+        await self._polled.wait()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            self._statuses = await asyncio.to_thread(read_statuses, self._app_name, self._deployments)
+            polled, self._polled = self._polled, asyncio.Event()
+            polled.set()
+            await asyncio.sleep(self._poll_s)

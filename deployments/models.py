@@ -1,0 +1,142 @@
+"""The served models, by name: one model deployment (and handle) each, behind one ingress.
+
+Several checkpoints are served as one Serve deployment per model (``VTPReplica`` for the default model,
+``VTPReplica-<name>`` for the others), not ``serve.multiplexed``: each model keeps its own batch queue (requests of
+different checkpoints never share a model call), its own replicas, placement and autoscaling in the config's
+``deployments:`` section, and no request ever waits for another checkpoint to be swapped in.
+
+A request names its model with ``?model=<name>`` or the header ``x-vtp-model`` on the HTTP API (the ASGI
+middleware ``ModelSelection`` records it for the request), or with the model segment of the OIP routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from .health import ModelStatus, ReadinessMonitor
+from .inputs import ApiError
+
+DEFAULT_DEPLOYMENT = "VTPReplica"
+MODEL_HEADER = "x-vtp-model"
+
+#: The model the current HTTP request asked for (``None``: the default), set by ``ModelSelection``.
+requested_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("requested_model", default=None)
+
+
+def deployment_name(model: str, default: bool) -> str:
+    """The Serve deployment that serves ``model``: ``VTPReplica`` for the default model, else ``VTPReplica-<name>``."""
+    return DEFAULT_DEPLOYMENT if default else f"{DEFAULT_DEPLOYMENT}-{model}"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    deployment: str
+    handle: DeploymentHandle
+
+
+class ModelSet:
+    """The models behind one ingress: pick one by name, check it is ready, call it with bounded waiting.
+
+    Args:
+        handles: model name -> handle of its deployment (the default model first).
+        default: the name used when a request names none.
+        app_name: the Serve application (for readiness).
+        wait_s: how long a request waits for a replica of its model before a 503 with the reason.
+    """
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle], default: str, app_name: str, wait_s: float) -> None:
+        self.default = default
+        self._models = {
+            name: ServedModel(name, deployment_name(name, name == default), handle) for name, handle in handles.items()
+        }
+        self.readiness = ReadinessMonitor(app_name, {m.name: m.deployment for m in self._models.values()})
+        self._wait_s = wait_s
+        self._info: dict[str, dict[str, Any]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def resolve(self, name: str | None = None) -> str:
+        """A requested model name (``None``: the one the HTTP request named, else the default) -> a served name."""
+        name = name or requested_model.get() or self.default
+        if name not in self._models:
+            raise ApiError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(self._models)}")
+        return name
+
+    async def info(self, name: str) -> dict[str, Any]:
+        """The model's ``ReplicaInfo`` dict (cached: every replica of a deployment serves the same checkpoint)."""
+        if name not in self._info:
+            self._info[name] = await self.call(name, "info")
+        return self._info[name]
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        """``method(*args)`` on a replica of model ``name``: 503 with the reason within ``wait_s`` when no replica
+        can answer (starting, failed, or all gone while the request waited), never a hang."""
+        status = await self.readiness.wait_ready(name, self._wait_s)
+        if not status.ready:
+            raise _unavailable(status)
+        response = getattr(self._models[name].handle, method).remote(*args)
+        answer = asyncio.ensure_future(response)
+        lost = asyncio.ensure_future(self.readiness.until_unavailable(name, self._wait_s))
+        try:
+            await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not answer.done():
+            response.cancel()
+            answer.cancel()
+            raise _unavailable(lost.result())
+        try:
+            return answer.result()
+        except BackPressureError as e:
+            raise ApiError(
+                503,
+                "overloaded",
+                "the model replicas are at capacity (max_queued_requests); retry later",
+                headers={"Retry-After": "1"},
+            ) from e
+        except RayTaskError as e:
+            raise ApiError(500, "model", f"the model call failed: {e.cause}") from e
+        except RayActorError as e:
+            raise ApiError(
+                503, "replica_died", "the model replica died during the request; retry", headers={"Retry-After": "1"}
+            ) from e
+
+
+def _unavailable(status: ModelStatus) -> ApiError:
+    return ApiError(503, "not_ready", status.reason, headers={"Retry-After": "5"}, model=status.name)
+
+
+class ModelSelection:
+    """ASGI middleware: records the model an HTTP request names (``?model=`` or ``x-vtp-model``) for ``ModelSet``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        name = None
+        for key, value in scope.get("headers", ()):
+            if key == MODEL_HEADER.encode():
+                name = value.decode("latin-1").strip()
+        query = scope.get("query_string", b"")
+        if b"model=" in query:
+            name = parse_qs(query.decode("latin-1")).get("model", [name])[-1]
+        token = requested_model.set(name or None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            requested_model.reset(token)

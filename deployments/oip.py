@@ -1,0 +1,252 @@
+"""The KServe Open Inference Protocol (V2) over REST, as a router the ingress includes.
+
+Every served checkpoint ``<model>`` offers one OIP model per verb, named ``<model>.<verb>`` (version ``1``):
+
+| OIP model | inputs | outputs |
+|---|---|---|
+| ``<model>.encode`` | ``IMAGE`` UINT8 [-1, -1, -1, 3] or ``IMAGE_BYTES`` BYTES [-1] | ``LATENTS``, ``CLIP_EMBEDDING`` |
+| ``<model>.reconstruct`` | the same | ``IMAGE`` UINT8 [-1, -1, -1, 3] |
+| ``<model>.embed`` | the same | ``CLIP_EMBEDDING`` FP32 [-1, D] |
+| ``<model>.decode`` | ``LATENTS`` FP32 [-1, C, -1, -1] | ``IMAGE`` UINT8 [-1, -1, -1, 3] |
+
+with ``LATENTS`` FP32 [-1, C, -1, -1] and ``CLIP_EMBEDDING`` FP32 [-1, D].
+
+``IMAGE`` is the model input itself (sides multiples of 16, at most ``max_image_size``); ``IMAGE_BYTES`` holds
+encoded image files, preprocessed as the HTTP API does (request parameters ``size`` and ``crop``). An infer request
+of N images is N entries of the model's batch queue, exactly like N HTTP requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from vtp_ray import __version__
+from vtp_ray.arrays import LatentsTooLarge, as_image_batch, as_latent_batch
+from vtp_ray.images import CropMode, DecodeLimits
+
+from .inputs import ApiError, check_size, preprocess_upload, read_body
+from .models import ModelSet
+from .oip_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from .protocol import Verb
+
+VERSION = "1"
+VERBS: tuple[str, ...] = get_args(Verb)
+IMAGE, IMAGE_BYTES, LATENTS, CLIP_EMBEDDING = "IMAGE", "IMAGE_BYTES", "LATENTS", "CLIP_EMBEDDING"
+
+
+@dataclass(frozen=True)
+class OipContext:
+    """What the OIP routes need from the ingress that serves them."""
+
+    models: ModelSet
+    image_size: int
+    max_image_size: int
+    max_body_bytes: int
+    limits: DecodeLimits
+    authorize: Callable[[Request], None]
+
+
+_context: OipContext | None = None
+
+
+def attach(context: OipContext) -> None:
+    """Called by the ingress when it starts: the router's functions are not its methods (Serve copies the app)."""
+    global _context
+    _context = context
+
+
+def _ctx() -> OipContext:
+    if _context is None:
+        raise ApiError(503, "not_ready", "the ingress is starting")
+    return _context
+
+
+_CTX = Depends(_ctx)
+
+
+def _authorized(request: Request, ctx: OipContext = _CTX) -> OipContext:
+    ctx.authorize(request)
+    return ctx
+
+
+_AUTH = Depends(_authorized)
+
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+
+
+@router.get("")
+async def server_metadata(ctx: OipContext = _AUTH) -> dict[str, Any]:
+    """Server metadata."""
+    return {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+
+@router.get("/health/live")
+async def server_live() -> dict[str, bool]:
+    """Liveness: the HTTP path answers (never needs the API key)."""
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def server_ready(ctx: OipContext = _CTX) -> JSONResponse:
+    """Readiness: every served model has a replica that can answer; else 503 with the reasons."""
+    statuses = await ctx.models.readiness.statuses()
+    reasons = [s.reason for s in statuses.values() if not s.ready]
+    if reasons:
+        return JSONResponse({"ready": False, "error": "; ".join(reasons)}, status_code=503)
+    return JSONResponse({"ready": True})
+
+
+@router.get("/models")
+async def model_list(ctx: OipContext = _AUTH) -> dict[str, Any]:
+    """Every OIP model (``<model>.<verb>``) with its readiness (an extension: not in the protocol)."""
+    return {"models": await _index(ctx)}
+
+
+@router.post("/repository/index")
+async def repository_index(ctx: OipContext = _AUTH) -> list[dict[str, Any]]:
+    """The model repository extension's index: every OIP model, version and state (READY / UNAVAILABLE)."""
+    return await _index(ctx)
+
+
+async def _index(ctx: OipContext) -> list[dict[str, Any]]:
+    statuses = await ctx.models.readiness.statuses()
+    return [
+        {
+            "name": f"{name}.{verb}",
+            "version": VERSION,
+            "state": "READY" if status.ready else "UNAVAILABLE",
+            "reason": status.reason,
+        }
+        for name, status in statuses.items()
+        for verb in VERBS
+    ]
+
+
+@router.get("/models/{oip_model}")
+@router.get("/models/{oip_model}/versions/{version}")
+async def model_metadata(oip_model: str, version: str = VERSION, ctx: OipContext = _AUTH) -> Any:
+    """Model metadata: its inputs and outputs, -1 for variable dimensions."""
+    model, verb = _split(ctx, oip_model, version)
+    info = await ctx.models.info(model)
+    inputs, outputs = _signature(verb, info["latent_channels"], info["embedding_dim"])
+    return {"name": oip_model, "versions": [VERSION], "platform": "vtp-ray", "inputs": inputs, "outputs": outputs}
+
+
+@router.get("/models/{oip_model}/ready")
+@router.get("/models/{oip_model}/versions/{version}/ready")
+async def model_ready(oip_model: str, version: str = VERSION, ctx: OipContext = _AUTH) -> JSONResponse:
+    """200 when the model has a replica that can answer; else 503 with the reason."""
+    model, _ = _split(ctx, oip_model, version)
+    status = await ctx.models.readiness.status(model)
+    if not status.ready:
+        return JSONResponse({"name": oip_model, "ready": False, "error": status.reason}, status_code=503)
+    return JSONResponse({"name": oip_model, "ready": True})
+
+
+@router.post("/models/{oip_model}/infer")
+@router.post("/models/{oip_model}/versions/{version}/infer")
+async def infer(oip_model: str, request: Request, version: str = VERSION, ctx: OipContext = _AUTH) -> Response:
+    """Inference; JSON tensors and the binary tensor data extension (any Content-Type: tritonclient sends none)."""
+    model, verb = _split(ctx, oip_model, version)
+    body = await read_body(request, ctx.max_body_bytes)
+    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    info = await ctx.models.info(model)
+    if verb == "embed" and info["embedding_dim"] is None:
+        raise ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
+    if verb == "decode":
+        batch = _latents(parsed.inputs, info["latent_channels"], ctx.max_image_size)
+    else:
+        batch = await _images(parsed.inputs, parsed.header.parameters, ctx)
+    outcomes = await asyncio.gather(*(ctx.models.call(model, "run", verb, item) for item in batch))
+    values = [o.value for o in outcomes]
+    if verb == "encode":
+        outputs = {LATENTS: np.stack([v.latents for v in values])}
+        if info["embedding_dim"] is not None:
+            outputs[CLIP_EMBEDDING] = np.stack([v.clip_embedding for v in values])
+    elif verb == "embed":
+        outputs = {CLIP_EMBEDDING: np.stack(values)}
+    else:
+        outputs = {IMAGE: np.stack(values)}
+    content, headers, media = encode_infer_response(oip_model, VERSION, parsed.header, outputs)
+    headers["x-vtp-batch-size"] = ",".join(str(o.batch_size) for o in outcomes)
+    return Response(content, media_type=media, headers=headers)
+
+
+def _split(ctx: OipContext, oip_model: str, version: str) -> tuple[str, Verb]:
+    model, _, verb = oip_model.rpartition(".")
+    if verb not in VERBS or not model:
+        raise ApiError(404, "unknown_model", f"no OIP model {oip_model!r}: names are <model>.<verb>, verbs {VERBS}")
+    model = ctx.models.resolve(model)
+    if version != VERSION:
+        raise ApiError(404, "unknown_model", f"model {oip_model!r} has only version {VERSION}, not {version!r}")
+    return model, verb  # type: ignore[return-value]
+
+
+def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def _signature(verb: str, channels: int, dim: int | None) -> tuple[list[dict], list[dict]]:
+    image = _tensor(IMAGE, "UINT8", [-1, -1, -1, 3])
+    latents = _tensor(LATENTS, "FP32", [-1, channels, -1, -1])
+    clip = [_tensor(CLIP_EMBEDDING, "FP32", [-1, dim])] if dim is not None else []
+    if verb == "decode":
+        return [latents], [image]
+    inputs = [image, _tensor(IMAGE_BYTES, "BYTES", [-1])]  # one of the two
+    outputs = {"encode": [latents, *clip], "embed": clip, "reconstruct": [image]}[verb]
+    return inputs, outputs
+
+
+def _only(inputs: dict[str, np.ndarray], allowed: tuple[str, ...]) -> tuple[str, np.ndarray]:
+    names = [n for n in inputs if n in allowed]
+    extra = sorted(set(inputs) - set(allowed))
+    if len(names) != 1 or extra:
+        raise ApiError(400, "bad_infer_request", f"send exactly one input of {list(allowed)}, got {sorted(inputs)}")
+    return names[0], inputs[names[0]]
+
+
+async def _images(inputs: dict[str, np.ndarray], parameters: dict[str, Any], ctx: OipContext) -> list[np.ndarray]:
+    name, tensor = _only(inputs, (IMAGE, IMAGE_BYTES))
+    if name == IMAGE:
+        try:
+            batch = as_image_batch(tensor)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, "bad_infer_request", f"{IMAGE}: {e}") from e
+        if max(batch.shape[1:3]) > ctx.max_image_size:
+            raise ApiError(
+                413, "too_large", f"{IMAGE} of {batch.shape[1:3]} exceeds max_image_size {ctx.max_image_size}"
+            )
+        return list(batch)
+    if tensor.ndim != 1 or not len(tensor):
+        raise ApiError(400, "bad_infer_request", f"{IMAGE_BYTES} must have shape [N], N >= 1, got {list(tensor.shape)}")
+    size = parameters.get("size", ctx.image_size)
+    crop = parameters.get("crop", "center")
+    if not isinstance(size, int) or crop not in get_args(CropMode):
+        raise ApiError(
+            400, "bad_infer_request", f"parameters: size must be an integer, crop one of {get_args(CropMode)}"
+        )
+    side = check_size(size, ctx.max_image_size)
+    return list(
+        await asyncio.gather(*(asyncio.to_thread(preprocess_upload, data, side, crop, ctx.limits) for data in tensor))
+    )
+
+
+def _latents(inputs: dict[str, np.ndarray], channels: int, max_side: int) -> list[np.ndarray]:
+    _, tensor = _only(inputs, (LATENTS,))
+    if tensor.dtype != np.float32:
+        raise ApiError(400, "bad_infer_request", f"{LATENTS} must be FP32")
+    try:
+        batch = as_latent_batch(tensor, channels, max_side)
+    except LatentsTooLarge as e:
+        raise ApiError(413, "too_large", f"{e} (max_image_size)") from e
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, "bad_latents", f"{LATENTS}: {e}") from e
+    return list(batch)

@@ -1,0 +1,298 @@
+"""Serving as operators expect it: readiness, the Open Inference Protocol (checked with tritonclient), several
+checkpoints behind one API. Real Serve on the shared Ray, real HTTP on loopback.
+
+Three applications run side by side: ``ops`` at ``/`` serves two checkpoints of different widths (``tiny``, the
+default, and ``wide``, built here with seeded random weights and saved with safetensors); ``broken`` at ``/broken``
+names a checkpoint that does not exist; ``starting`` at ``/starting`` asks for a resource the cluster lacks, so its
+replica never starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from helpers import SIZE, TINY, free_port, png_bytes, random_image, wait_until
+from ray import serve
+from safetensors.torch import save_file
+
+from deployments import AppArgs, compose_app
+from vtp_ray import VTPReplica
+from vtp_ray.images import preprocess
+from vtp_ray.model import load_model
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 2.0  # model_wait_s of the apps without a replica
+WIDE_CHANNELS = 12
+
+
+def make_wide_checkpoint(directory: Path) -> Path:
+    """A second tiny checkpoint: wider trunk and decoder, 12 latent channels, seeded random weights."""
+    config = json.loads((Path(TINY) / "config.json").read_text())
+    config.update(vision_embed_dim=96, decoder_embed_dim=96, vision_feature_bottleneck=WIDE_CHANNELS)
+    directory.mkdir(parents=True)
+    (directory / "random.json").write_text(json.dumps(config))
+    model = load_model(f"random:{directory / 'random.json'}").model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_wide_checkpoint(tmp_path_factory.mktemp("ckpt") / "vtp-wide")
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
+    missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
+    serve._run(
+        compose_app(AppArgs(model=missing, model_wait_s=WAIT_S, **common)),
+        name="broken",
+        route_prefix="/broken",
+        _blocking=False,
+    )
+    pending = compose_app(
+        AppArgs(model=TINY, model_wait_s=WAIT_S, **common), ray_actor_options={"resources": {"NotOnThisCluster": 1}}
+    )
+    serve._run(pending, name="starting", route_prefix="/starting", _blocking=False)
+    args = AppArgs(
+        model=TINY,
+        model_name="tiny",
+        models={"wide": str(wide_dir)},
+        max_batch_size=4,
+        batch_wait_timeout_s=0.3,
+        **common,
+    )
+    serve.run(compose_app(args), name="ops", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton_client(base_url: str) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(base_url.removeprefix("http://"), network_timeout=120, connection_timeout=60)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(wide_dir: Path) -> dict[str, VTPReplica]:
+    return {
+        "tiny": VTPReplica(TINY, device="cpu", warmup_size=0),
+        "wide": VTPReplica(str(wide_dir), device="cpu", warmup_size=0),
+    }
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.stack([preprocess(png_bytes(random_image(seed=seed + i)), size=SIZE) for i in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------- readiness
+
+
+def test_ready_app_reports_every_model(client: httpx.Client) -> None:
+    body = wait_until(lambda: client.get("/readyz").json()["status"] == "ready" and client.get("/readyz"), 60, "ready")
+    assert body.status_code == 200
+    assert {name: m["ready"] for name, m in body.json()["models"].items()} == {"tiny": True, "wide": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    listed = client.get("/v1/models").json()
+    assert listed["default"] == "tiny" and set(listed["models"]) == {"tiny", "wide"}
+
+
+def test_model_that_cannot_load(client: httpx.Client) -> None:
+    assert client.get("/broken/healthz").status_code == 200  # alive...
+
+    def failed() -> httpx.Response | None:
+        response = client.get("/broken/readyz")
+        return response if "failed to start" in response.json().get("error", "") else None
+
+    response = wait_until(failed, 120, "the broken model to fail")  # ...never ready, with the loader's message
+    assert response.status_code == 503 and "does not exist" in response.json()["error"]
+    for method, path in [("GET", "/broken/v1/model"), ("POST", "/broken/v2/models/vtp.encode/infer")]:
+        started = time.monotonic()
+        answer = client.request(
+            method,
+            path,
+            json={
+                "inputs": [{"name": "IMAGE", "shape": [1, 64, 64, 3], "datatype": "UINT8", "data": [0] * 64 * 64 * 3}]
+            },
+        )
+        assert answer.status_code == 503, answer.text
+        assert "does not exist" in answer.json()["error"]
+        assert time.monotonic() - started < 60  # bounded (WAIT_S, plus the load on a shared machine), not a hang
+    assert client.get("/broken/v2/health/ready").status_code == 503
+    assert client.get("/broken/v2/models/vtp.encode/ready").status_code == 503
+
+
+def test_model_still_starting(client: httpx.Client, triton_client: triton.InferenceServerClient) -> None:
+    assert client.get("/starting/healthz").status_code == 200
+    assert client.get("/starting/v2/health/live").status_code == 200
+    response = client.get("/starting/readyz")
+    assert response.status_code == 503
+    assert "no running replica yet" in response.json()["error"], response.json()
+    started = time.monotonic()
+    answer = client.post("/starting/v1/embed", content=png_bytes(random_image()), headers={"content-type": "image/png"})
+    assert answer.status_code == 503 and "no running replica yet" in answer.json()["error"]
+    assert answer.headers["retry-after"]
+    assert WAIT_S - 0.5 <= time.monotonic() - started < 60  # waited for a replica, then gave up
+
+
+# ------------------------------------------------------------------------------------------- several models
+
+
+def test_models_by_query_header_and_default(client: httpx.Client) -> None:
+    assert client.get("/v1/model").json()["latent_channels"] == 8
+    by_query = client.get("/v1/model", params={"model": "wide"}).json()
+    assert by_query["latent_channels"] == WIDE_CHANNELS and by_query["name"] == "wide"
+    assert by_query["models"] == ["tiny", "wide"]
+    assert client.get("/v1/model", headers={"x-vtp-model": "wide"}).json()["latent_channels"] == WIDE_CHANNELS
+    unknown = client.get("/v1/model", params={"model": "huge"})
+    assert unknown.status_code == 404 and "huge" in unknown.json()["error"]
+
+
+def test_http_api_runs_the_named_model(client: httpx.Client, replicas: dict[str, VTPReplica]) -> None:
+    image = images(1, seed=7)
+    response = client.post("/v1/embed?model=wide", content=png_bytes(image[0]), headers={"content-type": "image/png"})
+    assert response.status_code == 200, response.text
+    expected = replicas["wide"].embed(image)[0]
+    np.testing.assert_allclose(response.json()["embedding"], expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- Open Inference Protocol
+
+
+def test_triton_health_and_metadata(triton_client: triton.InferenceServerClient) -> None:
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
+    assert triton_client.is_model_ready("tiny.encode") and triton_client.is_model_ready("wide.decode")
+    assert not triton_client.is_model_ready("huge.encode")
+    meta = triton_client.get_model_metadata("wide.encode")
+    assert meta["name"] == "wide.encode" and meta["versions"] == ["1"]
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
+        "IMAGE": ("UINT8", [-1, -1, -1, 3]),
+        "IMAGE_BYTES": ("BYTES", [-1]),
+    }
+    assert {t["name"]: t["shape"] for t in meta["outputs"]} == {
+        "LATENTS": [-1, WIDE_CHANNELS, -1, -1],
+        "CLIP_EMBEDDING": [-1, 64],
+    }
+    assert triton_client.get_model_metadata("tiny.decode", model_version="1")["inputs"][0]["shape"] == [-1, 8, -1, -1]
+    names = {m["name"] for m in triton_client.get_model_repository_index()}
+    assert {"tiny.encode", "tiny.decode", "wide.reconstruct", "wide.embed"} <= names
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", ["tiny", "wide"])
+def test_triton_encode_equals_the_replica(
+    triton_client: triton.InferenceServerClient, replicas: dict[str, VTPReplica], model: str, binary: bool
+) -> None:
+    batch = images(3)
+    inp = triton.InferInput("IMAGE", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch, binary_data=binary)
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("LATENTS", "CLIP_EMBEDDING")]
+    result = triton_client.infer(f"{model}.encode", [inp], outputs=outputs)
+    expected = replicas[model].encode(batch)
+    np.testing.assert_allclose(result.as_numpy("LATENTS"), expected.latents, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("CLIP_EMBEDDING"), expected.clip_embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_bytes_reconstruct_decode_embed(
+    triton_client: triton.InferenceServerClient, replicas: dict[str, VTPReplica]
+) -> None:
+    files = [png_bytes(random_image(seed=i)) for i in range(2)]
+    pixels = np.stack([preprocess(f, size=SIZE) for f in files])
+    inp = triton.InferInput("IMAGE_BYTES", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+    recon = triton_client.infer("tiny.reconstruct", [inp]).as_numpy("IMAGE")
+    assert recon.dtype == np.uint8 and recon.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(recon.astype(int) - replicas["tiny"].reconstruct(pixels)).max() <= 1  # uint8 rounding
+
+    latents = replicas["wide"].encode(pixels).latents
+    lat = triton.InferInput("LATENTS", list(latents.shape), "FP32")
+    lat.set_data_from_numpy(latents)
+    decoded = triton_client.infer("wide.decode", [lat]).as_numpy("IMAGE")
+    assert np.abs(decoded.astype(int) - replicas["wide"].decode(latents)).max() <= 1
+
+    embedded = triton_client.infer("wide.embed", [inp]).as_numpy("CLIP_EMBEDDING")
+    np.testing.assert_allclose(embedded, replicas["wide"].embed(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_infer_images_are_batch_entries(client: httpx.Client) -> None:
+    batch = images(3)
+    body = {
+        "inputs": [{"name": "IMAGE", "shape": list(batch.shape), "datatype": "UINT8", "data": batch.ravel().tolist()}]
+    }
+    response = client.post("/v2/models/tiny.embed/infer", content=json.dumps(body))  # no Content-Type, as tritonclient
+    assert response.status_code == 200, response.text
+    sizes = [int(s) for s in response.headers["x-vtp-batch-size"].split(",")]
+    assert len(sizes) == 3 and max(sizes) >= 2  # three queue entries, which shared model calls
+    assert response.json()["outputs"][0]["shape"] == [3, 64]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v2/models/tiny.encode/infer", b"{not json", 400, "invalid infer request JSON"),
+        (
+            "/v2/models/tiny.encode/infer",
+            {"inputs": [{"name": "IMAGE", "shape": [1, 64, 64, 3], "datatype": "FP32", "data": [0.0] * 12288}]},
+            400,
+            "uint8",
+        ),
+        (
+            "/v2/models/tiny.encode/infer",
+            {"inputs": [{"name": "IMAGE", "shape": [1, 60, 64, 3], "datatype": "UINT8", "data": [0] * 11520}]},
+            400,
+            "multiples of 16",
+        ),
+        (
+            "/v2/models/tiny.encode/infer",
+            {"inputs": [{"name": "IMAGE", "shape": [2, 64, 64, 3], "datatype": "UINT8", "data": [0] * 5}]},
+            400,
+            "do not fill",
+        ),
+        (
+            "/v2/models/tiny.decode/infer",
+            {"inputs": [{"name": "LATENTS", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [0.0] * 48}]},
+            400,
+            "latents must have shape",
+        ),
+        (
+            "/v2/models/tiny.encode/infer",
+            {"inputs": [{"name": "PIXELS", "shape": [1], "datatype": "BYTES", "data": ["x"]}]},
+            400,
+            "exactly one input",
+        ),
+        (
+            "/v2/models/tiny.embed/infer",
+            {"inputs": [{"name": "IMAGE_BYTES", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]},
+            400,
+            "image",
+        ),
+        ("/v2/models/huge.encode/infer", {"inputs": []}, 404, "huge"),
+        ("/v2/models/tiny.fly/infer", {"inputs": []}, 404, "<model>.<verb>"),
+        ("/v2/models/tiny.encode/versions/2/infer", {"inputs": []}, 404, "version"),
+    ],
+)
+def test_infer_errors(client: httpx.Client, path: str, body: object, status: int, words: str) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post(path, content=content)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
