@@ -31,8 +31,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the stored latents")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete existing results in DIR instead of resuming")
     p.add_argument("--retry-errors", action="store_true", help="also redo inputs recorded in errors.parquet")
-    p.add_argument("--rows-per-file", type=int, default=2048, help="inputs per part file")
+    p.add_argument(
+        "--rows-per-file", type=int, default=None,
+        help="inputs per part file (default 2048; lightningdit: images per shard, default 10000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("parquet", "lightningdit"), default="parquet",
+        help="parquet (DIR/data), or LightningDiT's safetensors shards + latents_stats.pt (implies --flip; needs "
+        "labels: --labels-from-dirs)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "export",
+        help="convert a tokenize parquet output into LightningDiT shards (no recomputation)",
+        description="Write the latents, latents_flip and labels of a `vtp-ray tokenize --flip --labels-from-dirs` "
+        "output as LightningDiT's latents_rank00_shardNNN.safetensors, latents_stats.pt and classes.txt. "
+        "Re-running resumes.",
+    )
+    p.add_argument("source", metavar="PARQUET_DIR", help="a vtp-ray tokenize output directory")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the shard directory (data.data_path)")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="images per shard (upstream: about 10000)")
+    p.add_argument("--overwrite", action="store_true", help="delete existing shards in DIR instead of resuming")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "eval",
@@ -62,18 +83,29 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     """Prints the summary line; exit code 1 if some inputs are still missing."""
     from ..pipeline.tokenize import tokenize_dataset
 
+    shards = args.format == "lightningdit"
     summary = tokenize_dataset(
         args.inputs,
         args.output,
         pipeline_spec(args),
-        flip=args.flip,
+        flip=args.flip or shards,
         latent_dtype=args.latent_dtype,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
-        rows_per_file=args.rows_per_file,
+        rows_per_file=args.rows_per_file or (10_000 if shards else 2048),
+        format=args.format,
     )
     print(summary.line())
     return 1 if summary.missing else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Prints the summary line."""
+    from ..pipeline.lightningdit import export_lightningdit
+
+    summary = export_lightningdit(args.source, args.output, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
+    print(summary.line())
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
