@@ -64,9 +64,7 @@ def check_labels(labels: pa.Array | pa.ChunkedArray, option: str) -> list[str]:
     """The sorted class names of ``labels`` (ImageFolder's order); a missing label is an error naming ``option``."""
     missing = labels.null_count
     if missing:
-        raise ValueError(
-            f"the lightningdit format needs a class label for every input, {missing} have none: {option}"
-        )
+        raise ValueError(f"the lightningdit format needs a class label for every input, {missing} have none: {option}")
     return sorted(pc.unique(labels).to_pylist())
 
 

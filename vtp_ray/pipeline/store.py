@@ -71,7 +71,15 @@ ERROR_SCHEMA = pa.schema(
 # Manifest entries that must be equal for a run to add rows to an existing output: anything that changes the
 # numbers or the schema. The device is left out on purpose (NPU, GPU and CPU agree to well under 1%).
 RESUME_KEYS = (
-    "format", "format_version", "model", "precision", "preprocessing", "flip", "latent_dtype", "columns", "classes"
+    "format",
+    "format_version",
+    "model",
+    "precision",
+    "preprocessing",
+    "flip",
+    "latent_dtype",
+    "columns",
+    "classes",
 )
 _MODEL_RESUME_KEYS = ("name", "config_digest", "random_weights", "rope_dtype")
 
