@@ -153,7 +153,8 @@ class ShardStore(LatentStore):
             STATS_KEY.decode(): stats.to_json(),
             PATHS_KEY: json.dumps(paths.to_pylist()),
         }
-        data = save_safetensors(tensors, metadata=metadata)
+        # safetensors.numpy writes each array's buffer as is: they must be C-contiguous.
+        data = save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
         self._atomic_write(self._path(name), lambda f: f.write(data))
         self._parts.append(_DataPart(name, rows.num_rows, stats, paths))
 
