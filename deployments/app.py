@@ -60,6 +60,8 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         api_key=args.api_key.get_secret_value() if args.api_key else None,
         default_model=args.model_name,
         model_wait_s=args.model_wait_s,
+        max_decode_batch=args.max_decode_batch,
+        max_decode_pixels=args.max_decode_pixels,
     )
     return VTPIngress.bind(models, settings)
 

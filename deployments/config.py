@@ -42,6 +42,10 @@ class AppArgs(BaseModel):
     max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
     max_body_bytes: int = Field(16 * 2**20, gt=0)
     max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
+    max_decode_batch: int = Field(64, ge=1, le=4096, description="most latents one /v1/decode request may hold")
+    max_decode_pixels: int = Field(
+        16_777_216, gt=0, description="most output pixels one /v1/decode request may ask for (N x H x W)"
+    )
     api_key: SecretStr | None = None
     model_name: str = Field("vtp", description="the name requests use for `model` (the default model)")
     models: dict[str, str] = Field(

@@ -13,6 +13,8 @@ import contextlib
 import hmac
 import io
 import time
+import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,8 @@ class IngressSettings:
     api_key: str | None = None
     default_model: str = "vtp"
     model_wait_s: float = 10.0
+    max_decode_batch: int = 64
+    max_decode_pixels: int = 16_777_216
 
 
 app = FastAPI(
@@ -92,6 +96,14 @@ app.add_middleware(ModelSelection)  # ?model= / x-vtp-model pick the model of a 
 app.include_router(oip.router)
 
 _PNG = {200: {"content": {"image/png": {}}, "description": "the image as PNG"}}
+ZIP = "application/zip"
+MULTIPART = "multipart/mixed"
+_DECODED = {
+    200: {
+        "content": {"image/png": {}, NPY_MEDIA_TYPE: {}, ZIP: {}, MULTIPART: {}},
+        "description": "one image as PNG; a batch as .npy uint8 (N, H, W, 3), or a zip / multipart of PNGs",
+    }
+}
 _SIZE = Query(None, description="side of the square model input (multiple of 16); default: image_size")
 _CROP = Query("center", description="center: ADM center crop (as in training); resize: squash to a square")
 
@@ -127,6 +139,36 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = (time.perf_counter() - started) * 1000
+
+
+def _slowest(outcomes: list[Outcome]) -> Outcome:
+    """What a many-input request reports: its largest model call and its longest queue and model times."""
+    return Outcome(
+        None,
+        max(o.batch_size for o in outcomes),
+        max(o.queue_ms for o in outcomes),
+        max(o.model_ms for o in outcomes),
+    )
+
+
+def encode_images(images: list[np.ndarray], kind: str) -> tuple[bytes, str]:
+    """uint8 ``(H, W, 3)`` images -> ``(body, media type)``: one .npy, a zip or a multipart/mixed of PNGs named
+    ``00000.png``... in input order. CPU work: call it off the event loop."""
+    if kind == NPY_MEDIA_TYPE:
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack(images), allow_pickle=False)
+        return buffer.getvalue(), NPY_MEDIA_TYPE
+    pngs = [(f"{i:05d}.png", to_png_bytes(image)) for i, image in enumerate(images)]
+    if kind == ZIP:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+            for name, png in pngs:
+                archive.writestr(name, png)
+        return buffer.getvalue(), ZIP
+    boundary = uuid.uuid4().hex
+    head = '--{}\r\nContent-Type: image/png\r\nContent-Disposition: attachment; filename="{}"\r\n\r\n'
+    parts = [head.format(boundary, name).encode() + png + b"\r\n" for name, png in pngs]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"{MULTIPART}; boundary={boundary}"
 
 
 def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
@@ -236,20 +278,33 @@ class VTPIngress:
         )
         return JSONResponse(body.model_dump(), headers=_headers(outcome, timings))
 
-    @app.post("/v1/decode", response_class=Response, responses={**_PNG, **_ERRORS}, openapi_extra=_LATENTS_BODY)
+    @app.post("/v1/decode", response_class=Response, responses={**_DECODED, **_ERRORS}, openapi_extra=_LATENTS_BODY)
     async def decode(self, request: Request) -> Response:
-        """Latents (the JSON ``/v1/encode`` returns, or a .npy file) -> image as PNG."""
+        """Latents (the JSON ``/v1/encode`` returns, or a .npy file), one ``(C, h, w)`` or a batch ``(N, C, h, w)``
+        -> the images: PNG for one; by ``Accept``, an .npy of uint8 ``(N, H, W, 3)`` (the default for a batch), a
+        zip or a ``multipart/mixed`` of PNGs. Each latent is one entry of the replica's batch queue."""
         self._authorize(request)
+        s = self._settings
         timings: dict[str, float] = {}
         with _timed(timings, "input"):
-            body = await read_body(request, self._settings.max_body_bytes)
+            body = await read_body(request, s.max_body_bytes)
             latents = parse_latents(body, media_type(request))
             channels = (await self._info())["latent_channels"]
-            latents = check_latents(latents, channels, self._settings.max_image_size)
-        outcome = await self._run("decode", latents)
+            latents = check_latents(latents, channels, s.max_image_size, s.max_decode_batch, s.max_decode_pixels)
+        accept = request.headers.get("accept", "")
+        kind = next(
+            (k for k in (NPY_MEDIA_TYPE, ZIP, MULTIPART) if k in accept),
+            "image/png" if len(latents) == 1 else NPY_MEDIA_TYPE,
+        )
+        if len(latents) == 1 and kind == "image/png":
+            outcome = await self._run("decode", latents[0])
+            with _timed(timings, "output"):
+                png = await asyncio.to_thread(to_png_bytes, outcome.value)
+            return Response(png, media_type="image/png", headers=_headers(outcome, timings))
+        outcomes = await self._call_model("run_many", "decode", latents)
         with _timed(timings, "output"):
-            png = await asyncio.to_thread(to_png_bytes, outcome.value)
-        return Response(png, media_type="image/png", headers=_headers(outcome, timings))
+            content, media = await asyncio.to_thread(encode_images, [o.value for o in outcomes], kind)
+        return Response(content, media_type=media, headers=_headers(_slowest(outcomes), timings))
 
     @app.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
     async def embed(self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP) -> Response:

@@ -168,16 +168,25 @@ def _latents_from_npy(body: bytes) -> np.ndarray:
     return array
 
 
-def check_latents(latents: np.ndarray, channels: int, max_side: int) -> np.ndarray:
-    """One image's latents ``(C, h, w)`` or ``(1, C, h, w)``, any float dtype and byte order, that decode to an
-    image no larger than ``max_side`` pixels a side -> native float32 ``(C, h, w)``."""
+def check_latents(
+    latents: np.ndarray, channels: int, max_side: int, max_batch: int = 1, max_pixels: int | None = None
+) -> np.ndarray:
+    """One image's latents ``(C, h, w)`` or a batch ``(N, C, h, w)``, any float dtype and byte order -> native
+    float32 ``(N, C, h, w)``: at most ``max_batch`` of them, each decoding to an image no larger than ``max_side``
+    pixels a side, ``max_pixels`` output pixels in all."""
     batch = latents[None] if latents.ndim == 3 else latents
+    if batch.ndim == 4 and len(batch) > max_batch:
+        raise ApiError(413, "too_large", f"{len(batch)} latents in one request, over the limit of {max_batch} "
+                       "(max_decode_batch): split the batch")  # fmt: skip
     try:
         batch = as_latent_batch(batch, channels, max_side)
     except LatentsTooLarge as e:
         raise ApiError(413, "too_large", f"{e} (max_image_size)") from e
     except (TypeError, ValueError) as e:
         raise ApiError(400, "bad_latents", str(e)) from e
-    if len(batch) != 1:
-        raise ApiError(400, "bad_latents", f"one image's latents per request, got a batch of {len(batch)}")
-    return batch[0]
+    n, _, h, w = batch.shape
+    pixels = n * h * w * PATCH_SIZE * PATCH_SIZE
+    if max_pixels is not None and pixels > max_pixels:
+        raise ApiError(413, "too_large", f"{n} latents decode to {pixels} pixels, over the limit of {max_pixels} "
+                       "(max_decode_pixels): split the batch")  # fmt: skip
+    return batch

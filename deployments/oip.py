@@ -165,7 +165,7 @@ async def infer(oip_model: str, request: Request, version: str = VERSION, ctx: O
         batch = _latents(parsed.inputs, info["latent_channels"], ctx.max_image_size)
     else:
         batch = await _images(parsed.inputs, parsed.header.parameters, ctx)
-    outcomes = await asyncio.gather(*(ctx.models.call(model, "run", verb, item) for item in batch))
+    outcomes = await ctx.models.call(model, "run_many", verb, batch)  # N inputs: N entries of the batch queue
     values = [o.value for o in outcomes]
     if verb == "encode":
         outputs = {LATENTS: np.stack([v.latents for v in values])}

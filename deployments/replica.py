@@ -89,6 +89,11 @@ class ReplicaDeployment:
             raise outcome
         return outcome
 
+    async def run_many(self, verb: Verb, arrays: np.ndarray | list[np.ndarray]) -> list[Outcome]:
+        """Run each of ``arrays`` (stacked inputs, or a list) as its own entry of the batch queue: a request of N inputs is N
+        batch entries, so its model calls hold at most ``max_batch_size`` inputs, shared with other requests'."""
+        return list(await asyncio.gather(*(self.run(verb, array) for array in arrays)))
+
     def info(self) -> dict[str, Any]:
         """The replica's model, device and batch settings, and which replica and devices this is."""
         import torch

@@ -29,7 +29,7 @@ class LatentsPayload(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    shape: Annotated[list[_Dim], Field(max_length=8, description="[C, h, w]")]
+    shape: Annotated[list[_Dim], Field(max_length=8, description="[C, h, w], or [N, C, h, w] for a batch")]
     dtype: str = Field(description="must be float32")
     latents: str = Field(description="base64 of the C-order, little-endian float32 bytes")
 

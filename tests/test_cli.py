@@ -35,7 +35,12 @@ def test_job_flags_become_one_pipeline_spec():
         "m", precision="bf16", size=128, crop="resize", batch_size=16, replicas=(2, 4), resources={"NPU": 1},
         progress=False,
     )  # fmt: skip
-    assert (args.func.__name__, args.output, args.flip, args.rows_per_file) == ("cmd_tokenize", "out", False, 2048)
+    assert (args.func.__name__, args.output, args.flip, args.rows_per_file) == (
+        "cmd_tokenize",
+        "out",
+        False,
+        None,
+    )  # 2048, or 10000 per shard
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m"])) == PipelineSpec("m")
 
 

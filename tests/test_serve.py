@@ -8,10 +8,13 @@ API key) for placement and authentication.
 from __future__ import annotations
 
 import base64
+import email.parser
+import email.policy
 import io
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +46,7 @@ pytestmark = pytest.mark.slow
 MAX_BODY_BYTES = 300_000
 MAX_PIXELS = 1_000_000
 MAX_IMAGE_SIZE = 256
+MAX_DECODE_BATCH = 6
 KEY = "test-key-0123"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
@@ -60,6 +64,8 @@ def base_url(ray_runtime: str) -> Iterator[str]:
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
         placement="cpu",
+        max_decode_batch=MAX_DECODE_BATCH,
+        max_decode_pixels=MAX_DECODE_BATCH * SIZE * SIZE,
     )
     serve.run(compose_app(args), name="vtp", route_prefix="/")
     npu = AppArgs(model=TINY, image_size=SIZE, api_key=KEY, device="cpu")  # declared NPUs, computed on the CPU
@@ -286,7 +292,8 @@ _BAD_INPUTS = {
     "latents not json": ("/v1/decode", {"content": b"{nope", "headers": _JSON}, 422, "JSON"),
     "latents field missing": ("/v1/decode", {"json": {"shape": [8, 4, 4], "dtype": "float32"}}, 422, "latents"),
     "latents shape rank": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS[0], shape=[4, 4])}, 400, "shape"),
-    "latents batch": ("/v1/decode", {"json": _latents_json(np.zeros((2, CHANNELS, 4, 4), np.float32))}, 400, "one"),
+    "latents batch": ("/v1/decode", {"json": _latents_json(np.zeros((7, CHANNELS, 4, 4), np.float32))}, 413, "batch"),
+    "latents pixels": ("/v1/decode", {"json": _latents_json(np.zeros((2, CHANNELS, 16, 16), np.float32))}, 413, "pix"),
     "latents dtype": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, dtype="float16")}, 400, "dtype"),
     "latents not base64": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, latents="@@@")}, 400, "base64"),
     "latents bytes vs shape": ("/v1/decode", {"json": _latents_json(_GOOD_LATENTS, shape=[8, 4, 5])}, 400, "bytes"),
@@ -383,3 +390,34 @@ def test_api_key_guards_v1_but_not_healthz(npu_client: httpx.Client, png: bytes)
         assert response.status_code == 401
     assert npu_client.get("/v1/model").status_code == 200
     assert npu_client.post("/v1/embed", **image).status_code == 200
+
+
+def test_batch_decode_equals_replica_decode(client: httpx.Client, replica: VTPReplica) -> None:
+    images = np.stack([preprocess(png_bytes(random_image(seed=i)), size=SIZE) for i in range(5)])
+    latents = replica.encode(images).latents  # 5 latents: more than max_batch_size (4), split by the replica queue
+    expected = replica.decode(latents).astype(int)
+
+    as_npy = client.post("/v1/decode", content=_npy(latents), headers={**_NPY, "accept": NPY})
+    assert as_npy.status_code == 200, as_npy.text
+    decoded = np.load(io.BytesIO(as_npy.content), allow_pickle=False)
+    assert decoded.dtype == np.uint8 and decoded.shape == (5, SIZE, SIZE, 3)
+    assert np.abs(decoded.astype(int) - expected).max() <= 1
+    assert 1 <= int(as_npy.headers["x-vtp-batch-size"]) <= 4
+
+    as_zip = client.post("/v1/decode", json=_latents_json(latents), headers={"accept": "application/zip"})
+    assert as_zip.status_code == 200 and as_zip.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(as_zip.content)) as archive:
+        names = archive.namelist()
+        pngs = [png_array(archive.read(name)) for name in names]
+    assert names == [f"{i:05d}.png" for i in range(5)]
+    assert np.abs(np.stack(pngs).astype(int) - expected).max() <= 1
+
+    as_multipart = client.post("/v1/decode", content=_npy(latents), headers={**_NPY, "accept": "multipart/mixed"})
+    assert as_multipart.status_code == 200
+    head = f"Content-Type: {as_multipart.headers['content-type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + as_multipart.content)
+    parts = list(message.iter_parts())
+    assert [part.get_filename() for part in parts] == names
+    assert all(part.get_content_type() == "image/png" for part in parts)
+    pngs = [png_array(part.get_payload(decode=True)) for part in parts]
+    assert np.abs(np.stack(pngs).astype(int) - expected).max() <= 1

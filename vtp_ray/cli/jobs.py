@@ -7,7 +7,7 @@ import json
 
 from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
-from .args import add_model_args, add_pipeline_args, pipeline_spec
+from .args import add_model_args, add_pipeline_args, pipeline_spec, replicas_arg, resources_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +31,52 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the stored latents")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete existing results in DIR instead of resuming")
     p.add_argument("--retry-errors", action="store_true", help="also redo inputs recorded in errors.parquet")
-    p.add_argument("--rows-per-file", type=int, default=2048, help="inputs per part file")
+    p.add_argument(
+        "--rows-per-file", type=int, default=None,
+        help="inputs per part file (default 2048; lightningdit: images per shard, default 10000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("parquet", "lightningdit"), default="parquet",
+        help="parquet (DIR/data), or LightningDiT's safetensors shards + latents_stats.pt (implies --flip; needs "
+        "labels: --labels-from-dirs)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "export",
+        help="convert a tokenize parquet output into LightningDiT shards (no recomputation)",
+        description="Write the latents, latents_flip and labels of a `vtp-ray tokenize --flip --labels-from-dirs` "
+        "output as LightningDiT's latents_rank00_shardNNN.safetensors, latents_stats.pt and classes.txt. "
+        "Re-running resumes.",
+    )
+    p.add_argument("source", metavar="PARQUET_DIR", help="a vtp-ray tokenize output directory")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the shard directory (data.data_path)")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="images per shard (upstream: about 10000)")
+    p.add_argument("--overwrite", action="store_true", help="delete existing shards in DIR instead of resuming")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "decode",
+        help="decode latents (LightningDiT shards, .npy/.npz, a tokenize output) into PNGs or one .npz",
+        description="Decode every latent through the replica pool: DIR/000000.png... in input order, or with --npz "
+        "one DIR/samples.npz (arr_0: uint8 (N, H, W, 3), what ADM's FID evaluator reads).",
+    )
+    p.add_argument(
+        "latents", nargs="+", metavar="LATENTS",
+        help="shard directory or .safetensors, .npy / .npz of (N, C, h, w), or a tokenize output",
+    )  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--key", help="array to decode: latents (default), latents_flip, or an .npz key (default arr_0)")
+    p.add_argument("--stats", metavar="FILE", help="de-normalize first, x * std + mean: latents_stats.pt or stats.json")
+    p.add_argument("--npz", action="store_true", help="write one samples.npz instead of PNGs")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=32, help="latents per model call")
+    p.add_argument("--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX", help="model actors")
+    p.add_argument("--resources", type=resources_arg, default="auto", help="per replica: auto, npu, gpu, cpu, or JSON")
+    p.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray, or RAY_ADDRESS)")
+    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser(
         "eval",
@@ -62,18 +106,51 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     """Prints the summary line; exit code 1 if some inputs are still missing."""
     from ..pipeline.tokenize import tokenize_dataset
 
+    shards = args.format == "lightningdit"
     summary = tokenize_dataset(
         args.inputs,
         args.output,
         pipeline_spec(args),
-        flip=args.flip,
+        flip=args.flip or shards,
         latent_dtype=args.latent_dtype,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
-        rows_per_file=args.rows_per_file,
+        rows_per_file=args.rows_per_file or (10_000 if shards else 2048),
+        format=args.format,
     )
     print(summary.line())
     return 1 if summary.missing else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Prints the summary line."""
+    from ..pipeline.lightningdit import export_lightningdit
+
+    summary = export_lightningdit(args.source, args.output, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
+    print(summary.line())
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Prints the summary line; exit code 1 if some latents could not be decoded."""
+    from ..pipeline import PipelineSpec
+    from ..pipeline.decode import decode_latents
+
+    spec = PipelineSpec(
+        model=args.model,
+        precision=args.precision,
+        device=args.device,
+        rope_dtype=args.rope_dtype,
+        batch_size=args.batch_size,
+        replicas=args.replicas,
+        resources=args.resources,
+        address=args.address,
+        cpu_threads=args.cpu_threads,
+        progress=args.progress,
+    )
+    summary = decode_latents(args.latents, args.output, spec, key=args.key, stats=args.stats, npz=args.npz)
+    print(summary.line())
+    return 1 if summary.errors else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -70,7 +70,17 @@ ERROR_SCHEMA = pa.schema(
 
 # Manifest entries that must be equal for a run to add rows to an existing output: anything that changes the
 # numbers or the schema. The device is left out on purpose (NPU, GPU and CPU agree to well under 1%).
-RESUME_KEYS = ("format", "format_version", "model", "precision", "preprocessing", "flip", "latent_dtype", "columns")
+RESUME_KEYS = (
+    "format",
+    "format_version",
+    "model",
+    "precision",
+    "preprocessing",
+    "flip",
+    "latent_dtype",
+    "columns",
+    "classes",
+)
 _MODEL_RESUME_KEYS = ("name", "config_digest", "random_weights", "rope_dtype")
 
 _PART = re.compile(r"part-(\d{5,})\.parquet")
@@ -234,7 +244,7 @@ class LatentStore:
         self._error_parts: list[pa.Table] = []
         self._next_index = 0
         if stored is None:
-            if self._list(DATA_DIR) or self._list(ERROR_PARTS_DIR) or self._exists(ERRORS_FILE):
+            if self._has_results():
                 raise OutputMismatchError(
                     f"{output} holds tokenization results but no {MANIFEST_FILE}, so nothing says what made them: "
                     "use another --output, or --overwrite to start again"
@@ -271,6 +281,9 @@ class LatentStore:
                 parts.append((int(match.group(1)), entry.path))
         return sorted(parts)
 
+    def _has_results(self) -> bool:
+        return bool(self._list(DATA_DIR) or self._list(ERROR_PARTS_DIR) or self._exists(ERRORS_FILE))
+
     def _read_manifest(self) -> dict[str, Any] | None:
         if not self._exists(MANIFEST_FILE):
             return None
@@ -300,6 +313,9 @@ class LatentStore:
             stats = ChannelStats.from_json(metadata[STATS_KEY]) if STATS_KEY in metadata else self._stats_of(path)
             self._parts.append(_DataPart(posixpath.basename(path), len(paths), stats, paths))
             self._next_index = max(self._next_index, index + 1)
+        self._load_errors()
+
+    def _load_errors(self) -> None:
         for index, path in self._list(ERROR_PARTS_DIR):
             with self.fs.open_input_file(path) as f:
                 self._error_parts.append(pq.read_table(f).cast(ERROR_SCHEMA))
@@ -318,6 +334,10 @@ class LatentStore:
     def row_paths(self) -> pa.ChunkedArray:
         """The paths of every row written so far, all runs."""
         return pa.chunked_array([p.paths for p in self._parts], pa.string())
+
+    def data_files(self) -> list[str]:
+        """The paths (in this store's filesystem) of the data parts, in order."""
+        return [self._path(DATA_DIR, part.name) for part in self._parts]
 
     def error_paths(self) -> pa.ChunkedArray:
         return pa.chunked_array([t.column("path").combine_chunks() for t in self._error_parts], pa.string())
@@ -351,14 +371,18 @@ class LatentStore:
             self._write_parquet(self._path(ERROR_PARTS_DIR, name), errors)
             self._error_parts.append(errors)
         if rows.num_rows:
-            rows = rows.cast(self.schema)
-            stats = ChannelStats.of(self._latents(rows))
-            metadata = {
-                METADATA_KEY: json.dumps({**self.manifest, "run": dict(run)}).encode(),
-                STATS_KEY: stats.to_json().encode(),
-            }
-            self._write_parquet(self._path(DATA_DIR, name), rows.replace_schema_metadata(metadata))
-            self._parts.append(_DataPart(name, rows.num_rows, stats, rows.column("path").combine_chunks()))
+            self._write_rows(index, rows.cast(self.schema), run)
+
+    def _write_rows(self, index: int, rows: pa.Table, run: Mapping[str, Any]) -> None:
+        """Write the data part numbered ``index`` (rows already cast to ``self.schema``)."""
+        name = f"part-{index:05d}.parquet"
+        stats = ChannelStats.of(self._latents(rows))
+        metadata = {
+            METADATA_KEY: json.dumps({**self.manifest, "run": dict(run)}).encode(),
+            STATS_KEY: stats.to_json().encode(),
+        }
+        self._write_parquet(self._path(DATA_DIR, name), rows.replace_schema_metadata(metadata))
+        self._parts.append(_DataPart(name, rows.num_rows, stats, rows.column("path").combine_chunks()))
 
     def _write_parquet(self, path: str, table: pa.Table) -> None:
         self.fs.create_dir(posixpath.dirname(path), recursive=True)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from .. import __version__
 from ..images import NORMALIZATIONS
 from .inputs import discover_inputs
+from .lightningdit import ShardStore, check_labels, lightningdit_manifest
 from .report import plural
 from .runner import ReplicaUsage, run_pipeline
 from .spec import ModelFacts, PipelineSpec
@@ -172,6 +173,7 @@ def tokenize_dataset(
     retry_errors: bool = False,
     rows_per_file: int = 2048,
     flush_interval_s: float = 120.0,
+    format: str = "parquet",
 ) -> TokenizeSummary:
     """Tokenize every image named by ``inputs`` into parquet latents in ``output``.
 
@@ -185,6 +187,8 @@ def tokenize_dataset(
         retry_errors: also redo inputs that ended as errors in earlier runs.
         rows_per_file, flush_interval_s: a part is written when this many inputs are buffered, or this long
             after the previous one: the most a killed job can lose.
+        format: ``parquet`` (``store``), or ``lightningdit``: the safetensors shards and ``latents_stats.pt``
+            LightningDiT's ``ImgLatentDataset`` reads (``lightningdit``; needs ``flip`` and a label per input).
 
     Returns a ``TokenizeSummary``; the same numbers and the latent statistics are in ``output/stats.json``.
     """
@@ -196,7 +200,14 @@ def tokenize_dataset(
     found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
     model = ModelFacts.of(spec.model, spec.size)
     manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
-    store = LatentStore(output, manifest, overwrite=overwrite)
+    if format == "lightningdit":
+        option = "use --labels-from-dirs on an ImageFolder tree, or a manifest with a label column"
+        classes = check_labels(found.table.column("label"), option)
+        store: LatentStore = ShardStore(output, lightningdit_manifest(manifest, classes), overwrite=overwrite)
+    elif format == "parquet":
+        store = LatentStore(output, manifest, overwrite=overwrite)
+    else:
+        raise ValueError(f"format must be parquet or lightningdit, got {format!r}")
     done = store.done_paths(retry_errors).combine_chunks()
     todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
     limits = spec.limits

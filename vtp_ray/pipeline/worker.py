@@ -49,6 +49,10 @@ class ReplicaWorker:
             raise RuntimeError(f"model {spec.model!r} has config digest {digest} here, not {expected_digest}")
         self.name = replica_label(self.replica.info.device)
 
+    def inputs(self, rows: pa.Table) -> np.ndarray:
+        """The model input of the valid rows: by default their preprocessed images, uint8 ``(n, size, size, 3)``."""
+        return pixels(rows.column("image"), self.spec.size)
+
     def process(self, images: np.ndarray, rows: pa.Table) -> Any:
         """The model work on the valid rows: ``images`` uint8 ``(n, size, size, 3)``, ``rows`` their table rows."""
         raise NotImplementedError
@@ -63,7 +67,7 @@ class ReplicaWorker:
         result = None
         if valid.any():
             rows = batch.filter(pa.array(valid))
-            result = self.process(pixels(rows.column("image"), self.spec.size), rows)
+            result = self.process(self.inputs(rows), rows)
         seconds = time.perf_counter() - started
         out = self.columns(batch, valid, result)
         out = out.append_column("replica", pa.array([self.name] * batch.num_rows, pa.string()))

@@ -1,0 +1,310 @@
+"""``vtp-ray decode``: sampled (or stored) latents -> images, through the replica pool with Ray Data.
+
+```
+driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet output) -> chunks of batch_size rows
+ray.data.range(chunks) -> read_latents_block (CPU tasks, no torch): slice, de-normalize, check finite
+                       -> DecodeWorker pool (ReplicaWorker): VTPReplica.decode
+driver: PNGs DIR/000000.png... in input order, or one ADM-style DIR/samples.npz (arr_0: uint8 (N, H, W, 3));
+        inputs that cannot be decoded (non-finite values) are listed in DIR/errors.parquet
+```
+
+De-normalization (``stats``) undoes LightningDiT's ``(x - mean) / std`` as upstream's inference does:
+``x * std + mean`` with a ``latents_stats.pt`` or a tokenize ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .report import plural
+from .runner import Placement, ReplicaUsage, _outputs, _progress_bars, ray_session
+from .spec import ModelFacts, PipelineSpec
+from .worker import ReplicaWorker
+
+__all__ = ["DecodeSummary", "DecodeWorker", "LatentSource", "decode_latents", "find_latents", "load_stats"]
+
+NPZ_FILE = "samples.npz"
+ERRORS_FILE = "errors.parquet"
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """One file of latents: ``kind`` (``safetensors``, ``npy``, ``npz``, ``parquet``), the array ``key``, rows."""
+
+    path: str
+    kind: str
+    key: str
+    rows: int
+    shape: tuple[int, int, int]  # (C, h, w)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float32 ``(n, C, h, w)``."""
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="numpy") as f:
+                values = f.get_slice(self.key)[start:stop]
+        elif self.kind == "npy":
+            values = np.load(self.path, mmap_mode="r", allow_pickle=False)[start:stop]
+        elif self.kind == "npz":
+            with np.load(self.path, allow_pickle=False) as archive:
+                values = archive[self.key][start:stop]
+        else:
+            column = pq.read_table(self.path, columns=[self.key]).column(self.key).slice(start, stop - start)
+            values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(values, np.float32).reshape(-1, *self.shape)
+
+
+def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentSource]:
+    """The latent files named by ``inputs``: LightningDiT shard directories or ``.safetensors`` files, ``.npy`` /
+    ``.npz`` files of ``(N, C, h, w)``, tokenize parquet output directories. ``key`` picks the array (default
+    ``latents``; ``.npz``: ``latents`` if present, else ``arr_0``)."""
+    sources: list[LatentSource] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir() and (path / "manifest.json").exists() and (path / "data").is_dir():
+            manifest = json.loads((path / "manifest.json").read_text())
+            column = key or "latents"
+            if column not in manifest.get("columns", {}):
+                raise ValueError(f"{path} has no {column!r} column (it has {list(manifest.get('columns', {}))})")
+            shape = tuple(manifest["columns"][column]["shape"])
+            for part in sorted((path / "data").glob("part-*.parquet")):
+                rows = pq.ParquetFile(part).metadata.num_rows
+                sources.append(LatentSource(str(part), "parquet", column, rows, shape))
+        elif path.is_dir():
+            shards = sorted(path.glob("*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"{path} holds no .safetensors shards and is no tokenize output")
+            sources += [_safetensors(str(shard), key or "latents") for shard in shards]
+        elif path.suffix == ".safetensors":
+            sources.append(_safetensors(str(path), key or "latents"))
+        elif path.suffix == ".npy":
+            sources.append(_array(str(path), "npy", "", np.load(path, mmap_mode="r", allow_pickle=False).shape))
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                chosen = key or ("latents" if "latents" in archive.files else "arr_0")
+                if chosen not in archive.files:
+                    raise ValueError(f"{path} has no array {chosen!r} (it has {archive.files})")
+                sources.append(_array(str(path), "npz", chosen, archive[chosen].shape))
+        elif not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        else:
+            raise ValueError(f"{path}: expected a shard directory, .safetensors, .npy, .npz or a tokenize output")
+    return sources
+
+
+def _safetensors(path: str, key: str) -> LatentSource:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        names = set(f.keys())
+        if key not in names:
+            raise ValueError(f"{path} has no tensor {key!r} (it has {sorted(names)})")
+        return _array(path, "safetensors", key, tuple(f.get_slice(key).get_shape()))
+
+
+def _array(path: str, kind: str, key: str, shape: tuple[int, ...]) -> LatentSource:
+    if len(shape) != 4:
+        raise ValueError(f"{path}{':' + key if key else ''} has shape {list(shape)}, expected (N, C, h, w)")
+    return LatentSource(path, kind, key, int(shape[0]), tuple(int(d) for d in shape[1:]))
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` per channel from LightningDiT's ``latents_stats.pt`` or a tokenize ``stats.json``."""
+    if path.endswith(".json"):
+        latents = json.loads(Path(path).read_text())["latents"]
+        mean, std = latents["mean"], latents["std"]
+    else:
+        import torch
+
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        mean, std = stats["mean"].numpy(), stats["std"].numpy()
+    return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def read_latents_block(
+    block: pa.Table, *, chunks: list[tuple[int, int, int, int]], sources: list[LatentSource], stats: Any
+) -> pa.Table:
+    """The latents of the chunks numbered in ``block`` (``ray.data.range``'s ``id``): ``index, latents, reason,
+    error``; non-finite latents become error rows instead of failing the batch."""
+    indices, values = [], []
+    for chunk in block.column("id").to_pylist():
+        source, start, stop, first = chunks[chunk]
+        values.append(sources[source].read(start, stop))
+        indices.append(np.arange(first, first + stop - start))
+    latents = np.concatenate(values)
+    if stats is not None:
+        mean, std = stats
+        latents = latents * std[None, :, None, None] + mean[None, :, None, None]
+    finite = np.isfinite(latents.reshape(len(latents), -1)).all(axis=1)
+    width = latents[0].nbytes
+    return pa.table(
+        {
+            "index": pa.array(np.concatenate(indices), pa.int64()),
+            "latents": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), len(latents), [None, pa.py_buffer(np.ascontiguousarray(latents).tobytes())]
+            ),
+            "reason": pa.array([None if ok else "bad_latents" for ok in finite], pa.string()),
+            "error": pa.array([None if ok else "latents contain NaN or inf" for ok in finite], pa.string()),
+        }
+    )
+
+
+class DecodeWorker(ReplicaWorker):
+    """The model stage: ``VTPReplica.decode`` of the valid rows' latents."""
+
+    def __init__(self, *, latent_shape: tuple[int, int, int], **base: Any) -> None:
+        super().__init__(**base)
+        self.latent_shape = latent_shape
+        self.image_bytes = self.spec.size * self.spec.size * 3
+
+    def inputs(self, rows: pa.Table) -> np.ndarray:
+        column = rows.column("latents").combine_chunks()
+        width = int(np.prod(self.latent_shape)) * 4
+        view = np.frombuffer(column.buffers()[1], np.float32, len(column) * width // 4, column.offset * width)
+        return view.reshape(len(column), *self.latent_shape)
+
+    def process(self, latents: np.ndarray, rows: pa.Table) -> np.ndarray:
+        return self.replica.decode(latents)
+
+    def columns(self, batch: pa.Table, valid: np.ndarray, result: np.ndarray | None) -> pa.Table:
+        full = np.zeros((len(valid), self.image_bytes), np.uint8)
+        if result is not None:
+            full[valid] = result.reshape(len(result), -1)
+        images = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(self.image_bytes), len(valid), [None, pa.py_buffer(full)]
+        )
+        return batch.drop_columns(["latents"]).append_column("image", images)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class DecodeSummary:
+    """What a decode run wrote."""
+
+    output: str
+    images: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    random_weights: bool
+
+    def line(self) -> str:
+        return (
+            f"decode: {plural(self.images, 'image')} written to {self.output} in {self.seconds:.1f}s "
+            f"({self.images_per_s:.3g} images/s), {plural(self.errors, 'error')}"
+            + (f" (see {ERRORS_FILE})" if self.errors else "")
+            + (" (RANDOM weights: the images are meaningless)" if self.random_weights else "")
+        )
+
+
+def decode_latents(
+    inputs: Sequence[str],
+    output: str,
+    spec: PipelineSpec,
+    *,
+    key: str | None = None,
+    stats: str | None = None,
+    npz: bool = False,
+) -> DecodeSummary:
+    """Decode every latent in ``inputs`` (see ``find_latents``) into ``output``: ``000000.png``... in input
+    order, or with ``npz`` one ``samples.npz`` whose ``arr_0`` is uint8 ``(N, H, W, 3)`` (what ADM's FID evaluator
+    reads). ``stats`` de-normalizes first (``x * std + mean``). ``spec.size`` is ignored: the latents decide it."""
+    started = time.perf_counter()
+    sources = find_latents(inputs, key)
+    shapes = {s.shape for s in sources}
+    if len(shapes) != 1:
+        raise ValueError(f"all latents must share one (C, h, w), got {sorted(shapes)}")
+    (shape,) = shapes
+    model = ModelFacts.of(spec.model)
+    if shape[0] != model.latent_channels or shape[1] != shape[2]:
+        raise ValueError(f"latents of shape {list(shape)} do not fit the model ({model.latent_channels} channels)")
+    mean_std = load_stats(stats) if stats else None
+    if mean_std is not None and len(mean_std[0]) != shape[0]:
+        raise ValueError(f"{stats} holds {len(mean_std[0])} channels, the latents {shape[0]}")
+    size = shape[1] * model.patch_size
+    spec = PipelineSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "size": size})
+    chunks, first = [], 0
+    for i, source in enumerate(sources):
+        for start in range(0, source.rows, spec.batch_size):
+            stop = min(start + spec.batch_size, source.rows)
+            chunks.append((i, start, stop, first + start))
+        first += source.rows
+    total = first
+    os.makedirs(output, exist_ok=True)
+    samples = np.zeros((total, size, size, 3), np.uint8) if npz else None
+    errors: list[dict[str, Any]] = []
+    usage = ReplicaUsage()
+    with ray_session(spec.address), _progress_bars(spec.progress):
+        import ray
+
+        placement = Placement.resolve(spec)
+        pool = placement.replicas
+        dataset = ray.data.range(len(chunks), override_num_blocks=max(len(chunks), 1)).map_batches(
+            read_latents_block,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"chunks": chunks, "sources": sources, "stats": mean_std},
+            num_cpus=spec.decode_cpus,
+        )
+        dataset = dataset.map_batches(
+            DecodeWorker,
+            batch_format="pyarrow",
+            batch_size=spec.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=pool)
+            if isinstance(pool, int)
+            else ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+            fn_constructor_kwargs={
+                "spec": spec,
+                "device": placement.device,
+                "expected_digest": model.config_digest,
+                "latent_shape": shape,
+            },
+            **placement.options,
+        )
+        for batch in _outputs(dataset):
+            usage.add(batch)
+            _write(batch, output, size, samples, errors)
+    if samples is not None:
+        ok = np.ones(total, bool)
+        ok[[e["index"] for e in errors]] = False
+        np.savez(os.path.join(output, NPZ_FILE), arr_0=samples[ok])
+    if errors:
+        pq.write_table(pa.Table.from_pylist(errors), os.path.join(output, ERRORS_FILE))
+    seconds = time.perf_counter() - started
+    images = usage.processed - len(errors)
+    return DecodeSummary(output, images, len(errors), seconds, images / seconds, model.random_weights)
+
+
+def _write(batch: pa.Table, output: str, size: int, samples: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
+    from ..images import to_png_bytes
+
+    column = batch.column("image").combine_chunks()
+    images = np.frombuffer(
+        column.buffers()[1], np.uint8, len(column) * size * size * 3, column.offset * size * size * 3
+    )
+    images = images.reshape(len(column), size, size, 3)
+    rows = zip(batch.column("index").to_pylist(), batch.column("error").to_pylist(), strict=True)
+    for row, (index, error) in enumerate(rows):
+        if error is not None:
+            errors.append({"index": index, "reason": batch.column("reason")[row].as_py(), "error": error})
+        elif samples is not None:
+            samples[index] = images[row]
+        else:
+            with open(os.path.join(output, f"{index:06d}.png"), "wb") as f:
+                f.write(to_png_bytes(images[row]))
