@@ -21,6 +21,7 @@ from vtp_ray.placement import resolve_placement
 from .config import AppArgs
 from .ingress import IngressSettings, VTPIngress
 from .replica import BatchingConfig, ReplicaDeployment
+from .text_inputs import TextLimits
 
 PLACEMENT_SETTING = "applications[].args.placement"
 
@@ -45,7 +46,11 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         **model_options,
     }
     model = ReplicaDeployment.options(**options).bind(
-        model=args.model, precision=args.precision, device=args.device, warmup_size=args.image_size
+        model=args.model,
+        precision=args.precision,
+        device=args.device,
+        warmup_size=args.image_size,
+        label_cache_size=args.label_cache_size,
     )
     settings = IngressSettings(
         image_size=args.image_size,
@@ -53,6 +58,12 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
         api_key=args.api_key.get_secret_value() if args.api_key else None,
+        text_limits=TextLimits(
+            max_texts=args.max_texts,
+            max_labels=args.max_labels,
+            max_templates=args.max_templates,
+            max_text_chars=args.max_text_chars,
+        ),
     )
     return VTPIngress.bind(model, settings)
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from .prompts import check_templates, expand
 
-__all__ = ["class_embeddings"]
+__all__ = ["average_templates", "class_embeddings"]
 
 
 def class_embeddings(
@@ -28,7 +28,12 @@ def class_embeddings(
     parts = []
     for start in range(0, len(classnames), classes_per_call):
         names = classnames[start : start + classes_per_call]
-        embedded = embed_text(expand(names, templates))
-        parts.append(embedded.reshape(len(names), len(templates), -1).mean(axis=1))
-    means = np.concatenate(parts)
+        parts.append(average_templates(embed_text(expand(names, templates)), len(templates)))
+    return np.concatenate(parts)
+
+
+def average_templates(embedded: np.ndarray, templates: int) -> np.ndarray:
+    """Label-major prompt embeddings ``(C * T, D)`` (as ``prompts.expand`` orders them) -> ``(C, D)``: the mean of
+    each class's T normalized embeddings, renormalized."""
+    means = embedded.reshape(-1, templates, embedded.shape[-1]).mean(axis=1)
     return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
