@@ -22,6 +22,7 @@ from .config import AppArgs
 from .ingress import IngressSettings, VTPIngress
 from .models import deployment_name
 from .replica import BatchingConfig, ReplicaDeployment
+from .text_inputs import TextLimits
 
 PLACEMENT_SETTING = "applications[].args.placement"
 
@@ -48,7 +49,11 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
     }
     models = {
         name: ReplicaDeployment.options(name=deployment_name(name, name == args.model_name), **options).bind(
-            model=checkpoint, precision=args.precision, device=args.device, warmup_size=args.image_size
+            model=checkpoint,
+            precision=args.precision,
+            device=args.device,
+            warmup_size=args.image_size,
+            label_cache_size=args.label_cache_size,
         )
         for name, checkpoint in args.checkpoints().items()
     }
@@ -62,6 +67,12 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         model_wait_s=args.model_wait_s,
         max_decode_batch=args.max_decode_batch,
         max_decode_pixels=args.max_decode_pixels,
+        text_limits=TextLimits(
+            max_texts=args.max_texts,
+            max_labels=args.max_labels,
+            max_templates=args.max_templates,
+            max_text_chars=args.max_text_chars,
+        ),
     )
     return VTPIngress.bind(models, settings)
 

@@ -70,6 +70,12 @@ class AppArgs(BaseModel):
                 raise ValueError(f"models.{name}: empty checkpoint")
         return value
 
+    max_texts: int = Field(256, ge=1, le=100_000, description="texts per /v1/embed-text request at most")
+    max_labels: int = Field(256, ge=1, le=100_000, description="labels per /v1/classify request at most")
+    max_templates: int = Field(100, ge=1, le=1000, description="prompt templates per /v1/classify request at most")
+    max_text_chars: int = Field(10_000, ge=1, description="characters per text, label or template at most")
+    label_cache_size: int = Field(64, ge=1, le=100_000, description="label sets whose text embeddings a replica keeps")
+
     @field_validator("image_size", "max_image_size")
     @classmethod
     def _multiple_of_patch(cls, value: int, info: ValidationInfo) -> int:

@@ -16,7 +16,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,13 +41,28 @@ from .inputs import (
     parse_latents,
     preprocess_upload,
     read_body,
+    read_image_and_fields,
     read_image_upload,
 )
 from .models import ModelSelection, ModelSet
-from .protocol import Outcome, Verb
-from .schemas import EmbedResponse, EncodeResponse, ErrorResponse, Health, LatentsPayload, Limits, ModelInfo
+from .protocol import ClassScores, Outcome, Verb
+from .schemas import (
+    ClassifyResponse,
+    EmbedResponse,
+    EmbedTextRequest,
+    EmbedTextResponse,
+    EncodeResponse,
+    ErrorResponse,
+    Health,
+    LabelScore,
+    LatentsPayload,
+    Limits,
+    ModelInfo,
+)
+from .text_inputs import TextLimits, classify_options, parse_embed_text
 
 BATCH_SIZE_HEADER = "x-vtp-batch-size"
+LABEL_CACHE_HEADER = "x-vtp-label-cache"  # hit: the label set's text embeddings were cached on the replica
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class IngressSettings:
     model_wait_s: float = 10.0
     max_decode_batch: int = 64
     max_decode_pixels: int = 16_777_216
+    text_limits: TextLimits = field(default_factory=TextLimits)
 
 
 app = FastAPI(
@@ -89,6 +105,32 @@ _LATENTS_BODY = {
         "content": {"application/json": {"schema": LatentsPayload.model_json_schema()}, NPY_MEDIA_TYPE: _BINARY},
     }
 }
+_TEXT_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": EmbedTextRequest.model_json_schema()}}}
+}
+_TEXT_FIELDS = {
+    "labels": {"type": "array", "items": {"type": "string"}, "description": "repeated field, or one JSON array"},
+    "templates": {"type": "array", "items": {"type": "string"}, "description": "with {} for the label"},
+    "template_set": {"type": "string", "enum": ["default", "imagenet"]},
+}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": _BINARY["schema"], **_TEXT_FIELDS},
+                    "required": ["image", "labels"],
+                }
+            },
+        },
+    }
+}
+_LABELS = Query(None, description="the labels (repeat the parameter), or one JSON array; or as form fields")
+_TEMPLATES = Query(None, description="prompt templates with {} (repeat); default: 'a photo of a {}.'")
+_TEMPLATE_SET = Query(None, description="a named template set instead: default, or imagenet (OpenAI's 80)")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)
 }
@@ -318,7 +360,64 @@ class VTPIngress:
         body = EmbedResponse(embedding=outcome.value.tolist(), dim=len(outcome.value))
         return JSONResponse(body.model_dump(), headers=_headers(outcome, timings))
 
+    @app.post("/v1/embed-text", response_model=EmbedTextResponse, responses=_ERRORS, openapi_extra=_TEXT_BODY)
+    async def embed_text(self, request: Request) -> Response:
+        """Normalized CLIP text embeddings of ``{"texts": [...]}``; concurrent requests share one model call."""
+        self._authorize(request)
+        timings: dict[str, float] = {}
+        with _timed(timings, "input"):
+            body = await read_body(request, self._settings.max_body_bytes)
+            texts = parse_embed_text(body, self._settings.text_limits)
+            await self._require_clip()
+        outcome = await self._run("embed_text", texts)
+        body = EmbedTextResponse(embeddings=outcome.value.tolist(), dim=outcome.value.shape[1])
+        return JSONResponse(body.model_dump(), headers=_headers(outcome, timings))
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_CLASSIFY_BODY)
+    async def classify(
+        self,
+        request: Request,
+        size: int | None = _SIZE,
+        crop: CropMode = _CROP,
+        labels: list[str] | None = _LABELS,
+        templates: list[str] | None = _TEMPLATES,
+        template_set: str | None = _TEMPLATE_SET,
+    ) -> Response:
+        """Zero-shot classification of an image (raw body or multipart) against labels: most probable first."""
+        self._authorize(request)
+        timings: dict[str, float] = {}
+        with _timed(timings, "input"):
+            side = check_size(self._settings.image_size if size is None else size, self._settings.max_image_size)
+            limits = self._settings.text_limits
+            max_fields = limits.max_labels + limits.max_templates + 8
+            data, fields = await read_image_and_fields(request, self._settings.max_body_bytes, max_fields)
+            query = {"labels": labels or [], "templates": templates or [], "template_set": [template_set or ""]}
+            for name, values in query.items():
+                fields.setdefault(name, []).extend(v for v in values if v)
+            label_set, prompts = classify_options(fields, limits)
+            await self._require_clip()
+            image = await asyncio.to_thread(preprocess_upload, data, side, crop, self._limits)
+        outcome = await self._call_model("classify", image, label_set, prompts)
+        scores: ClassScores = outcome.value
+        order = np.argsort(-scores.logits, kind="stable")
+        body = ClassifyResponse(
+            labels=[
+                LabelScore(
+                    label=label_set[i], probability=float(scores.probabilities[i]), logit=float(scores.logits[i])
+                )
+                for i in order
+            ],
+            activation=scores.activation,
+            templates=scores.templates,
+        )
+        headers = {**_headers(outcome, timings), LABEL_CACHE_HEADER: "hit" if scores.cache_hit else "miss"}
+        return JSONResponse(body.model_dump(), headers=headers)
+
     # ---------------------------------------------------------------------------------------- helpers
+
+    async def _require_clip(self) -> None:
+        if (await self._info())["embedding_dim"] is None:
+            raise ApiError(501, "no_clip_head", "this model has no CLIP head and text tower (train_clip is false)")
 
     def _authorize(self, request: Request) -> None:
         key = self._settings.api_key
@@ -342,7 +441,7 @@ class VTPIngress:
     async def _info(self) -> dict[str, Any]:
         return await self._models.info(self._models.resolve())
 
-    async def _run(self, verb: Verb, array: np.ndarray) -> Outcome:
+    async def _run(self, verb: Verb, array: np.ndarray | tuple[str, ...]) -> Outcome:
         return await self._call_model("run", verb, array)
 
     async def _call_model(self, method: str, *args: Any) -> Any:

@@ -76,11 +76,20 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def read_image_upload(request: Request, limit: int) -> bytes:
     """The encoded image of a raw ``image/*`` body or of the multipart field ``image``."""
+    return (await read_image_and_fields(request, limit))[0]
+
+
+async def read_image_and_fields(
+    request: Request, limit: int, max_fields: int = 16
+) -> tuple[bytes, dict[str, list[str]]]:
+    """The encoded image (raw ``image/*`` body or multipart field ``image``) and the multipart body's text fields
+    (none for a raw body), each name with its values in order."""
     kind = media_type(request)
     if kind.startswith("image/") or kind in _RAW_IMAGE_TYPES:
-        return await read_body(request, limit)
+        return await read_body(request, limit), {}
     if kind == "multipart/form-data":
-        parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=1, max_fields=16)
+        stream = _limited_stream(request, limit)
+        parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=max_fields)
         try:
             form = await parser.parse()
         except MultiPartException as e:
@@ -89,7 +98,11 @@ async def read_image_upload(request: Request, limit: int) -> bytes:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "bad_multipart", "the multipart body has no file field named 'image'")
-            return await upload.read()
+            fields: dict[str, list[str]] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    fields.setdefault(name, []).append(value)
+            return await upload.read(), fields
         finally:
             await form.close()
     raise ApiError(

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 #: The replica verbs a request can ask for (``VTPReplica``'s; one array per request, batched by the replica).
-Verb = Literal["encode", "decode", "reconstruct", "embed"]
+#: ``embed_text`` takes a tuple of strings instead: the texts of concurrent requests share one model call.
+Verb = Literal["encode", "decode", "reconstruct", "embed", "embed_text"]
 
 
 @dataclass(frozen=True)
@@ -17,10 +20,22 @@ class Outcome:
     """One request's result, the size of the model call it ran in, and where its time in the replica went.
 
     ``value`` is per verb: ``encode`` -> ``Encoded`` of one image (no batch dimension), ``decode`` / ``reconstruct``
-    -> uint8 ``(H, W, 3)``, ``embed`` -> float32 ``(D,)``.
+    -> uint8 ``(H, W, 3)``, ``embed`` -> float32 ``(D,)``, ``embed_text`` -> float32 ``(n, D)`` for the request's n
+    texts; a classification -> ``ClassScores``.
     """
 
     value: Any
     batch_size: int
     queue_ms: float  # from arriving at the replica until its model call started
     model_ms: float  # its model call
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """One image's zero-shot result: a score per label, in the order the labels were sent."""
+
+    logits: np.ndarray  # (C,) float32
+    probabilities: np.ndarray  # (C,) float32
+    activation: str  # "softmax" (CLIP) or "sigmoid" (a logit bias: SigLIP-style)
+    templates: int  # prompt templates averaged per label
+    cache_hit: bool  # the label set's text embeddings came from the replica's cache

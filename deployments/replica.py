@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from vtp_ray.placement import assigned_device
+from vtp_ray.text import expand
+from vtp_ray.text.classifier import average_templates
 
 from . import metrics
 from .batching import AdmissionGate
-from .protocol import Outcome, Verb
+from .protocol import ClassScores, Outcome, Verb
 
 log = logging.getLogger("ray.serve")
 
@@ -49,8 +52,18 @@ class BatchingConfig(BaseModel):
 @dataclass(frozen=True)
 class _Job:
     verb: Verb
-    array: np.ndarray
+    array: np.ndarray | tuple[str, ...]  # the texts for embed_text
     enqueued: float
+
+    def group(self) -> tuple[Verb, tuple[int, ...], str]:
+        """Jobs of one group share a model call: same verb and input shape; all the texts of a batch."""
+        if isinstance(self.array, tuple):
+            return (self.verb, (), "text")
+        return (self.verb, self.array.shape, self.array.dtype.str)
+
+
+#: Prompts per text job of a classification (a label set x 80 templates is split into jobs of this many).
+_PROMPTS_PER_JOB = 256
 
 
 @serve.deployment(name="VTPReplica", max_ongoing_requests=16, user_config=BatchingConfig().model_dump())
@@ -61,14 +74,26 @@ class ReplicaDeployment:
         model, precision: as ``VTPReplica``'s.
         device: ``None`` (the default) follows the accelerator Ray assigned; or an explicit ``VTPReplica`` device.
         warmup_size: side of the square image used to warm up.
+        label_cache_size: label sets whose class embeddings ``classify`` keeps (least recently used goes first).
     """
 
-    def __init__(self, model: str, precision: str = "fp32", device: str | None = None, warmup_size: int = 256) -> None:
+    def __init__(
+        self,
+        model: str,
+        precision: str = "fp32",
+        device: str | None = None,
+        warmup_size: int = 256,
+        label_cache_size: int = 64,
+    ) -> None:
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
         self._replica = VTPReplica(
             model, device=device or assigned_device(), precision=precision, warmup_size=warmup_size
         )
+        if warmup_size and self._replica.info.text_context_length:
+            self._replica.embed_text(["warm-up"])  # loads the tokenizer before traffic
+        self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._label_cache_size = label_cache_size
         self._gate = AdmissionGate()
         self._batching = BatchingConfig()
         self._loaded_at = time.time()
@@ -90,9 +115,37 @@ class ReplicaDeployment:
         return outcome
 
     async def run_many(self, verb: Verb, arrays: np.ndarray | list[np.ndarray]) -> list[Outcome]:
-        """Run each of ``arrays`` (stacked inputs, or a list) as its own entry of the batch queue: a request of N inputs is N
-        batch entries, so its model calls hold at most ``max_batch_size`` inputs, shared with other requests'."""
+        """Run each of ``arrays`` (stacked inputs, or a list) as its own entry of the batch queue: a request of N
+        inputs is N batch entries, so its model calls hold at most ``max_batch_size`` inputs, shared with others'."""
         return list(await asyncio.gather(*(self.run(verb, array) for array in arrays)))
+
+    async def classify(self, image: np.ndarray, labels: tuple[str, ...], templates: tuple[str, ...] | str) -> Outcome:
+        """Zero-shot scores of one image (H, W, 3) for ``labels`` put in ``templates`` (validated by the ingress),
+        or in the named template set of ``vtp_ray.text.TEMPLATE_SETS``.
+
+        The label set's class embeddings come from a bounded LRU cache, or from text jobs through the batch queue;
+        the image goes through the queue as an ``embed`` job. The outcome's timings are the image's.
+        """
+        if isinstance(templates, str):
+            from vtp_ray.text.imagenet import resolve_template_set  # open_clip: only where the model runs
+
+            templates = resolve_template_set(templates)
+        key = (labels, templates)
+        classes = self._label_cache.get(key)
+        hit = classes is not None
+        if classes is None:
+            prompts = expand(labels, templates)
+            chunks = [tuple(prompts[i : i + _PROMPTS_PER_JOB]) for i in range(0, len(prompts), _PROMPTS_PER_JOB)]
+            embedded = await asyncio.gather(*(self.run("embed_text", chunk) for chunk in chunks))
+            classes = average_templates(np.concatenate([o.value for o in embedded]), len(templates))
+            self._label_cache[key] = classes
+            while len(self._label_cache) > self._label_cache_size:
+                self._label_cache.popitem(last=False)
+        self._label_cache.move_to_end(key)
+        outcome = await self.run("embed", image)
+        scores = self._replica.zero_shot(outcome.value[None], classes)
+        value = ClassScores(scores.logits[0], scores.probabilities[0], scores.activation, len(templates), hit)
+        return Outcome(value, outcome.batch_size, outcome.queue_ms, outcome.model_ms)
 
     def info(self) -> dict[str, Any]:
         """The replica's model, device and batch settings, and which replica and devices this is."""
@@ -121,7 +174,7 @@ class ReplicaDeployment:
         self._gate.close()
         groups: dict[tuple[Verb, tuple[int, ...], str], list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault((job.verb, job.array.shape, job.array.dtype.str), []).append(i)
+            groups.setdefault(job.group(), []).append(i)
         results: list[Outcome | Exception] = [RuntimeError("not run")] * len(jobs)
         for (verb, _, _), members in groups.items():
             started = time.perf_counter()
@@ -129,11 +182,9 @@ class ReplicaDeployment:
                 metrics.queue_wait_ms().observe((started - jobs[i].enqueued) * 1000, tags={"verb": verb})
             try:
                 # Off the event loop: the replica keeps accepting requests (the next batch) meanwhile.
-                values = await asyncio.to_thread(self._call, verb, np.stack([jobs[i].array for i in members]))
+                values = await asyncio.to_thread(self._call, verb, [jobs[i].array for i in members])
             except Exception as e:
-                log.exception(
-                    "model call %s on %d inputs of shape %s failed", verb, len(members), jobs[members[0]].array.shape
-                )
+                log.exception("model call %s on %d inputs failed", verb, len(members))
                 metrics.errors().inc(tags={"kind": "model"})
                 error = RuntimeError(f"model call failed: {type(e).__name__}: {e}")
                 for i in members:
@@ -146,7 +197,11 @@ class ReplicaDeployment:
                 results[i] = Outcome(value, len(members), (started - jobs[i].enqueued) * 1000, model_ms)
         return results
 
-    def _call(self, verb: Verb, batch: np.ndarray) -> list[Any]:
-        """One model call on a stacked batch -> one value per input."""
-        out = getattr(self._replica, verb)(batch)
-        return [out[i] for i in range(len(batch))]
+    def _call(self, verb: Verb, inputs: list[Any]) -> list[Any]:
+        """One model call on the group's inputs (stacked arrays, or all their texts) -> one value per input."""
+        if verb == "embed_text":
+            out = self._replica.embed_text([text for texts in inputs for text in texts])
+            ends = np.cumsum([len(texts) for texts in inputs])[:-1]
+            return np.split(out, ends)
+        out = getattr(self._replica, verb)(np.stack(inputs))
+        return [out[i] for i in range(len(inputs))]

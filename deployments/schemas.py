@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 _Dim = Annotated[int, Field(ge=1, le=65536)]
 
@@ -39,6 +39,35 @@ class EmbedResponse(BaseModel):
 
     embedding: list[float]
     dim: int
+
+
+class EmbedTextRequest(BaseModel):
+    """``/v1/embed-text``'s body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[StrictStr] = Field(description="the texts to embed (OpenAI CLIP BPE, cut to the model's context)")
+
+
+class EmbedTextResponse(BaseModel):
+    """``/v1/embed-text``: one normalized CLIP text embedding per text, in order."""
+
+    embeddings: list[list[float]]
+    dim: int
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+    logit: float = Field(description="exp(logit_scale) * cosine similarity [+ logit_bias]")
+
+
+class ClassifyResponse(BaseModel):
+    """``/v1/classify``: the labels, most probable first."""
+
+    labels: list[LabelScore]
+    activation: str = Field(description="softmax over the labels (CLIP), or sigmoid per label (a logit bias: SigLIP)")
+    templates: int = Field(description="prompt templates averaged per label")
 
 
 class Health(BaseModel):

@@ -21,6 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = str(FIXTURES / "vtp-tiny")
+TINYTEXT = str(FIXTURES / "vtp-tinytext")  # the real 49408-id vocabulary and context 77
+TOKENS = FIXTURES / "text-tokens" / "tokens.json"  # upstream tokenizer ids of 20 texts
 SIZE = 64  # the tiny model's training size
 CHANNELS = 8  # the tiny model's latent channels
 NPY = "application/x-npy"

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Encoded", "ReplicaInfo"]
+__all__ = ["Encoded", "ReplicaInfo", "ZeroShot"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,26 @@ class ReplicaInfo:
     latent_channels: int
     embedding_dim: int | None
     vtp_ray_version: str
+    text_context_length: int | None = None  # token ids per text; None without a text tower
+    zero_shot_activation: str | None = None  # "softmax" (CLIP: no logit bias) or "sigmoid" (SigLIP: a logit bias)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """Zero-shot scores of N images against C classes (class embeddings from texts)."""
+
+    logits: np.ndarray  # (N, C) float32: exp(logit_scale) * cosine [+ logit_bias], as the checkpoint was trained
+    probabilities: np.ndarray  # (N, C) float32: softmax over the classes, or sigmoid per class with a logit bias
+    activation: str  # "softmax" or "sigmoid"
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best classes of each image, best first: ``(indices (N, k) int64, probabilities (N, k))``."""
+        k = min(k, self.logits.shape[1])
+        order = np.argsort(-self.logits, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(self.probabilities, order, axis=1)

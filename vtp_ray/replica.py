@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,11 +23,11 @@ from .arrays import as_image_batch, as_latent_batch
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
 from .normalize import denormalize_to_uint8, normalize
-from .outputs import Encoded, ReplicaInfo
+from .outputs import Encoded, ReplicaInfo, ZeroShot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Encoded", "ReplicaInfo", "VTPReplica"]
+__all__ = ["Encoded", "ReplicaInfo", "VTPReplica", "ZeroShot"]
 
 
 class VTPReplica:
@@ -80,6 +81,10 @@ class VTPReplica:
             latent_channels=cfg.latent_channels,
             embedding_dim=cfg.embedding_dim,
             vtp_ray_version=__version__,
+            text_context_length=cfg.text_context_length if cfg.train_clip else None,
+            zero_shot_activation=(
+                None if not cfg.train_clip else "softmax" if self.model.logit_bias is None else "sigmoid"
+            ),
         )
         if warmup_size:
             self.warmup(warmup_size)
@@ -114,14 +119,49 @@ class VTPReplica:
     @torch.inference_mode()
     def embed(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Normalized CLIP image embeddings ``(N, D)``."""
-        if self.info.embedding_dim is None:
-            raise ValueError("this model has no CLIP head (train_clip is false)")
+        self._require_clip()
         return self._out(self.model.get_clip_image_feature(self._images_in(images)))
+
+    @torch.inference_mode()
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalized CLIP text embeddings ``(N, D)`` of N strings (OpenAI CLIP BPE, the checkpoint's context)."""
+        from .text.tokenizer import tokenize
+
+        self._require_clip()
+        if not len(texts):
+            return np.zeros((0, self.info.embedding_dim), np.float32)
+        ids = tokenize(texts, self.info.text_context_length)
+        cfg = self.model.config
+        if not cfg.text_no_causal_mask and cfg.text_pool_type == "argmax":
+            # Causal attention pooled at the end token: the padding after the longest text changes nothing.
+            ids = ids[:, : int((ids != cfg.text_pad_id).sum(axis=1).max())]
+        return self._out(self.model.get_clip_text_feature(torch.from_numpy(ids).to(self.device)))
+
+    @torch.inference_mode()
+    def zero_shot(self, image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> ZeroShot:
+        """Score normalized image embeddings ``(N, D)`` against class embeddings ``(C, D)`` with the checkpoint's
+        logit scale (and bias): softmax over the classes for CLIP, sigmoid per class where a logit bias says the
+        model was trained SigLIP-style."""
+        self._require_clip()
+        images, classes = (
+            torch.from_numpy(np.asarray(a, np.float32)).to(self.device) for a in (image_embeddings, class_embeddings)
+        )
+        logits = self.model.clip_logits(images, classes)
+        probabilities = logits.sigmoid() if self.info.zero_shot_activation == "sigmoid" else logits.softmax(dim=-1)
+        return ZeroShot(self._out(logits), self._out(probabilities), self.info.zero_shot_activation)
+
+    def classify(self, images: np.ndarray | list[np.ndarray], class_embeddings: np.ndarray) -> ZeroShot:
+        """Zero-shot classification of uint8 images ``(N, H, W, 3)`` against class embeddings ``(C, D)``."""
+        return self.zero_shot(self.embed(images), class_embeddings)
 
     def memory(self) -> dict[str, int]:
         return memory_stats(self.device)
 
     # ------------------------------------------------------------------------------------ helpers
+
+    def _require_clip(self) -> None:
+        if self.info.embedding_dim is None:
+            raise ValueError("this model has no CLIP head (train_clip is false)")
 
     def _images_in(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(as_image_batch(images, self.info.patch_size))

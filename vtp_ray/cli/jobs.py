@@ -7,6 +7,7 @@ import json
 
 from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
+from ..text import TEMPLATE_SETS
 from .args import add_model_args, add_pipeline_args, pipeline_spec, replicas_arg, resources_arg
 
 
@@ -98,6 +99,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lpips-weights", metavar="PATH",
         help=f"LPIPS state dict: VGG16 (upstream's) or AlexNet trunk + lin0..4 heads (env {LPIPS_ENV})",
     )  # fmt: skip
+    p.add_argument(
+        "--task", choices=("reconstruction", "zero-shot"), default="reconstruction",
+        help="reconstruction quality, or CLIP zero-shot accuracy over an ImageFolder tree (class = sorted directory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--classnames", metavar="FILE",
+        help="zero-shot: one class name per line (sorted directory order), or a JSON {directory: name}; "
+        "default: the 1000 OpenAI ImageNet names",
+    )  # fmt: skip
+    p.add_argument("--template-set", choices=TEMPLATE_SETS, default="imagenet",
+                   help="zero-shot prompt templates: imagenet (OpenAI's 80, as upstream) or default (one)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -168,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs or not args.output or not args.model:
         raise ValueError("eval needs INPUT..., --output DIR and --model (or env VTP_MODEL), or --compare A B")
+    if args.task == "zero-shot":
+        return _zero_shot(args)
     from ..pipeline.evaluate import evaluate_dataset
 
     report = evaluate_dataset(
@@ -184,4 +198,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(summary_line(report))
     if report["skipped_metrics"]:  # the reasons were logged when the run started, and are in the report
         print(f"skipped: {', '.join(report['skipped_metrics'])} (see skipped_metrics in {REPORT})")
+    return 0
+
+
+def _zero_shot(args: argparse.Namespace) -> int:
+    """``eval --task zero-shot``: prints the accuracy line (or the report as JSON)."""
+    from ..pipeline.report import summary_line
+    from ..pipeline.zeroshot import zero_shot_dataset
+
+    report = zero_shot_dataset(
+        args.inputs, args.output, pipeline_spec(args), classnames=args.classnames, template_set=args.template_set
+    )
+    print(json.dumps(report, indent=2) if args.json else summary_line(report))
     return 0

@@ -326,10 +326,15 @@ class VTPModel(nn.Module):
 
     def get_clip_logits(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """(image-to-text logits, text-to-image logits), scaled and biased as trained."""
-        logits = self.logit_scale.exp() * self.get_clip_image_feature(image) @ self.get_clip_text_feature(text).T
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
+        logits = self.clip_logits(self.get_clip_image_feature(image), self.get_clip_text_feature(text))
         return logits, logits.T
+
+    def clip_logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """Image-to-text logits ``(N, M)`` of normalized features: ``exp(logit_scale) * cos [+ logit_bias]``."""
+        logits = self.logit_scale.float().exp() * image_features.float() @ text_features.float().T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias.float()
+        return logits
 
 
 # ------------------------------------------------------------------------------------------- building

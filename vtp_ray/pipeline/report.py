@@ -63,6 +63,11 @@ def compare_reports(a: str | os.PathLike[str], b: str | os.PathLike[str], *, top
         va, vb = (_headline(r["metrics"].get(name)) for r in (report_a, report_b))
         metrics[name] = {"a": va, "b": vb, "diff": vb - va if va is not None and vb is not None else None}
     result: dict[str, Any] = {"a": _label(report_a), "b": _label(report_b), "metrics": metrics}
+    tasks = {r.get("task", "reconstruction") for r in (report_a, report_b)}
+    if tasks == {"zero-shot"}:
+        return {**result, **_compare_predictions(dir_a, dir_b)}
+    if len(tasks) > 1:
+        raise ValueError(f"cannot compare reports of different tasks: {' and '.join(sorted(tasks))}")
     columns = ["path", "psnr", "ssim"]
     ta, tb = (pq.read_table(d / PER_IMAGE, columns=columns) for d in (dir_a, dir_b))
     joined = ta.join(tb, "path", left_suffix="_a", right_suffix="_b", join_type="inner").to_pandas()
@@ -83,6 +88,23 @@ def compare_reports(a: str | os.PathLike[str], b: str | os.PathLike[str], *, top
             {"path": r.path, "psnr_a": r.psnr_a, "psnr_b": r.psnr_b, "diff": r.diff} for r in worst.itertuples()
         ]
     return result
+
+
+def _compare_predictions(dir_a: Path, dir_b: Path) -> dict[str, Any]:
+    """Zero-shot runs joined on path: how many predictions changed, and correct in one run only."""
+    columns = ["path", "prediction", "correct_top1"]
+    ta, tb = (pq.read_table(d / PER_IMAGE, columns=columns) for d in (dir_a, dir_b))
+    joined = ta.join(tb, "path", left_suffix="_a", right_suffix="_b", join_type="inner").to_pandas()
+    return {
+        "common_images": len(joined),
+        "only_a": ta.num_rows - len(joined),
+        "only_b": tb.num_rows - len(joined),
+        "predictions": {
+            "changed": int((joined["prediction_a"] != joined["prediction_b"]).sum()),
+            "correct_only_a": int((joined["correct_top1_a"] & ~joined["correct_top1_b"]).sum()),
+            "correct_only_b": int((joined["correct_top1_b"] & ~joined["correct_top1_a"]).sum()),
+        },
+    }
 
 
 def _headline(value: Any) -> float | None:
@@ -115,6 +137,13 @@ def print_comparison(result: Mapping[str, Any], file: TextIO | None = None) -> N
         f"per image: {result['common_images']} in both, {result['only_a']} only in A, {result['only_b']} only in B",
         file=file,
     )
+    if result.get("predictions"):
+        p = result["predictions"]
+        print(
+            f"top-1 predictions: {p['changed']} changed, {p['correct_only_a']} correct only in A, "
+            f"{p['correct_only_b']} correct only in B",
+            file=file,
+        )
     if result.get("psnr_diff"):
         d, s = result["psnr_diff"], result["ssim_diff"]
         print(
@@ -129,7 +158,7 @@ def print_comparison(result: Mapping[str, Any], file: TextIO | None = None) -> N
 def summary_line(report: Mapping[str, Any]) -> str:
     """One line: counts, headline metrics, throughput."""
     c, m = report["counts"], report["metrics"]
-    parts = [f"{name} {_fmt(_headline(m[name]))}" for name in (*PER_IMAGE_METRICS, "rfid") if name in m]
+    parts = [f"{name} {_fmt(_headline(m[name]))}" for name in (*PER_IMAGE_METRICS, "rfid", "top1", "top5") if name in m]
     random = " (RANDOM weights: the metrics are meaningless)" if report["random_weights"] else ""
     return (
         f"eval {_label(report)}: {plural(c['evaluated'], 'image')}, {plural(c['errors'], 'error')}; "

@@ -1,0 +1,113 @@
+"""``vtp-ray eval --task zero-shot`` end to end on the shared local Ray with the tinytext model: generated images
+in class folders; the predictions must equal an in-process computation of the same classifier (the accuracy itself
+is meaningless with random weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import SIZE, TINYTEXT, random_image
+from PIL import Image
+
+from vtp_ray import VTPReplica
+from vtp_ray.cli import main
+from vtp_ray.images import preprocess
+from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline.report import compare_reports
+from vtp_ray.pipeline.zeroshot import load_classnames, zero_shot_dataset
+from vtp_ray.text.classifier import class_embeddings
+from vtp_ray.text.imagenet import imagenet_templates
+
+pytestmark = pytest.mark.slow
+
+CLASSES = {"n002": "dog", "n001": "cat", "n003": "red car"}  # directory -> name; index = sorted directory order
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder")
+    for c, directory in enumerate(sorted(CLASSES)):
+        (root / directory).mkdir()
+        for i in range(3):
+            Image.fromarray(random_image(70 + 7 * i, 64 + 5 * c, seed=10 * c + i)).save(root / directory / f"{i}.png")
+    (root / "n002" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(random_image(64, 64, seed=99)).save(root / "loose.png")  # outside any class directory
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(ray_runtime: str, tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("zeroshot")
+    lines = out / "classes.txt"
+    lines.write_text("".join(f"{CLASSES[d]}\n" for d in sorted(CLASSES)))
+    args = ["eval", "--task", "zero-shot", str(tree), "-o", str(out / "a"), "--model", TINYTEXT, "--device", "cpu"]
+    args += [
+        "--resources",
+        "cpu",
+        "--size",
+        str(SIZE),
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--classnames",
+        str(lines),
+    ]
+    assert main(args) == 0
+    mapping = out / "classes.json"
+    mapping.write_text(json.dumps(CLASSES))
+    spec = PipelineSpec(model=TINYTEXT, device="cpu", resources="cpu", size=SIZE, batch_size=3, progress=False)
+    zero_shot_dataset(str(tree), out / "b", spec, classnames=mapping)
+    return {"a": out / "a", "b": out / "b"}
+
+
+def test_predictions_equal_the_in_process_classifier(runs: dict, tree: Path) -> None:
+    per_image = pq.read_table(runs["a"] / "per_image.parquet").to_pylist()
+    assert [Path(r["path"]).relative_to(tree).as_posix() for r in per_image] == [
+        f"{d}/{i}.png" for d in sorted(CLASSES) for i in range(3)
+    ]
+    replica = VTPReplica(TINYTEXT, device="cpu", warmup_size=0)
+    names = [CLASSES[d] for d in sorted(CLASSES)]
+    classifier = class_embeddings(replica.embed_text, names, imagenet_templates())
+    pixels = np.stack([preprocess(Path(r["path"]).read_bytes(), size=SIZE) for r in per_image])
+    scores = replica.classify(pixels, classifier)
+    top, probabilities = scores.top(3)
+    for row, expected, p in zip(per_image, top, probabilities, strict=True):
+        assert row["target"] == sorted(CLASSES).index(row["label"])
+        assert row["top5"] == expected.tolist() and row["prediction"] == expected[0]
+        np.testing.assert_allclose(row["top5_probabilities"], p, rtol=1e-4, atol=1e-6)
+        assert row["correct_top1"] == (expected[0] == row["target"]) and row["correct_top5"]  # 3 classes < 5
+
+
+def test_report(runs: dict, tree: Path) -> None:
+    report = json.loads((runs["a"] / "report.json").read_text())
+    per_image = pq.read_table(runs["a"] / "per_image.parquet")
+    assert report["task"] == "zero-shot" and report["classes"] == 3 and report["templates"] == 80
+    assert report["counts"]["evaluated"] == 9 and report["counts"]["errors"] == 2
+    assert {e["reason"] for e in report["errors"]} >= {"no_class"}
+    top1 = 100 * np.mean(per_image.column("correct_top1").to_numpy(zero_copy_only=False))
+    assert report["metrics"]["top1"] == pytest.approx(top1, abs=1e-3) and report["metrics"]["top5"] == 100.0
+
+
+def test_json_mapping_and_compare(runs: dict) -> None:
+    a, b = (pq.read_table(runs[k] / "per_image.parquet").to_pylist() for k in "ab")
+    assert [r["top5"] for r in a] == [r["top5"] for r in b]  # same classes through either file form
+    result = compare_reports(runs["a"], runs["b"])
+    assert result["common_images"] == 9 and result["predictions"]["changed"] == 0
+    assert result["metrics"]["top1"]["diff"] == 0
+
+
+def test_classnames_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="1000 synset"):
+        load_classnames(None, ["n001", "n002"])
+    lines = tmp_path / "names.txt"
+    lines.write_text("cat\n")
+    with pytest.raises(ValueError, match="1 class names for 2"):
+        load_classnames(lines, ["n001", "n002"])
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"n001": "cat"}))
+    with pytest.raises(ValueError, match="no class for"):
+        load_classnames(mapping, ["n001", "n002"])

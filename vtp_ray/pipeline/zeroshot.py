@@ -1,0 +1,230 @@
+"""``vtp-ray eval --task zero-shot``: CLIP zero-shot classification accuracy over an ImageFolder tree.
+
+As upstream VTP's ``tools/test_zero_shot_hf.py`` does it: class index = the sorted order of the first-level
+directories (ImageNet val's synsets), class names (the 1000 OpenAI ImageNet names by default, or ``classnames``),
+the text classifier built once per replica from prompt templates (OpenAI's 80 ImageNet templates by default: per
+class, the mean of the normalized template embeddings, renormalized), image embeddings through the replica pool,
+top-1 / top-5 accuracy. Undecodable images and images outside a class directory are error rows with their reason.
+
+Output directory: ``report.json`` (the eval report format, ``task: zero-shot``) and ``per_image.parquet`` (path,
+label, target, prediction, top5, top5_probabilities, correct_top1, correct_top5).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import __version__
+from .inputs import discover_inputs
+from .report import FORMAT, FORMAT_VERSION, PER_IMAGE, REPORT
+from .runner import ReplicaUsage, run_pipeline
+from .spec import ModelFacts, PipelineSpec
+from .stages import fixed_size_lists
+from .worker import ReplicaWorker
+
+__all__ = ["TOP_K", "ZeroShotWorker", "load_classnames", "zero_shot_dataset"]
+
+TASK = "zero-shot"
+TOP_K = 5
+
+
+class ZeroShotWorker(ReplicaWorker):
+    """The model stage: builds the text classifier once, then embeds and scores each batch of images."""
+
+    def __init__(self, *, classnames: Sequence[str], templates: Sequence[str], **base: Any) -> None:
+        from ..text.classifier import class_embeddings
+
+        super().__init__(**base)
+        self.classes = len(classnames)
+        self.classifier = class_embeddings(self.replica.embed_text, classnames, templates)
+
+    def process(self, images: np.ndarray, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        return self.replica.classify(images, self.classifier).top(TOP_K)
+
+    def columns(self, batch: pa.Table, valid: np.ndarray, result: tuple[np.ndarray, np.ndarray] | None) -> pa.Table:
+        indices, probabilities = result if result is not None else (None, None)
+        k = min(TOP_K, self.classes)
+        out = batch.drop_columns(["image"])
+        out = out.append_column("top5", fixed_size_lists(indices, valid, pa.int32(), (k,)))
+        return out.append_column("top5_probabilities", fixed_size_lists(probabilities, valid, pa.float32(), (k,)))
+
+
+def load_classnames(path: str | os.PathLike[str] | None, directories: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(class directories in index order, their names)``.
+
+    ``path``: None (the 1000 OpenAI ImageNet names for the 1000 sorted synset directories), a text file (one name
+    per line, in sorted directory order) or a JSON object mapping directory name -> class name (the classes are
+    its keys, sorted, whether or not each directory holds images).
+    """
+    if path is None:
+        from ..text.imagenet import imagenet_classnames
+
+        names = list(imagenet_classnames())
+        if len(directories) != len(names):
+            raise ValueError(
+                f"found {len(directories)} class directories; the ImageNet class names need the 1000 synset "
+                "directories of ImageNet val (pass --classnames FILE for another dataset)"
+            )
+        return list(directories), names
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    if Path(path).suffix.lower() == ".json":
+        mapping = json.loads(text)
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError(f"{path}: expected a JSON object mapping directory name -> class name")
+        missing = sorted(set(directories) - set(mapping))
+        if missing:
+            raise ValueError(f"{path} names no class for the directories {missing[:5]}")
+        keys = sorted(mapping)
+        return keys, [mapping[k] for k in keys]
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != len(directories):
+        raise ValueError(f"{path} has {len(names)} class names for {len(directories)} class directories")
+    return list(directories), names
+
+
+def zero_shot_dataset(
+    inputs: str | Sequence[str],
+    output: str | os.PathLike[str],
+    spec: PipelineSpec,
+    *,
+    classnames: str | os.PathLike[str] | None = None,
+    template_set: str = "imagenet",
+) -> dict[str, Any]:
+    """Zero-shot top-1 / top-5 accuracy (percent) of ``spec.model`` over the ImageFolder tree(s) ``inputs``.
+
+    Returns the report (also written to ``output/report.json``, next to ``per_image.parquet``).
+    """
+    from ..text.imagenet import resolve_template_set
+
+    started = time.perf_counter()
+    templates = resolve_template_set(template_set)
+    spec = replace(spec, labels_from_dirs=True)
+    found = discover_inputs(inputs, labels_from_dirs=True, filesystem=spec.filesystem)
+    labels = found.table.column("label").to_pylist()
+    directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
+    index = {d: i for i, d in enumerate(directories)}
+    model = ModelFacts.of(spec.model, spec.size)
+    worker = {"classnames": tuple(names), "templates": templates}
+    usage, rows, errors = ReplicaUsage(), [], []
+    with run_pipeline(spec, found.table, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
+        for batch in batches:
+            usage.add(batch)
+            failed = batch.column("error").is_valid()
+            errors.extend(batch.filter(failed).select(["path", "reason", "error"]).to_pylist())
+            ok = batch.filter(pc.invert(failed))
+            rows.append(ok.select(["path", "label", "top5", "top5_probabilities"]))
+    seconds = time.perf_counter() - started
+
+    order = {p: i for i, p in enumerate(found.table.column("path").to_pylist())}
+    table = pa.concat_tables(rows).combine_chunks() if rows else None
+    per_image = _per_image(table, index, order, errors)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(per_image, out / PER_IMAGE)
+    n = per_image.num_rows
+    metrics = {
+        name: round(100 * float(np.mean(per_image.column(f"correct_{name}").to_numpy(zero_copy_only=False))), 4)
+        if n
+        else None
+        for name in ("top1", "top5")
+    }
+    report = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": TASK,
+        "vtp_ray_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [str(s) for s in ([inputs] if isinstance(inputs, str) else inputs)],
+        "model": {k: getattr(model, k) for k in ("name", "spec", "random_weights", "config_digest")},
+        "random_weights": model.random_weights,
+        "precision": spec.precision,
+        "rope_dtype": spec.rope_dtype,
+        "device": placement.device,
+        "device_kind": placement.device.split(":")[0],
+        "replica_options": placement.options,
+        "replica_pool": placement.replicas,
+        "preprocessing": {"size": spec.size, "crop": spec.crop},
+        "classes": len(names),
+        "classnames": str(classnames) if classnames else "imagenet (OpenAI's 1000 names)",
+        "template_set": template_set,
+        "templates": len(templates),
+        "metric_definitions": {
+            "top1": "percent of evaluated images whose best class is the target (class index = sorted directories)",
+            "top5": "percent of evaluated images whose target is among the 5 best classes",
+        },
+        "counts": {
+            "inputs": len(found),
+            "duplicate_inputs": found.duplicates,
+            "evaluated": n,
+            "errors": len(errors),
+            "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
+        },
+        "metrics": metrics,
+        "skipped_metrics": {},
+        "errors": sorted(errors, key=lambda e: order[e["path"]]),
+        "replicas": usage.stats()["replicas"],
+        "replica_model_s": usage.stats()["replica_model_s"],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(usage.stats()["processed"] / seconds, 3),
+    }
+    (out / REPORT).write_text(json.dumps(report, indent=2, default=list) + "\n")
+    return report
+
+
+def _per_image(
+    table: pa.Table | None, index: dict[str, int], order: dict[str, int], errors: list[dict[str, Any]]
+) -> pa.Table:
+    """The per-image rows in input order; images outside a class directory move to ``errors``."""
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("target", pa.int32()),
+            ("prediction", pa.int32()),
+            ("top5", pa.list_(pa.int32())),
+            ("top5_probabilities", pa.list_(pa.float32())),
+            ("correct_top1", pa.bool_()),
+            ("correct_top5", pa.bool_()),
+        ]
+    )
+    if table is None or not table.num_rows:
+        return schema.empty_table()
+    labels = table.column("label").to_pylist()
+    known = np.array([label in index for label in labels])
+    for path in np.array(table.column("path").to_pylist(), object)[~known]:
+        errors.append({"path": path, "reason": "no_class", "error": "not inside a class directory"})
+    table = table.filter(pa.array(known))
+    table = table.take(pc.sort_indices(pa.array([order[p] for p in table.column("path").to_pylist()])))
+    target = np.array([index[label] for label in table.column("label").to_pylist()], np.int32)
+    top = table.column("top5").combine_chunks()
+    k = top.type.list_size
+    top5 = top.values.to_numpy(zero_copy_only=False).reshape(-1, k)
+    probabilities = table.column("top5_probabilities").combine_chunks()
+    return pa.table(
+        {
+            "path": table.column("path"),
+            "label": table.column("label"),
+            "target": target,
+            "prediction": top5[:, 0],
+            "top5": pa.array(list(top5), pa.list_(pa.int32())),
+            "top5_probabilities": pa.array(
+                list(probabilities.values.to_numpy(zero_copy_only=False).reshape(-1, k)), pa.list_(pa.float32())
+            ),
+            "correct_top1": top5[:, 0] == target,
+            "correct_top5": (top5 == target[:, None]).any(axis=1),
+        },
+        schema=schema,
+    )
