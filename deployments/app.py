@@ -53,6 +53,7 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
         api_key=args.api_key.get_secret_value() if args.api_key else None,
+        draft_decode=args.draft_decode,
     )
     return VTPIngress.bind(model, settings)
 

@@ -38,6 +38,9 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(16 * 2**20, gt=0)
     max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
     api_key: SecretStr | None = None
+    draft_decode: bool = Field(
+        False, description="decode JPEGs at reduced scale where the crop allows (?decode= overrides per request)"
+    )
 
     @field_validator("image_size", "max_image_size")
     @classmethod
@@ -50,6 +53,15 @@ class AppArgs(BaseModel):
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         return value or None
+
+    @field_validator("draft_decode")
+    @classmethod
+    def _draft_decode_available(cls, value: bool) -> bool:
+        from .inputs import draft_decode_supported  # here: config stays importable without the request stack
+
+        if value and not draft_decode_supported():
+            raise ValueError("draft_decode needs a vtp_ray.images.preprocess with reduced-scale decoding (draft=)")
+        return value
 
     @model_validator(mode="after")
     def _sizes_agree(self) -> AppArgs:
