@@ -123,13 +123,14 @@ def test_the_page_in_a_browser(base_url: str, client: httpx.Client, tmp_path: Pa
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(base_url + "/ui")
             assert page.title() == "VTP visual tokenizer"
             page.fill("#api-key", KEY)
             page.dispatch_event("#api-key", "change")
-            page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')")
+            page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')", timeout=60_000)
             page.set_input_files("#file", str(upload))
             page.wait_for_selector("body[data-state=done]", timeout=60_000)
 
@@ -146,7 +147,7 @@ def test_the_page_in_a_browser(base_url: str, client: httpx.Client, tmp_path: Pa
                 == [[side, side]] * CHANNELS
             )
             # No text encoder on this server: the labels part says so instead of failing.
-            page.wait_for_function("document.getElementById('labels-status').textContent.length > 0")
+            page.wait_for_function("document.getElementById('labels-status').textContent.length > 0", timeout=60_000)
             assert "no text encoder" in page.text_content("#labels-status")
             assert "server-timing" not in (page.text_content("#timings") or "")
             assert "model;dur=" in page.text_content("#timings")
