@@ -108,22 +108,34 @@ def tree_cpu_s(root: int | None = None) -> float:
 ROLES = {"proxy": "ProxyActor", "ingress": "VTPIngress", "replica": "VTPReplica"}
 
 
-def role_cpu_s() -> dict[str, float]:
-    """User + system CPU seconds of the Serve processes of each role (Linux)."""
-    totals = dict.fromkeys(ROLES, 0.0)
+def serve_pids() -> dict[str, list[int]]:
+    """The pids of the Serve processes of each role, found once by their titles (Linux)."""
+    pids: dict[str, list[int]] = {role: [] for role in ROLES}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 title = f.read().split(b"\0", 1)[0].decode(errors="replace")
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         for role, marker in ROLES.items():
             if title.startswith("ray::") and marker in title:
-                totals[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                pids[role].append(int(entry.name))
+    return pids
+
+
+def role_cpu_s(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds of each role's processes."""
+    totals = dict.fromkeys(pids, 0.0)
+    for role, members in pids.items():
+        for pid in members:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended (a replica restarted): its CPU is lost to the figure
+            totals[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return totals
 
 
@@ -145,6 +157,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-photo", default="4000x3000", help="WxH of the photo of the ingress-cost check")
     parser.add_argument("--large-requests", type=int, default=4, help="requests of the ingress-cost check")
     parser.add_argument("--draft-decode", action="store_true", help="the app's draft_decode setting")
+    parser.add_argument("--idle-s", type=float, default=5.0, help="how long the idle Serve processes are measured")
     args = parser.parse_args()
     if args.requests is None:
         args.requests = [max(16, 4 * c) for c in args.clients]
@@ -215,7 +228,14 @@ def start_app(args: argparse.Namespace) -> str:
 
 
 async def run_level(
-    url: str, endpoint: str, data: bytes, clients: int, requests: int, limit_s: float, query: str = ""
+    url: str,
+    endpoint: str,
+    data: bytes,
+    clients: int,
+    requests: int,
+    limit_s: float,
+    query: str = "",
+    pids: dict[str, list[int]] | None = None,
 ) -> Level:
     """``clients`` concurrent clients, each sending one request at a time, until ``requests`` are done."""
     level = Level(clients)
@@ -239,10 +259,11 @@ async def run_level(
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=limit_s, limits=limits) as http:
-        started, cpu_started, roles_started = time.perf_counter(), tree_cpu_s(), role_cpu_s()
+        pids = pids or {}
+        started, cpu_started, roles_started = time.perf_counter(), tree_cpu_s(), role_cpu_s(pids)
         await asyncio.gather(*(client(http) for _ in range(clients)))
         level.elapsed_s, level.cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started
-        level.role_cpu_s = {role: s - roles_started[role] for role, s in role_cpu_s().items()}
+        level.role_cpu_s = {role: s - roles_started[role] for role, s in role_cpu_s(pids).items()}
     return level
 
 
@@ -267,9 +288,14 @@ def main() -> None:
     try:
         warmup = 2 * args.max_batch_size
         asyncio.run(run_level(url, args.endpoint, data, warmup, warmup, args.time_limit_s))
+        pids = serve_pids()
+        # What the Serve processes burn with no request at all (Ray's and Serve's background work), per second.
+        idle_started = role_cpu_s(pids)
+        time.sleep(args.idle_s)
+        idle = {role: (s - idle_started[role]) * 1000 / args.idle_s for role, s in role_cpu_s(pids).items()}
         for clients, requests in zip(args.clients, args.requests, strict=True):
             before = measure_direct()
-            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s))
+            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s, "", pids))
             after = measure_direct()
             rows.append((level, Direct.mean(before, after)))
         # What the ingress spends on each photo size, one client at a time: exact decoding and, where the
@@ -280,7 +306,7 @@ def main() -> None:
             for mode in ("exact", "fast") if draft_decode_supported() else ("exact",):
                 query = f"?decode={mode}"
                 level = asyncio.run(
-                    run_level(url, args.endpoint, photo, 1, args.large_requests, args.time_limit_s, query)
+                    run_level(url, args.endpoint, photo, 1, args.large_requests, args.time_limit_s, query, pids)
                 )
                 costs.append((shape, len(photo), mode, level))
     finally:
@@ -315,7 +341,8 @@ def main() -> None:
         )
     print("goals: img/s / b8 >= 0.9 at 16 clients; p50 - b1 <= 20 ms at 1 client")
 
-    print(f"\nCPU ms per request by Serve process (/proc), {args.photo} JPEG")
+    print("\nCPU ms per second of the idle Serve processes: " + ", ".join(f"{r} {ms:.1f}" for r, ms in idle.items()))
+    print(f"CPU ms per request by Serve process (/proc; idle CPU included), {args.photo} JPEG")
     print(f"{'clients':>7} " + " ".join(f"{role:>8}" for role in ROLES))
     for level, _ in rows:
         n = len(level.latencies_ms)
