@@ -36,6 +36,7 @@ from PIL import Image
 from ray import serve
 
 from deployments import AppArgs, compose_app
+from deployments.inputs import draft_decode_supported
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 
@@ -68,6 +69,7 @@ class Level:
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     stages_ms: dict[str, list[float]] = field(default_factory=dict)  # from the Server-Timing header
+    role_cpu_s: dict[str, float] = field(default_factory=dict)  # per Serve process role: proxy, ingress, replica
 
     @property
     def throughput(self) -> float:
@@ -102,6 +104,41 @@ def tree_cpu_s(root: int | None = None) -> float:
     return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
+# Ray titles each actor process "ray::<actor class>": Serve's HTTP proxy, the ingress and the model replicas.
+ROLES = {"proxy": "ProxyActor", "ingress": "VTPIngress", "replica": "VTPReplica"}
+
+
+def serve_pids() -> dict[str, list[int]]:
+    """The pids of the Serve processes of each role, found once by their titles (Linux)."""
+    pids: dict[str, list[int]] = {role: [] for role in ROLES}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                title = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        for role, marker in ROLES.items():
+            if title.startswith("ray::") and marker in title:
+                pids[role].append(int(entry.name))
+    return pids
+
+
+def role_cpu_s(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds of each role's processes."""
+    totals = dict.fromkeys(pids, 0.0)
+    for role, members in pids.items():
+        for pid in members:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended (a replica restarted): its CPU is lost to the figure
+            totals[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:vtp-small")
@@ -116,6 +153,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--direct-runs", type=int, default=5, help="batch-1 calls per direct timing")
     parser.add_argument("--direct-batches", type=int, default=2, help="full-batch calls per direct timing")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs (torch threads) for the model")
+    parser.add_argument("--photo", default="500x375", help="WxH of the JPEG the clients send (a typical photo)")
+    parser.add_argument("--large-photo", default="4000x3000", help="WxH of the photo of the ingress-cost check")
+    parser.add_argument("--large-requests", type=int, default=4, help="requests of the ingress-cost check")
+    parser.add_argument("--draft-decode", action="store_true", help="the app's draft_decode setting")
+    parser.add_argument("--idle-s", type=float, default=5.0, help="how long the idle Serve processes are measured")
     args = parser.parse_args()
     if args.requests is None:
         args.requests = [max(16, 4 * c) for c in args.clients]
@@ -124,9 +166,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def sample_jpeg(size: int) -> bytes:
-    """A photo-like test image (smooth gradients, a block, mild noise), a bit larger than the model input."""
-    h, w = size + size // 4, size + size // 2
+def sample_jpeg(shape: str) -> bytes:
+    """A photo-like JPEG of ``WxH`` pixels (smooth gradients, a block, mild noise)."""
+    w, h = map(int, shape.lower().split("x"))
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     image = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin((x + y) / 23.0)], axis=-1) * 255
     image[h // 4 : h // 2, w // 3 : w // 2] = (200, 40, 40)
@@ -178,13 +220,23 @@ def start_app(args: argparse.Namespace) -> str:
         precision=args.precision,
         placement={"num_cpus": args.cpus},  # same torch threads as the direct run (Ray sets OMP_NUM_THREADS)
         image_size=args.image_size,
+        draft_decode=args.draft_decode,
     )
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     serve.run(compose_app(app_args, user_config=batching), name="vtp", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
-async def run_level(url: str, endpoint: str, data: bytes, clients: int, requests: int, limit_s: float) -> Level:
+async def run_level(
+    url: str,
+    endpoint: str,
+    data: bytes,
+    clients: int,
+    requests: int,
+    limit_s: float,
+    query: str = "",
+    pids: dict[str, list[int]] | None = None,
+) -> Level:
     """``clients`` concurrent clients, each sending one request at a time, until ``requests`` are done."""
     level = Level(clients)
     remaining = requests
@@ -195,7 +247,7 @@ async def run_level(url: str, endpoint: str, data: bytes, clients: int, requests
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
             started = time.perf_counter()
-            response = await http.post(f"/v1/{endpoint}", content=data, headers={"content-type": "image/jpeg"})
+            response = await http.post(f"/v1/{endpoint}{query}", content=data, headers={"content-type": "image/jpeg"})
             if response.status_code != 200:
                 level.failed += 1
                 continue
@@ -207,15 +259,17 @@ async def run_level(url: str, endpoint: str, data: bytes, clients: int, requests
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=limit_s, limits=limits) as http:
-        started, cpu_started = time.perf_counter(), tree_cpu_s()
+        pids = pids or {}
+        started, cpu_started, roles_started = time.perf_counter(), tree_cpu_s(), role_cpu_s(pids)
         await asyncio.gather(*(client(http) for _ in range(clients)))
         level.elapsed_s, level.cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started
+        level.role_cpu_s = {role: s - roles_started[role] for role, s in role_cpu_s(pids).items()}
     return level
 
 
 def main() -> None:
     args = parse_args()
-    data = sample_jpeg(args.image_size)
+    data = sample_jpeg(args.photo)
     print(
         f"model {args.model}, {args.precision}, {args.image_size}px, /v1/{args.endpoint} vs "
         f"VTPReplica.{VERBS[args.endpoint]}, {args.cpus} CPU threads, max_batch_size {args.max_batch_size}, "
@@ -234,11 +288,27 @@ def main() -> None:
     try:
         warmup = 2 * args.max_batch_size
         asyncio.run(run_level(url, args.endpoint, data, warmup, warmup, args.time_limit_s))
+        pids = serve_pids()
+        # What the Serve processes burn with no request at all (Ray's and Serve's background work), per second.
+        idle_started = role_cpu_s(pids)
+        time.sleep(args.idle_s)
+        idle = {role: (s - idle_started[role]) * 1000 / args.idle_s for role, s in role_cpu_s(pids).items()}
         for clients, requests in zip(args.clients, args.requests, strict=True):
             before = measure_direct()
-            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s))
+            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s, "", pids))
             after = measure_direct()
             rows.append((level, Direct.mean(before, after)))
+        # What the ingress spends on each photo size, one client at a time: exact decoding and, where the
+        # images module supports it, reduced-scale (draft) decoding.
+        large = sample_jpeg(args.large_photo)
+        costs = []
+        for shape, photo in ((args.photo, data), (args.large_photo, large)):
+            for mode in ("exact", "fast") if draft_decode_supported() else ("exact",):
+                query = f"?decode={mode}"
+                level = asyncio.run(
+                    run_level(url, args.endpoint, photo, 1, args.large_requests, args.time_limit_s, query, pids)
+                )
+                costs.append((shape, len(photo), mode, level))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -269,7 +339,28 @@ def main() -> None:
             f"{direct.cpu_s_per_image:>12.3f} | {level.throughput / direct.images_per_s:>10.2f} "
             f"{level.percentile(50) - direct.p50_ms:>+11.1f} {direct_cpu / level.cpu_s_per_image:>23.2f}"
         )
-    print("goals: img/s / b8 >= 0.85 at 16 clients; p50 - b1 <= 20 ms at 1 client")
+    print("goals: img/s / b8 >= 0.9 at 16 clients; p50 - b1 <= 20 ms at 1 client")
+
+    print("\nCPU ms per second of the idle Serve processes: " + ", ".join(f"{r} {ms:.1f}" for r, ms in idle.items()))
+    print(f"CPU ms per request by Serve process (/proc; idle CPU included), {args.photo} JPEG")
+    print(f"{'clients':>7} " + " ".join(f"{role:>8}" for role in ROLES))
+    for level, _ in rows:
+        n = len(level.latencies_ms)
+        print(f"{level.clients:>7} " + " ".join(f"{level.role_cpu_s[r] * 1000 / n:>8.1f}" for r in ROLES))
+
+    print("\ningress cost per photo size, 1 client (CPU ms per request; Server-Timing means in ms)")
+    print(
+        f"{'photo':>10} {'bytes':>8} {'decode':>6} {'p50 ms':>8} {'ingress':>8} {'proxy':>6} "
+        f"{'read':>6} {'pre':>6} {'png':>6}"
+    )
+    for shape, size, mode, level in costs:
+        n = len(level.latencies_ms)
+        stage = {name: statistics.fmean(v) for name, v in level.stages_ms.items()}
+        print(
+            f"{shape:>10} {size:>8} {mode:>6} {level.percentile(50):>8.1f} "
+            f"{level.role_cpu_s['ingress'] * 1000 / n:>8.1f} {level.role_cpu_s['proxy'] * 1000 / n:>6.1f} "
+            f"{stage.get('read', 0):>6.1f} {stage.get('decode', 0):>6.1f} {stage.get('output', 0):>6.1f}"
+        )
 
     stages = list(rows[0][0].stages_ms)
     print("\nwhere a request's time went, mean ms (Server-Timing; rest: HTTP, the proxy, Serve's hops)")

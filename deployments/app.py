@@ -73,6 +73,7 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
             max_templates=args.max_templates,
             max_text_chars=args.max_text_chars,
         ),
+        draft_decode=args.draft_decode,
     )
     return VTPIngress.bind(models, settings)
 

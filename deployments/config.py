@@ -75,6 +75,9 @@ class AppArgs(BaseModel):
     max_templates: int = Field(100, ge=1, le=1000, description="prompt templates per /v1/classify request at most")
     max_text_chars: int = Field(10_000, ge=1, description="characters per text, label or template at most")
     label_cache_size: int = Field(64, ge=1, le=100_000, description="label sets whose text embeddings a replica keeps")
+    draft_decode: bool = Field(
+        False, description="decode JPEGs at reduced scale where the crop allows (?decode= overrides per request)"
+    )
 
     @field_validator("image_size", "max_image_size")
     @classmethod
@@ -87,6 +90,15 @@ class AppArgs(BaseModel):
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         return value or None
+
+    @field_validator("draft_decode")
+    @classmethod
+    def _draft_decode_available(cls, value: bool) -> bool:
+        from .inputs import draft_decode_supported  # here: config stays importable without the request stack
+
+        if value and not draft_decode_supported():
+            raise ValueError("draft_decode needs a vtp_ray.images.preprocess with reduced-scale decoding (draft=)")
+        return value
 
     @model_validator(mode="after")
     def _sizes_agree(self) -> AppArgs:

@@ -17,7 +17,7 @@ import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -31,12 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vtp_ray import __version__
 from vtp_ray.images import CropMode, DecodeLimits, to_png_bytes
 
-from . import metrics, oip
+from . import metrics, oip, page
 from .inputs import (
     NPY_MEDIA_TYPE,
     ApiError,
     check_latents,
     check_size,
+    draft_decode_supported,
     media_type,
     parse_latents,
     preprocess_upload,
@@ -79,6 +80,7 @@ class IngressSettings:
     max_decode_batch: int = 64
     max_decode_pixels: int = 16_777_216
     text_limits: TextLimits = field(default_factory=TextLimits)
+    draft_decode: bool = False
 
 
 app = FastAPI(
@@ -86,6 +88,7 @@ app = FastAPI(
     version=__version__,
     description="Image in; reconstruction, latents or CLIP embedding out. Errors are JSON {'error': ...}.",
 )
+app.include_router(page.router)
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _IMAGE_BODY = {
@@ -148,6 +151,12 @@ _DECODED = {
 }
 _SIZE = Query(None, description="side of the square model input (multiple of 16); default: image_size")
 _CROP = Query("center", description="center: ADM center crop (as in training); resize: squash to a square")
+DecodeMode = Literal["exact", "fast"]
+_DECODE = Query(
+    None,
+    description="exact: decode JPEGs at full size; fast: at a reduced scale where the crop allows (Pillow's draft "
+    "mode; pixels differ slightly); default: the draft_decode setting",
+)
 
 
 def _error_response(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
@@ -216,7 +225,9 @@ def encode_images(images: list[np.ndarray], kind: str) -> tuple[bytes, str]:
 def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
     """``x-vtp-batch-size``, and a ``Server-Timing`` header saying where the request's time went (ms)."""
     stages = {**timings, "queue": outcome.queue_ms, "model": outcome.model_ms}
-    ordered = (name for name in ("input", "queue", "model", "output") if name in stages)
+    if "call" in stages:  # the handle round trip, less the replica's own time: serialization and Serve's hops
+        stages["hop"] = max(stages.pop("call") - outcome.queue_ms - outcome.model_ms, 0.0)
+    ordered = (name for name in ("read", "decode", "input", "hop", "queue", "model", "output") if name in stages)
     return {
         BATCH_SIZE_HEADER: str(outcome.batch_size),
         "server-timing": ", ".join(f"{name};dur={stages[name]:.1f}" for name in ordered),
@@ -285,12 +296,13 @@ class VTPIngress:
         return ModelInfo(**info, limits=limits, name=name, models=self._models.names)
 
     @app.post("/v1/reconstruct", response_class=Response, responses={**_PNG, **_ERRORS}, openapi_extra=_IMAGE_BODY)
-    async def reconstruct(self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP) -> Response:
+    async def reconstruct(
+        self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP, decode: DecodeMode | None = _DECODE
+    ) -> Response:
         """Encode and decode the preprocessed image; returns the reconstruction as PNG."""
         timings: dict[str, float] = {}
-        with _timed(timings, "input"):
-            image = await self._image_input(request, size, crop)
-        outcome = await self._run("reconstruct", image)
+        image = await self._image_input(request, size, crop, decode, timings)
+        outcome = await self._run("reconstruct", image, timings)
         with _timed(timings, "output"):
             png = await asyncio.to_thread(to_png_bytes, outcome.value)
         return Response(png, media_type="image/png", headers=_headers(outcome, timings))
@@ -301,12 +313,13 @@ class VTPIngress:
         responses={200: {"content": {NPY_MEDIA_TYPE: {}}}, **_ERRORS},
         openapi_extra=_IMAGE_BODY,
     )
-    async def encode(self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP) -> Response:
+    async def encode(
+        self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP, decode: DecodeMode | None = _DECODE
+    ) -> Response:
         """Latents (C, h, w) and CLIP embedding as JSON, or the latents as .npy with ``Accept: application/x-npy``."""
         timings: dict[str, float] = {}
-        with _timed(timings, "input"):
-            image = await self._image_input(request, size, crop)
-        outcome = await self._run("encode", image)
+        image = await self._image_input(request, size, crop, decode, timings)
+        outcome = await self._run("encode", image, timings)
         latents, clip = outcome.value.latents, outcome.value.clip_embedding
         latents = np.ascontiguousarray(latents, dtype="<f4")
         if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
@@ -339,7 +352,7 @@ class VTPIngress:
             "image/png" if len(latents) == 1 else NPY_MEDIA_TYPE,
         )
         if len(latents) == 1 and kind == "image/png":
-            outcome = await self._run("decode", latents[0])
+            outcome = await self._run("decode", latents[0], timings)
             with _timed(timings, "output"):
                 png = await asyncio.to_thread(to_png_bytes, outcome.value)
             return Response(png, media_type="image/png", headers=_headers(outcome, timings))
@@ -349,14 +362,15 @@ class VTPIngress:
         return Response(content, media_type=media, headers=_headers(_slowest(outcomes), timings))
 
     @app.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
-    async def embed(self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP) -> Response:
+    async def embed(
+        self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP, decode: DecodeMode | None = _DECODE
+    ) -> Response:
         """The normalized CLIP image embedding."""
         timings: dict[str, float] = {}
-        with _timed(timings, "input"):
-            image = await self._image_input(request, size, crop)
+        image = await self._image_input(request, size, crop, decode, timings)
         if (await self._info())["embedding_dim"] is None:
             raise ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
-        outcome = await self._run("embed", image)
+        outcome = await self._run("embed", image, timings)
         body = EmbedResponse(embedding=outcome.value.tolist(), dim=len(outcome.value))
         return JSONResponse(body.model_dump(), headers=_headers(outcome, timings))
 
@@ -369,7 +383,7 @@ class VTPIngress:
             body = await read_body(request, self._settings.max_body_bytes)
             texts = parse_embed_text(body, self._settings.text_limits)
             await self._require_clip()
-        outcome = await self._run("embed_text", texts)
+        outcome = await self._run("embed_text", texts, timings)
         body = EmbedTextResponse(embeddings=outcome.value.tolist(), dim=outcome.value.shape[1])
         return JSONResponse(body.model_dump(), headers=_headers(outcome, timings))
 
@@ -413,6 +427,21 @@ class VTPIngress:
         headers = {**_headers(outcome, timings), LABEL_CACHE_HEADER: "hit" if scores.cache_hit else "miss"}
         return JSONResponse(body.model_dump(), headers=headers)
 
+    @app.post("/v1/preprocess", response_class=Response, responses={**_PNG, **_ERRORS}, openapi_extra=_IMAGE_BODY)
+    async def preprocess(
+        self, request: Request, size: int | None = _SIZE, crop: CropMode = _CROP, decode: DecodeMode | None = _DECODE
+    ) -> Response:
+        """The model input the other endpoints would make of this image (decoded and cropped), as PNG.
+
+        No model call: it shows what the model sees, and is what a reconstruction is compared with (PSNR).
+        """
+        timings: dict[str, float] = {}
+        image = await self._image_input(request, size, crop, decode, timings)
+        with _timed(timings, "output"):
+            png = await asyncio.to_thread(to_png_bytes, image)
+        stages = ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())
+        return Response(png, media_type="image/png", headers={"server-timing": stages})
+
     # ---------------------------------------------------------------------------------------- helpers
 
     async def _require_clip(self) -> None:
@@ -432,17 +461,35 @@ class VTPIngress:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    async def _image_input(self, request: Request, size: int | None, crop: CropMode) -> np.ndarray:
+    async def _image_input(
+        self,
+        request: Request,
+        size: int | None,
+        crop: CropMode,
+        decode: DecodeMode | None,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """Authorize, read the upload (``read`` in Server-Timing), decode and crop it (``decode``)."""
         self._authorize(request)
         side = check_size(self._settings.image_size if size is None else size, self._settings.max_image_size)
-        data = await read_image_upload(request, self._settings.max_body_bytes)
-        return await asyncio.to_thread(preprocess_upload, data, side, crop, self._limits)
+        draft = self._settings.draft_decode if decode is None else decode == "fast"
+        if draft and not draft_decode_supported():
+            raise ApiError(400, "bad_decode", "decode=fast is not supported by this vtp-ray's image decoder")
+        with _timed(timings, "read"):
+            data = await read_image_upload(request, self._settings.max_body_bytes)
+        with _timed(timings, "decode"):
+            return await asyncio.to_thread(preprocess_upload, data, side, crop, self._limits, draft)
 
     async def _info(self) -> dict[str, Any]:
         return await self._models.info(self._models.resolve())
 
-    async def _run(self, verb: Verb, array: np.ndarray | tuple[str, ...]) -> Outcome:
-        return await self._call_model("run", verb, array)
+    async def _run(
+        self, verb: Verb, array: np.ndarray | tuple[str, ...], timings: dict[str, float] | None = None
+    ) -> Outcome:
+        if timings is None:
+            return await self._call_model("run", verb, array)
+        with _timed(timings, "call"):  # less the replica's time: the "hop" in Server-Timing
+            return await self._call_model("run", verb, array)
 
     async def _call_model(self, method: str, *args: Any) -> Any:
         return await self._models.call(self._models.resolve(), method, *args)

@@ -168,7 +168,7 @@ def test_encode_then_decode_equals_reconstruct(client: httpx.Client, png: bytes)
     assert reconstruction.status_code == 200 and reconstruction.headers["content-type"] == "image/png"
     assert reconstruction.headers["x-vtp-batch-size"] == "1"
     stages = [entry.split(";dur=")[0].strip() for entry in reconstruction.headers["server-timing"].split(",")]
-    assert stages == ["input", "queue", "model", "output"]
+    assert stages == ["read", "decode", "hop", "queue", "model", "output"]
     expected = png_array(reconstruction.content)
     assert expected.shape == (SIZE, SIZE, 3)
 
