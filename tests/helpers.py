@@ -101,3 +101,18 @@ def wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
         assert process.poll() is None, "the job ended before it could be interrupted"
         assert time.monotonic() < deadline, f"fewer than {count} parts written in time"
         time.sleep(0.02)
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def add_tar_member(tar: Any, name: str, data: bytes) -> None:
+    """Append ``data`` as a regular member ``name`` to an open ``tarfile`` (as webdataset writers do)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
