@@ -4,14 +4,13 @@ decoded by vtp-ray's preprocessing, rows equal to those of the same images as fi
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINY, add_tar_member, jpeg_bytes, png_bytes
+from helpers import SIZE, TINY, png_bytes, sample_images, write_shards
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import DecodeLimits, preprocess_with_info
@@ -22,43 +21,6 @@ from vtp_ray.pipeline.tokenize import tokenize_dataset
 
 LIMITS = DecodeLimits(max_pixels=50_000)
 SHAPE = (8, SIZE // 16, SIZE // 16)
-
-
-def _images(count: int = 6) -> dict[str, bytes]:
-    """Sample key -> encoded image bytes (JPEG and PNG, several sizes)."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for i in range(count):
-        array = rng.integers(0, 256, (48 + 8 * i, 80 - 4 * i, 3), dtype=np.uint8)
-        out[f"{i:09d}"] = jpeg_bytes(array) if i % 2 else png_bytes(array)
-    return out
-
-
-def write_shards(root: Path, images: dict[str, bytes]) -> dict[str, str | None]:
-    """img2dataset's webdataset layout: two shards of ``KEY.jpg|png + .json + .txt + .cls`` members, broken
-    samples, and the sidecar ``.parquet`` / ``_stats.json`` files. -> {identity: expected error reason or None}."""
-    root.mkdir(parents=True, exist_ok=True)
-    expected: dict[str, str | None] = {}
-    keys = sorted(images)
-    for shard, chunk in enumerate((keys[:3], keys[3:])):
-        path = root / f"{shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for key in chunk:
-                ext = "png" if images[key].startswith(b"\x89PNG") else "jpg"
-                add_tar_member(tar, f"{key}.{ext}", images[key])
-                add_tar_member(tar, f"{key}.json", json.dumps({"key": key, "label": f"j{key[-1]}"}).encode())
-                add_tar_member(tar, f"{key}.txt", f"caption {key}".encode())
-                add_tar_member(tar, f"{key}.cls", str(int(key) % 3).encode())
-                expected[f"{path}#{key}"] = None
-            if shard == 0:
-                add_tar_member(tar, "broken.jpg", b"\xff\xd8 not a jpeg")  # a broken image member
-                add_tar_member(tar, "pickled.pkl", b"\x80\x04\x95 never unpickled")  # no image member at all
-                add_tar_member(tar, "pickled.txt", b"caption")
-                expected[f"{path}#broken"] = "not_an_image"
-                expected[f"{path}#pickled"] = "no_image"
-        pq.write_table(pa.table({"key": chunk, "status": ["success"] * len(chunk)}), root / f"{shard:05d}.parquet")
-        (root / f"{shard:05d}_stats.json").write_text("{}")
-    return expected
 
 
 def write_parquet(path: Path, images: dict[str, bytes], hub: bool = False) -> None:
@@ -76,7 +38,7 @@ def write_parquet(path: Path, images: dict[str, bytes], hub: bool = False) -> No
 
 
 def test_a_shard_directory_skips_img2datasets_sidecars(tmp_path):
-    write_shards(tmp_path / "shards", _images())
+    write_shards(tmp_path / "shards", sample_images())
     source = find_samples(str(tmp_path / "shards"), SampleOptions())
     assert source.kind == "webdataset"
     assert [Path(f).name for f in source.files] == ["00000.tar", "00001.tar"]
@@ -85,8 +47,8 @@ def test_a_shard_directory_skips_img2datasets_sidecars(tmp_path):
 
 
 def test_parquet_with_image_bytes_is_samples_and_a_path_manifest_is_not(tmp_path):
-    write_parquet(tmp_path / "a.parquet", _images(2))
-    write_parquet(tmp_path / "hub.parquet", _images(2), hub=True)
+    write_parquet(tmp_path / "a.parquet", sample_images(2))
+    write_parquet(tmp_path / "hub.parquet", sample_images(2), hub=True)
     pq.write_table(pa.table({"path": ["x.jpg"], "label": ["a"]}), tmp_path / "manifest.parquet")
     assert find_samples(str(tmp_path / "a.parquet"), SampleOptions()).image_column == "jpg"
     assert find_samples(str(tmp_path / "hub.parquet"), SampleOptions()).image_column == "image"
@@ -95,8 +57,8 @@ def test_parquet_with_image_bytes_is_samples_and_a_path_manifest_is_not(tmp_path
 
 
 def test_unusable_sample_inputs_are_refused_with_the_reason(tmp_path):
-    write_shards(tmp_path / "shards", _images(2))
-    write_parquet(tmp_path / "a.parquet", _images(2))
+    write_shards(tmp_path / "shards", sample_images(2))
+    write_parquet(tmp_path / "a.parquet", sample_images(2))
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "x.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     with pytest.raises(InputError, match="mix"):
@@ -125,7 +87,7 @@ def replica() -> VTPReplica:
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
-    return _images()
+    return sample_images()
 
 
 @pytest.fixture(scope="module")
