@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -103,3 +107,54 @@ def wait_for_parts(output: Path, count: int, process: subprocess.Popen) -> None:
         assert process.poll() is None, "the job ended before it could be interrupted"
         assert time.monotonic() < deadline, f"fewer than {count} parts written in time"
         time.sleep(0.02)
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _add_tar_member(tar: Any, name: str, data: bytes) -> None:
+    """Append ``data`` as a regular member ``name`` to an open ``tarfile`` (as webdataset writers do)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sample_images(count: int = 6) -> dict[str, bytes]:
+    """Sample key -> encoded image bytes (JPEG and PNG, several sizes)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in range(count):
+        array = rng.integers(0, 256, (48 + 8 * i, 80 - 4 * i, 3), dtype=np.uint8)
+        out[f"{i:09d}"] = jpeg_bytes(array) if i % 2 else png_bytes(array)
+    return out
+
+
+def write_shards(root: Path, images: dict[str, bytes]) -> dict[str, str | None]:
+    """img2dataset's webdataset layout: two shards of ``KEY.jpg|png + .json + .txt + .cls`` members, broken
+    samples, and the sidecar ``.parquet`` / ``_stats.json`` files. -> {identity: expected error reason or None}."""
+    root.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    keys = sorted(images)
+    half = len(keys) // 2
+    for shard, chunk in enumerate((keys[:half], keys[half:])):
+        path = root / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key in chunk:
+                ext = "png" if images[key].startswith(b"\x89PNG") else "jpg"
+                _add_tar_member(tar, f"{key}.{ext}", images[key])
+                _add_tar_member(tar, f"{key}.json", json.dumps({"key": key, "label": f"j{key[-1]}"}).encode())
+                _add_tar_member(tar, f"{key}.txt", f"caption {key}".encode())
+                _add_tar_member(tar, f"{key}.cls", str(int(key) % 3).encode())
+                expected[f"{path}#{key}"] = None
+            if shard == 0:
+                _add_tar_member(tar, "broken.jpg", b"\xff\xd8 not a jpeg")  # a broken image member
+                _add_tar_member(tar, "pickled.pkl", b"\x80\x04\x95 never unpickled")  # no image member at all
+                _add_tar_member(tar, "pickled.txt", b"caption")
+                expected[f"{path}#broken"] = "not_an_image"
+                expected[f"{path}#pickled"] = "no_image"
+        pq.write_table(pa.table({"key": chunk, "status": ["success"] * len(chunk)}), root / f"{shard:05d}.parquet")
+        (root / f"{shard:05d}_stats.json").write_text("{}")
+    return expected

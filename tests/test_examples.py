@@ -16,7 +16,7 @@ from deployments.replica import BatchingConfig
 from vtp_ray.placement import resolve_placement
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
+CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if "kubernetes" not in p.parts)  # Serve configs
 SCRIPTS = sorted(EXAMPLES.rglob("*.sh"))
 ASCEND_AND_CUDA = [{"CPU": 192.0, "NPU": 8.0}, {"CPU": 192.0, "NPU": 8.0}, {"CPU": 64.0, "GPU": 4.0}]
 

@@ -11,6 +11,7 @@ from typing import Any
 from ..images import DecodeLimits
 from ..options import CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec
+from ..pipeline.samples import SampleOptions
 
 
 def csv(kind: type) -> Callable[[str], list]:
@@ -76,6 +77,19 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
     p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_sample_args(p)
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    """How samples in webdataset tar shards and parquet files with image bytes are read (``SampleOptions``)."""
+    g = p.add_argument_group("webdataset shards and parquet files with image bytes")
+    g.add_argument(
+        "--image-key", type=csv(str), default=list(SampleOptions.image_keys), metavar="K1,K2",
+        help="tar: image member extensions, first present wins (default jpg,jpeg,png,webp); parquet: image column",
+    )  # fmt: skip
+    g.add_argument("--key-column", default=SampleOptions.key, help="parquet: the sample key column (default key)")
+    g.add_argument("--label-key", help="tar: label member (default cls) or json:FIELD; parquet: column (default label)")
+    g.add_argument("--caption-key", help="keep a caption column: tar member (txt) or parquet column (caption)")
 
 
 def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
@@ -95,4 +109,7 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
         limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
         cpu_threads=args.cpu_threads,
         progress=args.progress,
+        samples=SampleOptions(
+            image_keys=tuple(args.image_key), key=args.key_column, label=args.label_key, caption=args.caption_key
+        ),
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from .samples import SampleSource
 from .spec import PipelineSpec
 from .stages import preprocess_block
 
@@ -144,15 +145,20 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 def build_dataset(
     spec: PipelineSpec,
-    todo: pa.Table,
+    todo: pa.Table | SampleSource,
     placement: Placement,
     worker: type,
     worker_kwargs: Mapping[str, Any],
     expected_digest: str,
 ) -> Dataset:
-    """Preprocess tasks (one per model batch), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass)."""
+    """Preprocess tasks (one per model batch), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass).
+
+    ``todo`` is the input table of file inputs, or a ``SampleSource`` read by Ray Data's own readers.
+    """
     import ray
 
+    if isinstance(todo, SampleSource):
+        return _replica_stage(todo.preprocessed(spec), spec, placement, worker, worker_kwargs, expected_digest)
     # One read task per model batch, made lazily from block numbers: ray.data.from_arrow would run a metadata task
     # per block up front (minutes for millions of inputs). The input table goes through the object store once.
     blocks = math.ceil(todo.num_rows / spec.batch_size)
@@ -170,6 +176,19 @@ def build_dataset(
         },
         num_cpus=spec.decode_cpus,
     )
+    return _replica_stage(preprocessed, spec, placement, worker, worker_kwargs, expected_digest)
+
+
+def _replica_stage(
+    preprocessed: Dataset,
+    spec: PipelineSpec,
+    placement: Placement,
+    worker: type,
+    worker_kwargs: Mapping[str, Any],
+    expected_digest: str,
+) -> Dataset:
+    import ray
+
     replicas = placement.replicas
     pool = (
         ray.data.ActorPoolStrategy(size=replicas)
@@ -194,7 +213,7 @@ def build_dataset(
 @contextlib.contextmanager
 def run_pipeline(
     spec: PipelineSpec,
-    todo: pa.Table,
+    todo: pa.Table | SampleSource,
     worker: type,
     expected_digest: str,
     worker_kwargs: Mapping[str, Any] | None = None,

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 
 from ..images import PATCH_SIZE, CropMode, DecodeLimits
 from ..options import CROPS, ROPE_DTYPES, check_precision
+from .samples import SampleOptions
 
 __all__ = ["ModelFacts", "PipelineSpec"]
 
@@ -39,6 +40,7 @@ class PipelineSpec:
         cpu_threads: torch threads of a CPU replica (default: the cores of its node).
         filesystem: the pyarrow filesystem the input paths live in (default: from each path or URI).
         progress: show Ray Data's progress bars.
+        samples: how samples in webdataset shards and parquet files with image bytes are read (``samples``).
     """
 
     model: str
@@ -57,6 +59,7 @@ class PipelineSpec:
     cpu_threads: int | None = None
     filesystem: pafs.FileSystem | None = None
     progress: bool = True
+    samples: SampleOptions = field(default_factory=SampleOptions)
 
     def __post_init__(self) -> None:
         size, replicas = self.size, self.replicas

@@ -86,7 +86,7 @@ _MODEL_RESUME_KEYS = ("name", "config_digest", "random_weights", "rope_dtype")
 _PART = re.compile(r"part-(\d{5,})\.parquet")
 _PARQUET_OPTIONS: dict[str, Any] = {
     # Latents are noise-like floats that no codec shrinks; compress only the string columns.
-    "compression": {"path": "zstd", "label": "zstd", "reason": "zstd", "error": "zstd"},
+    "compression": {"path": "zstd", "label": "zstd", "reason": "zstd", "error": "zstd", "caption": "zstd"},
     "use_dictionary": ["label", "reason"],
     "row_group_size": 256,  # about 17 MB of float32 VTP-Small latents: a sensible unit for shuffled reading
 }
@@ -131,6 +131,8 @@ def row_schema(manifest: Mapping[str, Any]) -> pa.Schema:
                 metadata={"shape": json.dumps([dim])},
             )
         )
+    if "caption" in columns:
+        fields.append(pa.field("caption", pa.string()))
     return pa.schema(fields)
 
 

@@ -7,6 +7,7 @@ resumes where its last part ended, and no row is written twice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import socket
@@ -26,6 +27,7 @@ from .inputs import discover_inputs
 from .lightningdit import ShardStore, check_labels, lightningdit_manifest
 from .report import plural
 from .runner import ReplicaUsage, run_pipeline
+from .samples import find_samples
 from .spec import ModelFacts, PipelineSpec
 from .stages import fixed_size_lists
 from .store import ERROR_SCHEMA, FORMAT, FORMAT_VERSION, LATENT_DTYPES, LatentStore
@@ -77,6 +79,8 @@ def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_
         columns["latents_flip"] = {"shape": latent_shape, "dtype": latent_dtype, "of": "the horizontally flipped image"}
     if model.embedding_dim:
         columns["clip_embedding"] = {"shape": [model.embedding_dim], "dtype": "float32", "normalized": True}
+    if spec.samples.caption:
+        columns["caption"] = {"dtype": "string", "of": f"the sample's {spec.samples.caption!r} text"}
     norm = NORMALIZATIONS["imagenet"]
     return {
         "format": FORMAT,
@@ -178,7 +182,9 @@ def tokenize_dataset(
     """Tokenize every image named by ``inputs`` into parquet latents in ``output``.
 
     Args:
-        inputs: directories, globs or manifests (see ``inputs.discover_inputs``); local or any pyarrow URI.
+        inputs: directories, globs or manifests (see ``inputs.discover_inputs``), or webdataset tar shards /
+            parquet files with image bytes (or directories and globs of them, see ``samples``); local or any
+            pyarrow URI.
         output: the output directory (local or URI). Re-running on it resumes: done inputs are skipped.
         spec: model, preprocessing, batching and placement.
         flip: also store ``latents_flip``, the latents of the horizontally flipped image.
@@ -197,7 +203,10 @@ def tokenize_dataset(
         raise ValueError(f"latent dtype must be one of {list(LATENT_DTYPES)}, got {latent_dtype!r}")
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
-    found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
+    samples = find_samples(inputs, spec.samples, spec.filesystem)
+    found = (
+        None if samples else discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
+    )
     model = ModelFacts.of(spec.model, spec.size)
     manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
     if format == "lightningdit":
@@ -209,20 +218,22 @@ def tokenize_dataset(
     else:
         raise ValueError(f"format must be parquet or lightningdit, got {format!r}")
     done = store.done_paths(retry_errors).combine_chunks()
-    todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
     limits = spec.limits
     run: dict[str, Any] = {
         "run_id": uuid.uuid4().hex[:12],
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "driver_host": socket.gethostname(),
         "decode_limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
-        "inputs": len(found),
-        "duplicate_inputs": found.duplicates,
-        "skipped": len(found) - todo.num_rows,
     }
+    if samples:  # samples are counted as they are read: the files are streamed once, never listed up front
+        todo = samples = dataclasses.replace(samples, done=done)
+        run.update(source={"kind": samples.kind, "files": len(samples.files)}, skipped=samples.skipped())
+    else:
+        todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
+        run.update(inputs=len(found), duplicate_inputs=found.duplicates, skipped=len(found) - todo.num_rows)
     writer = PartWriter(store, run, rows_per_file, flush_interval_s)
     try:
-        if todo.num_rows:
+        if samples or todo.num_rows:
             worker = {"flip": flip, "latent_dtype": latent_dtype}
             with run_pipeline(spec, todo, TokenizeWorker, model.config_digest, worker) as (placement, batches):
                 run.update(placement.to_dict())
@@ -238,16 +249,24 @@ def tokenize_dataset(
         last_run["images_per_s"] = round(writer.usage.processed / seconds, 3)
         stats = store.finalize(last_run)
 
-    accounted = pa.chunked_array([*store.row_paths().chunks, *store.merged_errors().column("path").chunks], pa.string())
-    missing = pc.invert(pc.is_in(found.table.column("path"), value_set=accounted.combine_chunks()))
+    if samples:
+        # Every sample read reached the writer (a failed read fails the run): what was read is what was written.
+        n_inputs, n_missing = run["skipped"] + writer.usage.processed, 0
+    else:
+        accounted = pa.chunked_array(
+            [*store.row_paths().chunks, *store.merged_errors().column("path").chunks], pa.string()
+        )
+        n_inputs = len(found)
+        n_missing = pc.sum(pc.invert(pc.is_in(found.table.column("path"), value_set=accounted.combine_chunks())))
+        n_missing = n_missing.as_py() or 0
     summary = TokenizeSummary(
         output=output,
-        inputs=len(found),
+        inputs=n_inputs,
         skipped=run["skipped"],
         processed=writer.usage.processed,
         rows=stats["rows"],
         errors=stats["errors"],
-        missing=pc.sum(missing).as_py() or 0,
+        missing=n_missing,
         seconds=seconds,
         images_per_s=last_run["images_per_s"],
         random_weights=model.random_weights,
