@@ -28,6 +28,7 @@ from ray import serve
 from vtp_ray.placement import assigned_device
 from vtp_ray.text import expand
 from vtp_ray.text.classifier import average_templates
+from vtp_ray.text.tokenizer import available as text_available
 
 from . import metrics
 from .batching import AdmissionGate
@@ -90,7 +91,7 @@ class ReplicaDeployment:
         self._replica = VTPReplica(
             model, device=device or assigned_device(), precision=precision, warmup_size=warmup_size
         )
-        if warmup_size and self._replica.info.text_context_length:
+        if warmup_size and self._replica.info.text_context_length and text_available():
             self._replica.embed_text(["warm-up"])  # loads the tokenizer before traffic
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size

@@ -30,9 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix (a wrong flag, path, device or input): one line, no traceback."""
     from ..device import DeviceUnavailableError
+    from ..metrics.dependencies import MissingEvalDependencyError
     from ..model import CheckpointError
+    from ..text.tokenizer import MissingTextDependencyError
 
-    return (FileNotFoundError, ValueError, ConnectionError, DeviceUnavailableError, CheckpointError)
+    return (
+        FileNotFoundError,
+        ValueError,
+        ConnectionError,
+        DeviceUnavailableError,
+        CheckpointError,
+        MissingEvalDependencyError,
+        MissingTextDependencyError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

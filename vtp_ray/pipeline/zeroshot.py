@@ -108,7 +108,10 @@ def zero_shot_dataset(
     Returns the report (also written to ``output/report.json``, next to ``per_image.parquet``).
     """
     from ..text.imagenet import resolve_template_set
+    from ..text.tokenizer import TEXT_INSTALL, MissingTextDependencyError, available
 
+    if not available():  # checked here, before Ray starts: every worker would fail on it
+        raise MissingTextDependencyError(f"zero-shot evaluation needs open_clip: {TEXT_INSTALL}")
     started = time.perf_counter()
     templates = resolve_template_set(template_set)
     spec = replace(spec, labels_from_dirs=True)

@@ -14,13 +14,29 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["tokenize"]
+__all__ = ["TEXT_INSTALL", "MissingTextDependencyError", "available", "tokenize"]
+
+
+TEXT_INSTALL = "pip install 'vtp-ray[text]'"
+
+
+class MissingTextDependencyError(ImportError):
+    """The CLIP tokenizer's package (open_clip) is not installed here."""
+
+
+def available() -> bool:
+    """Whether the text verbs can run in this environment (open_clip installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("open_clip") is not None
 
 
 @functools.cache
 def _tokenizer() -> Any:  # open_clip's SimpleTokenizer, imported here: open_clip imports torch
-    from open_clip.tokenizer import SimpleTokenizer
-
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError as e:
+        raise MissingTextDependencyError(f"the CLIP text verbs need open_clip: {TEXT_INSTALL}") from e
     return SimpleTokenizer()
 
 
