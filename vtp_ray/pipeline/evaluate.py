@@ -12,7 +12,6 @@ reconstruction PNGs). ``report.compare_reports`` prints the differences of two r
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import __version__
 from ..images import to_png_bytes
 from ..metrics import (
     INCEPTION_DIM,
@@ -38,7 +36,7 @@ from ..metrics import (
     resolve_weights,
 )
 from .inputs import discover_inputs
-from .report import FORMAT, FORMAT_VERSION, PER_IMAGE, PER_IMAGE_METRICS, REPORT
+from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, run_header
 from .runner import ReplicaUsage, run_pipeline
 from .spec import ModelFacts, PipelineSpec
 from .stages import fixed_size_lists, nullable_floats
@@ -226,20 +224,7 @@ def evaluate_dataset(
             skipped["rfid"] = f"rFID needs at least 2 images, {reference.count} were evaluated"
     usage = collector.usage.stats()
     report = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "vtp_ray_version": __version__,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(s) for s in ([inputs] if isinstance(inputs, str) else inputs)],
-        "model": {k: getattr(model, k) for k in ("name", "spec", "random_weights", "config_digest")},
-        "random_weights": model.random_weights,
-        "precision": spec.precision,
-        "rope_dtype": spec.rope_dtype,
-        "device": placement.device,
-        "device_kind": placement.device.split(":")[0],
-        "replica_options": placement.options,
-        "replica_pool": placement.replicas,
-        "preprocessing": {"size": spec.size, "crop": spec.crop},
+        **run_header(inputs, model, spec, placement),
         "metric_weights": {
             "inception": str(inception) if inception else None,
             "lpips": str(lpips) if lpips else None,

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from .. import __version__
+from .runner import Placement
+from .spec import ModelFacts, PipelineSpec
 
 __all__ = [
     "FORMAT",
@@ -22,6 +27,7 @@ __all__ = [
     "load_report",
     "plural",
     "print_comparison",
+    "run_header",
     "summary_line",
 ]
 
@@ -30,6 +36,28 @@ FORMAT_VERSION = 1
 REPORT = "report.json"
 PER_IMAGE = "per_image.parquet"
 PER_IMAGE_METRICS = ("psnr", "ssim", "lpips")
+
+
+def run_header(
+    inputs: str | Sequence[str], model: ModelFacts, spec: PipelineSpec, placement: Placement
+) -> dict[str, Any]:
+    """What every eval report starts with: format, version, time, inputs, model, precision, device, preprocessing."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vtp_ray_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [str(s) for s in ([inputs] if isinstance(inputs, str) else inputs)],
+        "model": {k: getattr(model, k) for k in ("name", "spec", "random_weights", "config_digest")},
+        "random_weights": model.random_weights,
+        "precision": spec.precision,
+        "rope_dtype": spec.rope_dtype,
+        "device": placement.device,
+        "device_kind": placement.device.split(":")[0],
+        "replica_options": placement.options,
+        "replica_pool": placement.replicas,
+        "preprocessing": {"size": spec.size, "crop": spec.crop},
+    }
 
 
 def plural(count: int, noun: str) -> str:

@@ -12,7 +12,6 @@ label, target, prediction, top5, top5_probabilities, correct_top1, correct_top5)
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -27,9 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import __version__
 from .inputs import discover_inputs
-from .report import FORMAT, FORMAT_VERSION, PER_IMAGE, REPORT
+from .report import PER_IMAGE, REPORT, run_header
 from .runner import ReplicaUsage, run_pipeline
 from .spec import ModelFacts, PipelineSpec
 from .stages import fixed_size_lists
@@ -145,21 +143,8 @@ def zero_shot_dataset(
         for name in ("top1", "top5")
     }
     report = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **run_header(inputs, model, spec, placement),
         "task": TASK,
-        "vtp_ray_version": __version__,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(s) for s in ([inputs] if isinstance(inputs, str) else inputs)],
-        "model": {k: getattr(model, k) for k in ("name", "spec", "random_weights", "config_digest")},
-        "random_weights": model.random_weights,
-        "precision": spec.precision,
-        "rope_dtype": spec.rope_dtype,
-        "device": placement.device,
-        "device_kind": placement.device.split(":")[0],
-        "replica_options": placement.options,
-        "replica_pool": placement.replicas,
-        "preprocessing": {"size": spec.size, "crop": spec.crop},
         "classes": len(names),
         "classnames": str(classnames) if classnames else "imagenet (OpenAI's 1000 names)",
         "template_set": template_set,
