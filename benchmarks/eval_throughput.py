@@ -70,7 +70,7 @@ def main() -> None:
         root = Path(tmp)
         (root / "images").mkdir()
         write_images(root / "images", args.images)
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         try:
             rates: dict[str, float] = {}
             started = time.perf_counter()

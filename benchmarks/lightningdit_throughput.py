@@ -43,7 +43,7 @@ def main() -> None:
     from vtp_ray.pipeline.decode import decode_latents
     from vtp_ray.pipeline.tokenize import tokenize_dataset
 
-    ray.init(logging_level=logging.WARNING)
+    ray.init(address="local", logging_level=logging.WARNING)
     spec = PipelineSpec(
         args.model, device=args.device, size=args.size, batch_size=args.batch_size, labels_from_dirs=True,
         progress=False,

@@ -83,7 +83,7 @@ def main() -> None:
     pixels = preprocess(png, size=args.size)[None]
 
     replica = VTPReplica(args.model, device="cpu", warmup_size=0)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = AppArgs(model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu")

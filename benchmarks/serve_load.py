@@ -212,7 +212,7 @@ def free_port() -> int:
 
 
 def start_app(args: argparse.Namespace) -> str:
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = AppArgs(

@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    ray.init(logging_level=logging.WARNING)
+    ray.init(address="local", logging_level=logging.WARNING)
     spec = PipelineSpec(args.model, size=args.size, batch_size=args.batch_size, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_all(Path(tmp) / "in", jpegs(args.images, 300, 400), args.shards)

@@ -72,7 +72,9 @@ def serve_part(args: argparse.Namespace) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = AppArgs(model=args.model, placement="cpu", image_size=64, max_batch_size=args.max_batch_size)
     serve.run(compose_app(app, ray_actor_options={"num_cpus": os.cpu_count()}), name="text-bench", route_prefix="/")

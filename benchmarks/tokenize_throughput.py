@@ -106,7 +106,7 @@ def main() -> None:
 
         import ray
 
-        ray.init(logging_level=logging.WARNING)
+        ray.init(address="local", logging_level=logging.WARNING)
         try:
             run = pipeline_rate(args, directory, output)
         finally:

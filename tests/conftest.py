@@ -38,7 +38,10 @@ def ray_runtime() -> str:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, resources={"NPU": 2}, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": always a fresh runtime, never a cluster some `ray start` left on this machine
+        ray.init(
+            address="local", num_cpus=4, resources={"NPU": 2}, include_dashboard=False, logging_level=logging.WARNING
+        )
     return ray.get_runtime_context().gcs_address
 
 

@@ -48,7 +48,13 @@ def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """What `serve deploy` was run with: dashboard address, deploy time, session log dir, config, HTTP URL."""
     tmp = tmp_path_factory.mktemp("serve_deploy")
     dashboard_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port, logging_level=logging.WARNING)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_port=dashboard_port,
+        logging_level=logging.WARNING,
+    )
     logs = Path("/tmp/ray/session_latest").resolve() / "logs"  # this Ray's session, just started
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())

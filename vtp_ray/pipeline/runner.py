@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -117,13 +118,14 @@ def _canonical(options: Mapping[str, Any]) -> tuple[Any, ...]:
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Use the Ray this process is connected to; else join ``address`` or start an embedded local Ray."""
+    """Use the Ray this process is connected to; else join ``address`` (or ``RAY_ADDRESS``) or start an embedded
+    local Ray: never, silently, a cluster some earlier ``ray start`` on this machine left behind."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, logging_level=logging.WARNING)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
     try:
         yield
     finally:
