@@ -21,6 +21,7 @@ from vtp_ray.placement import resolve_placement
 from .config import AppArgs
 from .ingress import IngressSettings, VTPIngress
 from .replica import BatchingConfig, ReplicaDeployment
+from .uploads import UploadPolicy
 
 PLACEMENT_SETTING = "applications[].args.placement"
 
@@ -53,6 +54,11 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
         api_key=args.api_key.get_secret_value() if args.api_key else None,
+        uploads=UploadPolicy(
+            body_timeout_s=args.body_timeout_s,
+            max_uploads_per_client=args.max_uploads_per_client,
+            client_address_header=args.client_address_header,
+        ),
     )
     return VTPIngress.bind(model, settings)
 

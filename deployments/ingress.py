@@ -45,6 +45,7 @@ from .inputs import (
 )
 from .protocol import Outcome, Verb
 from .schemas import EmbedResponse, EncodeResponse, ErrorResponse, Health, LatentsPayload, Limits, ModelInfo
+from .uploads import UploadGuard, UploadPolicy
 
 BATCH_SIZE_HEADER = "x-vtp-batch-size"
 
@@ -58,6 +59,7 @@ class IngressSettings:
     max_body_bytes: int
     max_pixels: int
     api_key: str | None = None
+    uploads: UploadPolicy | None = None  # body deadline and per-client upload cap (uploads.py)
 
 
 app = FastAPI(
@@ -65,6 +67,8 @@ app = FastAPI(
     version=__version__,
     description="Image in; reconstruction, latents or CLIP embedding out. Errors are JSON {'error': ...}.",
 )
+
+app.add_middleware(UploadGuard)
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _IMAGE_BODY = {
@@ -145,6 +149,7 @@ class VTPIngress:
         self._settings = settings
         self._limits = DecodeLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
         self._model_info: dict[str, Any] | None = None
+        app.state.uploads = settings.uploads  # read by the UploadGuard middleware
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -241,7 +246,7 @@ class VTPIngress:
                 401,
                 "unauthorized",
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
+                headers={"WWW-Authenticate": "Bearer", "Connection": "close"},  # its body is never read
             )
 
     async def _image_input(self, request: Request, size: int | None, crop: CropMode) -> np.ndarray:
