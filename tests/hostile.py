@@ -90,10 +90,15 @@ def _close(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-async def stalled_upload(port: int, source: str, end: float, allowed_s: float, report: SoakReport) -> None:
-    """Announce a 100 kB upload, send 3 bytes, stall; when the server answers (or closes), start again."""
+def stalled_head(path: str = "/v1/embed", extra_headers: str = "") -> bytes:
+    """A request that announces a 100 kB image and sends its first 3 bytes."""
+    head = f"POST {path} HTTP/1.1\r\nHost: vtp\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n"
+    return f"{head}{extra_headers}\r\n".encode() + b"\x89PN"
+
+
+async def stalled_upload(port: int, source: str, end: float, head: bytes, allowed_s: float, report: SoakReport) -> None:
+    """Send ``head`` (``stalled_head``) and stall; when the server answers (or closes), start again."""
     loop = asyncio.get_running_loop()
-    head = b"POST /v1/embed HTTP/1.1\r\nHost: vtp\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PN"
     while loop.time() < end:
         try:
             reader, writer = await _open(port, source)
@@ -133,12 +138,20 @@ async def slow_reader(port: int, source: str, end: float, request: bytes, report
         _close(writer)
 
 
-def garbage_requests(png: bytes) -> list[bytes]:
+def post_request(
+    path: str, body: bytes, content_type: str = "image/png", extra_headers: str = "", close: bool = True
+) -> bytes:
+    """A whole POST request; with ``close``, on a connection the server closes after answering."""
+    head = f"POST {path} HTTP/1.1\r\nHost: vtp\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    connection = "Connection: close\r\n" if close else ""
+    return f"{head}{extra_headers}{connection}\r\n".encode() + body
+
+
+def garbage_requests(png: bytes, extra_headers: str = "") -> list[bytes]:
     """Cheap malformed requests, each answered 4xx by the proxy or the ingress."""
 
     def post(path: str, body: bytes, content_type: str = "image/png") -> bytes:
-        head = f"POST {path} HTTP/1.1\r\nHost: vtp\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        return head.encode() + b"Connection: close\r\n\r\n" + body
+        return post_request(path, body, content_type, extra_headers)
 
     return [
         b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n",
@@ -174,12 +187,14 @@ async def garbage(port: int, source: str, end: float, requests: list[bytes], rep
         await asyncio.sleep(0.05)
 
 
-async def good_client(client: httpx.AsyncClient, png: bytes, end: float, report: SoakReport) -> None:
+async def good_client(
+    client: httpx.AsyncClient, png: bytes, end: float, headers: dict[str, str], report: SoakReport
+) -> None:
     """POST /v1/embed one request at a time until ``end``; every answer is checked and timed."""
     while asyncio.get_running_loop().time() < end:
         started = time.perf_counter()
         try:
-            response = await client.post("/v1/embed", content=png, headers={"content-type": "image/png"})
+            response = await client.post("/v1/embed", content=png, headers={"content-type": "image/png", **headers})
         except httpx.HTTPError as e:
             report.good_failures.append(f"{type(e).__name__}: {e}")
             continue
@@ -190,28 +205,35 @@ async def good_client(client: httpx.AsyncClient, png: bytes, end: float, report:
 
 
 async def soak(
-    port: int, png: bytes, mix: HostileMix, duration_s: float, good_clients: int, allowed_s: float
+    port: int,
+    png: bytes,
+    mix: HostileMix,
+    duration_s: float,
+    good_clients: int,
+    allowed_s: float,
+    headers: dict[str, str] | None = None,
 ) -> SoakReport:
-    """Good clients on 127.0.0.1 for ``duration_s`` while ``mix`` runs from other loopback addresses."""
+    """Good clients on 127.0.0.1 for ``duration_s`` while ``mix`` runs from other loopback addresses; every
+    request (hostile ones too) carries ``headers`` (e.g. the API key)."""
     loop = asyncio.get_running_loop()
+    headers = headers or {}
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     report = SoakReport()
     started = loop.time()
     end = started + duration_s
-    big_answer = (
-        b"POST /v1/reconstruct?size=256&crop=resize HTTP/1.1\r\nHost: vtp\r\nContent-Type: image/png\r\n"
-        + f"Content-Length: {len(png)}\r\n\r\n".encode()
-        + png
-    )
+    head = stalled_head(extra_headers=extra)
+    big_answer = post_request("/v1/reconstruct?size=256&crop=resize", png, extra_headers=extra, close=False)
     tasks = [
-        stalled_upload(port, f"127.0.1.{1 + i % mix.stalled_addresses}", end, allowed_s, report)
+        stalled_upload(port, f"127.0.1.{1 + i % mix.stalled_addresses}", end, head, allowed_s, report)
         for i in range(mix.stalled)
     ]
     tasks += [slow_reader(port, "127.0.2.1", end, big_answer, report) for _ in range(mix.slow_readers)]
-    tasks += [garbage(port, "127.0.3.1", end, garbage_requests(png), report) for _ in range(mix.garbage)]
+    tasks += [garbage(port, "127.0.3.1", end, garbage_requests(png, extra), report) for _ in range(mix.garbage)]
     limits = httpx.Limits(max_connections=good_clients, max_keepalive_connections=good_clients)
     transport = httpx.AsyncHTTPTransport(local_address=GOOD_ADDRESS, limits=limits)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, transport=transport) as client:
-        await asyncio.gather(*tasks, *(good_client(client, png, end, report) for _ in range(good_clients)))
+        good = (good_client(client, png, end, headers, report) for _ in range(good_clients))
+        await asyncio.gather(*tasks, *good)
     report.elapsed_s = loop.time() - started
     return report
 
