@@ -139,7 +139,9 @@ def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
     }
 
 
-@serve.deployment(name="VTPIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+# A request holds an ingress slot while its body arrives (up to body_timeout_s): slots are cheap (no model work,
+# which the model deployment's own queue bounds), so there are many, and max_uploads_per_client caps one client's.
+@serve.deployment(name="VTPIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class VTPIngress:
     """HTTP API in front of the ``VTPReplica`` deployment."""
