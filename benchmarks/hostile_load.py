@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--stalled-addresses", type=int, default=8)
     parser.add_argument("--slow-readers", type=int, default=100)
     parser.add_argument("--garbage", type=int, default=4, help="loops sending malformed requests")
-    parser.add_argument("--body-timeout", type=float, default=30.0, help="body_timeout_s")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="body_timeout_s (shorter than a phase)")
     parser.add_argument("--max-uploads-per-client", type=int, default=32)
     parser.add_argument("--upload-mb", type=float, default=1.0, help="image size of the slow-link uploads")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,7 +97,10 @@ class UploadGuard:
             await _too_many_uploads(cap)(scope, receive, send)
             return
         with self._slot(client) as release:
-            await self.app(scope, _Deadline(receive, policy.body_timeout_s, release), _closing_early(send, release))
+            try:
+                await self.app(scope, _Deadline(receive, policy.body_timeout_s, release), _closing_early(send, release))
+            except ClientDisconnect:  # the client left mid-upload: nobody to answer
+                metrics.errors().inc(tags={"kind": "client_disconnect"})
 
     @contextlib.contextmanager
     def _slot(self, client: str) -> Iterator[_Release]:

@@ -50,7 +50,7 @@ class HostileMix:
 
     stalled: int = 0  # connections that announce a body, send 3 bytes of it and stall (reconnecting when answered)
     stalled_addresses: int = 1
-    slow_readers: int = 0  # connections that send a good request with a large answer and never read it
+    slow_readers: int = 0  # connections that send pipelined requests for 32 API schemas and never read the answers
     garbage: int = 0  # loops of malformed requests, each answered before the next
 
 
@@ -124,7 +124,7 @@ async def stalled_upload(port: int, source: str, end: float, head: bytes, allowe
 
 
 async def slow_reader(port: int, source: str, end: float, request: bytes, report: SoakReport) -> None:
-    """Send one good request whose answer is large, with a tiny receive buffer, and never read the answer."""
+    """Send ``request`` (requests whose answers together are large) with a tiny receive buffer; never read."""
     try:
         _, writer = await _open(port, source, rcvbuf=4096)
     except OSError:
@@ -222,7 +222,8 @@ async def soak(
     started = loop.time()
     end = started + duration_s
     head = stalled_head(extra_headers=extra)
-    big_answer = post_request("/v1/reconstruct?size=256&crop=resize", png, extra_headers=extra, close=False)
+    # Pipelined: no model work, but the proxy must write more answers than the reader's buffers take.
+    big_answer = b"GET /openapi.json HTTP/1.1\r\nHost: vtp\r\n\r\n" * 32
     tasks = [
         stalled_upload(port, f"127.0.1.{1 + i % mix.stalled_addresses}", end, head, allowed_s, report)
         for i in range(mix.stalled)
