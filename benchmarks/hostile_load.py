@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -37,24 +38,30 @@ def _line(name: str, report: SoakReport) -> str:
     )
 
 
+async def _read_all(reader: asyncio.StreamReader, into: bytearray) -> None:
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            into += chunk
+
+
 async def _throttled_upload(port: int, body: bytes, rate: float) -> tuple[float, str, float]:
     """Upload ``body`` at ``rate`` bytes/s: (seconds the transfer took, status, seconds until the answer)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = bytearray()
+    reading = asyncio.create_task(_read_all(reader, answer))  # an early answer (408) is read as it comes
     head = f"POST /v1/embed HTTP/1.1\r\nHost: vtp\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
     started = time.perf_counter()
     writer.write(head.encode() + b"Connection: close\r\n\r\n")
     step = max(int(rate / 10), 1)
     sent = 0
-    try:
-        while sent < len(body):
+    with contextlib.suppress(ConnectionError):  # refused (408) and closed while still sending
+        while sent < len(body) and not reading.done():
             writer.write(body[sent : sent + step])
             await writer.drain()
             sent += step
             await asyncio.sleep(max(started + sent / rate - time.perf_counter(), 0))
-    except ConnectionError:
-        pass  # refused (408) and closed while still sending
     transfer = time.perf_counter() - started
-    answer = await asyncio.wait_for(reader.read(-1), 600)
+    await asyncio.wait_for(reading, 600)
     writer.close()
     status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else "closed"
     return transfer, status, time.perf_counter() - started
