@@ -138,8 +138,8 @@ def main() -> None:
     needed = len(body) / args.body_timeout
     fractions = [0.5, 0.9, 1.25]
     results = asyncio.run(_slow_links(port, body, [needed / f for f in fractions]))
-    print(f"\nslow links: a {len(body) / 2**20:.2f} MiB image needs {needed * 8 / 1e6:.2f} Mbit/s to arrive within ")
-    print(f"body_timeout_s {args.body_timeout:g}")
+    mib, mbit = len(body) / 2**20, needed * 8 / 1e6
+    print(f"\nslow links: a {mib:.2f} MiB image needs {mbit:.2f} Mbit/s to arrive in {args.body_timeout:g} s")
     print(f"{'link Mbit/s':>12s} {'transfer s':>11s} {'status':>7s} {'answered s':>11s} {'after body ms':>14s}")
     for fraction, (transfer, status, answered) in zip(fractions, results, strict=True):
         rate = needed / fraction * 8 / 1e6

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ray.exceptions import TaskCancelledError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
@@ -99,7 +100,7 @@ class UploadGuard:
         with self._slot(client) as release:
             try:
                 await self.app(scope, _Deadline(receive, policy.body_timeout_s, release), _closing_early(send, release))
-            except ClientDisconnect:  # the client left mid-upload: nobody to answer
+            except (ClientDisconnect, TaskCancelledError):  # the client left mid-upload: nobody to answer
                 metrics.errors().inc(tags={"kind": "client_disconnect"})
 
     @contextlib.contextmanager

@@ -50,7 +50,7 @@ class HostileMix:
 
     stalled: int = 0  # connections that announce a body, send 3 bytes of it and stall (reconnecting when answered)
     stalled_addresses: int = 1
-    slow_readers: int = 0  # connections that send pipelined requests for 32 API schemas and never read the answers
+    slow_readers: int = 0  # connections that send pipelined requests for 8 API schemas and never read the answers
     garbage: int = 0  # loops of malformed requests, each answered before the next
 
 
@@ -223,7 +223,7 @@ async def soak(
     end = started + duration_s
     head = stalled_head(extra_headers=extra)
     # Pipelined: no model work, but the proxy must write more answers than the reader's buffers take.
-    big_answer = b"GET /openapi.json HTTP/1.1\r\nHost: vtp\r\n\r\n" * 32
+    big_answer = b"GET /openapi.json HTTP/1.1\r\nHost: vtp\r\n\r\n" * 8  # 8 x 15 kB
     tasks = [
         stalled_upload(port, f"127.0.1.{1 + i % mix.stalled_addresses}", end, head, allowed_s, report)
         for i in range(mix.stalled)
