@@ -23,6 +23,7 @@ from .ingress import IngressSettings, VTPIngress
 from .models import deployment_name
 from .replica import BatchingConfig, ReplicaDeployment
 from .text_inputs import TextLimits
+from .uploads import UploadPolicy
 
 PLACEMENT_SETTING = "applications[].args.placement"
 
@@ -74,6 +75,11 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
             max_text_chars=args.max_text_chars,
         ),
         draft_decode=args.draft_decode,
+        uploads=UploadPolicy(
+            body_timeout_s=args.body_timeout_s,
+            max_uploads_per_client=args.max_uploads_per_client,
+            client_address_header=args.client_address_header,
+        ),
     )
     return VTPIngress.bind(models, settings)
 

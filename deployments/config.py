@@ -78,6 +78,15 @@ class AppArgs(BaseModel):
     draft_decode: bool = Field(
         False, description="decode JPEGs at reduced scale where the crop allows (?decode= overrides per request)"
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="seconds a client has to deliver a whole request body (408 after)"
+    )
+    max_uploads_per_client: int = Field(
+        32, ge=0, description="request bodies one client address may be sending at once (429 past it); 0: no cap"
+    )
+    client_address_header: str | None = Field(
+        None, description="header whose last entry is the client address (set by a trusted load balancer)"
+    )
 
     @field_validator("image_size", "max_image_size")
     @classmethod

@@ -61,6 +61,7 @@ from .schemas import (
     ModelInfo,
 )
 from .text_inputs import TextLimits, classify_options, parse_embed_text
+from .uploads import UploadGuard, UploadPolicy
 
 BATCH_SIZE_HEADER = "x-vtp-batch-size"
 LABEL_CACHE_HEADER = "x-vtp-label-cache"  # hit: the label set's text embeddings were cached on the replica
@@ -81,6 +82,7 @@ class IngressSettings:
     max_decode_pixels: int = 16_777_216
     text_limits: TextLimits = field(default_factory=TextLimits)
     draft_decode: bool = False
+    uploads: UploadPolicy | None = None  # body deadline and per-client upload cap (uploads.py)
 
 
 app = FastAPI(
@@ -89,6 +91,8 @@ app = FastAPI(
     description="Image in; reconstruction, latents or CLIP embedding out. Errors are JSON {'error': ...}.",
 )
 app.include_router(page.router)
+
+app.add_middleware(UploadGuard)
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _IMAGE_BODY = {
@@ -234,7 +238,9 @@ def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
     }
 
 
-@serve.deployment(name="VTPIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+# A request holds an ingress slot while its body arrives (up to body_timeout_s): slots are cheap (no model work,
+# which the model deployment's own queue bounds), so there are many, and max_uploads_per_client caps one client's.
+@serve.deployment(name="VTPIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class VTPIngress:
     """HTTP API in front of the ``VTPReplica`` deployment."""
@@ -254,6 +260,7 @@ class VTPIngress:
                 self._authorize,
             )
         )
+        app.state.uploads = settings.uploads  # read by the UploadGuard middleware
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -458,7 +465,7 @@ class VTPIngress:
                 401,
                 "unauthorized",
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
+                headers={"WWW-Authenticate": "Bearer", "Connection": "close"},  # its body is never read
             )
 
     async def _image_input(

@@ -1,0 +1,160 @@
+"""The hostile-clients soak as a benchmark: good clients with and without hostile load, side by side in one run.
+
+One local Ray runs the Serve application (``body_timeout_s`` and ``max_uploads_per_client`` as given). Good
+clients on 127.0.0.1 POST ``/v1/embed`` one request at a time, first alone (clean), then while hundreds of stalled
+uploads (from several loopback addresses, reconnecting whenever answered), slow readers (a large answer, never
+read) and garbage requests run (hostile). It prints good-request throughput, p50 / p99 and failures for both
+phases and their ratios (goals: throughput >= 0.8 of clean, p99 within 2x), how the stalled uploads ended and the
+connections the server still held afterwards (goal 0), and the peak RSS of the proxy and the ingress. The clean
+phase runs before and after the hostile one and the two are pooled (the machine's background load drifts).
+
+Then it measures what the body deadline costs legitimate uploads on slow links: large images uploaded at
+throttled rates around ``size / body_timeout_s`` (all at once), each with its transfer time, answer and latency.
+
+    PYTHONPATH=.:tests python benchmarks/hostile_load.py                        # random:vtp-small, 256 px
+    PYTHONPATH=.:tests python benchmarks/hostile_load.py --model tests/fixtures/vtp-tiny --size 64 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+import ray
+from helpers import free_port, png_bytes
+from hostile import HostileMix, SoakReport, raise_fd_limit, rss_mb, serve_pids, server_connections, soak
+from ray import serve
+
+from deployments import AppArgs, compose_app
+
+
+def _line(name: str, report: SoakReport) -> str:
+    return (
+        f"{name:8s} {len(report.good_ms):6d} {len(report.good_failures):6d} {report.good_throughput:8.2f} "
+        f"{report.percentile_ms(50):8.0f} {report.percentile_ms(99):8.0f}"
+    )
+
+
+async def _read_all(reader: asyncio.StreamReader, into: bytearray) -> None:
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            into += chunk
+
+
+async def _throttled_upload(port: int, body: bytes, rate: float) -> tuple[float, str, float]:
+    """Upload ``body`` at ``rate`` bytes/s: (seconds the transfer took, status, seconds until the answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = bytearray()
+    reading = asyncio.create_task(_read_all(reader, answer))  # an early answer (408) is read as it comes
+    head = f"POST /v1/embed HTTP/1.1\r\nHost: vtp\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
+    started = time.perf_counter()
+    writer.write(head.encode() + b"Connection: close\r\n\r\n")
+    step = max(int(rate / 10), 1)
+    sent = 0
+    with contextlib.suppress(ConnectionError):  # refused (408) and closed while still sending
+        while sent < len(body) and not reading.done():
+            writer.write(body[sent : sent + step])
+            await writer.drain()
+            sent += step
+            await asyncio.sleep(max(started + sent / rate - time.perf_counter(), 0))
+    transfer = time.perf_counter() - started
+    await asyncio.wait_for(reading, 600)
+    writer.close()
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else "closed"
+    return transfer, status, time.perf_counter() - started
+
+
+async def _slow_links(port: int, body: bytes, rates: list[float]) -> list[tuple[float, str, float]]:
+    return await asyncio.gather(*(_throttled_upload(port, body, rate) for rate in rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random:vtp-small")
+    parser.add_argument("--size", type=int, default=256, help="model input side (and the good clients' image)")
+    parser.add_argument("--seconds", type=float, default=30, help="length of each phase")
+    parser.add_argument("--good-clients", type=int, default=4)
+    parser.add_argument("--stalled", type=int, default=400, help="stalled uploads held open at once")
+    parser.add_argument("--stalled-addresses", type=int, default=8)
+    parser.add_argument("--slow-readers", type=int, default=100)
+    parser.add_argument("--garbage", type=int, default=4, help="loops sending malformed requests")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="body_timeout_s (shorter than a phase)")
+    parser.add_argument("--max-uploads-per-client", type=int, default=32)
+    parser.add_argument("--upload-mb", type=float, default=1.0, help="image size of the slow-link uploads")
+    args = parser.parse_args()
+
+    raise_fd_limit(4 * (args.stalled + args.slow_readers) + 1024)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    app_args = AppArgs(
+        model=args.model,
+        image_size=args.size,
+        placement="cpu",
+        body_timeout_s=args.body_timeout,
+        max_uploads_per_client=args.max_uploads_per_client,
+    )
+    serve.run(compose_app(app_args), name="vtp", route_prefix="/")
+    png = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
+    pids = serve_pids("vtp", "VTPIngress")
+    rss_start = {kind: rss_mb(pid) for kind, pid in pids.items()}
+    mix = HostileMix(args.stalled, args.stalled_addresses, args.slow_readers, args.garbage)
+    allowed = args.body_timeout + 10
+
+    asyncio.run(soak(port, png, HostileMix(), 3, args.good_clients, allowed))  # warm-up
+    # clean, hostile, clean: the hostile phase is compared with the mean of the clean phases around it, so that a
+    # change in the machine's background load shifts both sides alike
+    before = asyncio.run(soak(port, png, HostileMix(), args.seconds, args.good_clients, allowed))
+    peak_clean = {kind: rss_mb(pid, "VmHWM") for kind, pid in pids.items()}
+    hostile = asyncio.run(soak(port, png, mix, args.seconds, args.good_clients, allowed))
+    peak_hostile = {kind: rss_mb(pid, "VmHWM") for kind, pid in pids.items()}
+    time.sleep(3)
+    held_after = server_connections(port)
+    after = asyncio.run(soak(port, png, HostileMix(), args.seconds, args.good_clients, allowed))
+    clean = SoakReport(good_ms=before.good_ms + after.good_ms, elapsed_s=before.elapsed_s + after.elapsed_s)
+    clean.good_failures = before.good_failures + after.good_failures
+
+    print(f"\nmodel {args.model} at {args.size} px, body_timeout_s {args.body_timeout:g}, ", end="")
+    print(f"max_uploads_per_client {args.max_uploads_per_client}, {args.good_clients} good clients, {args.seconds:g} s")
+    print(f"hostile: {mix}")
+    print(f"\n{'phase':8s} {'good':>6s} {'failed':>6s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    print(_line("clean 1", before))
+    print(_line("hostile", hostile))
+    print(_line("clean 2", after))
+    print(_line("clean", clean))
+    print(
+        f"ratio: throughput {hostile.good_throughput / clean.good_throughput:.2f} (goal >= 0.8), "
+        f"p99 {hostile.percentile_ms(99) / clean.percentile_ms(99):.2f}x (goal <= 2)"
+    )
+    print(f"good failures (hostile phase): {hostile.good_failures[:5]}")
+    print(f"stalled uploads ended: {dict(hostile.stalled)}, longest held {hostile.stalled_longest_s:.1f} s, ", end="")
+    print(f"held past the deadline at the end {hostile.stalled_open_at_end} (goal 0)")
+    print(f"slow readers: {dict(hostile.slow_readers)}; garbage answers: {dict(hostile.garbage)}")
+    print(f"server connections held 3 s after the clients left: {held_after} (goal 0)")
+    for kind in pids:
+        print(
+            f"RSS {kind}: {rss_start[kind]:.0f} MB at start, peak {peak_clean[kind]:.0f} MB after clean 1, "
+            f"{peak_hostile[kind]:.0f} MB after hostile"
+        )
+
+    side = int((args.upload_mb * 2**20 / 3) ** 0.5)  # noise PNGs barely compress: about 3 bytes a pixel
+    body = png_bytes(np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    needed = len(body) / args.body_timeout
+    fractions = [0.5, 0.9, 1.25]
+    results = asyncio.run(_slow_links(port, body, [needed / f for f in fractions]))
+    mib, mbit = len(body) / 2**20, needed * 8 / 1e6
+    print(f"\nslow links: a {mib:.2f} MiB image needs {mbit:.2f} Mbit/s to arrive in {args.body_timeout:g} s")
+    print(f"{'link Mbit/s':>12s} {'transfer s':>11s} {'status':>7s} {'answered s':>11s} {'after body ms':>14s}")
+    for fraction, (transfer, status, answered) in zip(fractions, results, strict=True):
+        rate = needed / fraction * 8 / 1e6
+        print(f"{rate:12.2f} {transfer:11.1f} {status:>7s} {answered:11.1f} {(answered - transfer) * 1000:14.0f}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
