@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from vtp_ray.cli import build_parser
@@ -70,9 +71,10 @@ def test_info_reports_versions_and_devices():
 
 @slow
 def test_info_without_a_cluster_at_the_address_says_so_in_one_line():
-    result = vtp_ray("info", env={**os.environ, "RAY_ADDRESS": "auto"})
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there ("auto" would find any Ray running here)
+    result = vtp_ray("info", env={**os.environ, "RAY_ADDRESS": address})
     assert result.returncode == 2, result.stdout
-    assert "no Ray cluster found at 'auto'" in result.stderr and "Traceback" not in result.stderr
+    assert f"no Ray cluster found at '{address}'" in result.stderr and "Traceback" not in result.stderr
 
 
 @slow

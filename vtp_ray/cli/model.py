@@ -93,6 +93,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_reachable(address: str, hint: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when a ``host:port`` address has nothing listening."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # auto, local, ray://...: Ray's own lookup
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster found at {address!r} {hint}: {e}") from e
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
