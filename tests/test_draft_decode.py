@@ -8,14 +8,13 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import TINY
 from PIL import Image
 
 from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
 from vtp_ray.pipeline.stages import pixels, preprocess_rows
-
-from helpers import TINY
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
