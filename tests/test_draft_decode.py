@@ -11,10 +11,14 @@ import pytest
 from helpers import TINY
 from PIL import Image
 
+from vtp_ray.cli import build_parser
+from vtp_ray.cli.args import pipeline_spec
 from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
+from vtp_ray.pipeline.spec import ModelFacts
 from vtp_ray.pipeline.stages import pixels, preprocess_rows
+from vtp_ray.pipeline.tokenize import build_manifest
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -110,3 +114,17 @@ def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(t
     clean = preprocess_rows(table.take([0, 2, 3]), size=32, crop="center", limits=DecodeLimits(), filesystem=None)
     assert clean.column("image").null_count == 0
     np.testing.assert_array_equal(pixels(clean.column("image"), 32), expected)
+
+
+def test_the_flags_reach_the_spec_and_a_draft_output_never_resumes_an_exact_one():
+    args = build_parser().parse_args(
+        ["tokenize", "in", "-o", "o", "--model", TINY, "--draft-decode", "--block-size", "64"]
+    )
+    spec = pipeline_spec(args)
+    assert spec.draft_decode and spec.block_size == 64
+    exact = pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", TINY]))
+    assert not exact.draft_decode and exact.block_size is None
+    model = ModelFacts.of(TINY, 64)
+    drafted = build_manifest(spec, model, flip=False, latent_dtype="float32")
+    plain = build_manifest(exact, model, flip=False, latent_dtype="float32")
+    assert "draft_decode" in drafted["preprocessing"] and "draft_decode" not in plain["preprocessing"]

@@ -239,7 +239,7 @@ def evaluate_dataset(
         "device_kind": placement.device.split(":")[0],
         "replica_options": placement.options,
         "replica_pool": placement.replicas,
-        "preprocessing": {"size": spec.size, "crop": spec.crop},
+        "preprocessing": {"size": spec.size, "crop": spec.crop, "draft_decode": spec.draft_decode},
         "metric_weights": {
             "inception": str(inception) if inception else None,
             "lpips": str(lpips) if lpips else None,
