@@ -332,3 +332,32 @@ def test_the_model_stage_passes_error_rows_through_untouched(ray_runtime, tree, 
     np.testing.assert_array_equal(latents, replica.encode(image[None]).latents)  # the same call: bit for bit
     with pytest.raises(RuntimeError, match="config digest"):
         TokenizeWorker(**kwargs, expected_digest="0000")
+
+
+class _BatchRecorder(TokenizeWorker):
+    """The real worker, noting the size of every model batch it runs."""
+
+    def process(self, images: np.ndarray, rows: pa.Table) -> dict[str, np.ndarray]:
+        self.batches = [*getattr(self, "batches", []), len(images)]
+        return super().process(images, rows)
+
+
+def test_a_block_is_split_into_model_batches_in_order(ray_runtime, tree, tiny_dir, replica):
+    paths = sorted(tree[1])[:9]
+    batch = preprocess_rows(
+        pa.table({"path": paths, "label": [None] * len(paths)}), size=SIZE, crop="center", limits=LIMITS,
+        filesystem=None,
+    )  # fmt: skip
+    spec = _spec(tiny_dir, batch_size=4)
+    kwargs = {"spec": spec, "device": "cpu", "flip": False, "latent_dtype": "float32"}
+    worker = _BatchRecorder(**kwargs, expected_digest=replica.info.config_digest)
+    out = worker(batch)
+    valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+    per_batch = [int(valid[i : i + 4].sum()) for i in range(0, len(paths), 4)]
+    assert worker.batches == [n for n in per_batch if n]  # batches of at most 4 rows, error rows left out
+    assert out.column("path").to_pylist() == paths and out.column("error").equals(batch.column("error"))
+    good = [p for p, ok in zip(paths, valid, strict=True) if ok]
+    images = np.stack([preprocess(p, SIZE) for p in good])
+    latents = np.asarray(out.filter(out.column("error").is_null()).column("latents").to_pylist(), np.float32)
+    # Other batch compositions than one call on all of them: equal to float32 rounding.
+    np.testing.assert_allclose(latents.reshape(len(good), *SHAPE), replica.encode(images).latents, rtol=1e-5, atol=1e-6)

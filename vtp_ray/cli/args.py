@@ -77,6 +77,14 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
     p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--block-size", type=int, metavar="N",
+        help="images per decode task and replica call (default: ~32 MB of pixels, whole model batches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-decode", action="store_true",
+        help="decode JPEGs at a reduced scale where the center crop allows (faster, not the exact ADM pixels)",
+    )  # fmt: skip
     add_sample_args(p)
 
 
@@ -112,4 +120,6 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
         samples=SampleOptions(
             image_keys=tuple(args.image_key), key=args.key_column, label=args.label_key, caption=args.caption_key
         ),
+        block_size=args.block_size,
+        draft_decode=args.draft_decode,
     )

@@ -56,7 +56,7 @@ def run_header(
         "device_kind": placement.device.split(":")[0],
         "replica_options": placement.options,
         "replica_pool": placement.replicas,
-        "preprocessing": {"size": spec.size, "crop": spec.crop},
+        "preprocessing": {"size": spec.size, "crop": spec.crop, "draft_decode": spec.draft_decode},
     }
 
 

@@ -3,7 +3,8 @@
 Every job builds the same dataset::
 
     input table (driver)  ->  read + preprocess (CPU tasks)  ->  ReplicaWorker pool (actors)  ->  driver
-    path, label               one task per model batch           the job's subclass               the job's writer
+    path, label               one task per block                 one call per block, split        the job's writer
+                              (``block_rows``: many batches)     into model batches
 
 ``run_pipeline`` yields the output batches in a Ray session; the job's writer consumes them on the driver.
 """
@@ -29,7 +30,14 @@ from .stages import preprocess_block
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-__all__ = ["Placement", "ReplicaStartError", "ReplicaUsage", "run_pipeline"]
+__all__ = ["BLOCK_BYTES", "Placement", "ReplicaStartError", "ReplicaUsage", "block_rows", "run_pipeline"]
+
+#: Pixels per block by default. Ray Data costs tens of ms per task and per actor call whatever the block holds, so
+#: a block carries many model batches; 32 MB is a quarter of Ray Data's target block size (1,280 images at 64 px,
+#: 160 at 256 px, a second or more of decoding either way).
+BLOCK_BYTES = 32 * 2**20
+#: Blocks per decode slot at least, so that decoding and the model overlap and the last block is a short tail.
+BLOCKS_PER_SLOT = 4
 
 _ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
 
@@ -153,7 +161,8 @@ def build_dataset(
     worker_kwargs: Mapping[str, Any],
     expected_digest: str,
 ) -> Dataset:
-    """Preprocess tasks (one per model batch), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass).
+    """Preprocess tasks (one per block), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass) that take
+    whole blocks and split them into model batches.
 
     ``todo`` is the input table of file inputs, or a ``SampleSource`` read by Ray Data's own readers.
     """
@@ -161,20 +170,22 @@ def build_dataset(
 
     if isinstance(todo, SampleSource):
         return _replica_stage(todo.preprocessed(spec), spec, placement, worker, worker_kwargs, expected_digest)
-    # One read task per model batch, made lazily from block numbers: ray.data.from_arrow would run a metadata task
+    rows = block_rows(spec, todo.num_rows, ray.cluster_resources().get("CPU", 1))
+    # One read task per block, made lazily from block numbers: ray.data.from_arrow would run a metadata task
     # per block up front (minutes for millions of inputs). The input table goes through the object store once.
-    blocks = math.ceil(todo.num_rows / spec.batch_size)
+    blocks = math.ceil(todo.num_rows / rows)
     preprocessed = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
         preprocess_block,
         batch_format="pyarrow",
         batch_size=None,  # one block number per task
         fn_kwargs={
             "inputs": [ray.put(todo)],
-            "block_rows": spec.batch_size,
+            "block_rows": rows,
             "size": spec.size,
             "crop": spec.crop,
             "limits": spec.limits,
             "filesystem": spec.filesystem,
+            "draft": spec.draft_decode,
         },
         num_cpus=spec.decode_cpus,
     )
@@ -200,7 +211,7 @@ def _replica_stage(
     return preprocessed.map_batches(
         worker,
         batch_format="pyarrow",
-        batch_size=spec.batch_size,
+        batch_size=None,  # whole blocks: the worker splits them into model batches
         compute=pool,
         fn_constructor_kwargs={
             "spec": spec,
@@ -210,6 +221,16 @@ def _replica_stage(
         },
         **placement.options,
     )
+
+
+def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
+    """Inputs per block: ``spec.block_size``, else about ``BLOCK_BYTES`` of pixels, whole model batches, and at
+    least ``BLOCKS_PER_SLOT`` blocks per decode slot (``cpus / decode_cpus``) when there are enough inputs."""
+    if spec.block_size:
+        return spec.block_size
+    slots = max(1, int(cpus / spec.decode_cpus))
+    rows = min(BLOCK_BYTES // (3 * spec.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
+    return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
 
 
 @contextlib.contextmanager

@@ -26,6 +26,9 @@ class PipelineSpec:
         device: ``auto`` follows the placement (``npu:0`` / ``cuda:0`` / ``cpu``); or any ``VTPReplica`` device.
         size, crop: the square model input and how images become it.
         batch_size: images per model call.
+        block_size: images per preprocess task and per replica call, which splits it into model batches of
+            ``batch_size``: Ray Data's cost is per block, not per image. Default (None): about
+            ``BLOCK_BYTES`` of pixels, a whole number of model batches, and at least two blocks per decode slot.
         replicas: actors in the model pool; ``(min, max)`` for an autoscaling pool. Default: one per NPU / GPU
             of the cluster for accelerator placements, else 1.
         resources: per replica: ``auto`` (NPU, else GPU, else CPU, from the cluster), ``npu`` / ``gpu`` / ``cpu``,
@@ -41,6 +44,8 @@ class PipelineSpec:
         filesystem: the pyarrow filesystem the input paths live in (default: from each path or URI).
         progress: show Ray Data's progress bars.
         samples: how samples in webdataset shards and parquet files with image bytes are read (``samples``).
+        draft_decode: decode JPEGs at a reduced scale where the center crop allows it (``images.preprocess``'s
+            ``draft``): faster on large photos, not the exact ADM pixels.
     """
 
     model: str
@@ -60,6 +65,8 @@ class PipelineSpec:
     filesystem: pafs.FileSystem | None = None
     progress: bool = True
     samples: SampleOptions = field(default_factory=SampleOptions)
+    block_size: int | None = None
+    draft_decode: bool = False
 
     def __post_init__(self) -> None:
         size, replicas = self.size, self.replicas
@@ -77,6 +84,8 @@ class PipelineSpec:
             or (isinstance(replicas, tuple) and len(replicas) == 2 and 1 <= replicas[0] <= replicas[1])
         ):
             raise ValueError(f"replicas must be a positive int or a (min, max) range, got {replicas!r}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.decode_cpus <= 0:
             raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
 

@@ -24,45 +24,52 @@ __all__ = ["fixed_size_lists", "nullable_floats", "pixels", "preprocess_block", 
 
 
 def preprocess_rows(
-    batch: pa.Table, *, size: int, crop: CropMode, limits: DecodeLimits, filesystem: pafs.FileSystem | None
+    batch: pa.Table,
+    *,
+    size: int,
+    crop: CropMode,
+    limits: DecodeLimits,
+    filesystem: pafs.FileSystem | None,
+    draft: bool = False,
 ) -> pa.Table:
     """Read, decode and crop a batch of ``path, label`` rows.
 
     Adds ``width, height`` (original size), ``image`` and ``reason, error``. An input that cannot be read or
     decoded becomes a row with a null image and its reason: it never raises, so one bad file cannot fail the job.
+    The images are written straight into one buffer that becomes the ``image`` column without a copy.
     """
     paths = batch.column("path").to_pylist()
-    images: list[bytes | None] = []
-    widths: list[int | None] = []
-    heights: list[int | None] = []
-    reasons: list[str | None] = []
-    messages: list[str | None] = []
-    for path in paths:
-        array = width = height = reason = message = None
+    n = len(paths)
+    pixels_out = np.zeros((n, size, size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    widths = np.zeros(n, np.int32)
+    heights = np.zeros(n, np.int32)
+    reasons: list[str | None] = [None] * n
+    messages: list[str | None] = [None] * n
+    for i, path in enumerate(paths):
         try:
-            array, (width, height) = preprocess_with_info(
-                read_bytes(path, filesystem, limits.max_bytes), size, crop, limits
-            )
+            data = read_bytes(path, filesystem, limits.max_bytes)
+            pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(data, size, crop, limits, draft)
+            ok[i] = True
         except ImageDecodeError as e:
-            reason, message = e.reason, str(e)
+            reasons[i], messages[i] = e.reason, str(e)
         except OSError as e:  # missing, unreadable, or a storage error
-            reason, message = "unreadable", f"cannot read the file: {e}"
+            reasons[i], messages[i] = "unreadable", f"cannot read the file: {e}"
         except MemoryError:
             raise  # this worker's problem, not the input's: let Ray retry the task
         except Exception as e:
-            reason, message = "unexpected", f"{type(e).__name__}: {e}"
-        images.append(None if array is None else array.tobytes())
-        widths.append(width)
-        heights.append(height)
-        reasons.append(reason)
-        messages.append(message)
+            reasons[i], messages[i] = "unexpected", f"{type(e).__name__}: {e}"
+    validity = None if ok.all() else pa.array(ok).buffers()[1]
+    images = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(size * size * 3), n, [validity, pa.py_buffer(pixels_out)], null_count=int(n - ok.sum())
+    )
     return pa.table(
         {
             "path": batch.column("path"),
             "label": batch.column("label"),
-            "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()),
-            "image": pa.array(images, pa.binary(size * size * 3)),
+            "width": pa.array(widths, pa.int32(), mask=~ok),
+            "height": pa.array(heights, pa.int32(), mask=~ok),
+            "image": images,
             "reason": pa.array(reasons, pa.string()),
             "error": pa.array(messages, pa.string()),
         }

@@ -43,6 +43,8 @@ PREPROCESSING = {
     "resize": "bicubic resize to size x size, aspect ratio not kept",
 }
 
+DRAFT_DECODE = "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
+
 
 @dataclass(frozen=True)
 class TokenizeSummary:
@@ -95,6 +97,8 @@ def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_
             "method": PREPROCESSING[spec.crop],
             "decode": "first frame, EXIF orientation applied, alpha composited over white, RGB",
             "normalization": {"kind": "imagenet", "mean": list(norm.mean), "std": list(norm.std)},
+            # Only when on, so that exact outputs keep their manifest; resuming never mixes the two.
+            **({"draft_decode": DRAFT_DECODE} if spec.draft_decode else {}),
         },
         "flip": flip,
         "latent_dtype": latent_dtype,

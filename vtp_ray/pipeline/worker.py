@@ -1,9 +1,10 @@
 """``ReplicaWorker``: the Ray Data actor class every job's model stage derives from.
 
-It holds one ``VTPReplica`` (built once per actor, checked against the config digest the driver read), hands the
-valid rows of each batch to the job's ``process`` as one pixel array, and lets the job turn the result into
-columns. Error rows pass through untouched and never reach the model. Every output row also says which replica
-made it and the model time it took, which the driver reports per replica (``ReplicaUsage``).
+It holds one ``VTPReplica`` (built once per actor, checked against the config digest the driver read), splits each
+block it is called with into model batches of ``spec.batch_size`` rows, hands the valid rows of each batch to the
+job's ``process`` as one pixel array, and lets the job turn the result into columns. Error rows pass through
+untouched and never reach the model. Every output row also says which replica made it and the model time it took,
+which the driver reports per replica (``ReplicaUsage``).
 """
 
 from __future__ import annotations
@@ -61,16 +62,21 @@ class ReplicaWorker:
         """The output table of ``batch`` given ``process``'s result (None when no row is valid)."""
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, block: pa.Table) -> pa.Table:
+        """One block (many model batches: Ray Data's cost is per call) -> its output rows, in order."""
+        size = self.spec.batch_size
+        return pa.concat_tables([self._batch(block.slice(i, size)) for i in range(0, block.num_rows, size)])
+
+    def _batch(self, batch: pa.Table) -> pa.Table:
         valid = valid_rows(batch)
         started = time.perf_counter()
         result = None
         if valid.any():
-            rows = batch.filter(pa.array(valid))
+            rows = batch if valid.all() else batch.filter(pa.array(valid))
             result = self.process(self.inputs(rows), rows)
         seconds = time.perf_counter() - started
         out = self.columns(batch, valid, result)
-        out = out.append_column("replica", pa.array([self.name] * batch.num_rows, pa.string()))
+        out = out.append_column("replica", pa.repeat(pa.scalar(self.name), batch.num_rows))
         return out.append_column("model_seconds", pa.array(np.where(valid, seconds / max(valid.sum(), 1), 0.0)))
 
 

@@ -1,0 +1,167 @@
+"""What ``vtp-ray tokenize`` costs around the model, against plain loops on the same cores, in one run.
+
+The tiny fixture model at 64 px costs almost nothing, so what is left is the pipeline: Ray Data tasks and actor
+calls, Arrow <-> numpy copies, the driver's iteration and part writing. Over ``--images`` generated JPEGs
+(72-128 px, 10 class folders) it measures, side by side:
+
+- loop: one process, one thread, ``preprocess`` + ``VTPReplica.encode`` in batches of 32, times the cores (the
+  rate two plain loops would reach); decode alone and the model alone, per image;
+- tokenize: the ``vtp-ray tokenize`` CLI end to end (start-up included) with default settings, as a user runs it,
+  and the driver's peak RSS (VmHWM) at ``--rss-at`` inputs and at all of them;
+- overhead: core-ms per image outside decode and model = cores x wall / images - decode - model.
+
+Goal: tokenize >= 0.5 x the loops::
+
+    PYTHONPATH=. python benchmarks/pipeline_overhead.py --images 20000 --rss-at 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "fixtures" / "vtp-tiny")
+SIZE = 64
+GOAL = 0.5
+
+
+def write_images(directory: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` small JPEGs (72-128 px per side) of smooth random content, in 10 class folders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        width, height = (int(v) for v in rng.integers(72, 129, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8))
+        path = directory / f"class_{i % 10}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        coarse.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def loop_rates(paths: list[Path], batch_size: int) -> dict[str, float]:
+    """One thread: ms per image for decode + crop, for the model, and images/s for both in a plain loop."""
+    import torch
+
+    from vtp_ray import VTPReplica
+    from vtp_ray.images import preprocess
+
+    torch.set_num_threads(1)
+    replica = VTPReplica(TINY, "cpu", "fp32", cpu_threads=1, warmup_size=SIZE)
+    started = time.perf_counter()
+    images = [preprocess(p, SIZE) for p in paths]
+    decode_s = time.perf_counter() - started
+    batches = [np.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    replica.encode(batches[0])
+    started = time.perf_counter()
+    for batch in batches:
+        replica.encode(batch)
+    model_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        replica.encode(np.stack([preprocess(p, SIZE) for p in paths[i : i + batch_size]]))
+    loop_s = time.perf_counter() - started
+    n = len(paths)
+    return {"decode_ms": 1e3 * decode_s / n, "model_ms": 1e3 * model_s / n, "loop_per_s": n / loop_s}
+
+
+def run_tokenize(inputs: list[str], output: Path, extra: list[str], code: Path = ROOT) -> tuple[float, float]:
+    """The CLI of the tree ``code`` end to end: ``(wall seconds, driver peak RSS in MB)`` (the driver's VmHWM)."""
+    command = [sys.executable, "-m", "vtp_ray.cli", "tokenize", *inputs, "-o", str(output), "--model", TINY]
+    command += ["--size", str(SIZE), "--no-progress", *extra]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    peak = [0.0]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def watch() -> None:
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:
+                return
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, _ = process.communicate()
+    seconds = time.perf_counter() - started
+    watcher.join()
+    if process.returncode:
+        raise SystemExit(f"tokenize failed ({process.returncode}):\n{out}")
+    print("   ", out.strip().splitlines()[-1])
+    return seconds, peak[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--rss-at", type=int, default=5_000, help="also run on this many inputs for the driver RSS")
+    parser.add_argument("--loop-images", type=int, default=2_000, help="images timed in the single-thread loop")
+    parser.add_argument("--batch-size", type=int, default=32, help="the loop's batch")
+    parser.add_argument("--data", type=Path, help="reuse (or create) the JPEGs here instead of a temporary directory")
+    parser.add_argument("--tokenize-args", default="", help="extra tokenize flags, e.g. '--batch-size 256'")
+    parser.add_argument(
+        "--baseline", type=Path, help="another source tree (e.g. `git worktree add /tmp/base main`) run the same way"
+    )
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+
+    with tempfile.TemporaryDirectory(prefix="vtp-overhead-") as tmp:
+        data = args.data or Path(tmp) / "images"
+        paths = sorted(data.glob("class_*/*.jpg")) if data.exists() else []
+        if len(paths) < args.images:
+            started = time.perf_counter()
+            paths = write_images(data, args.images)
+            print(f"{len(paths)} JPEGs written in {time.perf_counter() - started:.1f}s")
+        paths = paths[: args.images]
+        subset = Path(tmp) / "subset.txt"
+        subset.write_text("".join(f"{p}\n" for p in paths[: args.rss_at]))
+        everything = Path(tmp) / "all.txt"
+        everything.write_text("".join(f"{p}\n" for p in paths))
+
+        # The loop before and after the pipelines: this machine's speed drifts (shared CPUs).
+        before = loop_rates(paths[: args.loop_images], args.batch_size)
+        extra = args.tokenize_args.split()
+        small_s, small_rss = run_tokenize([str(subset)], Path(tmp) / "out-small", extra)
+        print(f"tokenize : {args.rss_at} inputs in {small_s:.1f}s, driver peak RSS {small_rss:.0f} MB")
+        seconds, rss = run_tokenize([str(everything)], Path(tmp) / "out", extra)
+        print(f"tokenize : {len(paths)} inputs in {seconds:.1f}s, driver peak RSS {rss:.0f} MB")
+        if args.baseline:
+            base_s, base_rss = run_tokenize([str(everything)], Path(tmp) / "out-base", extra, args.baseline)
+            print(f"baseline : {len(paths)} inputs in {base_s:.1f}s, driver peak RSS {base_rss:.0f} MB")
+        after = loop_rates(paths[: args.loop_images], args.batch_size)
+        loop = {k: (before[k] + after[k]) / 2 for k in before}
+        print(
+            f"loop     : {loop['loop_per_s']:8.0f} images/s on one thread ({before['loop_per_s']:.0f} before, "
+            f"{after['loop_per_s']:.0f} after; decode {loop['decode_ms']:.3f} ms + model {loop['model_ms']:.3f} ms "
+            f"per image); x {cores} cores = {cores * loop['loop_per_s']:.0f}"
+        )
+        runs = [("tokenize", seconds)] + ([("baseline", base_s)] if args.baseline else [])
+        for name, wall in runs:
+            rate = len(paths) / wall
+            overhead = 1e3 * cores * wall / len(paths) - loop["decode_ms"] - loop["model_ms"]
+            ratio = rate / (cores * loop["loop_per_s"])
+            verdict = "meets" if ratio >= GOAL else "misses"
+            print(
+                f"{name:9}: {rate:6.0f} images/s end to end, {overhead:6.2f} core-ms per image outside decode and "
+                f"model; ratio {ratio:.3f} of the loops ({verdict} {GOAL})"
+            )
+        print(f"(flags {extra or 'default'}; load average {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Draft-mode JPEG decoding (``preprocess(..., draft=True)``) and the pipeline's block sizing and preprocess
+column: fast tests, no Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from helpers import TINY
+from PIL import Image
+
+from vtp_ray.cli import build_parser
+from vtp_ray.cli.args import pipeline_spec
+from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
+from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
+from vtp_ray.pipeline.spec import ModelFacts
+from vtp_ray.pipeline.stages import pixels, preprocess_rows
+from vtp_ray.pipeline.tokenize import build_manifest
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Photo-like pixels: octaves of smooth noise (detail at every scale, as in natural images)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((height, width, 3), np.float64)
+    for octave in range(1, 7):
+        step = 2**octave
+        coarse = rng.integers(0, 256, (max(height // step, 2), max(width // step, 2), 3), dtype=np.uint8)
+        out += np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float64)
+    return (out / 6).astype(np.uint8)
+
+
+def _jpeg(array: np.ndarray, **params) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    return _jpeg(_photo(600, 800))
+
+
+def test_draft_is_off_by_default_and_the_exact_path_is_unchanged(photo):
+    exact, info = preprocess_with_info(photo, 64)
+    np.testing.assert_array_equal(preprocess(photo, 64, draft=False), exact)
+    assert info == (800, 600)
+
+
+def test_a_draft_decode_is_close_to_the_exact_adm_pixels_and_reports_the_full_size(photo):
+    exact = preprocess(photo, 64).astype(np.int16)
+    drafted, info = preprocess_with_info(photo, 64, draft=True)
+    difference = np.abs(drafted.astype(np.int16) - exact)
+    assert info == (800, 600)  # the file's size, not the reduced decode's
+    assert difference.any()  # a 1/4-scale decode (short side 150 >= 2 x 64), not the exact path
+    # Measured on photo-like images (README, benchmarks/draft_decode.py): mean under 3 levels of 255.
+    assert difference.mean() < 3.0 and difference.max() <= 40
+
+
+def test_draft_applies_only_where_a_reduced_jpeg_decode_keeps_the_short_side_at_2x_size(photo):
+    png = io.BytesIO()
+    Image.fromarray(_photo(600, 800)).save(png, "PNG")
+    for data, size, crop in ((png.getvalue(), 64, "center"), (photo, 64, "resize"), (photo, 256, "center")):
+        np.testing.assert_array_equal(
+            preprocess(data, size, crop, draft=True), preprocess(data, size, crop), err_msg=f"{size} {crop}"
+        )
+
+
+def test_a_drafted_exif_rotated_jpeg_is_turned_and_reports_its_displayed_size():
+    array = _photo(600, 800, seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees
+    data = _jpeg(array, exif=exif.tobytes())
+    exact, info = preprocess_with_info(data, 64)
+    drafted, drafted_info = preprocess_with_info(data, 64, draft=True)
+    assert info == drafted_info == (600, 800)
+    assert np.abs(drafted.astype(np.int16) - exact).mean() < 3.0
+
+
+# ---------------------------------------------------------------------------------------- pipeline blocks
+
+
+def test_blocks_hold_whole_model_batches_sized_for_the_work():
+    spec = PipelineSpec(model=TINY, size=64, batch_size=32)
+    by_bytes = BLOCK_BYTES // (64 * 64 * 3)
+    assert block_rows(spec, 1_000_000, cpus=2) == -(-by_bytes // 32) * 32  # about BLOCK_BYTES of pixels
+    assert block_rows(spec, 20_000, cpus=2) == 1280  # >= 4 blocks per decode slot (2 CPUs / 0.5 per task)
+    assert block_rows(spec, 10, cpus=2) == 32  # never less than one model batch
+    big = PipelineSpec(model=TINY, size=256, batch_size=48)
+    assert block_rows(big, 1_000_000, cpus=64) % 48 == 0 and block_rows(big, 1_000_000, cpus=64) * 3 * 256**2 < 2**26
+    assert block_rows(PipelineSpec(model=TINY, size=64, block_size=100), 20_000, cpus=2) == 100
+    with pytest.raises(ValueError, match="block_size"):
+        PipelineSpec(model=TINY, block_size=0)
+
+
+def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(tmp_path):
+    paths = []
+    for i, shape in enumerate([(50, 70), (90, 64), (64, 64)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(_jpeg(_photo(*shape, seed=i)))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    order = [paths[0], tmp_path / "bad.jpg", paths[1], paths[2]]
+    table = pa.table({"path": [str(p) for p in order], "label": ["a", None, "b", None]})
+    out = preprocess_rows(table, size=32, crop="center", limits=DecodeLimits(), filesystem=None)
+    assert out.column("image").is_null().to_pylist() == [False, True, False, False]
+    assert out.column("width").to_pylist() == [70, None, 64, 64]
+    assert out.column("reason").to_pylist() == [None, "not_an_image", None, None]
+    ok = out.filter(out.column("error").is_null())
+    expected = np.stack([preprocess(str(p), 32) for p in paths])
+    np.testing.assert_array_equal(pixels(ok.column("image"), 32), expected)
+    # An all-valid block: no validity bitmap at all, the same pixels.
+    clean = preprocess_rows(table.take([0, 2, 3]), size=32, crop="center", limits=DecodeLimits(), filesystem=None)
+    assert clean.column("image").null_count == 0
+    np.testing.assert_array_equal(pixels(clean.column("image"), 32), expected)
+
+
+def test_the_flags_reach_the_spec_and_a_draft_output_never_resumes_an_exact_one():
+    args = build_parser().parse_args(
+        ["tokenize", "in", "-o", "o", "--model", TINY, "--draft-decode", "--block-size", "64"]
+    )
+    spec = pipeline_spec(args)
+    assert spec.draft_decode and spec.block_size == 64
+    exact = pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", TINY]))
+    assert not exact.draft_decode and exact.block_size is None
+    model = ModelFacts.of(TINY, 64)
+    drafted = build_manifest(spec, model, flip=False, latent_dtype="float32")
+    plain = build_manifest(exact, model, flip=False, latent_dtype="float32")
+    assert "draft_decode" in drafted["preprocessing"] and "draft_decode" not in plain["preprocessing"]
