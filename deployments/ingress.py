@@ -452,8 +452,11 @@ class VTPIngress:
     # ---------------------------------------------------------------------------------------- helpers
 
     async def _require_clip(self) -> None:
-        if (await self._info())["embedding_dim"] is None:
+        info = await self._info()
+        if info["embedding_dim"] is None:
             raise ApiError(501, "no_clip_head", "this model has no CLIP head and text tower (train_clip is false)")
+        if info.get("text_context_length") is None:
+            raise ApiError(501, "no_text_vocabulary", "this model's text tower does not use CLIP's BPE vocabulary")
 
     def _authorize(self, request: Request) -> None:
         key = self._settings.api_key

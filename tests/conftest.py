@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,23 @@ def ray_runtime() -> str:
 def own_ray() -> None:
     """For modules that start a Ray of their own (mark them ``own_ray``): the shared runtime is stopped first."""
     _stop_ray()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_serve_left_behind() -> Iterator[None]:
+    """After each module, Serve is shut down (the shared Ray stays), also when a fixture failed half-way: the next
+    module's apps must not find a route prefix taken or CPUs held."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            with contextlib.suppress(Exception):
+                serve.shutdown()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

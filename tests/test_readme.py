@@ -120,7 +120,7 @@ def test_the_model_commands_run_as_written(sandbox: Path) -> None:
 
 @pytest.mark.slow
 def test_the_python_api_example_runs(sandbox: Path) -> None:
-    (code,) = [block for block in _blocks("python") if "VTPReplica(" in block]
+    (code,) = [block for block in _blocks("python") if "VTPModel.from_pretrained(" in block]
     result = _run(f"python - <<'EOF'\n{_substitute(code, sandbox)}\nEOF", sandbox, dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -131,7 +131,7 @@ def test_the_dataset_commands_run_as_written(sandbox: Path) -> None:
     # replicas there): the ImageNet-style tokenize, the CPU eval, and the comparison.
     (tokenize,) = [c for c in COMMANDS if c.startswith("vtp-ray tokenize /data/imagenet/train --labels-from-dirs")]
     (evaluate,) = [c for c in COMMANDS if c.startswith("vtp-ray eval /data/val --output runs/cpu-fp32")]
-    (compare,) = [c for c in COMMANDS if c.startswith("vtp-ray eval --compare")]
+    (compare,) = [c for c in COMMANDS if c.startswith("vtp-ray eval --compare runs/cpu-fp32")]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for command in (tokenize, evaluate, compare):
         if command == compare:

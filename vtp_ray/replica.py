@@ -24,6 +24,7 @@ from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, re
 from .model import load_model
 from .normalize import denormalize_to_uint8, normalize
 from .outputs import Encoded, ReplicaInfo, ZeroShot
+from .text.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class VTPReplica:
             latent_channels=cfg.latent_channels,
             embedding_dim=cfg.embedding_dim,
             vtp_ray_version=__version__,
-            text_context_length=cfg.text_context_length if cfg.train_clip else None,
+            # CLIP's BPE ids only fit a text tower with the full vocabulary (test checkpoints may have a tiny one).
+            text_context_length=cfg.text_context_length
+            if cfg.train_clip and cfg.text_vocab_size >= VOCAB_SIZE
+            else None,
             zero_shot_activation=(
                 None if not cfg.train_clip else "softmax" if self.model.logit_bias is None else "sigmoid"
             ),
@@ -128,6 +132,11 @@ class VTPReplica:
         from .text.tokenizer import tokenize
 
         self._require_clip()
+        if self.info.text_context_length is None:
+            raise ValueError(
+                f"this model's text tower has {self.model.config.text_vocab_size} token ids, not the {VOCAB_SIZE} of "
+                "CLIP's BPE vocabulary: it cannot embed text"
+            )
         if not len(texts):
             return np.zeros((0, self.info.embedding_dim), np.float32)
         ids = tokenize(texts, self.info.text_context_length)

@@ -79,12 +79,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if address:
         import ray
 
+        hint = "(start one with `ray start --head`, or unset RAY_ADDRESS)"
+        _check_reachable(address, hint)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as e:
-            raise ConnectionError(
-                f"no Ray cluster found at {address!r} (start one with `ray start --head`): {e}"
-            ) from e
+            raise ConnectionError(f"no Ray cluster found at {address!r} {hint}: {e}") from e
         info["ray_cluster"] = {
             "resources": ray.cluster_resources(),
             "nodes": sum(1 for node in ray.nodes() if node["Alive"]),

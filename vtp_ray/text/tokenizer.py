@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TEXT_INSTALL", "MissingTextDependencyError", "available", "tokenize"]
+__all__ = ["TEXT_INSTALL", "VOCAB_SIZE", "MissingTextDependencyError", "available", "tokenize"]
 
 
 TEXT_INSTALL = "pip install 'vtp-ray[text]'"
+#: Token ids of OpenAI CLIP's BPE vocabulary: a text tower with fewer cannot embed tokenized text.
+VOCAB_SIZE = 49408
 
 
 class MissingTextDependencyError(ImportError):
