@@ -36,7 +36,6 @@ from PIL import Image
 from ray import serve
 
 from deployments import AppArgs, compose_app
-from deployments.inputs import draft_decode_supported
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 
@@ -303,7 +302,7 @@ def main() -> None:
         large = sample_jpeg(args.large_photo)
         costs = []
         for shape, photo in ((args.photo, data), (args.large_photo, large)):
-            for mode in ("exact", "fast") if draft_decode_supported() else ("exact",):
+            for mode in ("exact", "fast"):
                 query = f"?decode={mode}"
                 level = asyncio.run(
                     run_level(url, args.endpoint, photo, 1, args.large_requests, args.time_limit_s, query, pids)

@@ -100,15 +100,6 @@ class AppArgs(BaseModel):
     def _empty_key_is_none(cls, value: Any) -> Any:
         return value or None
 
-    @field_validator("draft_decode")
-    @classmethod
-    def _draft_decode_available(cls, value: bool) -> bool:
-        from .inputs import draft_decode_supported  # here: config stays importable without the request stack
-
-        if value and not draft_decode_supported():
-            raise ValueError("draft_decode needs a vtp_ray.images.preprocess with reduced-scale decoding (draft=)")
-        return value
-
     @model_validator(mode="after")
     def _sizes_agree(self) -> AppArgs:
         if self.image_size > self.max_image_size:

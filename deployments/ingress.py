@@ -37,7 +37,6 @@ from .inputs import (
     ApiError,
     check_latents,
     check_size,
-    draft_decode_supported,
     media_type,
     parse_latents,
     preprocess_upload,
@@ -483,8 +482,6 @@ class VTPIngress:
         self._authorize(request)
         side = check_size(self._settings.image_size if size is None else size, self._settings.max_image_size)
         draft = self._settings.draft_decode if decode is None else decode == "fast"
-        if draft and not draft_decode_supported():
-            raise ApiError(400, "bad_decode", "decode=fast is not supported by this vtp-ray's image decoder")
         with _timed(timings, "read"):
             data = await read_image_upload(request, self._settings.max_body_bytes)
         with _timed(timings, "decode"):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
-import inspect
 import io
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -124,22 +122,13 @@ def check_size(size: int, max_size: int) -> int:
     return size
 
 
-@functools.cache
-def draft_decode_supported() -> bool:
-    """Whether ``images.preprocess`` can decode JPEGs at reduced scale (its ``draft`` parameter)."""
-    return "draft" in inspect.signature(preprocess).parameters
-
-
 def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: DecodeLimits, draft: bool = False) -> np.ndarray:
     """Encoded image -> the preprocessed uint8 (size, size, 3) model input. CPU work: call it off the event loop.
 
-    ``draft`` decodes JPEGs at a reduced scale where the crop allows (faster, slightly different pixels); it
-    needs ``draft_decode_supported()``.
+    ``draft`` decodes JPEGs at a reduced scale where the crop allows (faster, slightly different pixels).
     """
-    # The keyword only when asked for: the exact path works with every version of ``preprocess``.
-    options = {"draft": True} if draft else {}
     try:
-        return preprocess(data, size=size, crop=crop, limits=limits, **options)
+        return preprocess(data, size=size, crop=crop, limits=limits, draft=draft)
     except ImageDecodeError as e:
         status = 413 if e.reason in _TOO_LARGE_REASONS else 400
         raise ApiError(status, f"image_{e.reason}", str(e)) from e

@@ -70,7 +70,13 @@ def cluster(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             ["bash", str(SCRIPT), address], env=worker_env, capture_output=True, text=True, timeout=180
         )
         assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-        assert "1.0 NPU" in worker.stdout  # `ray status` at the end of the script saw the worker's NPU
+        status = [_bin("ray"), "status", "--address", address]
+
+        def npu_joined() -> bool:  # the worker's resources reach the head's view within a few seconds
+            seen = subprocess.run(status, env={**worker_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
+            return "1.0 NPU" in seen.stdout
+
+        wait_until(npu_joined, 60, "the worker's NPU in `ray status`", interval_s=2)
         client_env = {**base, "HOME": str(tmp / "client-home"), "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token"}
         yield {
             "dashboard": f"http://127.0.0.1:{dashboard_port}",

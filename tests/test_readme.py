@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, SIZE, TINY, free_port, random_image
+from helpers import ROOT, SIZE, TINY, TINYTEXT, free_port, random_image
 from PIL import Image
 
 from vtp_ray.cli import build_parser
@@ -151,7 +151,8 @@ def serve_port(ray_runtime: str) -> Iterator[int]:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose_app(AppArgs(model=TINY, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
+    # The tiny checkpoint with CLIP's real vocabulary, so that the text examples run too.
+    serve.run(compose_app(AppArgs(model=TINYTEXT, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
     yield port
     serve.shutdown()
 
@@ -160,11 +161,11 @@ def serve_port(ray_runtime: str) -> Iterator[int]:
 def test_the_curl_examples_run_as_written(sandbox: Path, serve_port: int) -> None:
     if shutil.which("curl") is None:
         pytest.fail("curl is needed (the README's examples use it): apt-get install curl")
-    curls = [c for c in COMMANDS if c.startswith("curl ") and "HEAD" not in c]
+    # The curl lines, and the python -c lines that write their request bodies, in README order.
+    curls = [c for c in COMMANDS if c.startswith(("curl ", "python -c ")) and "HEAD" not in c]
     for command in curls:
-        command = command.replace("localhost:8000", f"127.0.0.1:{serve_port}").replace(
-            "curl ", "curl --fail-with-body "
-        )
+        command = command.replace("localhost:8000", f"127.0.0.1:{serve_port}")
+        command = command.replace("curl ", "curl --fail-with-body ", 1)
         result = _run(f"set -o pipefail; {command}", sandbox, {**os.environ, "VTP_API_KEY": "unused"})
         assert result.returncode == 0, f"{command}\n{result.stdout[-1000:]}\n{result.stderr[-1000:]}"
     assert Image.open(sandbox / "recon512.png").size == (512, 512)

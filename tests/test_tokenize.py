@@ -228,7 +228,8 @@ def test_a_rerun_redoes_only_what_is_missing(job, tree, tiny_dir, tmp_path):
     assert not list((copy / "data").glob(".*.tmp"))
     before, after = _rows(output), _rows(copy)
     assert list(after.index) == list(before.index)
-    np.testing.assert_array_equal(_array(after["latents"]), _array(before["latents"]))
+    # Redone rows ran in other batches than the first time: equal up to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(_array(after["latents"]), _array(before["latents"]), rtol=1e-5, atol=1e-6)
     assert len(pq.read_table(copy / "errors.parquet")) == 4
     _check_stats(copy)
 
