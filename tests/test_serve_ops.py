@@ -50,6 +50,10 @@ def wide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_wide_checkpoint(tmp_path_factory.mktemp("ckpt") / "vtp-wide")
 
 
+# Replicas that stop at once when the module ends (Serve's default waits up to 20 s for in-flight requests).
+QUICK_STOP = {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.5}
+
+
 @pytest.fixture(scope="module")
 def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
@@ -57,13 +61,15 @@ def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPath
     common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
     missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
     serve._run(
-        compose_app(AppArgs(model=missing, model_wait_s=WAIT_S, **common)),
+        compose_app(AppArgs(model=missing, model_wait_s=WAIT_S, **common), **QUICK_STOP),
         name="broken",
         route_prefix="/broken",
         _blocking=False,
     )
     pending = compose_app(
-        AppArgs(model=TINY, model_wait_s=WAIT_S, **common), ray_actor_options={"resources": {"NotOnThisCluster": 1}}
+        AppArgs(model=TINY, model_wait_s=WAIT_S, **common),
+        ray_actor_options={"resources": {"NotOnThisCluster": 1}},
+        **QUICK_STOP,
     )
     serve._run(pending, name="starting", route_prefix="/starting", _blocking=False)
     args = AppArgs(
@@ -74,7 +80,7 @@ def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPath
         batch_wait_timeout_s=0.3,
         **common,
     )
-    serve.run(compose_app(args), name="ops", route_prefix="/")
+    serve.run(compose_app(args, **QUICK_STOP), name="ops", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
