@@ -126,14 +126,18 @@ def test_the_python_api_example_runs(sandbox: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_dataset_commands_run_as_written(sandbox: Path) -> None:
-    # Each with the embedded Ray a newcomer gets (the shared test runtime declares NPUs, which would place the
-    # replicas there): the ImageNet-style tokenize, the CPU eval, and the comparison.
+def test_the_dataset_commands_run_as_written(sandbox: Path, ray_runtime: str) -> None:
+    # The ImageNet-style tokenize with the embedded Ray a newcomer gets (its placement is auto, and the shared test
+    # runtime declares NPUs); the eval, which asks for CPU replicas, joins the shared runtime; then the comparison.
     (tokenize,) = [c for c in COMMANDS if c.startswith("vtp-ray tokenize /data/imagenet/train --labels-from-dirs")]
     (evaluate,) = [c for c in COMMANDS if c.startswith("vtp-ray eval /data/val --output runs/cpu-fp32")]
     (compare,) = [c for c in COMMANDS if c.startswith("vtp-ray eval --compare runs/cpu-fp32")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for command in (tokenize, evaluate, compare):
+    embedded = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for command, env in (
+        (tokenize, embedded),
+        (evaluate, {**embedded, "RAY_ADDRESS": ray_runtime}),
+        (compare, embedded),
+    ):
         if command == compare:
             # The README compares an NPU run with a CPU run; here both come from the CPU run.
             shutil.copytree(sandbox / "runs" / "cpu-fp32", sandbox / "runs" / "npu-bf16", dirs_exist_ok=True)
