@@ -11,7 +11,7 @@ from typing import Any
 from ..images import DecodeLimits
 from ..options import CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec
-from ..pipeline.samples import SampleOptions
+from ..pipeline.spec import SampleOptions
 
 
 def csv(kind: type) -> Callable[[str], list]:

@@ -29,15 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..images import CropMode, DecodeLimits, ImageDecodeError, preprocess_with_info
+from ..images import CropMode, DecodeLimits
 from .inputs import _GLOB_CHARS, InputError, _from_glob, _identity, _list_files, resolve_location
+from .spec import PipelineSpec, SampleOptions
+from .stages import NoImage, preprocess_images
 
 if TYPE_CHECKING:
     import pandas as pd
     from ray import ObjectRef
     from ray.data import Dataset
-
-    from .spec import PipelineSpec
 
 __all__ = [
     "SHARD_EXTENSIONS",
@@ -52,25 +52,6 @@ __all__ = [
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 SampleKind = Literal["webdataset", "parquet"]
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    """How samples inside shards and parquet files are read.
-
-    Args:
-        image_keys: webdataset member extensions tried in order for the image; for parquet, the image column
-            (default: the first of ``image``, ``jpg``, ``jpeg``, ``png``, ``webp``, ``img`` present).
-        key: the parquet column holding each sample's key (unique within its file).
-        label: webdataset: a member extension (``cls``) or ``json:FIELD``; parquet: a column. Default: ``cls``
-            / ``label`` when present.
-        caption: keep a text caption as the ``caption`` column: a member extension (``txt``) or a column.
-    """
-
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-    key: str = "key"
-    label: str | None = None
-    caption: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +81,7 @@ class SampleSource:
             "size": spec.size,
             "crop": spec.crop,
             "limits": spec.limits,
+            "draft": spec.draft_decode,
         }
         if self.kind == "webdataset":
             # decoder=None: members stay bytes; nothing is unpickled or decoded without limits by Ray Data.
@@ -274,6 +256,7 @@ def preprocess_tar(
     size: int,
     crop: CropMode,
     limits: DecodeLimits,
+    draft: bool = False,
 ) -> pa.Table:
     """Webdataset samples (``read_webdataset`` rows, undecoded) -> preprocessed rows, errors as rows."""
     keys = [str(k) for k in batch["__key__"]]
@@ -287,7 +270,7 @@ def preprocess_tar(
         labels.append(_tar_text(record, options.label or "cls"))
         captions.append(_tar_text(record, options.caption) if options.caption else None)
     paths = [f"{shard}#{key}" for shard, key in zip(shards, keys, strict=True)]
-    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits)
+    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits, draft)
 
 
 def _tar_text(record: dict[str, Any], key: str) -> str | None:
@@ -315,6 +298,7 @@ def preprocess_parquet(
     size: int,
     crop: CropMode,
     limits: DecodeLimits,
+    draft: bool = False,
 ) -> pa.Table:
     """Parquet rows with image bytes (``read_parquet`` with ``include_paths``) -> preprocessed rows."""
     images = batch.column(image_column)
@@ -334,7 +318,7 @@ def preprocess_parquet(
     )
     problems = [None if d is not None else f"no image bytes in column {image_column!r}" for d in data]
     paths = [f"{file}#{key}" for file, key in zip(files, keys, strict=True)]
-    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits)
+    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits, draft)
 
 
 def _decode(
@@ -348,6 +332,7 @@ def _decode(
     size: int,
     crop: CropMode,
     limits: DecodeLimits,
+    draft: bool,
 ) -> pa.Table:
     """Skip the samples already done, decode the rest (errors as rows) into the preprocess stage's columns."""
     import ray
@@ -356,39 +341,22 @@ def _decode(
     todo = range(len(paths))
     if len(done_paths):
         todo = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(paths, pa.string()), value_set=done_paths))).to_pylist()
-    out: dict[str, list[Any]] = {k: [] for k in ("path", "label", "width", "height", "image", "reason", "error")}
-    kept_captions = []
-    for i in todo:
-        array = width = height = reason = message = None
+    todo = list(todo)
+
+    def fetch(k: int) -> bytes:
+        i = todo[k]
         if data[i] is None:
-            reason, message = "no_image", f"{problems[i]} in {source_of(paths[i])}"
-        else:
-            try:
-                array, (width, height) = preprocess_with_info(data[i], size, crop, limits)
-            except ImageDecodeError as e:
-                reason, message = e.reason, str(e)
-            except MemoryError:
-                raise  # this worker's problem, not the input's: let Ray retry the task
-            except Exception as e:
-                reason, message = "unexpected", f"{type(e).__name__}: {e}"
-        for name, value in zip(
-            out,
-            (paths[i], labels[i], width, height, None if array is None else array.tobytes(), reason, message),
-            strict=True,
-        ):
-            out[name].append(value)
-        kept_captions.append(captions[i])
+            raise NoImage(f"{problems[i]} in {source_of(paths[i])}")
+        return data[i]
+
+    decoded = preprocess_images(len(todo), fetch, size, crop, limits, draft)
     table = pa.table(
         {
-            "path": pa.array(out["path"], pa.string()),
-            "label": pa.array(out["label"], pa.string()),
-            "width": pa.array(out["width"], pa.int32()),
-            "height": pa.array(out["height"], pa.int32()),
-            "image": pa.array(out["image"], pa.binary(size * size * 3)),
-            "reason": pa.array(out["reason"], pa.string()),
-            "error": pa.array(out["error"], pa.string()),
+            "path": pa.array([paths[i] for i in todo], pa.string()),
+            "label": pa.array([labels[i] for i in todo], pa.string()),
+            **dict(zip(decoded.column_names, decoded.columns, strict=True)),
         }
     )
     if options.caption:
-        table = table.append_column("caption", pa.array(kept_captions, pa.string()))
+        table = table.append_column("caption", pa.array([captions[i] for i in todo], pa.string()))
     return table

@@ -10,9 +10,27 @@ import pyarrow.fs as pafs
 
 from ..images import PATCH_SIZE, CropMode, DecodeLimits
 from ..options import CROPS, ROPE_DTYPES, check_precision
-from .samples import SampleOptions
 
-__all__ = ["ModelFacts", "PipelineSpec"]
+__all__ = ["ModelFacts", "PipelineSpec", "SampleOptions"]
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How samples inside shards and parquet files are read.
+
+    Args:
+        image_keys: webdataset member extensions tried in order for the image; for parquet, the image column
+            (default: the first of ``image``, ``jpg``, ``jpeg``, ``png``, ``webp``, ``img`` present).
+        key: the parquet column holding each sample's key (unique within its file).
+        label: webdataset: a member extension (``cls``) or ``json:FIELD``; parquet: a column. Default: ``cls``
+            / ``label`` when present.
+        caption: keep a text caption as the ``caption`` column: a member extension (``txt``) or a column.
+    """
+
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    key: str = "key"
+    label: str | None = None
+    caption: str | None = None
 
 
 @dataclass(frozen=True)

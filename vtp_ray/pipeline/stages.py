@@ -8,6 +8,7 @@ runs the stage in plain CPU worker processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +21,16 @@ from .inputs import read_bytes
 if TYPE_CHECKING:
     from ray import ObjectRef
 
-__all__ = ["fixed_size_lists", "nullable_floats", "pixels", "preprocess_block", "preprocess_rows", "valid_rows"]
+__all__ = [
+    "NoImage",
+    "fixed_size_lists",
+    "nullable_floats",
+    "pixels",
+    "preprocess_block",
+    "preprocess_images",
+    "preprocess_rows",
+    "valid_rows",
+]
 
 
 def preprocess_rows(
@@ -34,23 +44,45 @@ def preprocess_rows(
 ) -> pa.Table:
     """Read, decode and crop a batch of ``path, label`` rows.
 
-    Adds ``width, height`` (original size), ``image`` and ``reason, error``. An input that cannot be read or
-    decoded becomes a row with a null image and its reason: it never raises, so one bad file cannot fail the job.
-    The images are written straight into one buffer that becomes the ``image`` column without a copy.
+    Adds ``width, height`` (original size), ``image`` and ``reason, error`` (see ``preprocess_images``).
     """
     paths = batch.column("path").to_pylist()
-    n = len(paths)
+    table = preprocess_images(
+        len(paths), lambda i: read_bytes(paths[i], filesystem, limits.max_bytes), size, crop, limits, draft
+    )
+    return pa.table(
+        {
+            "path": batch.column("path"),
+            "label": batch.column("label"),
+            **dict(zip(table.column_names, table.columns, strict=True)),
+        }
+    )
+
+
+class NoImage(Exception):
+    """An input that holds no image to decode (e.g. a sample without an image member): its error row's message."""
+
+
+def preprocess_images(
+    n: int, fetch: Callable[[int], bytes], size: int, crop: CropMode, limits: DecodeLimits, draft: bool = False
+) -> pa.Table:
+    """Decode and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
+    error``, one row each. An input that cannot be fetched or decoded becomes a row with a null image and its
+    reason: it never raises, so one bad input cannot fail the job. The images are written straight into one buffer
+    that becomes the ``image`` column without a copy.
+    """
     pixels_out = np.zeros((n, size, size, 3), np.uint8)
     ok = np.zeros(n, bool)
     widths = np.zeros(n, np.int32)
     heights = np.zeros(n, np.int32)
     reasons: list[str | None] = [None] * n
     messages: list[str | None] = [None] * n
-    for i, path in enumerate(paths):
+    for i in range(n):
         try:
-            data = read_bytes(path, filesystem, limits.max_bytes)
-            pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(data, size, crop, limits, draft)
+            pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(fetch(i), size, crop, limits, draft)
             ok[i] = True
+        except NoImage as e:
+            reasons[i], messages[i] = "no_image", str(e)
         except ImageDecodeError as e:
             reasons[i], messages[i] = e.reason, str(e)
         except OSError as e:  # missing, unreadable, or a storage error
@@ -65,8 +97,6 @@ def preprocess_rows(
     )
     return pa.table(
         {
-            "path": batch.column("path"),
-            "label": batch.column("label"),
             "width": pa.array(widths, pa.int32(), mask=~ok),
             "height": pa.array(heights, pa.int32(), mask=~ok),
             "image": images,
