@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT
+from helpers import ROOT, TINY
 from PIL import Image
 
 from vtp_ray.cli.args import replicas_arg, resources_arg
@@ -296,3 +296,15 @@ def test_the_preprocess_stage_does_not_import_torch():
     code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_driver_reads_model_facts_without_torch():
+    # The job's driver only needs the config (patch size, channels, digest); importing torch there cost seconds of
+    # start-up before Ray even began.
+    code = (
+        "import sys; from vtp_ray.pipeline.spec import ModelFacts; "
+        f"facts = ModelFacts.of({TINY!r}, 32), ModelFacts.of('random:vtp-small'); "
+        "print(facts[0].patch_size, facts[1].latent_channels, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["16", "64", "False"]

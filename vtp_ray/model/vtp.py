@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import LoadedModel, build_model, read_spec
+from .checkpoint import LoadedModel, build_model
 from .config import VTPConfig
 from .layers import AxialRoPE, Block, LayerNorm, Linear, TextBlock, TokenConv1x1, make_norm
+from .source import read_spec
 
 DECODER_UPSCALE = 16  # the pixel decoder always undoes a 16x16 patchification
 

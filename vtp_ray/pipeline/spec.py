@@ -123,7 +123,7 @@ class ModelFacts:
     @classmethod
     def of(cls, model: str, size: int | None = None) -> ModelFacts:
         """Read ``model``'s config; with ``size``, also check that it is a multiple of the model's patch size."""
-        from ..model.checkpoint import read_spec
+        from ..model.source import read_spec
 
         resolved = read_spec(model)
         config = resolved.config
