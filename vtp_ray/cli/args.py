@@ -78,6 +78,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument(
+        "--dashboard", action="store_true",
+        help="start Ray's dashboard with the embedded local Ray (off: it is most of Ray's start-up time)",
+    )  # fmt: skip
+    p.add_argument(
         "--block-size", type=int, metavar="N",
         help="images per decode task and replica call (default: ~32 MB of pixels, whole model batches)",
     )  # fmt: skip
@@ -117,6 +121,7 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
         limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
         cpu_threads=args.cpu_threads,
         progress=args.progress,
+        dashboard=args.dashboard,
         samples=SampleOptions(
             image_keys=tuple(args.image_key), key=args.key_column, label=args.label_key, caption=args.caption_key
         ),

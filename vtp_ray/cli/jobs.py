@@ -77,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray, or RAY_ADDRESS)")
     p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--dashboard", action="store_true",
+        help="start Ray's dashboard with the embedded local Ray (off: it is most of Ray's start-up time)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser(
@@ -159,6 +163,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         address=args.address,
         cpu_threads=args.cpu_threads,
         progress=args.progress,
+        dashboard=args.dashboard,
     )
     summary = decode_latents(args.latents, args.output, spec, key=args.key, stats=args.stats, npz=args.npz)
     print(summary.line())

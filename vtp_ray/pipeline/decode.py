@@ -250,7 +250,7 @@ def decode_latents(
     samples = np.zeros((total, size, size, 3), np.uint8) if npz else None
     errors: list[dict[str, Any]] = []
     usage = ReplicaUsage()
-    with ray_session(spec.address), _progress_bars(spec.progress):
+    with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
         import ray
 
         placement = Placement.resolve(spec)

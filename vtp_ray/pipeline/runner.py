@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -125,15 +126,18 @@ def _canonical(options: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None, dashboard: bool = False) -> Iterator[None]:
     """Use the Ray this process is connected to; else join ``address`` (or ``RAY_ADDRESS``) or start an embedded
-    local Ray: never, silently, a cluster some earlier ``ray start`` on this machine left behind."""
+    local Ray (with its dashboard only if asked): never, silently, a cluster some earlier ``ray start`` on this
+    machine left behind."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"include_dashboard": dashboard} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, **local)
     try:
         yield
     finally:
@@ -168,9 +172,11 @@ def build_dataset(
     """
     import ray
 
-    if isinstance(todo, SampleSource):
-        return _replica_stage(todo.preprocessed(spec), spec, placement, worker, worker_kwargs, expected_digest)
-    rows = block_rows(spec, todo.num_rows, ray.cluster_resources().get("CPU", 1))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    if isinstance(todo, SampleSource):  # streamed, never counted up front: blocks by bytes
+        preprocessed = todo.preprocessed(spec, block_rows(spec, sys.maxsize, cpus))
+        return _replica_stage(preprocessed, spec, placement, worker, worker_kwargs, expected_digest)
+    rows = block_rows(spec, todo.num_rows, cpus)
     # One read task per block, made lazily from block numbers: ray.data.from_arrow would run a metadata task
     # per block up front (minutes for millions of inputs). The input table goes through the object store once.
     blocks = math.ceil(todo.num_rows / rows)
@@ -246,7 +252,7 @@ def run_pipeline(
     Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
     constructor (a wrong model, device or precision for the workers).
     """
-    with ray_session(spec.address), _progress_bars(spec.progress):
+    with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
         placement = Placement.resolve(spec)
         dataset = build_dataset(spec, todo, placement, worker, worker_kwargs or {}, expected_digest)
         yield placement, _outputs(dataset)

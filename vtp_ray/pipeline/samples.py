@@ -20,7 +20,7 @@ always equal the samples read. This module never imports torch: its stage runs i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,6 +46,7 @@ __all__ = [
     "find_samples",
     "preprocess_parquet",
     "preprocess_tar",
+    "read_parquet_files",
     "source_of",
 ]
 
@@ -70,12 +71,16 @@ class SampleSource:
         """How many of ``done`` belong to these files (the samples a resumed run does not read again)."""
         return len(self.done) and int(pc.sum(pc.is_in(_file_of(self.done), value_set=pa.array(self.files))).as_py())
 
-    def preprocessed(self, spec: PipelineSpec) -> Dataset:
-        """The Ray Data read of these files and the preprocess stage: rows as ``stages.preprocess_rows`` makes."""
+    def preprocessed(self, spec: PipelineSpec, block_rows: int) -> Dataset:
+        """The Ray Data read of these files and the preprocess stage: rows as ``stages.preprocess_rows`` makes.
+
+        Parquet files are read a row group at a time by one task per file, in blocks of ``block_rows`` samples:
+        Ray Data's own parquet reader (2.60) gathers small files into one read task and one block, which
+        serializes decoding and holds the model back until the whole read is done.
+        """
         import ray
 
         common = {
-            "ids": dict(zip(self.inner, self.files, strict=True)),
             "options": self.options,
             "done": [ray.put(self.done)],
             "size": spec.size,
@@ -92,18 +97,27 @@ class SampleSource:
                 file_extensions=None,
                 num_cpus=spec.decode_cpus,
             )
+            ids = dict(zip(self.inner, self.files, strict=True))
             return read.map_batches(
-                preprocess_tar, batch_format="pandas", batch_size=None, fn_kwargs=common, num_cpus=spec.decode_cpus
+                preprocess_tar,
+                batch_format="pandas",
+                batch_size=None,
+                fn_kwargs={**common, "ids": ids},
+                num_cpus=spec.decode_cpus,
             )
-        columns = [self.image_column, *self._parquet_columns()]
-        read = ray.data.read_parquet(
-            list(self.inner), filesystem=self.filesystem, columns=columns, include_paths=True, num_cpus=spec.decode_cpus
-        )
-        return read.map_batches(
-            preprocess_parquet,
+        count = len(self.files)
+        return ray.data.range(count, override_num_blocks=count).map_batches(
+            read_parquet_files,
             batch_format="pyarrow",
-            batch_size=spec.batch_size,
-            fn_kwargs={**common, "image_column": self.image_column},
+            batch_size=None,  # one file per task
+            fn_kwargs={
+                **common,
+                "files": list(zip(self.files, self.inner, strict=True)),
+                "filesystem": self.filesystem,
+                "columns": [self.image_column, *self._parquet_columns()],
+                "image_column": self.image_column,
+                "block_rows": block_rows,
+            },
             num_cpus=spec.decode_cpus,
         )
 
@@ -288,10 +302,28 @@ def _tar_text(record: dict[str, Any], key: str) -> str | None:
     return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else None
 
 
+def read_parquet_files(
+    task: pa.Table,
+    *,
+    files: list[tuple[str, str]],
+    filesystem: pafs.FileSystem,
+    columns: list[str],
+    block_rows: int,
+    **preprocess: Any,
+) -> Iterator[pa.Table]:
+    """The preprocessed samples of the parquet files numbered in ``task`` (a ``ray.data.range`` column ``id``;
+    ``files`` holds ``(identity, inner path)``), in blocks of ``block_rows``: never a whole file in memory."""
+    for i in task.column("id").to_pylist():
+        identity, inner = files[i]
+        with filesystem.open_input_file(inner) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=columns):
+                yield preprocess_parquet(pa.Table.from_batches([batch]), file=identity, **preprocess)
+
+
 def preprocess_parquet(
     batch: pa.Table,
     *,
-    ids: dict[str, str],
+    file: str,
     image_column: str,
     options: SampleOptions,
     done: list[ObjectRef],
@@ -300,7 +332,7 @@ def preprocess_parquet(
     limits: DecodeLimits,
     draft: bool = False,
 ) -> pa.Table:
-    """Parquet rows with image bytes (``read_parquet`` with ``include_paths``) -> preprocessed rows."""
+    """Parquet rows with image bytes, read from ``file`` (its identity) -> preprocessed rows."""
     images = batch.column(image_column)
     struct = pa.types.is_struct(images.type)
     data = (pc.struct_field(images, "bytes") if struct else images).to_pylist()
@@ -308,7 +340,6 @@ def preprocess_parquet(
         keys = batch.column(options.key).cast(pa.string()).to_pylist()
     else:
         keys = pc.struct_field(images, "path").to_pylist()
-    files = [ids.get(p, p) for p in batch.column("path").to_pylist()]
     label = options.label or "label"
     labels = batch.column(label).cast(pa.string()).to_pylist() if label in batch.column_names else [None] * len(data)
     captions = (
@@ -317,7 +348,7 @@ def preprocess_parquet(
         else [None] * len(data)
     )
     problems = [None if d is not None else f"no image bytes in column {image_column!r}" for d in data]
-    paths = [f"{file}#{key}" for file, key in zip(files, keys, strict=True)]
+    paths = [f"{file}#{key}" for key in keys]
     return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits, draft)
 
 
