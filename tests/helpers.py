@@ -122,6 +122,14 @@ def _add_tar_member(tar: Any, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar of ``name -> data`` regular members, in the given order (a webdataset shard when names are KEY.EXT)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            _add_tar_member(tar, name, data)
+
+
 def sample_images(count: int = 6) -> dict[str, bytes]:
     """Sample key -> encoded image bytes (JPEG and PNG, several sizes)."""
     rng = np.random.default_rng(0)

@@ -1,7 +1,8 @@
 """``tokenize --format lightningdit`` and ``export``: the shards read back with safetensors and torch alone.
 
-One tokenize run of a small ImageFolder tree into shards, one parquet run of the same tree exported to shards;
-LightningDiT's reader (``safe_open`` slices of ``latents`` / ``latents_flip`` / ``labels``, ``torch.load`` of
+One tokenize run of a small ImageFolder tree into shards, one parquet run of the same tree exported to shards, one
+run of the same images as webdataset samples (labels: their ``cls`` class ids); LightningDiT's reader
+(``safe_open`` slices of ``latents`` / ``latents_flip`` / ``labels``, ``torch.load`` of
 ``latents_stats.pt``) is what the checks use.
 """
 
@@ -14,14 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import CHANNELS, SIZE, TINY
+from helpers import CHANNELS, SIZE, TINY, write_tar
 from PIL import Image
 from safetensors import safe_open
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.lightningdit import PATHS_KEY, export_lightningdit
+from vtp_ray.pipeline.lightningdit import PATHS_KEY, SOURCE_LABELS, export_lightningdit
 from vtp_ray.pipeline.tokenize import tokenize_dataset
 
 GRID = SIZE // 16
@@ -141,6 +142,60 @@ def test_resume_writes_nothing_twice(runs):
     again = tokenize_dataset(str(root), str(out / "shards"), spec(), flip=True, rows_per_file=3, format="lightningdit")
     assert (again.skipped, again.processed, again.rows) == (8, 0, 7)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")} == before
+
+
+@pytest.fixture(scope="module")
+def sample_run(runs, tmp_path_factory):
+    """The tree's images as two webdataset shards (``cls``: the class index; two samples without a valid one)."""
+    images, _, _, _ = runs
+    root = tmp_path_factory.mktemp("samples")
+    for shard, chunk in enumerate((images[:4], images[4:])):
+        members = {}
+        for path in chunk:
+            members[f"{path.stem}.png"] = path.read_bytes()
+            members[f"{path.stem}.cls"] = str(CLASSES.index(path.parent.name)).encode()
+        if shard:
+            members.update({"bad.png": images[0].read_bytes(), "bad.cls": b"cat", "none.png": images[1].read_bytes()})
+        write_tar(root / "wds" / f"{shard:05d}.tar", members)
+    summary = tokenize_dataset(
+        str(root / "wds"), str(root / "out"), spec(), flip=True, rows_per_file=3, format="lightningdit"
+    )
+    return root / "wds", root / "out", summary
+
+
+@pytest.mark.slow
+def test_samples_store_their_class_ids_and_the_latents_of_the_files(runs, sample_run):
+    _, out, _, _ = runs
+    _, output, summary = sample_run
+    assert (summary.inputs, summary.rows, summary.errors, summary.missing) == (9, 7, 2, 0)
+    data, files = read_shards(output), read_shards(out / "shards")
+    by_name = {Path(p).stem: i for i, p in enumerate(files["paths"])}
+    order = [by_name[p.rsplit("#", 1)[1]] for p in data["paths"]]
+    assert data["labels"].dtype == torch.int64
+    assert data["labels"].tolist() == files["labels"][order].tolist()  # the cls ids: ImageFolder's indices here
+    for key in ("latents", "latents_flip"):
+        np.testing.assert_allclose(data[key].numpy(), files[key][order].numpy(), rtol=1e-5, atol=1e-6)
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["classes"] is None and manifest["labels"] == SOURCE_LABELS
+    assert not (output / "classes.txt").exists() and (output / "latents_stats.pt").exists()
+    errors = {e["path"].rsplit("#", 1)[1]: e for e in pq.read_table(output / "errors.parquet").to_pylist()}
+    assert {k: e["reason"] for k, e in errors.items()} == {"bad": "bad_label", "none": "no_label"}
+    shard = errors["bad"]["path"].removesuffix("#bad")
+    assert errors["bad"]["error"] == f"label 'cat' (cls member) is not an integer class index in {shard}"
+
+
+@pytest.mark.slow
+def test_a_rerun_of_samples_redoes_only_a_lost_shard(sample_run):
+    shards, output, first = sample_run
+    lost = sorted(output.glob("*.safetensors"))[-1]
+    with safe_open(str(lost), framework="pt") as f:
+        lost_paths = json.loads(f.metadata()[PATHS_KEY])
+    lost.unlink()
+    again = tokenize_dataset(str(shards), str(output), spec(), flip=True, rows_per_file=3, format="lightningdit")
+    assert (again.skipped, again.processed) == (9 - len(lost_paths), len(lost_paths))
+    assert (again.rows, again.errors, again.missing) == (first.rows, first.errors, 0)
+    paths = read_shards(output)["paths"]
+    assert len(paths) == len(set(paths)) == 7
 
 
 def test_unlabelled_inputs_name_the_option(tmp_path):

@@ -1,5 +1,6 @@
-"""Webdataset tar shards and parquet files with image bytes as tokenize inputs: read by Ray Data's own readers,
-decoded by vtp-ray's preprocessing, rows equal to those of the same images as files, broken samples as errors."""
+"""Webdataset tar shards and parquet files with image bytes as tokenize and eval inputs: read by Ray Data's own
+readers, decoded by vtp-ray's preprocessing, rows (and metrics) equal to those of the same images as files, broken
+samples as errors."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINY, png_bytes, sample_images, write_shards
+from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_shards
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import DecodeLimits, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline.evaluate import evaluate_dataset
 from vtp_ray.pipeline.inputs import InputError
-from vtp_ray.pipeline.samples import SampleOptions, find_samples, source_of
+from vtp_ray.pipeline.samples import (
+    BadLabel,
+    NoLabel,
+    SampleOptions,
+    class_id,
+    find_samples,
+    sample_sort_key,
+    source_of,
+)
 from vtp_ray.pipeline.tokenize import tokenize_dataset
 
 LIMITS = DecodeLimits(max_pixels=50_000)
@@ -71,6 +81,38 @@ def test_a_sample_identity_names_its_file():
     assert source_of("s3://b/laion/00001.tar#000000042") == "s3://b/laion/00001.tar"
     assert source_of("/d/x#y.parquet#k#1") == "/d/x#y.parquet"
     assert source_of("/d/plain.jpg") == "/d/plain.jpg"
+    # by file, then key: not the plain string order, where "a.tar#..." would come after "a.tar0.tar#..."
+    paths = ["/d/a.tar0.tar#1", "/d/a.tar#2", "/d/a.tar#10"]
+    assert sorted(paths, key=sample_sort_key) == ["/d/a.tar#10", "/d/a.tar#2", "/d/a.tar0.tar#1"]
+
+
+def test_the_first_samples_are_named_in_file_order_without_decoding(tmp_path):
+    expected = write_shards(tmp_path / "shards", sample_images())
+    shards = find_samples(str(tmp_path / "shards"), SampleOptions())
+    with_image = [p for p in expected if not p.endswith("#pickled")]  # tar order; "pickled" has no image member
+    assert shards.first_samples(5) == with_image[:5]  # spans both shards; the broken image counts
+    assert shards.first_samples(100) == with_image and shards.first_samples(0) == []
+    write_parquet(tmp_path / "a.parquet", sample_images(3))
+    write_parquet(tmp_path / "hub.parquet", sample_images(3), hub=True)
+    a = str(tmp_path / "a.parquet")
+    assert find_samples(a, SampleOptions()).first_samples(2) == [f"{a}#000000000", f"{a}#000000001"]
+    hub = find_samples(str(tmp_path / "hub.parquet"), SampleOptions()).first_samples(9)  # the struct's path
+    assert [p.rsplit("#", 1)[1] for p in hub] == ["000000000.img", "000000001.img", "000000002.img", "missing.img"]
+
+
+def test_a_class_id_is_a_non_negative_integer_in_range():
+    options = SampleOptions(class_ids=True, num_classes=3)
+    assert [class_id(label, options) for label in ("0", " 2\n")] == [0, 2]
+    assert class_id("999", SampleOptions(class_ids=True)) == 999  # no bound given
+    for label, error, message in (
+        (None, NoLabel, "no class label .cls member."),
+        ("", NoLabel, "no class label"),
+        ("dog", BadLabel, "'dog' .cls member. is not an integer class index"),
+        ("-1", BadLabel, "not an integer class index"),
+        ("3", BadLabel, "not a class index 0..2"),
+    ):
+        with pytest.raises(error, match=message):
+            class_id(label, options, "cls member")
 
 
 # ------------------------------------------------------------------------------------------- runs (Ray)
@@ -91,13 +133,19 @@ def images() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def tar_job(ray_runtime, images, tmp_path_factory):
+def shards(images, tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """Two webdataset shards of ``images`` and two broken samples: (directory, {identity: error reason or None})."""
     root = tmp_path_factory.mktemp("wds")
-    expected = write_shards(root / "shards", images)
-    output = root / "out"
+    return root / "shards", write_shards(root / "shards", images)
+
+
+@pytest.fixture(scope="module")
+def tar_job(ray_runtime, shards, tmp_path_factory):
+    directory, expected = shards
+    output = tmp_path_factory.mktemp("tokenized") / "out"
     spec = _spec(samples=SampleOptions(caption="txt"))
-    summary = tokenize_dataset(str(root / "shards"), str(output), spec, rows_per_file=3)
-    return output, expected, summary, spec, root / "shards"
+    summary = tokenize_dataset(str(directory), str(output), spec, rows_per_file=3)
+    return output, expected, summary, spec, directory
 
 
 def _check_rows_are_the_files(rows: pa.Table, images: dict[str, bytes], replica: VTPReplica) -> None:
@@ -169,3 +217,59 @@ def test_parquet_bytes_and_hub_structs_give_the_rows_of_the_files(ray_runtime, i
         else:
             assert not errors and set(rows.column("caption").to_pylist()) == {f"caption {k}" for k in images}
         assert summary.inputs == len(images) + (name == "hub") == rows.num_rows + len(errors)
+
+
+# ------------------------------------------------------------------------------------------- eval (Ray)
+
+SAVE = 5  # the first 5 samples with an image member: 3 of shard 0, its broken one, then 1 of shard 1
+
+
+@pytest.fixture(scope="module")
+def eval_runs(ray_runtime, images, shards, tmp_path_factory):
+    """``eval`` of the shards (saving images) and of the same images as loose files."""
+    out = tmp_path_factory.mktemp("eval")
+    (out / "files").mkdir()
+    for key, data in images.items():
+        (out / "files" / f"{key}.img").write_bytes(data)  # a glob takes any extension; decoding reads the bytes
+    from_shards = evaluate_dataset(str(shards[0]), out / "shards", _spec(), save_images=SAVE)
+    from_files = evaluate_dataset(str(out / "files" / "*"), out / "files_eval", _spec())
+    return (from_shards, out / "shards"), (from_files, out / "files_eval")
+
+
+@pytest.mark.slow
+def test_eval_of_shards_equals_eval_of_the_files(eval_runs, shards):
+    (report, out), (file_report, file_out) = eval_runs
+    expected = shards[1]
+    rows = pq.read_table(out / "per_image.parquet").to_pylist()
+    files = {Path(r["path"]).stem: r for r in pq.read_table(file_out / "per_image.parquet").to_pylist()}
+    assert [r["path"] for r in rows] == sorted((p for p, e in expected.items() if e is None), key=sample_sort_key)
+    assert report["counts"]["inputs"] == len(rows) + len(report["errors"]) == len(expected) == 8
+    assert report["counts"]["duplicate_inputs"] == 0 and report["source"] == {"kind": "webdataset", "files": 2}
+    assert {e["path"]: e["reason"] for e in report["errors"]} == {p: e for p, e in expected.items() if e}
+    assert [e["path"] for e in report["errors"]] == sorted((e["path"] for e in report["errors"]), key=sample_sort_key)
+    assert file_report["counts"]["evaluated"] == len(rows) == len(files)
+    for row in rows:
+        twin = files[row["path"].rsplit("#", 1)[1]]
+        assert (row["width"], row["height"]) == (twin["width"], twin["height"])
+        np.testing.assert_allclose([row["psnr"], row["ssim"]], [twin["psnr"], twin["ssim"]], rtol=1e-5, atol=1e-6)
+    for name in ("psnr", "ssim"):
+        got, want = report["metrics"][name]["mean"], file_report["metrics"][name]["mean"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_of_shards_saves_the_first_samples(eval_runs, shards, images):
+    (report, out), _ = eval_runs
+    directory = shards[0]
+    saved = sorted(p.name for p in (out / "images").iterdir())
+    # the broken sample is one of the first five: it has no image to save, and keeps its number
+    assert saved == [
+        "000000_00000_000000000.png",
+        "000001_00000_000000001.png",
+        "000002_00000_000000002.png",
+        "000004_00001_000000003.png",
+    ]
+    assert report["counts"]["saved_images"] == 4
+    assert find_samples(str(directory), SampleOptions()).first_samples(SAVE)[3] == f"{directory / '00000.tar'}#broken"
+    reference = png_array((out / "images" / saved[-1]).read_bytes())[:, :SIZE]
+    np.testing.assert_array_equal(reference, preprocess_with_info(images["000000003"], SIZE, "center", LIMITS)[0])

@@ -1,6 +1,7 @@
 """``vtp-ray eval --task zero-shot`` end to end on the shared local Ray with the tinytext model: generated images
 in class folders; the predictions must equal an in-process computation of the same classifier (the accuracy itself
-is meaningless with random weights)."""
+is meaningless with random weights). The same images in a webdataset shard, class index in ``cls``, must give the
+same predictions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINYTEXT, random_image
+from helpers import SIZE, TINYTEXT, random_image, write_tar
 from PIL import Image
 
 from vtp_ray import VTPReplica
@@ -18,7 +19,8 @@ from vtp_ray.cli import main
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.report import compare_reports
-from vtp_ray.pipeline.zeroshot import load_classnames, zero_shot_dataset
+from vtp_ray.pipeline.samples import sample_sort_key
+from vtp_ray.pipeline.zeroshot import load_classnames, load_sample_classnames, zero_shot_dataset
 from vtp_ray.text.classifier import class_embeddings
 from vtp_ray.text.imagenet import imagenet_templates
 
@@ -61,7 +63,22 @@ def runs(ray_runtime: str, tree: Path, tmp_path_factory: pytest.TempPathFactory)
     mapping.write_text(json.dumps(CLASSES))
     spec = PipelineSpec(model=TINYTEXT, device="cpu", resources="cpu", size=SIZE, batch_size=3, progress=False)
     zero_shot_dataset(str(tree), out / "b", spec, classnames=mapping)
-    return {"a": out / "a", "b": out / "b"}
+    shard = out / "wds" / "00000.tar"
+    write_tar(shard, shard_members(tree))
+    zero_shot_dataset(str(shard), out / "shards", spec, classnames=lines)
+    return {"a": out / "a", "b": out / "b", "shards": out / "shards", "shard": shard}
+
+
+def shard_members(tree: Path) -> dict[str, bytes]:
+    """The class images as webdataset samples ``<dir>_<i>`` (``cls``: the class index), and three bad labels."""
+    members = {}
+    for c, directory in enumerate(sorted(CLASSES)):
+        for i in range(3):
+            members[f"{directory}_{i}.png"] = (tree / directory / f"{i}.png").read_bytes()
+            members[f"{directory}_{i}.cls"] = str(c).encode()
+    image = (tree / "loose.png").read_bytes()
+    members.update({"out.png": image, "out.cls": b"3", "word.png": image, "word.cls": b"dog", "none.png": image})
+    return members
 
 
 def test_predictions_equal_the_in_process_classifier(runs: dict, tree: Path) -> None:
@@ -100,6 +117,29 @@ def test_json_mapping_and_compare(runs: dict) -> None:
     assert result["metrics"]["top1"]["diff"] == 0
 
 
+def test_shard_samples_are_classified_as_their_files(runs: dict, tree: Path) -> None:
+    table = pq.read_table(runs["a"] / "per_image.parquet").to_pylist()
+    files = {Path(r["path"]).relative_to(tree).as_posix(): r for r in table}
+    rows = pq.read_table(runs["shards"] / "per_image.parquet").to_pylist()
+    shard = str(runs["shard"])
+    assert [r["path"] for r in rows] == sorted((r["path"] for r in rows), key=sample_sort_key)
+    assert len(rows) == len(files) == 9
+    for row in rows:
+        twin = files[row["path"].removeprefix(f"{shard}#").replace("_", "/") + ".png"]
+        assert (row["label"], row["target"]) == (str(twin["target"]), twin["target"])  # cls = the class index
+        assert row["top5"] == twin["top5"] and row["correct_top1"] == twin["correct_top1"]
+        np.testing.assert_allclose(row["top5_probabilities"], twin["top5_probabilities"], rtol=1e-5, atol=1e-6)
+    report = json.loads((runs["shards"] / "report.json").read_text())
+    assert report["source"] == {"kind": "webdataset", "files": 1} and report["classes"] == 3
+    assert report["counts"]["inputs"] == 12 and report["counts"]["errors"] == 3
+    errors = {e["path"].removeprefix(f"{shard}#"): (e["reason"], e["error"]) for e in report["errors"]}
+    assert errors == {
+        "none": ("no_label", f"no class label (cls member) in {shard}"),
+        "out": ("bad_label", f"label 3 (cls member) is not a class index 0..2 in {shard}"),
+        "word": ("bad_label", f"label 'dog' (cls member) is not an integer class index in {shard}"),
+    }
+
+
 def test_classnames_checks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1000 synset"):
         load_classnames(None, ["n001", "n002"])
@@ -111,3 +151,6 @@ def test_classnames_checks(tmp_path: Path) -> None:
     mapping.write_text(json.dumps({"n001": "cat"}))
     with pytest.raises(ValueError, match="no class for"):
         load_classnames(mapping, ["n001", "n002"])
+    assert load_sample_classnames(lines) == ["cat"] and len(load_sample_classnames(None)) == 1000
+    with pytest.raises(ValueError, match="one class name per line"):
+        load_sample_classnames(mapping)

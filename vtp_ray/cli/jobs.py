@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT",
         help="directory (recursive), glob, manifest (.txt, or .csv/.tsv/.parquet with a path column and an "
-        "optional label column) or image file; local or any pyarrow URI (s3://...)",
+        "optional label column) or image file; or webdataset .tar shards / parquet files with image bytes (files, "
+        "directories, globs); local or any pyarrow URI (s3://...)",
     )  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (local or URI)")
     add_model_args(p)
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", choices=("parquet", "lightningdit"), default="parquet",
         help="parquet (DIR/data), or LightningDiT's safetensors shards + latents_stats.pt (implies --flip; needs "
-        "labels: --labels-from-dirs)",
+        "labels: --labels-from-dirs, or for shards / parquet image bytes each sample's integer class id, cls "
+        "member or label column)",
     )  # fmt: skip
     p.set_defaults(func=cmd_tokenize)
 
@@ -89,12 +91,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Reconstruct every input through a replica pool and write DIR/report.json and "
         "DIR/per_image.parquet; or, with --compare A B, print the differences of two such runs.",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, globs, manifests or images (as tokenize)")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT",
+        help="directories, globs, manifests or images, or webdataset shards / parquet image bytes (as tokenize)",
+    )  # fmt: skip
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two eval runs (DIR or DIR/report.json)")
     add_model_args(p, required=False)  # --compare needs no model: cmd_eval checks it for a run
     add_pipeline_args(p)
-    p.add_argument("--save-images", type=int, default=0, metavar="N", help="save the first N as reference|recon PNGs")
+    p.add_argument(
+        "--save-images", type=int, default=0, metavar="N",
+        help="save the first N (shards / parquet: the first samples of the first files) as reference|recon PNGs",
+    )  # fmt: skip
     p.add_argument(
         "--inception-weights", metavar="PATH",
         help=f"pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth (env {INCEPTION_ENV})",
@@ -105,12 +113,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--task", choices=("reconstruction", "zero-shot"), default="reconstruction",
-        help="reconstruction quality, or CLIP zero-shot accuracy over an ImageFolder tree (class = sorted directory)",
+        help="reconstruction quality, or CLIP zero-shot accuracy over an ImageFolder tree (class = sorted directory) "
+        "or shards / parquet image bytes (class = the sample's integer label: cls member or label column)",
     )  # fmt: skip
     p.add_argument(
         "--classnames", metavar="FILE",
-        help="zero-shot: one class name per line (sorted directory order), or a JSON {directory: name}; "
-        "default: the 1000 OpenAI ImageNet names",
+        help="zero-shot: one class name per line (sorted directory order; shards / parquet: class index order), or "
+        "a JSON {directory: name}; default: the 1000 OpenAI ImageNet names",
     )  # fmt: skip
     p.add_argument("--template-set", choices=TEMPLATE_SETS, default="imagenet",
                    help="zero-shot prompt templates: imagenet (OpenAI's 80, as upstream) or default (one)")  # fmt: skip

@@ -5,6 +5,10 @@ and computes the metrics right there, on the device that holds the reference and
 numbers (and 2 x 2048 Inception features per image for rFID) travel back, never the images, except the first
 ``save_images`` ones. Undecodable inputs become error rows with their reason; they never stop the job.
 
+Inputs are files (``inputs.discover_inputs``: outputs in input order) or sample sources (``samples``: webdataset
+shards, parquet with image bytes; streamed, never listed: outputs ordered by file, then key, and the images saved
+are the first samples of the first files, ``SampleSource.first_samples``).
+
 Output directory: ``report.json`` (model, precision, device kind, counts, errors, aggregated metrics),
 ``per_image.parquet`` (path, label, width, height, psnr, ssim[, lpips]) and ``images/`` (reference |
 reconstruction PNGs). ``report.compare_reports`` prints the differences of two runs.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +41,9 @@ from ..metrics import (
     resolve_weights,
 )
 from .inputs import discover_inputs
-from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, run_header
+from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, run_header, sort_by_path
 from .runner import ReplicaUsage, run_pipeline
+from .samples import find_samples, sample_sort_key, source_of
 from .spec import ModelFacts, PipelineSpec
 from .stages import fixed_size_lists, nullable_floats
 from .worker import ReplicaWorker
@@ -104,10 +110,14 @@ class EvalWorker(ReplicaWorker):
 
 
 class _Collector:
-    """Gathers the pipeline's output on the driver: per-image rows, errors, feature statistics, PNGs."""
+    """Gathers the pipeline's output on the driver: per-image rows, errors, feature statistics, PNGs.
 
-    def __init__(self, images_dir: Path, size: int, order: Mapping[str, int]) -> None:
+    ``order`` is the sort key of a path in the outputs; ``saved`` numbers the paths whose PNGs are written.
+    """
+
+    def __init__(self, images_dir: Path, size: int, order: Callable[[str], Any], saved: Sequence[str]) -> None:
         self.images_dir, self.size, self.order = images_dir, size, order
+        self.save_index = {p: i for i, p in enumerate(saved)}
         self.usage = ReplicaUsage()
         self.rows: list[pa.Table] = []
         self.errors: list[dict[str, Any]] = []
@@ -133,8 +143,8 @@ class _Collector:
         shape = (self.size, self.size, 3)
         pair = np.concatenate([np.frombuffer(row[k], np.uint8).reshape(shape) for k in ("image", "reconstruction")], 1)
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        stem = Path(row["path"]).stem[:80]
-        (self.images_dir / f"{self.order[row['path']]:06d}_{stem}.png").write_bytes(to_png_bytes(pair))
+        name = f"{self.save_index[row['path']]:06d}_{_stem(row['path'])}.png"
+        (self.images_dir / name).write_bytes(to_png_bytes(pair))
         self.saved += 1
 
     def per_image(self) -> pa.Table:
@@ -143,8 +153,15 @@ class _Collector:
             + [(name, pa.float64()) for name in PER_IMAGE_METRICS]
         )
         table = pa.concat_tables(self.rows) if self.rows else schema.empty_table()
-        index = pa.array([self.order[p] for p in table.column("path").to_pylist()], pa.int64())
-        return table.take(pc.sort_indices(index))
+        return sort_by_path(table, self.order)
+
+
+def _stem(path: str) -> str:
+    """The name part of a saved PNG: the file's stem, or ``<shard>_<key>`` for a sample."""
+    file = source_of(path)
+    if file == path:
+        return Path(path).stem[:80]
+    return re.sub(r"[^\w.-]", "_", f"{Path(file).name.split('.')[0]}_{path[len(file) + 1 :]}")[:80]
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:
@@ -176,6 +193,9 @@ def evaluate_dataset(
     on every node. ``save_images``: write the first N inputs as reference | reconstruction PNGs in
     ``output/images``.
 
+    ``inputs`` are files (directories, globs, manifests: see ``inputs.discover_inputs``) or webdataset shards /
+    parquet files with image bytes (``samples``; local or any pyarrow URI, read through ``spec.filesystem``).
+
     Returns the report (also written to ``output/report.json``).
     """
     started = time.perf_counter()
@@ -192,17 +212,23 @@ def evaluate_dataset(
         skipped["lpips"] = f"no LPIPS weights: pass --lpips-weights PATH or set {LPIPS_ENV}"
     for metric, reason in skipped.items():
         log.warning("%s skipped: %s", metric, reason)
-    found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
+    samples = find_samples(inputs, spec.samples, spec.filesystem)
+    if samples:  # streamed: the outputs are sorted by identity, the images saved are the first samples
+        found, todo, order = None, samples, sample_sort_key
+        saved = samples.first_samples(save_images) if save_images else []
+    else:
+        found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
+        paths = found.table.column("path").to_pylist()
+        todo, order, saved = found.table, {p: i for i, p in enumerate(paths)}.__getitem__, paths[:save_images]
     model = ModelFacts.of(spec.model, spec.size)
     out = Path(output).expanduser()
-    paths = found.table.column("path").to_pylist()
-    collector = _Collector(out / IMAGES, spec.size, {p: i for i, p in enumerate(paths)})
+    collector = _Collector(out / IMAGES, spec.size, order, saved)
     worker = {
         "inception_weights": str(inception) if inception else None,
         "lpips_weights": str(lpips) if lpips else None,
-        "save_paths": frozenset(paths[:save_images]),
+        "save_paths": frozenset(saved),
     }
-    with run_pipeline(spec, found.table, EvalWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, todo, EvalWorker, model.config_digest, worker) as (placement, batches):
         for batch in batches:
             collector.add(batch)
     seconds = time.perf_counter() - started
@@ -225,6 +251,7 @@ def evaluate_dataset(
     usage = collector.usage.stats()
     report = {
         **run_header(inputs, model, spec, placement),
+        **({"source": {"kind": samples.kind, "files": len(samples.files)}} if samples else {}),
         "metric_weights": {
             "inception": str(inception) if inception else None,
             "lpips": str(lpips) if lpips else None,
@@ -236,8 +263,9 @@ def evaluate_dataset(
             "rfid": "pytorch-fid's FID Inception (pool3, 2048-d) on uint8 images; Frechet distance of the two sets",
         },
         "counts": {
-            "inputs": len(found),
-            "duplicate_inputs": found.duplicates,
+            # samples: those read (rows + errors); files: those named, once each
+            "inputs": len(found) if found else collector.usage.processed,
+            "duplicate_inputs": found.duplicates if found else 0,
             "evaluated": per_image.num_rows,
             "errors": len(collector.errors),
             "errors_by_reason": dict(Counter(e["reason"] for e in collector.errors)),
@@ -245,7 +273,7 @@ def evaluate_dataset(
         },
         "metrics": metrics,
         "skipped_metrics": skipped,
-        "errors": sorted(collector.errors, key=lambda e: collector.order[e["path"]]),
+        "errors": sorted(collector.errors, key=lambda e: order(e["path"])),
         "replicas": usage["replicas"],
         "replica_model_s": usage["replica_model_s"],
         "seconds": round(seconds, 3),

@@ -4,7 +4,8 @@ Layout (``data.data_path`` of upstream VTP's ``train_lightningdit_vtp.py`` point
 
     DIR/latents_rank00_shard000.safetensors  latents, latents_flip float32 (N, C, h, w); labels int64 (N,)
     DIR/latents_stats.pt                     {"mean", "std"}: float32 (1, C, 1, 1), exact over every row's latents
-    DIR/classes.txt                          the class names, line i = label i (ImageFolder: sorted directory names)
+    DIR/classes.txt                          the class names, line i = label i (ImageFolder: sorted directory names);
+                                             not written for sample sources, whose labels are their own class ids
     DIR/manifest.json, errors.parquet, stats.json, _errors/   as in the parquet layout (``store``)
 
 ``ShardStore`` is ``store.LatentStore`` with safetensors shards as its data parts: each shard is written under a
@@ -12,6 +13,10 @@ hidden temporary name and renamed, so it exists whole or not at all; its safeten
 manifest, the run, the input paths of its rows (what resuming skips) and its latent statistics, merged exactly at
 the end. LightningDiT estimates ``mean`` / ``std`` from 10,000 random rows with ``torch.std`` (Bessel-corrected);
 here they are computed over every row (same correction), and LightningDiT uses the file as it finds it.
+
+From sample sources (webdataset shards, parquet with image bytes) the labels are the samples' integer class ids
+(``cls`` member / ``label`` column, as ImageNet shards store 0..999), stored as they are: the manifest says so
+(``classes`` null, ``labels`` = ``SOURCE_LABELS``) and there are no names to write in ``classes.txt``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "CLASSES_FILE",
     "FORMAT",
     "LATENT_STATS_FILE",
+    "SOURCE_LABELS",
     "ExportSummary",
     "ShardStore",
     "check_labels",
@@ -52,6 +58,7 @@ FORMAT = "vtp-ray-lightningdit"
 LATENT_STATS_FILE = "latents_stats.pt"
 CLASSES_FILE = "classes.txt"
 PATHS_KEY = "vtp_ray.paths"
+SOURCE_LABELS = "the samples' own integer class ids (cls member / label column), stored as they are"
 _SHARD = re.compile(r"latents_rank(\d{2})_shard(\d{3,})\.safetensors")
 
 
@@ -78,7 +85,8 @@ def read_shard_metadata(fs: pafs.FileSystem, path: str) -> dict[str, str]:
 class ShardStore(LatentStore):
     """An output directory of LightningDiT shards, resumable exactly like ``LatentStore``'s parquet parts.
 
-    The manifest must hold ``classes`` (label i = ``classes[i]``), ``flip`` true and float32 latents.
+    The manifest must hold ``classes`` (label i = ``classes[i]``), or ``labels`` = ``SOURCE_LABELS`` (the rows'
+    labels are integer class ids already), ``flip`` true and float32 latents.
     """
 
     def __init__(self, output: str, manifest: Mapping[str, Any], *, overwrite: bool = False) -> None:
@@ -86,9 +94,9 @@ class ShardStore(LatentStore):
             raise ValueError("the lightningdit format needs flipped latents too (LightningDiT trains on both): --flip")
         if manifest.get("latent_dtype") != "float32":
             raise ValueError("the lightningdit format stores float32 latents (LightningDiT's dtype): --dtype float32")
-        if not manifest.get("classes"):
+        if not manifest.get("classes") and manifest.get("labels") != SOURCE_LABELS:
             raise ValueError("the lightningdit format needs the class list in the manifest")
-        self.classes = pa.array(manifest["classes"], pa.string())
+        self.classes = pa.array(manifest["classes"], pa.string()) if manifest.get("classes") else None
         super().__init__(output, {**manifest, "format": FORMAT}, overwrite=overwrite)
 
     # ----------------------------------------------------------------------------------- the journal
@@ -134,10 +142,7 @@ class ShardStore(LatentStore):
         name = shard_name(index)
         shape = (rows.num_rows, *self.manifest["columns"]["latents"]["shape"])
         latents = self._column(rows, "latents").reshape(shape)
-        labels = pc.index_in(rows.column("label"), value_set=self.classes)
-        if labels.null_count:
-            unknown = pc.filter(rows.column("label"), labels.is_null()).unique().to_pylist()
-            raise ValueError(f"labels {unknown[:5]} are not in the output's classes")
+        labels = self._labels(rows.column("label"))
         stats = ChannelStats.of(latents)
         paths = rows.column("path").combine_chunks()
         tensors = {
@@ -158,17 +163,31 @@ class ShardStore(LatentStore):
         self._atomic_write(self._path(name), lambda f: f.write(data))
         self._parts.append(_DataPart(name, rows.num_rows, stats, paths))
 
+    def _labels(self, labels: pa.ChunkedArray) -> pa.ChunkedArray:
+        """The int64 labels of rows: class ids as they are (sample sources), or indices in ``classes``."""
+        if self.classes is None:
+            if labels.null_count:
+                raise ValueError(f"{labels.null_count} rows have no class id")
+            return labels.cast(pa.int64())  # canonical decimal text, checked as the samples were read
+        indices = pc.index_in(labels, value_set=self.classes)
+        if indices.null_count:
+            unknown = pc.filter(labels, indices.is_null()).unique().to_pylist()
+            raise ValueError(f"labels {unknown[:5]} are not in the output's classes")
+        return indices
+
     @staticmethod
     def _column(rows: pa.Table, name: str) -> np.ndarray:
         return rows.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
     def finalize(self, last_run: Mapping[str, Any]) -> dict[str, Any]:
-        """As ``LatentStore.finalize``, then ``latents_stats.pt`` (over every row) and ``classes.txt``."""
+        """As ``LatentStore.finalize``, then ``latents_stats.pt`` (over every row) and ``classes.txt`` (when the
+        class names are known)."""
         result = super().finalize(last_run)
         if not self._has_manifest:
             return result
-        text = "".join(f"{name}\n" for name in self.classes.to_pylist())
-        self._atomic_write(self._path(CLASSES_FILE), lambda f: f.write(text.encode()))
+        if self.classes is not None:
+            text = "".join(f"{name}\n" for name in self.classes.to_pylist())
+            self._atomic_write(self._path(CLASSES_FILE), lambda f: f.write(text.encode()))
         stats = ChannelStats.empty(self.channels)
         for part in self._parts:
             stats = stats.merge(part.stats)
@@ -193,8 +212,11 @@ class ShardStore(LatentStore):
         self._atomic_write(self._path(LATENT_STATS_FILE), lambda f: f.write(buffer.getvalue()))
 
 
-def lightningdit_manifest(manifest: Mapping[str, Any], classes: Sequence[str]) -> dict[str, Any]:
-    """A parquet-layout manifest (``tokenize.build_manifest``) as a shard directory's."""
+def lightningdit_manifest(manifest: Mapping[str, Any], classes: Sequence[str] | None) -> dict[str, Any]:
+    """A parquet-layout manifest (``tokenize.build_manifest``) as a shard directory's; ``classes`` None: the labels
+    are the samples' own class ids (``SOURCE_LABELS``)."""
+    if classes is None:
+        return {**manifest, "format": FORMAT, "classes": None, "labels": SOURCE_LABELS}
     return {**manifest, "format": FORMAT, "classes": list(classes)}
 
 

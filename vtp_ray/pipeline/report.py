@@ -7,11 +7,12 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
@@ -28,6 +29,7 @@ __all__ = [
     "plural",
     "print_comparison",
     "run_header",
+    "sort_by_path",
     "summary_line",
 ]
 
@@ -58,6 +60,12 @@ def run_header(
         "replica_pool": placement.replicas,
         "preprocessing": {"size": spec.size, "crop": spec.crop, "draft_decode": spec.draft_decode},
     }
+
+
+def sort_by_path(table: pa.Table, order: Callable[[str], Any]) -> pa.Table:
+    """The rows of ``table`` sorted by ``order(path)``: the input position of a file, or a sample's (file, key)."""
+    paths = table.column("path").to_pylist()
+    return table.take(pa.array(sorted(range(len(paths)), key=lambda i: order(paths[i])), pa.int64()))
 
 
 def plural(count: int, noun: str) -> str:

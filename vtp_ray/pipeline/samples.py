@@ -14,12 +14,18 @@ row whose identity (the ``path`` column everywhere: output rows, error rows, res
   columns are named by ``SampleOptions``. Without a key column the struct's ``path`` is the key.
 
 A sample that cannot become an image (no image member, broken bytes, over a limit) is an error row: rows + errors
-always equal the samples read. This module never imports torch: its stage runs in Ray Data's read tasks.
+always equal the samples read. Jobs that need classes (zero-shot, lightningdit) set ``SampleOptions.class_ids``:
+the label is then the sample's integer class index, and a sample without a valid one is an error row too.
+Samples are streamed, never listed up front: outputs are ordered by ``sample_sort_key`` (file, then key), and
+``SampleSource.first_samples`` names the first few cheaply (``eval --save-images``). This module never imports
+torch: its stage runs in Ray Data's read tasks.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,7 +38,7 @@ import pyarrow.parquet as pq
 from ..images import CropMode, DecodeLimits
 from .inputs import _GLOB_CHARS, InputError, _from_glob, _identity, _list_files, resolve_location
 from .spec import PipelineSpec, SampleOptions
-from .stages import NoImage, preprocess_images
+from .stages import NoImage, Refused, preprocess_images
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,18 +47,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SHARD_EXTENSIONS",
+    "BadLabel",
+    "NoLabel",
     "SampleOptions",
     "SampleSource",
+    "class_id",
     "find_samples",
     "preprocess_parquet",
     "preprocess_tar",
     "read_parquet_files",
+    "sample_sort_key",
     "source_of",
 ]
 
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 SampleKind = Literal["webdataset", "parquet"]
+#: A tar member's sample key and extension, as ``read_webdataset`` splits them (the key ends at the first dot of the
+#: base name).
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,42 @@ class SampleSource:
             num_cpus=spec.decode_cpus,
         )
 
+    def first_samples(self, n: int) -> list[str]:
+        """The identities of the first ``n`` samples in file order, read cheaply: for tar shards the member headers
+        (streaming; only samples with an image member count), for parquet the key column alone."""
+        found: list[str] = []
+        for identity, inner in zip(self.files, self.inner, strict=True):
+            if len(found) >= n:
+                break
+            wanted = n - len(found)
+            keys = self._first_tar_keys(inner, wanted) if self.kind == "webdataset" else self._first_keys(inner, wanted)
+            found.extend(f"{identity}#{key}" for key in keys)
+        return found
+
+    def _first_tar_keys(self, inner: str, n: int) -> list[str]:
+        keys: dict[str, None] = {}
+        with self.filesystem.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name) if member.isreg() else None
+                if match and match.group(2) in self.options.image_keys:
+                    keys[match.group(1)] = None
+                    if len(keys) >= n:
+                        break
+        return list(keys)
+
+    def _first_keys(self, inner: str, n: int) -> list[str]:
+        parquet = pq.ParquetFile(inner, filesystem=self.filesystem)
+        key = self.options.key
+        column = key if key in parquet.schema_arrow.names else f"{self.image_column}.path"
+        keys: list[str] = []
+        for batch in parquet.iter_batches(batch_size=max(n, 64), columns=[column]):
+            values = batch.column(0)
+            values = values if key in batch.schema.names else pc.struct_field(values, "path")
+            keys.extend(values.cast(pa.string()).to_pylist()[: n - len(keys)])
+            if len(keys) >= n:
+                break
+        return keys
+
     def _parquet_columns(self) -> list[str]:
         names = pq.read_schema(self.inner[0], filesystem=self.filesystem).names
         wanted = [self.options.key, self.options.label or "label", self.options.caption]
@@ -170,6 +219,12 @@ def source_of(path: str) -> str:
     """The file part of a sample identity (``<file>#<key>`` -> ``<file>``); a plain path is its own source."""
     file = _file_of(pa.array([path], pa.string()))[0].as_py()
     return file or path
+
+
+def sample_sort_key(path: str) -> tuple[str, str]:
+    """The order of sample identities in outputs: by file, then by key (a plain path sorts as its own file)."""
+    file = source_of(path)
+    return file, path[len(file) + 1 :]
 
 
 def _file_of(paths: pa.Array) -> pa.Array:
@@ -284,7 +339,8 @@ def preprocess_tar(
         labels.append(_tar_text(record, options.label or "cls"))
         captions.append(_tar_text(record, options.caption) if options.caption else None)
     paths = [f"{shard}#{key}" for shard, key in zip(shards, keys, strict=True)]
-    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits, draft)
+    label_name = f"{options.label or 'cls'} member"
+    return _decode(paths, labels, label_name, captions, data, problems, options, done, size, crop, limits, draft)
 
 
 def _tar_text(record: dict[str, Any], key: str) -> str | None:
@@ -349,12 +405,42 @@ def preprocess_parquet(
     )
     problems = [None if d is not None else f"no image bytes in column {image_column!r}" for d in data]
     paths = [f"{file}#{key}" for key in keys]
-    return _decode(paths, labels, captions, data, problems, options, done, size, crop, limits, draft)
+    label_name = f"{label} column"
+    return _decode(paths, labels, label_name, captions, data, problems, options, done, size, crop, limits, draft)
+
+
+class NoLabel(Refused):
+    """A sample without the class label its job needs."""
+
+    reason = "no_label"
+
+
+class BadLabel(Refused):
+    """A sample whose label is not an integer class index (in range)."""
+
+    reason = "bad_label"
+
+
+def class_id(label: str | None, options: SampleOptions, name: str = "label") -> int:
+    """The integer class index a sample's ``label`` text holds; ``NoLabel`` / ``BadLabel`` say why there is none.
+
+    ``name`` says where the label came from (``cls member``, ``label column``), for the error message.
+    """
+    text = (label or "").strip()
+    if not text:
+        raise NoLabel(f"no class label ({name})")
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**63:
+        raise BadLabel(f"label {label!r} ({name}) is not an integer class index")
+    value = int(text)
+    if options.num_classes is not None and value >= options.num_classes:
+        raise BadLabel(f"label {value} ({name}) is not a class index 0..{options.num_classes - 1}")
+    return value
 
 
 def _decode(
     paths: list[str],
     labels: list[str | None],
+    label_name: str,
     captions: list[str | None],
     data: list[bytes | None],
     problems: list[str | None],
@@ -373,11 +459,21 @@ def _decode(
     if len(done_paths):
         todo = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(paths, pa.string()), value_set=done_paths))).to_pylist()
     todo = list(todo)
+    refused: dict[int, Refused] = {}
+    if options.class_ids:  # the label is the class index: canonical text, or the reason there is none
+        labels = list(labels)
+        for i in todo:
+            try:
+                labels[i] = str(class_id(labels[i], options, label_name))
+            except Refused as e:
+                refused[i] = type(e)(f"{e} in {source_of(paths[i])}")
 
     def fetch(k: int) -> bytes:
         i = todo[k]
         if data[i] is None:
             raise NoImage(f"{problems[i]} in {source_of(paths[i])}")
+        if i in refused:
+            raise refused[i]
         return data[i]
 
     decoded = preprocess_images(len(todo), fetch, size, crop, limits, draft)

@@ -25,12 +25,18 @@ class SampleOptions:
         label: webdataset: a member extension (``cls``) or ``json:FIELD``; parquet: a column. Default: ``cls``
             / ``label`` when present.
         caption: keep a text caption as the ``caption`` column: a member extension (``txt``) or a column.
+        class_ids: the label must be an integer class index (ImageNet shards store 0..999 in ``cls``); the
+            ``label`` column then holds it in canonical form, and a sample without a valid one is an error row
+            (``no_label`` / ``bad_label``). Set by the jobs that need classes (zero-shot, lightningdit).
+        num_classes: with ``class_ids``, the indices must also be below this.
     """
 
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     key: str = "key"
     label: str | None = None
     caption: str | None = None
+    class_ids: bool = False
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)

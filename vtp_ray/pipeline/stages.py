@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NoImage",
+    "Refused",
     "fixed_size_lists",
     "nullable_floats",
     "pixels",
@@ -59,8 +60,16 @@ def preprocess_rows(
     )
 
 
-class NoImage(Exception):
+class Refused(Exception):
+    """An input refused before decoding: its error row gets the class's ``reason`` and the exception's message."""
+
+    reason = "refused"
+
+
+class NoImage(Refused):
     """An input that holds no image to decode (e.g. a sample without an image member): its error row's message."""
+
+    reason = "no_image"
 
 
 def preprocess_images(
@@ -81,8 +90,8 @@ def preprocess_images(
         try:
             pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(fetch(i), size, crop, limits, draft)
             ok[i] = True
-        except NoImage as e:
-            reasons[i], messages[i] = "no_image", str(e)
+        except Refused as e:
+            reasons[i], messages[i] = e.reason, str(e)
         except ImageDecodeError as e:
             reasons[i], messages[i] = e.reason, str(e)
         except OSError as e:  # missing, unreadable, or a storage error

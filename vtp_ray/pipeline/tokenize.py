@@ -198,7 +198,8 @@ def tokenize_dataset(
         rows_per_file, flush_interval_s: a part is written when this many inputs are buffered, or this long
             after the previous one: the most a killed job can lose.
         format: ``parquet`` (``store``), or ``lightningdit``: the safetensors shards and ``latents_stats.pt``
-            LightningDiT's ``ImgLatentDataset`` reads (``lightningdit``; needs ``flip`` and a label per input).
+            LightningDiT's ``ImgLatentDataset`` reads (``lightningdit``; needs ``flip`` and a label per input: for
+            sample sources an integer class id, else the input is an error row).
 
     Returns a ``TokenizeSummary``; the same numbers and the latent statistics are in ``output/stats.json``.
     """
@@ -214,8 +215,12 @@ def tokenize_dataset(
     model = ModelFacts.of(spec.model, spec.size)
     manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
     if format == "lightningdit":
-        option = "use --labels-from-dirs on an ImageFolder tree, or a manifest with a label column"
-        classes = check_labels(found.table.column("label"), option)
+        if samples:  # labels: the samples' class ids; a sample without one becomes an error row as it is read
+            samples = dataclasses.replace(samples, options=dataclasses.replace(samples.options, class_ids=True))
+            classes = None
+        else:
+            option = "use --labels-from-dirs on an ImageFolder tree, or a manifest with a label column"
+            classes = check_labels(found.table.column("label"), option)
         store: LatentStore = ShardStore(output, lightningdit_manifest(manifest, classes), overwrite=overwrite)
     elif format == "parquet":
         store = LatentStore(output, manifest, overwrite=overwrite)

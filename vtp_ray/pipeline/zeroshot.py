@@ -6,6 +6,11 @@ the text classifier built once per replica from prompt templates (OpenAI's 80 Im
 class, the mean of the normalized template embeddings, renormalized), image embeddings through the replica pool,
 top-1 / top-5 accuracy. Undecodable images and images outside a class directory are error rows with their reason.
 
+From sample sources (``samples``: webdataset shards, parquet with image bytes), the class index is the sample's
+integer label (the ``cls`` member / ``label`` column, as ImageNet webdataset shards store 0..999) and the class
+names are one per line in index order (default the 1000 ImageNet names); a sample without a valid index is an
+error row (``no_label`` / ``bad_label``). Outputs are then ordered by file, then key.
+
 Output directory: ``report.json`` (the eval report format, ``task: zero-shot``) and ``per_image.parquet`` (path,
 label, target, prediction, top5, top5_probabilities, correct_top1, correct_top5).
 """
@@ -16,7 +21,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,13 +32,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import discover_inputs
-from .report import PER_IMAGE, REPORT, run_header
+from .report import PER_IMAGE, REPORT, run_header, sort_by_path
 from .runner import ReplicaUsage, run_pipeline
+from .samples import find_samples, sample_sort_key
 from .spec import ModelFacts, PipelineSpec
 from .stages import fixed_size_lists
 from .worker import ReplicaWorker
 
-__all__ = ["TOP_K", "ZeroShotWorker", "load_classnames", "zero_shot_dataset"]
+__all__ = ["TOP_K", "ZeroShotWorker", "load_classnames", "load_sample_classnames", "zero_shot_dataset"]
 
 TASK = "zero-shot"
 TOP_K = 5
@@ -87,10 +93,32 @@ def load_classnames(path: str | os.PathLike[str] | None, directories: Sequence[s
             raise ValueError(f"{path} names no class for the directories {missing[:5]}")
         keys = sorted(mapping)
         return keys, [mapping[k] for k in keys]
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = _lines(text)
     if len(names) != len(directories):
         raise ValueError(f"{path} has {len(names)} class names for {len(directories)} class directories")
     return list(directories), names
+
+
+def load_sample_classnames(path: str | os.PathLike[str] | None) -> list[str]:
+    """The class names of sample sources, in class index order: None (the 1000 OpenAI ImageNet names, for ImageNet
+    shards' 0..999) or a text file with one name per line."""
+    if path is None:
+        from ..text.imagenet import imagenet_classnames
+
+        return list(imagenet_classnames())
+    if Path(path).suffix.lower() == ".json":
+        raise ValueError(
+            f"{path}: a JSON mapping names class directories; samples carry class indices: pass a text file with "
+            "one class name per line, in index order"
+        )
+    names = _lines(Path(path).expanduser().read_text(encoding="utf-8"))
+    if not names:
+        raise ValueError(f"{path} holds no class names")
+    return names
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def zero_shot_dataset(
@@ -101,7 +129,8 @@ def zero_shot_dataset(
     classnames: str | os.PathLike[str] | None = None,
     template_set: str = "imagenet",
 ) -> dict[str, Any]:
-    """Zero-shot top-1 / top-5 accuracy (percent) of ``spec.model`` over the ImageFolder tree(s) ``inputs``.
+    """Zero-shot top-1 / top-5 accuracy (percent) of ``spec.model`` over the ImageFolder tree(s) ``inputs``, or
+    over webdataset shards / parquet files with image bytes whose labels are class indices (``samples``).
 
     Returns the report (also written to ``output/report.json``, next to ``per_image.parquet``).
     """
@@ -112,15 +141,23 @@ def zero_shot_dataset(
         raise MissingTextDependencyError(f"zero-shot evaluation needs open_clip: {TEXT_INSTALL}")
     started = time.perf_counter()
     templates = resolve_template_set(template_set)
-    spec = replace(spec, labels_from_dirs=True)
-    found = discover_inputs(inputs, labels_from_dirs=True, filesystem=spec.filesystem)
-    labels = found.table.column("label").to_pylist()
-    directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
-    index = {d: i for i, d in enumerate(directories)}
+    samples = find_samples(inputs, spec.samples, spec.filesystem)
+    if samples:  # the label is the class index, checked as the samples are read
+        names = load_sample_classnames(classnames)
+        index = {str(i): i for i in range(len(names))}
+        options = replace(samples.options, class_ids=True, num_classes=len(names))
+        found, todo, order = None, replace(samples, options=options), sample_sort_key
+    else:
+        spec = replace(spec, labels_from_dirs=True)
+        found = discover_inputs(inputs, labels_from_dirs=True, filesystem=spec.filesystem)
+        labels = found.table.column("label").to_pylist()
+        directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
+        index = {d: i for i, d in enumerate(directories)}
+        todo, order = found.table, {p: i for i, p in enumerate(found.table.column("path").to_pylist())}.__getitem__
     model = ModelFacts.of(spec.model, spec.size)
     worker = {"classnames": tuple(names), "templates": templates}
     usage, rows, errors = ReplicaUsage(), [], []
-    with run_pipeline(spec, found.table, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, todo, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
         for batch in batches:
             usage.add(batch)
             failed = batch.column("error").is_valid()
@@ -129,7 +166,6 @@ def zero_shot_dataset(
             rows.append(ok.select(["path", "label", "top5", "top5_probabilities"]))
     seconds = time.perf_counter() - started
 
-    order = {p: i for i, p in enumerate(found.table.column("path").to_pylist())}
     table = pa.concat_tables(rows).combine_chunks() if rows else None
     per_image = _per_image(table, index, order, errors)
     out = Path(output).expanduser()
@@ -149,20 +185,23 @@ def zero_shot_dataset(
         "classnames": str(classnames) if classnames else "imagenet (OpenAI's 1000 names)",
         "template_set": template_set,
         "templates": len(templates),
+        **({"source": {"kind": samples.kind, "files": len(samples.files)}} if samples else {}),
         "metric_definitions": {
-            "top1": "percent of evaluated images whose best class is the target (class index = sorted directories)",
+            "top1": "percent of evaluated images whose best class is the target (class index = "
+            + ("the sample's label)" if samples else "sorted directories)"),
             "top5": "percent of evaluated images whose target is among the 5 best classes",
         },
         "counts": {
-            "inputs": len(found),
-            "duplicate_inputs": found.duplicates,
+            # samples: those read (rows + errors); files: those named, once each
+            "inputs": len(found) if found else usage.processed,
+            "duplicate_inputs": found.duplicates if found else 0,
             "evaluated": n,
             "errors": len(errors),
             "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
         },
         "metrics": metrics,
         "skipped_metrics": {},
-        "errors": sorted(errors, key=lambda e: order[e["path"]]),
+        "errors": sorted(errors, key=lambda e: order(e["path"])),
         "replicas": usage.stats()["replicas"],
         "replica_model_s": usage.stats()["replica_model_s"],
         "seconds": round(seconds, 3),
@@ -173,9 +212,9 @@ def zero_shot_dataset(
 
 
 def _per_image(
-    table: pa.Table | None, index: dict[str, int], order: dict[str, int], errors: list[dict[str, Any]]
+    table: pa.Table | None, index: dict[str, int], order: Callable[[str], Any], errors: list[dict[str, Any]]
 ) -> pa.Table:
-    """The per-image rows in input order; images outside a class directory move to ``errors``."""
+    """The per-image rows sorted by ``order`` (of the path); images outside a class directory move to ``errors``."""
     schema = pa.schema(
         [
             ("path", pa.string()),
@@ -195,7 +234,7 @@ def _per_image(
     for path in np.array(table.column("path").to_pylist(), object)[~known]:
         errors.append({"path": path, "reason": "no_class", "error": "not inside a class directory"})
     table = table.filter(pa.array(known))
-    table = table.take(pc.sort_indices(pa.array([order[p] for p in table.column("path").to_pylist()])))
+    table = sort_by_path(table, order)
     target = np.array([index[label] for label in table.column("label").to_pylist()], np.int32)
     top = table.column("top5").combine_chunks()
     k = top.type.list_size
