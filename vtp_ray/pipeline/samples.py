@@ -109,6 +109,9 @@ class SampleSource:
                 decoder=None,
                 file_extensions=None,
                 num_cpus=spec.decode_cpus,
+                # One read task per shard, as planned: a higher parallelism would split each read's blocks, which
+                # stops Ray Data from fusing the decoding into the read (the raw bytes would cross the object store).
+                override_num_blocks=len(self.inner),
             )
             ids = dict(zip(self.inner, self.files, strict=True))
             return read.map_batches(
