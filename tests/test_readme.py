@@ -177,3 +177,15 @@ def test_the_curl_examples_run_as_written(sandbox: Path, serve_port: int) -> Non
     for name in ("recon.png", "decoded.png"):
         assert Image.open(sandbox / name).size == (SIZE, SIZE)
     assert json.loads((sandbox / "cat.json").read_text())["shape"] == [8, SIZE // 16, SIZE // 16]
+
+
+@pytest.mark.slow
+def test_the_kserve_client_example_runs(sandbox: Path, serve_port: int) -> None:
+    (code,) = [block for block in _blocks("python") if "InferenceRESTClient" in block]
+    code = code.replace("http://localhost:8000", f"http://127.0.0.1:{serve_port}")
+    result = _run(f"python - <<'EOF'\n{code}\nEOF", sandbox, dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ready, latents, embedding = result.stdout.splitlines()
+    assert ready == "True True"
+    assert latents.startswith("(1, ") and latents.endswith(f", {SIZE // 16}, {SIZE // 16})")  # image_size of the app
+    assert embedding.startswith("(2, ")

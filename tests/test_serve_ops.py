@@ -1,5 +1,5 @@
-"""Serving as operators expect it: readiness, the Open Inference Protocol (checked with tritonclient), several
-checkpoints behind one API. Real Serve on the shared Ray, real HTTP on loopback.
+"""Serving as operators expect it: readiness, the Open Inference Protocol (checked with tritonclient and with
+KServe's own REST client), several checkpoints behind one API. Real Serve on the shared Ray, real HTTP on loopback.
 
 Three applications run side by side: ``ops`` at ``/`` serves two checkpoints of different widths (``tiny``, the
 default, and ``wide``, built here with seeded random weights and saved with safetensors); ``broken`` at ``/broken``
@@ -9,16 +9,19 @@ replica never starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from helpers import SIZE, TINY, free_port, png_bytes, random_image, wait_until
+from kserve import InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
 from ray import serve
 from safetensors.torch import save_file
 
@@ -28,6 +31,8 @@ from vtp_ray.images import preprocess
 from vtp_ray.model import load_model
 
 pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
 
 WAIT_S = 2.0  # model_wait_s of the apps without a replica
 WIDE_CHANNELS = 12
@@ -302,3 +307,109 @@ def test_infer_errors(client: httpx.Client, path: str, body: object, status: int
     response = client.post(path, content=content)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
+
+
+# ------------------------------------------------------------------------- KServe's Python client (REST, v2)
+
+
+def with_kserve(work: Callable[[InferenceRESTClient], Awaitable[T]]) -> T:
+    """Run ``work`` with a fresh ``kserve.InferenceRESTClient`` (protocol v2) in an event loop of its own: the
+    client is asynchronous, and its httpx pool must not outlive the loop it was made in."""
+
+    async def run() -> T:
+        async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=120, retries=0)) as kserve_client:
+            return await work(kserve_client)
+
+    return asyncio.run(run())
+
+
+def kserve_infer(base_url: str, model: str, inputs: list[InferInput], **request: object) -> tuple[InferResponse, dict]:
+    """One infer request through KServe's client -> its parsed response and the response headers."""
+    headers: dict[str, str] = {}
+    req = InferRequest(model, inputs, **request)
+    response = with_kserve(lambda c: c.infer(base_url, req, model_name=model, response_headers=headers))
+    return response, headers
+
+
+def kserve_output(response: InferResponse, name: str) -> np.ndarray:
+    """The output ``name`` of a KServe response as a numpy array (JSON data or binary data alike)."""
+    output = response.get_output_by_name(name)
+    assert output is not None, [o.name for o in response.outputs]
+    return output.as_numpy()
+
+
+def test_kserve_health_and_readiness(base_url: str) -> None:
+    async def check(c: InferenceRESTClient) -> list[bool]:
+        return [
+            await c.is_server_live(base_url),
+            await c.is_server_ready(base_url),
+            await c.is_model_ready(base_url, "tiny.encode"),
+            await c.is_model_ready(base_url, "wide.decode"),
+            await c.is_model_ready(base_url, "huge.encode"),  # 404: no such model
+            await c.is_model_ready(base_url, "tiny.fly"),  # 404: no such verb
+            await c.is_server_live(f"{base_url}/starting"),
+            await c.is_model_ready(f"{base_url}/starting", "vtp.encode"),  # 503: no replica yet
+        ]
+
+    assert with_kserve(check) == [True, True, True, True, False, False, True, False]
+    # A server that is not ready: the client raises, with the app's reason in the message.
+    with pytest.raises(httpx.HTTPStatusError, match="no running replica yet") as raised:
+        with_kserve(lambda c: c.is_server_ready(f"{base_url}/starting"))
+    assert raised.value.response.status_code == 503
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", ["tiny", "wide"])
+def test_kserve_encode_equals_the_replica(
+    base_url: str, replicas: dict[str, VTPReplica], model: str, binary: bool
+) -> None:
+    batch = images(3, seed=3)
+    inp = InferInput("IMAGE", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch, binary_data=binary)
+    response, headers = kserve_infer(base_url, f"{model}.encode", [inp], parameters={"binary_data_output": binary})
+    assert ("inference-header-content-length" in headers) == binary  # the outputs came back as asked
+    assert response.model_name == f"{model}.encode"
+    expected = replicas[model].encode(batch)
+    np.testing.assert_allclose(kserve_output(response, "LATENTS"), expected.latents, rtol=1e-5, atol=1e-6)
+    clip = kserve_output(response, "CLIP_EMBEDDING")
+    np.testing.assert_allclose(clip, expected.clip_embedding, rtol=1e-5, atol=1e-6)
+
+
+def test_kserve_bytes_embed_and_json_decode(base_url: str, replicas: dict[str, VTPReplica]) -> None:
+    files = [png_bytes(random_image(seed=20 + i)) for i in range(2)]
+    pixels = np.stack([preprocess(f, size=SIZE) for f in files])
+    inp = InferInput("IMAGE_BYTES", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(files, dtype=object))  # BYTES elements as binary tensor data
+    response, _ = kserve_infer(base_url, "wide.embed", [inp])
+    embedded = kserve_output(response, "CLIP_EMBEDDING")
+    np.testing.assert_allclose(embedded, replicas["wide"].embed(pixels), rtol=1e-5, atol=1e-6)
+
+    latents = replicas["tiny"].encode(pixels).latents
+    lat = InferInput("LATENTS", list(latents.shape), "FP32", data=latents)  # an array as data: JSON numbers
+    response, headers = kserve_infer(base_url, "tiny.decode", [lat])
+    assert "inference-header-content-length" not in headers
+    decoded = kserve_output(response, "IMAGE")
+    assert decoded.dtype == np.uint8 and decoded.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(decoded.astype(int) - replicas["tiny"].decode(latents)).max() <= 1  # uint8 rounding
+
+
+@pytest.mark.parametrize(
+    ("prefix", "model", "pixels", "status", "words"),
+    [
+        ("", "huge.encode", np.zeros((1, 16, 16, 3), np.uint8), 404, "no model named 'huge'"),
+        ("", "tiny.encode", np.zeros((1, 16, 16, 3), np.float32), 400, "uint8"),
+        ("", "tiny.encode", np.zeros((1, 20, 16, 3), np.uint8), 400, "multiples of 16"),
+        ("/starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), 503, "no running replica yet"),
+    ],
+    ids=["unknown-model", "wrong-datatype", "wrong-size", "not-ready"],
+)
+def test_kserve_errors_carry_the_app_message(
+    base_url: str, prefix: str, model: str, pixels: np.ndarray, status: int, words: str
+) -> None:
+    inp = InferInput("IMAGE", list(pixels.shape), "UINT8" if pixels.dtype == np.uint8 else "FP32")
+    inp.set_data_from_numpy(pixels)
+    with pytest.raises(httpx.HTTPStatusError) as raised:
+        kserve_infer(f"{base_url}{prefix}", model, [inp])
+    error = raised.value.response.json()["error"]
+    assert raised.value.response.status_code == status and words in error
+    assert error in str(raised.value)  # the client's exception carries the app's message
