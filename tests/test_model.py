@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,11 @@ def test_rope_tables_cached_under_inference_mode_serve_autograd_later(tiny_dir, 
     latents.sum().backward()
     assert image.grad is not None and torch.isfinite(image.grad).all()
     torch.testing.assert_close(latents.detach(), expected)
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo(tiny_dir):
+    # Replica start-up time: nn.Embedding's default init on the meta device imported torch._dynamo (1.6 s here).
+    load = f"from vtp_ray.model import load_model; load_model({str(tiny_dir)!r})"
+    code = f"import sys; {load}; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -179,7 +179,9 @@ class VTPModel(nn.Module):
     def _init_text_tower(self, cfg: VTPConfig) -> None:
         width = cfg.text_embed_dim
         self.text_transformer = TextTransformer(cfg)
-        self.token_embedding = nn.Embedding(cfg.text_vocab_size, width)
+        # The table is filled by the checkpoint (or init_random_weights): skip nn.Embedding's own normal_ init,
+        # which on the meta device goes through torch's decompositions and imports torch._dynamo (1.6 s).
+        self.token_embedding = nn.Embedding(cfg.text_vocab_size, width, _weight=torch.empty(cfg.text_vocab_size, width))
         # Upstream sizes the table for an optional appended cls token it then never uses.
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.text_context_length + cfg.text_embed_cls, width))
         self.ln_final = LayerNorm(width)
