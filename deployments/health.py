@@ -81,13 +81,18 @@ class ReadinessMonitor:
     Args:
         app_name: the Serve application the models belong to.
         deployments: model name -> deployment name.
-        poll_s: seconds between two reads of Serve's status.
+        poll_s: seconds between two reads of Serve's status while a model is not ready.
+        ready_poll_s: the same once every model is: each read costs the ingress and Serve's controller CPU that
+            the model replicas on the node would otherwise have (Serve's handles notice a dead replica themselves).
     """
 
-    def __init__(self, app_name: str, deployments: Mapping[str, str], poll_s: float = 1.0) -> None:
+    def __init__(
+        self, app_name: str, deployments: Mapping[str, str], poll_s: float = 1.0, ready_poll_s: float = 5.0
+    ) -> None:
         self._app_name = app_name
         self._deployments = dict(deployments)
         self._poll_s = poll_s
+        self._ready_poll_s = ready_poll_s
         self._statuses: dict[str, ModelStatus] = {}
         self._polled = asyncio.Event()  # set, then replaced, after every poll
         self._task: asyncio.Task[None] | None = None
@@ -132,4 +137,5 @@ class ReadinessMonitor:
             self._statuses = await asyncio.to_thread(read_statuses, self._app_name, self._deployments)
             polled, self._polled = self._polled, asyncio.Event()
             polled.set()
-            await asyncio.sleep(self._poll_s)
+            ready = all(status.ready for status in self._statuses.values())
+            await asyncio.sleep(self._ready_poll_s if ready else self._poll_s)
