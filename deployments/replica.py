@@ -25,7 +25,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from vtp_ray.placement import assigned_device
+from vtp_ray.placement import assigned_device, prefer_passive_threads
 from vtp_ray.text import expand
 from vtp_ray.text.classifier import average_templates
 from vtp_ray.text.tokenizer import available as text_available
@@ -86,11 +86,11 @@ class ReplicaDeployment:
         warmup_size: int = 256,
         label_cache_size: int = 64,
     ) -> None:
+        device = device or assigned_device()
+        prefer_passive_threads(device)
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
-        self._replica = VTPReplica(
-            model, device=device or assigned_device(), precision=precision, warmup_size=warmup_size
-        )
+        self._replica = VTPReplica(model, device=device, precision=precision, warmup_size=warmup_size)
         if warmup_size and self._replica.info.text_context_length and text_available():
             self._replica.embed_text(["warm-up"])  # loads the tokenizer before traffic
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
@@ -165,6 +165,7 @@ class ReplicaDeployment:
                 "visible_devices": {var: os.environ[var] for var in _VISIBLE_DEVICE_VARS if var in os.environ},
                 "accelerator_ids": {name: ids for name, ids in runtime.get_accelerator_ids().items() if ids},
                 "cpu_threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             },
         }
 

@@ -97,6 +97,9 @@ class ReplicaInfo(BaseModel):
     visible_devices: dict[str, str] = Field(description="ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES")
     accelerator_ids: dict[str, list[str]] = Field(description="Ray's accelerator ids by resource, e.g. NPU")
     cpu_threads: int = Field(description="torch's intra-op threads (from num_cpus in the placement)")
+    omp_wait_policy: str | None = Field(
+        None, description="OpenMP's idle-thread policy in the replica's process: PASSIVE by default on CPU replicas"
+    )
 
 
 class ModelInfo(BaseModel):

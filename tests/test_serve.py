@@ -11,6 +11,7 @@ import base64
 import email.parser
 import email.policy
 import io
+import os
 import subprocess
 import sys
 import time
@@ -139,6 +140,8 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     assert info["model"] == "vtp-tiny" and info["model_spec"] == TINY
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
     assert (info["device"], info["precision"]) == ("cpu", "fp32")  # placement cpu: no accelerator assigned
+    # A CPU replica's idle OpenMP threads sleep (they share the cores with the ingress), unless the env says else.
+    assert info["replica"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
     assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
     assert info["limits"]["image_size"] == SIZE and info["limits"]["api_key_required"] is False

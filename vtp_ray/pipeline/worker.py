@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..placement import prefer_passive_threads
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
 
@@ -34,6 +35,7 @@ class ReplicaWorker:
     """
 
     def __init__(self, spec: PipelineSpec, device: str, expected_digest: str) -> None:
+        prefer_passive_threads(device)
         from ..replica import VTPReplica
 
         self.spec = spec
