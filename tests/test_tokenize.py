@@ -234,16 +234,23 @@ def test_a_rerun_redoes_only_what_is_missing(job, tree, tiny_dir, tmp_path):
     _check_stats(copy)
 
 
-def _replica_pids() -> set[int]:
-    """Processes of TokenizeWorker actors (Ray titles an actor's process after its class)."""
-    pids = set()
+def _replica_pids(gcs_address: str) -> set[int]:
+    """Processes of TokenizeWorker actors of the Ray at ``gcs_address`` (Ray titles an actor's process after its
+    class; its workers name their raylet in RAY_RAYLET_PID): other Rays on the machine do not count."""
+    raylets, workers = set(), {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"TokenizeWorker" in (entry / "cmdline").read_bytes():
-                pids.add(int(entry.name))
+            if not entry.name.isdigit():
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"/raylet\0" in cmdline and f"--gcs-address={gcs_address}".encode() in cmdline:
+                raylets.add(entry.name)
+            elif b"TokenizeWorker" in cmdline:
+                env = dict(v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v)
+                workers[int(entry.name)] = env.get(b"RAY_RAYLET_PID", b"").decode()
         except OSError:
             continue  # exited meanwhile
-    return pids
+    return {pid for pid, raylet in workers.items() if raylet in raylets}
 
 
 def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing(ray_runtime, tiny_dir, tmp_path):
@@ -257,11 +264,11 @@ def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing
     args = [str(root), "-o", str(output), "--model", str(tiny_dir), "--size", str(SIZE), "--device", "cpu"]
     args += ["--resources", '{"NPU": 1}', "--replicas", "1", "--batch-size", "1", "--rows-per-file", "1"]
     args += ["--dtype", "float16", "--address", ray_runtime, "--no-progress"]
-    before = _replica_pids()
+    before = _replica_pids(ray_runtime)
     process = start_tokenize_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_parts(output, 1, process)
-        (replica,) = _replica_pids() - before
+        (replica,) = _replica_pids(ray_runtime) - before
         os.kill(replica, signal.SIGKILL)  # Ray Data restarts the actor and retries its batch
         parts = len(list((output / "data").glob("part-*.parquet")))
         wait_for_parts(output, parts + 1, process)
