@@ -1,4 +1,4 @@
-"""Model specs and strict checkpoint loading.
+"""Model specs, resolved without torch (``checkpoint`` loads the weights they name).
 
 A *model spec* names a model everywhere in vtp-ray (CLI, Serve config, Ray Data jobs):
 
