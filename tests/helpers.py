@@ -140,6 +140,17 @@ def sample_images(count: int = 6) -> dict[str, bytes]:
     return out
 
 
+def write_parquet(path: Path, images: dict[str, bytes], hub: bool = False) -> None:
+    """img2dataset's parquet layout (``key``, ``jpg`` bytes, ``caption``) or the hub's ``{"bytes", "path"}`` struct."""
+    keys = sorted(images)
+    if hub:
+        structs = [{"bytes": images[k], "path": f"{k}.img"} for k in keys] + [{"bytes": None, "path": "missing.img"}]
+        table = pa.table({"image": pa.array(structs), "label": [int(k) % 3 for k in keys] + [0]})
+    else:
+        table = pa.table({"key": keys, "jpg": [images[k] for k in keys], "caption": [f"caption {k}" for k in keys]})
+    pq.write_table(table, path, row_group_size=2)
+
+
 def write_shards(root: Path, images: dict[str, bytes]) -> dict[str, str | None]:
     """img2dataset's webdataset layout: two shards of ``KEY.jpg|png + .json + .txt + .cls`` members, broken
     samples, and the sidecar ``.parquet`` / ``_stats.json`` files. -> {identity: expected error reason or None}."""

@@ -5,6 +5,7 @@ Endpoint and credentials come from the standard AWS environment variables, as in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINY, free_port, sample_images, start_tokenize_cli, write_shards
+from helpers import SIZE, TINY, free_port, sample_images, start_tokenize_cli, write_parquet, write_shards
 
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.tokenize import tokenize_dataset
@@ -94,3 +95,18 @@ def test_s3_shards_to_s3_output_killed_and_resumed_lose_and_repeat_nothing(ray_r
     names = [i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))]
     assert not [n for n in names if n.endswith(".tmp")], names  # the killed run's temporary part was cleaned up
     assert {"manifest.json", "stats.json", "errors.parquet"} <= set(names)
+
+
+def test_s3_parquet_image_bytes_are_read_by_the_tasks_with_the_jobs_filesystem(ray_runtime, s3, tmp_path):
+    # Parquet samples are read by vtp-ray's own read tasks (one per file, a row group at a time, here in blocks of
+    # 2 samples): the S3 filesystem with its endpoint travels to them with the job.
+    images = sample_images(6)
+    keys, expected = sorted(images), []
+    for name, chunk in (("a", keys[:4]), ("b", keys[4:])):
+        write_parquet(tmp_path / f"{name}.parquet", {k: images[k] for k in chunk})
+        pafs.copy_files(str(tmp_path / f"{name}.parquet"), f"{BUCKET}/pq/{name}.parquet", destination_filesystem=s3)
+        expected += [f"s3://{BUCKET}/pq/{name}.parquet#{key}" for key in chunk]
+    spec = PipelineSpec(TINY, device="cpu", size=SIZE, resources="cpu", replicas=1, batch_size=2, progress=False)
+    summary = tokenize_dataset(f"s3://{BUCKET}/pq", str(tmp_path / "out"), dataclasses.replace(spec, block_size=2))
+    paths = pq.read_table(tmp_path / "out" / "data", columns=["path"]).column("path").to_pylist()
+    assert sorted(paths) == expected and (summary.rows, summary.errors, summary.missing) == (6, 0, 0)

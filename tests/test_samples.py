@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_shards
+from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_parquet, write_shards
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import DecodeLimits, preprocess_with_info
@@ -31,17 +31,6 @@ from vtp_ray.pipeline.tokenize import tokenize_dataset
 
 LIMITS = DecodeLimits(max_pixels=50_000)
 SHAPE = (8, SIZE // 16, SIZE // 16)
-
-
-def write_parquet(path: Path, images: dict[str, bytes], hub: bool = False) -> None:
-    """img2dataset's parquet layout (``key``, ``jpg`` bytes, ``caption``) or the hub's ``{"bytes", "path"}`` struct."""
-    keys = sorted(images)
-    if hub:
-        structs = [{"bytes": images[k], "path": f"{k}.img"} for k in keys] + [{"bytes": None, "path": "missing.img"}]
-        table = pa.table({"image": pa.array(structs), "label": [int(k) % 3 for k in keys] + [0]})
-    else:
-        table = pa.table({"key": keys, "jpg": [images[k] for k in keys], "caption": [f"caption {k}" for k in keys]})
-    pq.write_table(table, path, row_group_size=2)
 
 
 # ------------------------------------------------------------------------------------------- discovery (fast)
