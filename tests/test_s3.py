@@ -1,6 +1,6 @@
 """``s3://`` inputs and outputs against a real S3-compatible HTTP server on loopback (moto's standalone server):
 tokenize webdataset shards from a bucket into the bucket, kill the CLI driver mid-way, resume (in-process), and
-nothing is lost or written twice.
+nothing is lost or written twice; parquet image bytes from a bucket.
 Endpoint and credentials come from the standard AWS environment variables, as in production."""
 
 from __future__ import annotations
