@@ -168,7 +168,8 @@ def build_dataset(
     """Preprocess tasks (one per block), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass) that take
     whole blocks and split them into model batches.
 
-    ``todo`` is the input table of file inputs, or a ``SampleSource`` read by Ray Data's own readers.
+    ``todo`` is the input table of file inputs, or a ``SampleSource`` (tar shards, parquet image bytes) that plans
+    its own read tasks (``SampleSource.preprocessed``).
     """
     import ray
 

@@ -1,7 +1,8 @@
 """Datasets whose images live inside larger files: webdataset tar shards and parquet files with image bytes.
 
 These are what ``img2dataset`` writes for LAION / DataComp / CC12M and what the Hugging Face hub serves. They are
-read by Ray Data's own readers (``read_webdataset``, ``read_parquet``), streaming, and every sample becomes one
+read streaming, one read task per file (shards by Ray Data's ``read_webdataset``, parquet files by
+``read_parquet_files``, a row group at a time: see ``SampleSource.preprocessed``), and every sample becomes one
 row whose identity (the ``path`` column everywhere: output rows, error rows, resuming) is ``<file>#<key>``:
 ``/data/shards/00000.tar#000000042`` or ``s3://bucket/laion/00000.parquet#000000042``.
 
