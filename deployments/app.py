@@ -78,6 +78,7 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
         uploads=UploadPolicy(
             body_timeout_s=args.body_timeout_s,
             max_uploads_per_client=args.max_uploads_per_client,
+            refusal_delay_s=args.upload_refusal_delay_s,
             client_address_header=args.client_address_header,
         ),
     )

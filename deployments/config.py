@@ -84,6 +84,9 @@ class AppArgs(BaseModel):
     max_uploads_per_client: int = Field(
         32, ge=0, description="request bodies one client address may be sending at once (429 past it); 0: no cap"
     )
+    upload_refusal_delay_s: float = Field(
+        5.0, ge=0, le=60, description="a body past max_uploads_per_client is answered 429 after this pause"
+    )
     client_address_header: str | None = Field(
         None, description="header whose last entry is the client address (set by a trusted load balancer)"
     )

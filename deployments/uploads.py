@@ -42,6 +42,7 @@ class UploadPolicy:
 
     body_timeout_s: float
     max_uploads_per_client: int = 0  # 0: no per-client cap
+    refusal_delay_s: float = 0.0  # how long a refused upload waits for its 429
     client_address_header: str | None = None
 
 
@@ -95,7 +96,10 @@ class UploadGuard:
         client = client_address(scope, policy.client_address_header)
         cap = policy.max_uploads_per_client
         if cap and self._uploading[client] >= cap:
-            await _too_many_uploads(cap)(scope, receive, send)
+            # A pause before the 429 (no CPU: the request only waits): a client that reconnects as soon as it is
+            # refused otherwise makes the proxy and the ingress answer hundreds of 429s a second.
+            await asyncio.sleep(policy.refusal_delay_s)
+            await _too_many_uploads(cap, policy.refusal_delay_s)(scope, receive, send)
             return
         with self._slot(client) as release:
             try:
@@ -160,7 +164,8 @@ def _closing_early(send: Send, release: _Release) -> Send:
     return wrapped
 
 
-def _too_many_uploads(cap: int) -> JSONResponse:
+def _too_many_uploads(cap: int, delay_s: float) -> JSONResponse:
     metrics.errors().inc(tags={"kind": "too_many_uploads"})
     message = f"this client is already sending {cap} request bodies (max_uploads_per_client); retry later"
-    return JSONResponse({"error": message}, 429, headers={"Retry-After": "1", "Connection": "close"})
+    retry = str(max(1, round(delay_s)))
+    return JSONResponse({"error": message}, 429, headers={"Retry-After": retry, "Connection": "close"})

@@ -11,6 +11,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -33,6 +34,7 @@ from deployments.uploads import client_address, has_body
 
 BODY_TIMEOUT_S = 4.0
 CAP = 8
+REFUSAL_DELAY_S = 1.0
 KEY = "hostile-key-0123"
 
 
@@ -62,7 +64,8 @@ def test_has_body() -> None:
 def test_config_knobs_are_validated() -> None:
     args = AppArgs(model=TINY)
     assert (args.body_timeout_s, args.max_uploads_per_client, args.client_address_header) == (30.0, 32, None)
-    for bad in ({"body_timeout_s": 0}, {"max_uploads_per_client": -1}):
+    assert args.upload_refusal_delay_s == 5.0
+    for bad in ({"body_timeout_s": 0}, {"max_uploads_per_client": -1}, {"upload_refusal_delay_s": -1}):
         with pytest.raises(ValueError):
             AppArgs(model=TINY, **bad)
 
@@ -84,6 +87,7 @@ def port(ray_runtime: str) -> Iterator[int]:
         api_key=KEY,
         body_timeout_s=BODY_TIMEOUT_S,
         max_uploads_per_client=CAP,
+        upload_refusal_delay_s=REFUSAL_DELAY_S,
     )
     serve.run(compose_app(args), name="vtp", route_prefix="/")
     yield port
@@ -114,21 +118,29 @@ def _answer(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.slow
-def test_stalled_uploads_get_408_at_the_deadline_and_past_the_cap_429_at_once(port: int, png: bytes) -> None:
+def test_stalled_uploads_get_408_at_the_deadline_and_past_the_cap_429_after_a_pause(port: int, png: bytes) -> None:
     started = time.monotonic()
     sockets = [_stalled(port, source="127.0.1.2") for _ in range(CAP + 3)]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=AUTH) as good:
-        response = good.post("/v1/embed", content=png, headers={"content-type": "image/png"})
-    assert response.status_code == 200  # another client is not affected by this one's stalled uploads
-    answers = [_answer(sock) for sock in sockets]  # each ends with the server closing the connection
-    held = time.monotonic() - started
-    statuses = sorted(answer.split(b" ")[1].decode() for answer in answers)
-    assert statuses == ["408"] * CAP + ["429"] * 3
-    timed_out = next(a for a in answers if a.startswith(b"HTTP/1.1 408 "))
-    assert b'"error":' in timed_out and b"body_timeout_s" in timed_out
-    refused = next(a for a in answers if a.startswith(b"HTTP/1.1 429 "))
-    assert b"max_uploads_per_client" in refused and b"retry-after: 1" in refused.lower()
-    assert BODY_TIMEOUT_S - 0.5 <= held < BODY_TIMEOUT_S + 30
+
+    def answer(sock: socket.socket) -> tuple[str, bytes, float]:
+        data = _answer(sock)  # ends with the server closing the connection
+        return data.split(b" ")[1].decode(), data, time.monotonic() - started
+
+    with ThreadPoolExecutor(len(sockets)) as pool:
+        answers = pool.map(answer, sockets)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=AUTH) as good:
+            response = good.post("/v1/embed", content=png, headers={"content-type": "image/png"})
+        assert response.status_code == 200  # another client is not affected by this one's stalled uploads
+        answers = list(answers)
+    assert sorted(status for status, _, _ in answers) == ["408"] * CAP + ["429"] * 3
+    timed_out = [(data, at) for status, data, at in answers if status == "408"]
+    assert b'"error":' in timed_out[0][0] and b"body_timeout_s" in timed_out[0][0]
+    assert all(BODY_TIMEOUT_S - 0.5 <= at < BODY_TIMEOUT_S + 30 for _, at in timed_out)
+    # Past the cap: 429 after the refusal pause (a client reconnecting at once cannot make it spin), well before
+    # the deadline, and never reading the body.
+    refused = [(data, at) for status, data, at in answers if status == "429"]
+    assert b"max_uploads_per_client" in refused[0][0] and b"retry-after: 1" in refused[0][0].lower()
+    assert all(REFUSAL_DELAY_S - 0.1 <= at < BODY_TIMEOUT_S - 0.5 for _, at in refused), [at for _, at in refused]
 
 
 @pytest.mark.slow
