@@ -8,7 +8,8 @@ announces a body and stalls keeps that slot forever, and a few hundred such clie
 - **deadline**: a body must arrive whole within ``body_timeout_s`` of the request reaching the ingress, or the
   read fails with ``BodyTimeout`` (``408`` through the ingress's ``ApiError`` handler);
 - **per-client uploads**: one client address may be sending at most ``max_uploads_per_client`` bodies at once;
-  the next one is answered ``429`` at once, before anything of it is read;
+  the next one is answered ``429`` after ``refusal_delay_s`` (a pause that costs no CPU, so that a client
+  reconnecting as soon as it is refused cannot make the server spin), before anything of it is read;
 - a response that starts before its request's body was read whole (any early refusal: 401, 408, 413, 415, 429)
   carries ``Connection: close``, so the proxy drops the connection instead of reading the rest of the body.
 
