@@ -79,7 +79,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument(
         "--dashboard", action="store_true",
-        help="start Ray's dashboard with the embedded local Ray (off: it is most of Ray's start-up time)",
+        help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
     )  # fmt: skip
     p.add_argument(
         "--block-size", type=int, metavar="N",

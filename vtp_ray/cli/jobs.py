@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument(
         "--dashboard", action="store_true",
-        help="start Ray's dashboard with the embedded local Ray (off: it is most of Ray's start-up time)",
+        help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
     )  # fmt: skip
     p.set_defaults(func=cmd_decode)
 

@@ -67,8 +67,8 @@ class PipelineSpec:
         cpu_threads: torch threads of a CPU replica (default: the cores of its node).
         filesystem: the pyarrow filesystem the input paths live in (default: from each path or URI).
         progress: show Ray Data's progress bars.
-        dashboard: start Ray's dashboard with an embedded local Ray. Off by default: starting it is most of
-            ``ray.init``'s time on a small machine (the cluster's own dashboard serves jobs that join one).
+        dashboard: start Ray's dashboard with an embedded local Ray. Off by default: it adds 1-2 s to ``ray.init``
+            on a small machine (the cluster's own dashboard serves jobs that join one).
         samples: how samples in webdataset shards and parquet files with image bytes are read (``samples``).
         draft_decode: decode JPEGs at a reduced scale where the center crop allows it (``images.preprocess``'s
             ``draft``): faster on large photos, not the exact ADM pixels.
