@@ -43,7 +43,7 @@ def test_job_flags_become_one_pipeline_spec():
         None,
     )  # 2048, or 10000 per shard
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m"])) == PipelineSpec("m")
-    # An embedded local Ray starts without its dashboard unless asked (it is most of ray.init's time).
+    # An embedded local Ray starts without its dashboard unless asked (it adds 1-2 s to ray.init).
     assert PipelineSpec("m").dashboard is False
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m", "--dashboard"])).dashboard
 
