@@ -63,24 +63,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=256, help="square input side in pixels, a multiple of 16")
     p.add_argument("--crop", choices=CROPS, default="center", help="ADM center crop, or plain resize")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument(
-        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
-        help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--resources", type=resources_arg, default="auto",
-        help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
-    )  # fmt: skip
+    add_replica_args(p)
     p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray, or RAY_ADDRESS)")
     p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
     p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
-    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument(
-        "--dashboard", action="store_true",
-        help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
-    )  # fmt: skip
     p.add_argument(
         "--block-size", type=int, metavar="N",
         help="images per decode task and replica call (default: ~32 MB of pixels, whole model batches)",
@@ -90,6 +76,36 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="decode JPEGs at a reduced scale where the center crop allows (faster, not the exact ADM pixels)",
     )  # fmt: skip
     add_sample_args(p)
+
+
+_REPLICA_FIELDS = (
+    *("model", "precision", "device", "rope_dtype", "batch_size"),
+    *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard"),
+)
+
+
+def add_replica_args(p: argparse.ArgumentParser) -> None:
+    """Where a job's replica pool runs and how the run shows itself, shared by every Ray Data job."""
+    p.add_argument(
+        "--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX",
+        help="model actors, or an autoscaling range (default: one per NPU/GPU of the cluster, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resources", type=resources_arg, default="auto",
+        help="per replica: auto (NPU, else GPU, else CPU), npu, gpu, cpu, or Ray resources like '{\"NPU\": 1}'",
+    )  # fmt: skip
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: an embedded local Ray, or RAY_ADDRESS)")
+    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--dashboard", action="store_true",
+        help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
+    )  # fmt: skip
+
+
+def replica_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``PipelineSpec`` fields of the model flags, ``--batch-size`` and ``add_replica_args``'s flags."""
+    return {name: getattr(args, name) for name in _REPLICA_FIELDS}
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -107,21 +123,11 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
     """The ``PipelineSpec`` of the model flags and the pipeline flags."""
     return PipelineSpec(
-        model=args.model,
-        precision=args.precision,
-        device=args.device,
-        rope_dtype=args.rope_dtype,
+        **replica_fields(args),
         size=args.size,
         crop=args.crop,
-        batch_size=args.batch_size,
-        replicas=args.replicas,
-        resources=args.resources,
         labels_from_dirs=args.labels_from_dirs,
-        address=args.address,
         limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
-        cpu_threads=args.cpu_threads,
-        progress=args.progress,
-        dashboard=args.dashboard,
         samples=SampleOptions(
             image_keys=tuple(args.image_key), key=args.key_column, label=args.label_key, caption=args.caption_key
         ),

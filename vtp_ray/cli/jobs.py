@@ -8,7 +8,7 @@ import json
 from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
 from ..text import TEMPLATE_SETS
-from .args import add_model_args, add_pipeline_args, pipeline_spec, replicas_arg, resources_arg
+from .args import add_model_args, add_pipeline_args, add_replica_args, pipeline_spec, replica_fields
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,15 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npz", action="store_true", help="write one samples.npz instead of PNGs")
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="latents per model call")
-    p.add_argument("--replicas", type=replicas_arg, default=None, metavar="N|MIN-MAX", help="model actors")
-    p.add_argument("--resources", type=resources_arg, default="auto", help="per replica: auto, npu, gpu, cpu, or JSON")
-    p.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray, or RAY_ADDRESS)")
-    p.add_argument("--cpu-threads", type=int, help="torch threads of a CPU replica (default: the node's cores)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument(
-        "--dashboard", action="store_true",
-        help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
-    )  # fmt: skip
+    add_replica_args(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser(
@@ -161,19 +153,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from ..pipeline import PipelineSpec
     from ..pipeline.decode import decode_latents
 
-    spec = PipelineSpec(
-        model=args.model,
-        precision=args.precision,
-        device=args.device,
-        rope_dtype=args.rope_dtype,
-        batch_size=args.batch_size,
-        replicas=args.replicas,
-        resources=args.resources,
-        address=args.address,
-        cpu_threads=args.cpu_threads,
-        progress=args.progress,
-        dashboard=args.dashboard,
-    )
+    spec = PipelineSpec(**replica_fields(args))
     summary = decode_latents(args.latents, args.output, spec, key=args.key, stats=args.stats, npz=args.npz)
     print(summary.line())
     return 1 if summary.errors else 0
