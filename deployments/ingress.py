@@ -37,6 +37,7 @@ from .inputs import (
     ApiError,
     check_latents,
     check_size,
+    describe_errors,
     media_type,
     parse_latents,
     preprocess_upload,
@@ -177,7 +178,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    summary = describe_errors(errors)
     return _error_response(422, "invalid_request", f"invalid request: {summary}", detail=jsonable_encoder(errors))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -43,6 +43,17 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers
         self.extra = extra  # more JSON fields of the error body (pydantic's ``detail`` for 422s)
+
+
+def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """pydantic's errors in one line: ``location: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors)
+
+
+def invalid_json(error: ValidationError, what: str) -> ApiError:
+    """422 for a JSON body pydantic refused: each error's location and message, and pydantic's own ``detail``."""
+    errors = error.errors()
+    return ApiError(422, "invalid_json", f"invalid {what}: {describe_errors(errors)}", detail=jsonable_encoder(errors))
 
 
 def media_type(request: Request) -> str:
@@ -140,10 +151,7 @@ def parse_latents(body: bytes, content_type: str) -> np.ndarray:
         try:
             payload = LatentsPayload.model_validate_json(body)
         except ValidationError as e:
-            details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-            raise ApiError(
-                422, "invalid_json", f"invalid latents JSON: {details}", detail=jsonable_encoder(e.errors())
-            ) from e
+            raise invalid_json(e, "latents JSON") from e
         return _latents_from_payload(payload)
     if content_type in _NPY_TYPES:
         return _latents_from_npy(body)

@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 
 from vtp_ray.text import DEFAULT_TEMPLATES, TEMPLATE_SETS, check_templates
 
-from .inputs import ApiError
+from .inputs import ApiError, invalid_json
 from .schemas import EmbedTextRequest
 
 __all__ = ["TextLimits", "classify_options", "parse_embed_text"]
@@ -51,10 +50,7 @@ def parse_embed_text(body: bytes, limits: TextLimits) -> tuple[str, ...]:
     try:
         request = EmbedTextRequest.model_validate_json(body)
     except ValidationError as e:
-        details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        raise ApiError(
-            422, "invalid_json", f"invalid request JSON: {details}", detail=jsonable_encoder(e.errors())
-        ) from e
+        raise invalid_json(e, "request JSON") from e
     return _strings(request.texts, "texts", limits.max_texts, limits.max_text_chars)
 
 
