@@ -38,6 +38,7 @@ from helpers import (
 from ray import serve
 
 from deployments import AppArgs, build_app, compose_app
+from deployments.models import fits_by_value
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.placement import PlacementError
@@ -116,6 +117,15 @@ def test_env_vars_override_args() -> None:
     assert args.api_key is not None and args.api_key.get_secret_value() == "s3cret-key"
     assert "s3cret" not in repr(args)
     assert AppArgs.from_args({"model": TINY}, environ={}).api_key is None
+
+
+def test_only_small_calls_go_by_value() -> None:
+    image = np.zeros((256, 256, 3), np.uint8)  # 196 KB: past Ray's inline limit, well within gRPC's
+    assert fits_by_value("run", ("reconstruct", image)) and fits_by_value("classify", (image, ("cat",), "default"))
+    assert fits_by_value("run", ("embed_text", ("a photo",))) and fits_by_value("info", ())
+    assert not fits_by_value("run", ("encode", np.zeros((1024, 1024, 3), np.uint8)))  # 3 MiB: the object store
+    assert not fits_by_value("run", ("decode", np.zeros((64, 16, 16), np.float32)))  # the image is larger
+    assert not fits_by_value("run_many", ("encode", image[None]))  # N answers
 
 
 @pytest.mark.parametrize(
