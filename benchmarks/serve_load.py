@@ -11,8 +11,8 @@ mean of the two, so drift in background load shifts both sides alike.
 
 Wall-clock figures need a machine to themselves. CPU seconds per image (user + system, summed over this
 process and every process it started: Ray, the proxy, both deployments; Linux /proc) do not, and show the
-serving overhead even when other jobs share the cores: run with OMP_WAIT_POLICY=PASSIVE there, so that torch's
-threads do not spin (and burn CPU) while preempted.
+serving overhead even when other jobs share the cores. Both replicas set OpenMP's waiting the same way
+(``vtp_ray.placement.brief_openmp_waits``, unless this environment sets it).
 
     PYTHONPATH=. python benchmarks/serve_load.py                      # random:vtp-small, fp32, 1 and 16 clients
     PYTHONPATH=. python benchmarks/serve_load.py --endpoint encode --clients 1 4 16 --requests 16 32 64
@@ -37,8 +37,8 @@ from PIL import Image
 from ray import serve
 
 from deployments import AppArgs, compose_app
-from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
+from vtp_ray.placement import OPENMP_WAIT_VARS, brief_openmp_waits
 
 # HTTP endpoint -> the VTPReplica verb it runs.
 VERBS = {"reconstruct": "reconstruct", "encode": "encode", "embed": "embed"}
@@ -190,6 +190,9 @@ class DirectReplica:
     the actor (wall clock, and this process's CPU seconds)."""
 
     def __init__(self, args: argparse.Namespace, data: bytes) -> None:
+        brief_openmp_waits("cpu")  # as the Serve replica does, before torch loads
+        from vtp_ray import VTPReplica
+
         replica = VTPReplica(
             args.model, device="cpu", precision=args.precision, warmup_size=args.image_size, cpu_threads=args.cpus
         )
@@ -295,13 +298,8 @@ def main() -> None:
         f"VTPReplica.{VERBS[args.endpoint]}, {args.cpus} CPU threads, max_batch_size {args.max_batch_size}, "
         f"batch_wait_timeout_s {args.batch_wait_timeout_s}"
     )
-    # With OpenMP's default active waiting, torch's threads collapse when other processes share the cores;
-    # OMP_WAIT_POLICY=PASSIVE (inherited by the Ray workers this process starts) makes runs on a busy machine
-    # comparable.
-    print(
-        "load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
-        f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}",
-    )
+    openmp = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ} or "the replicas' default"
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), f"| OpenMP waits: {openmp}")
     # Logical CPUs for both the Serve replica and the direct one: they take turns on the same cores.
     ray.init(address="local", num_cpus=2 * args.cpus + 1, include_dashboard=False, log_to_driver=False)
     measure_direct = direct_timer(args, data)

@@ -27,7 +27,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from vtp_ray.placement import assigned_device, prefer_passive_threads
+from vtp_ray.placement import OPENMP_WAIT_VARS, assigned_device, brief_openmp_waits
 from vtp_ray.text import expand
 from vtp_ray.text.classifier import average_templates
 from vtp_ray.text.tokenizer import available as text_available
@@ -91,7 +91,7 @@ class ReplicaDeployment:
         label_cache_size: int = 64,
     ) -> None:
         device = device or assigned_device()
-        prefer_passive_threads(device)
+        brief_openmp_waits(device)
         # Every torch call of this replica, loading included, runs on this one thread. OpenMP keeps a thread team
         # per calling thread, and once the process has more team threads than cores, GNU OpenMP stops spinning at
         # barriers and puts them to sleep: a CPU model call from a second thread took 20-30% longer (~1,700 context
@@ -179,7 +179,7 @@ class ReplicaDeployment:
                 "visible_devices": {var: os.environ[var] for var in _VISIBLE_DEVICE_VARS if var in os.environ},
                 "accelerator_ids": {name: ids for name, ids in runtime.get_accelerator_ids().items() if ids},
                 "cpu_threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "openmp_waits": {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ},
             },
         }
 

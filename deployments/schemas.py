@@ -97,8 +97,10 @@ class ReplicaInfo(BaseModel):
     visible_devices: dict[str, str] = Field(description="ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES")
     accelerator_ids: dict[str, list[str]] = Field(description="Ray's accelerator ids by resource, e.g. NPU")
     cpu_threads: int = Field(description="torch's intra-op threads (from num_cpus in the placement)")
-    omp_wait_policy: str | None = Field(
-        None, description="OpenMP's idle-thread policy in the replica's process: PASSIVE by default on CPU replicas"
+    openmp_waits: dict[str, str] = Field(
+        default_factory=dict,
+        description="how OpenMP's idle threads wait in the replica's process (OMP_WAIT_POLICY, GOMP_SPINCOUNT): "
+        "GOMP_SPINCOUNT=1000 by default on CPU replicas",
     )
 
 

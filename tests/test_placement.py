@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from vtp_ray.placement import PlacementError, assigned_device, device_for, resolve_placement
+from vtp_ray.placement import OPENMP_WAIT_VARS, PlacementError, assigned_device, device_for, resolve_placement
 
 LAPTOP = {"CPU": 8.0, "memory": 1e10}
 GPU_BOX = {"CPU": 32.0, "GPU": 4.0}
@@ -65,3 +70,25 @@ def test_the_assigned_device_follows_the_accelerator_ray_gave(ray_runtime):
     on_npu = ray.remote(resources={"NPU": 1})(assigned_device)
     on_cpu = ray.remote(num_cpus=0.5)(assigned_device)
     assert ray.get([on_npu.remote(), on_cpu.remote()]) == ["npu:0", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("device", "environ", "expected"),
+    [
+        ("cpu", {}, {"GOMP_SPINCOUNT": "1000"}),
+        ("cpu", {"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),  # the operator's choice stays
+        ("cpu", {"GOMP_SPINCOUNT": "0"}, {"GOMP_SPINCOUNT": "0"}),
+        ("npu:0", {}, {}),  # accelerator replicas' host threads are left alone
+    ],
+)
+def test_cpu_replicas_spin_briefly_unless_told_otherwise(device, environ, expected):
+    # A fresh interpreter: OpenMP reads these when torch loads, so the function acts only before that.
+    code = (
+        "import json, os; from vtp_ray.placement import OPENMP_WAIT_VARS, brief_openmp_waits; "
+        f"brief_openmp_waits({device!r}); import torch; torch.ones(64).sum(); "
+        "print(json.dumps({v: os.environ[v] for v in OPENMP_WAIT_VARS if v in os.environ}))"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **environ}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected

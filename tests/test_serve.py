@@ -41,7 +41,7 @@ from deployments import AppArgs, build_app, compose_app
 from deployments.models import fits_by_value
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
-from vtp_ray.placement import PlacementError
+from vtp_ray.placement import OPENMP_WAIT_VARS, OPENMP_WAITS, PlacementError
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,8 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
     assert (info["device"], info["precision"]) == ("cpu", "fp32")  # placement cpu: no accelerator assigned
     # A CPU replica's idle OpenMP threads sleep (they share the cores with the ingress), unless the env says else.
-    assert info["replica"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    ours = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ}
+    assert info["replica"]["openmp_waits"] == (ours or OPENMP_WAITS)
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
     assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
     assert info["limits"]["image_size"] == SIZE and info["limits"]["api_key_required"] is False

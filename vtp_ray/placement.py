@@ -108,14 +108,22 @@ def assigned_device() -> str:
     return "cpu"
 
 
-def prefer_passive_threads(device: str) -> None:
-    """In a CPU replica's process, before torch loads: OpenMP's idle threads sleep instead of spinning
-    (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets a policy).
+#: What a CPU replica sets where the environment leaves OpenMP's waiting alone (see ``brief_openmp_waits``).
+OPENMP_WAITS = {"GOMP_SPINCOUNT": "1000"}
+#: The variables that say how OpenMP's idle threads wait (GNU OpenMP's, which torch's Linux wheels use).
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-    A CPU replica's torch threads share the node's cores with the decode tasks, the Serve ingress and proxy; spinning
-    between model calls took CPU from them (Serve, 16 clients on 2 cores: 0.82-0.86 of the direct replica's
-    throughput spinning, 0.89 sleeping; the model call at one client 315 ms against 264 ms). Too late once torch is
-    imported in the process (OpenMP reads it at load): then nothing changes.
+
+def brief_openmp_waits(device: str) -> None:
+    """In a CPU replica's process, before torch loads: torch's threads spin briefly at OpenMP barriers, then sleep
+    (``GOMP_SPINCOUNT=1000``), unless the environment sets ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
+
+    A CPU replica's threads share the node's cores with the decode tasks, the Serve ingress and proxy. With OpenMP's
+    default (300,000 spins) a thread spins on while its partner is preempted: VTP-Small at batch 1 took 560-610 ms
+    instead of 165-175 ms with another process busy on one of the two cores. Sleeping at once
+    (``OMP_WAIT_POLICY=PASSIVE``) survives that (310-330 ms) but costs every barrier a wake-up: 200-215 ms on idle
+    cores. A brief spin keeps both: 170-190 ms idle, 355 ms beside the busy process, and batch 8 as fast as either.
+    Too late once torch is imported in the process (OpenMP reads it at load): then nothing changes.
     """
-    if device.startswith("cpu") and "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if device.startswith("cpu") and "torch" not in sys.modules and not any(v in os.environ for v in OPENMP_WAIT_VARS):
+        os.environ.update(OPENMP_WAITS)

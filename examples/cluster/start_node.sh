@@ -26,10 +26,6 @@ if [[ -f "$cann_env" ]]; then
   # shellcheck disable=SC1090
   source "$cann_env"
 fi
-# Replicas share their node's cores with the Serve proxy, the ingress and decoding tasks: idle OpenMP threads
-# must sleep, not spin (busy-waiting slows torch severalfold when a thread is preempted).
-export OMP_WAIT_POLICY=PASSIVE
-
 # Say the mode explicitly, so that this script, `ray start` and `ray status` agree on it.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 if [[ "$RAY_AUTH_MODE" == token && $# -eq 0 && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" ]]; then

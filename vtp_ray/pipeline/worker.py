@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..placement import prefer_passive_threads
+from ..placement import brief_openmp_waits
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
 
@@ -35,7 +35,7 @@ class ReplicaWorker:
     """
 
     def __init__(self, spec: PipelineSpec, device: str, expected_digest: str) -> None:
-        prefer_passive_threads(device)
+        brief_openmp_waits(device)
         from ..replica import VTPReplica
 
         self.spec = spec
