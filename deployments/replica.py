@@ -95,7 +95,7 @@ class ReplicaDeployment:
         # Every torch call of this replica, loading included, runs on this one thread. OpenMP keeps a thread team
         # per calling thread, and once the process has more team threads than cores, GNU OpenMP stops spinning at
         # barriers and puts them to sleep: a CPU model call from a second thread took 20-30% longer (~1,700 context
-        # switches per batch-1 call at 256 px, against ~500).
+        # switches per batch-1 VTP-Small call).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         self._replica = self._torch.submit(self._load, model, device, precision, warmup_size).result()
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
