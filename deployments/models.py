@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ class ServedModel:
     name: str
     deployment: str
     handle: DeploymentHandle
+
+    @functools.cached_property
+    def by_value(self) -> DeploymentHandle:
+        """``handle`` for the calls ``fits_by_value`` admits (see ``_by_value``)."""
+        return _by_value(self.handle)
 
 
 class ModelSet:
@@ -89,9 +95,8 @@ class ModelSet:
         status = await self.readiness.wait_ready(name, self._wait_s)
         if not status.ready:
             raise _unavailable(status)
-        handle = self._models[name].handle
-        if fits_by_value(method, args):
-            handle = _by_value(handle)
+        served = self._models[name]
+        handle = served.by_value if fits_by_value(method, args) else served.handle
         response = getattr(handle, method).remote(*args)
         answer = asyncio.ensure_future(response)
         lost = asyncio.ensure_future(self.readiness.until_unavailable(name, self._wait_s))

@@ -41,7 +41,7 @@ from ..metrics import (
     resolve_weights,
 )
 from .inputs import discover_inputs
-from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, run_header, sort_by_path
+from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, input_counts, run_header, sort_by_path
 from .runner import ReplicaUsage, run_pipeline
 from .samples import find_samples, sample_sort_key, source_of
 from .spec import ModelFacts, PipelineSpec
@@ -218,8 +218,8 @@ def evaluate_dataset(
         saved = samples.first_samples(save_images) if save_images else []
     else:
         found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
-        paths = found.table.column("path").to_pylist()
-        todo, order, saved = found.table, {p: i for i, p in enumerate(paths)}.__getitem__, paths[:save_images]
+        todo, order = found.table, found.position()
+        saved = found.table.column("path").to_pylist()[:save_images]
     model = ModelFacts.of(spec.model, spec.size)
     out = Path(output).expanduser()
     collector = _Collector(out / IMAGES, spec.size, order, saved)
@@ -251,7 +251,7 @@ def evaluate_dataset(
     usage = collector.usage.stats()
     report = {
         **run_header(inputs, model, spec, placement),
-        **({"source": {"kind": samples.kind, "files": len(samples.files)}} if samples else {}),
+        **({"source": samples.description()} if samples else {}),
         "metric_weights": {
             "inception": str(inception) if inception else None,
             "lpips": str(lpips) if lpips else None,
@@ -263,9 +263,7 @@ def evaluate_dataset(
             "rfid": "pytorch-fid's FID Inception (pool3, 2048-d) on uint8 images; Frechet distance of the two sets",
         },
         "counts": {
-            # samples: those read (rows + errors); files: those named, once each
-            "inputs": len(found) if found else collector.usage.processed,
-            "duplicate_inputs": found.duplicates if found else 0,
+            **input_counts(found, collector.usage.processed),
             "evaluated": per_image.num_rows,
             "errors": len(collector.errors),
             "errors_by_reason": dict(Counter(e["reason"] for e in collector.errors)),

@@ -18,7 +18,7 @@ import io
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -60,6 +60,10 @@ class Inputs:
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    def position(self) -> Callable[[str], int]:
+        """path -> its index in discovery order: the order of a job's outputs."""
+        return {p: i for i, p in enumerate(self.table.column("path").to_pylist())}.__getitem__
 
 
 # ------------------------------------------------------------------------------------------- locations

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
+from .inputs import Inputs
 from .runner import Placement
 from .spec import ModelFacts, PipelineSpec
 
@@ -25,6 +26,7 @@ __all__ = [
     "PER_IMAGE_METRICS",
     "REPORT",
     "compare_reports",
+    "input_counts",
     "load_report",
     "plural",
     "print_comparison",
@@ -60,6 +62,14 @@ def run_header(
         "replica_pool": placement.replicas,
         "preprocessing": {"size": spec.size, "crop": spec.crop, "draft_decode": spec.draft_decode},
     }
+
+
+def input_counts(found: Inputs | None, read: int) -> dict[str, int]:
+    """A report's ``inputs`` and ``duplicate_inputs``: the files named (once each), or for a sample source
+    (``found`` None) the samples ``read`` (rows + errors)."""
+    if found is None:
+        return {"inputs": read, "duplicate_inputs": 0}
+    return {"inputs": len(found), "duplicate_inputs": found.duplicates}
 
 
 def sort_by_path(table: pa.Table, order: Callable[[str], Any]) -> pa.Table:

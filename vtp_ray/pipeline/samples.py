@@ -81,6 +81,10 @@ class SampleSource:
     image_column: str | None = None  # parquet: the resolved image column
     done: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # identities a run skips
 
+    def description(self) -> dict[str, Any]:
+        """What a run's report says of its source: ``{"kind", "files"}``."""
+        return {"kind": self.kind, "files": len(self.files)}
+
     def skipped(self) -> int:
         """How many of ``done`` belong to these files (the samples a resumed run does not read again)."""
         return len(self.done) and int(pc.sum(pc.is_in(_file_of(self.done), value_set=pa.array(self.files))).as_py())

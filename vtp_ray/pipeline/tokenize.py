@@ -236,7 +236,7 @@ def tokenize_dataset(
     }
     if samples:  # samples are counted as they are read: the files are streamed once, never listed up front
         todo = samples = dataclasses.replace(samples, done=done)
-        run.update(source={"kind": samples.kind, "files": len(samples.files)}, skipped=samples.skipped())
+        run.update(source=samples.description(), skipped=samples.skipped())
     else:
         todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
         run.update(inputs=len(found), duplicate_inputs=found.duplicates, skipped=len(found) - todo.num_rows)

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import discover_inputs
-from .report import PER_IMAGE, REPORT, run_header, sort_by_path
+from .report import PER_IMAGE, REPORT, input_counts, run_header, sort_by_path
 from .runner import ReplicaUsage, run_pipeline
 from .samples import find_samples, sample_sort_key
 from .spec import ModelFacts, PipelineSpec
@@ -153,7 +153,7 @@ def zero_shot_dataset(
         labels = found.table.column("label").to_pylist()
         directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
         index = {d: i for i, d in enumerate(directories)}
-        todo, order = found.table, {p: i for i, p in enumerate(found.table.column("path").to_pylist())}.__getitem__
+        todo, order = found.table, found.position()
     model = ModelFacts.of(spec.model, spec.size)
     worker = {"classnames": tuple(names), "templates": templates}
     usage, rows, errors = ReplicaUsage(), [], []
@@ -185,16 +185,14 @@ def zero_shot_dataset(
         "classnames": str(classnames) if classnames else "imagenet (OpenAI's 1000 names)",
         "template_set": template_set,
         "templates": len(templates),
-        **({"source": {"kind": samples.kind, "files": len(samples.files)}} if samples else {}),
+        **({"source": samples.description()} if samples else {}),
         "metric_definitions": {
             "top1": "percent of evaluated images whose best class is the target (class index = "
             + ("the sample's label)" if samples else "sorted directories)"),
             "top5": "percent of evaluated images whose target is among the 5 best classes",
         },
         "counts": {
-            # samples: those read (rows + errors); files: those named, once each
-            "inputs": len(found) if found else usage.processed,
-            "duplicate_inputs": found.duplicates if found else 0,
+            **input_counts(found, usage.processed),
             "evaluated": n,
             "errors": len(errors),
             "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
