@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import ray
@@ -35,6 +35,9 @@ from vtp_ray.text.tokenizer import available as text_available
 from . import metrics
 from .batching import AdmissionGate
 from .protocol import ClassScores, Outcome, Verb
+
+if TYPE_CHECKING:
+    from vtp_ray.replica import VTPReplica
 
 log = logging.getLogger("ray.serve")
 
@@ -105,7 +108,7 @@ class ReplicaDeployment:
         self._loaded_at = time.time()
 
     @staticmethod
-    def _load(model: str, device: str, precision: str, warmup_size: int) -> Any:
+    def _load(model: str, device: str, precision: str, warmup_size: int) -> VTPReplica:
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=warmup_size)
