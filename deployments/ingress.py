@@ -46,6 +46,7 @@ from .inputs import (
     read_image_upload,
 )
 from .models import ModelSelection, ModelSet
+from .oip_grpc import InferenceService
 from .protocol import ClassScores, Outcome, Verb
 from .schemas import (
     ClassifyResponse,
@@ -242,8 +243,9 @@ def _headers(outcome: Outcome, timings: dict[str, float]) -> dict[str, str]:
 # which the model deployment's own queue bounds), so there are many, and max_uploads_per_client caps one client's.
 @serve.deployment(name="VTPIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
-class VTPIngress:
-    """HTTP API in front of the ``VTPReplica`` deployment."""
+class VTPIngress(InferenceService):
+    """HTTP API in front of the ``VTPReplica`` deployment, and the OIP's gRPC service (``InferenceService``) when
+    Serve's gRPC proxy is configured for it."""
 
     def __init__(self, models: dict[str, DeploymentHandle], settings: IngressSettings) -> None:
         app_name = serve.get_replica_context().app_name
@@ -257,7 +259,7 @@ class VTPIngress:
                 settings.max_image_size,
                 settings.max_body_bytes,
                 self._limits,
-                self._authorize,
+                self._check_key,
             )
         )
         app.state.uploads = settings.uploads  # read by the UploadGuard middleware
@@ -459,10 +461,14 @@ class VTPIngress:
             raise ApiError(501, "no_text_vocabulary", "this model's text tower does not use CLIP's BPE vocabulary")
 
     def _authorize(self, request: Request) -> None:
+        self._check_key(request.headers.get("authorization"))
+
+    def _check_key(self, authorization: str | None) -> None:
+        """401 unless the API key is unset or ``authorization`` is ``Bearer <key>``."""
         key = self._settings.api_key
         if key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(
                 401,

@@ -31,10 +31,11 @@ from vtp_ray import __version__
 from vtp_ray.arrays import LatentsTooLarge, as_image_batch, as_latent_batch
 from vtp_ray.images import CropMode, DecodeLimits
 
+from .health import ModelStatus
 from .inputs import ApiError, check_size, preprocess_upload, read_body
 from .models import ModelSet
 from .oip_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
-from .protocol import Verb
+from .protocol import Outcome, Verb
 
 VERSION = "1"
 VERBS: tuple[str, ...] = get_args(Verb)
@@ -50,7 +51,7 @@ class OipContext:
     max_image_size: int
     max_body_bytes: int
     limits: DecodeLimits
-    authorize: Callable[[Request], None]
+    authorize: Callable[[str | None], None]  # the Authorization header (or gRPC metadata) value
 
 
 _context: OipContext | None = None
@@ -62,17 +63,18 @@ def attach(context: OipContext) -> None:
     _context = context
 
 
-def _ctx() -> OipContext:
+def context() -> OipContext:
+    """The serving ingress's context (503 while it starts)."""
     if _context is None:
         raise ApiError(503, "not_ready", "the ingress is starting")
     return _context
 
 
-_CTX = Depends(_ctx)
+_CTX = Depends(context)
 
 
 def _authorized(request: Request, ctx: OipContext = _CTX) -> OipContext:
-    ctx.authorize(request)
+    ctx.authorize(request.headers.get("authorization"))
     return ctx
 
 
@@ -85,7 +87,10 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 @router.get("")
 async def server_metadata(ctx: OipContext = _AUTH) -> dict[str, Any]:
     """Server metadata."""
-    return {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+    return SERVER_METADATA
+
+
+SERVER_METADATA = {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 @router.get("/health/live")
@@ -97,26 +102,32 @@ async def server_live() -> dict[str, bool]:
 @router.get("/health/ready")
 async def server_ready(ctx: OipContext = _CTX) -> JSONResponse:
     """Readiness: every served model has a replica that can answer; else 503 with the reasons."""
-    statuses = await ctx.models.readiness.statuses()
-    reasons = [s.reason for s in statuses.values() if not s.ready]
+    reasons = await not_ready_reasons(ctx)
     if reasons:
         return JSONResponse({"ready": False, "error": "; ".join(reasons)}, status_code=503)
     return JSONResponse({"ready": True})
 
 
+async def not_ready_reasons(ctx: OipContext) -> list[str]:
+    """Why the server is not ready: one reason per served model without a replica that can answer."""
+    statuses = await ctx.models.readiness.statuses()
+    return [s.reason for s in statuses.values() if not s.ready]
+
+
 @router.get("/models")
 async def model_list(ctx: OipContext = _AUTH) -> dict[str, Any]:
     """Every OIP model (``<model>.<verb>``) with its readiness (an extension: not in the protocol)."""
-    return {"models": await _index(ctx)}
+    return {"models": await index(ctx)}
 
 
 @router.post("/repository/index")
 async def repository_index(ctx: OipContext = _AUTH) -> list[dict[str, Any]]:
     """The model repository extension's index: every OIP model, version and state (READY / UNAVAILABLE)."""
-    return await _index(ctx)
+    return await index(ctx)
 
 
-async def _index(ctx: OipContext) -> list[dict[str, Any]]:
+async def index(ctx: OipContext) -> list[dict[str, Any]]:
+    """Every OIP model: name, version, state (READY / UNAVAILABLE) and the reason when unavailable."""
     statuses = await ctx.models.readiness.statuses()
     return [
         {
@@ -134,18 +145,28 @@ async def _index(ctx: OipContext) -> list[dict[str, Any]]:
 @router.get("/models/{oip_model}/versions/{version}")
 async def model_metadata(oip_model: str, version: str = VERSION, ctx: OipContext = _AUTH) -> Any:
     """Model metadata: its inputs and outputs, -1 for variable dimensions."""
+    return await metadata(ctx, oip_model, version)
+
+
+async def metadata(ctx: OipContext, oip_model: str, version: str) -> dict[str, Any]:
+    """An OIP model's name, versions, platform, inputs and outputs."""
     model, verb = _split(ctx, oip_model, version)
     info = await ctx.models.info(model)
     inputs, outputs = _signature(verb, info["latent_channels"], info["embedding_dim"])
     return {"name": oip_model, "versions": [VERSION], "platform": "vtp-ray", "inputs": inputs, "outputs": outputs}
 
 
+async def model_status(ctx: OipContext, oip_model: str, version: str) -> ModelStatus:
+    """Whether an OIP model's checkpoint has a replica that can answer (404 for an unknown model)."""
+    model, _ = _split(ctx, oip_model, version)
+    return await ctx.models.readiness.status(model)
+
+
 @router.get("/models/{oip_model}/ready")
 @router.get("/models/{oip_model}/versions/{version}/ready")
 async def model_ready(oip_model: str, version: str = VERSION, ctx: OipContext = _AUTH) -> JSONResponse:
     """200 when the model has a replica that can answer; else 503 with the reason."""
-    model, _ = _split(ctx, oip_model, version)
-    status = await ctx.models.readiness.status(model)
+    status = await model_status(ctx, oip_model, version)
     if not status.ready:
         return JSONResponse({"name": oip_model, "ready": False, "error": status.reason}, status_code=503)
     return JSONResponse({"name": oip_model, "ready": True})
@@ -155,17 +176,29 @@ async def model_ready(oip_model: str, version: str = VERSION, ctx: OipContext = 
 @router.post("/models/{oip_model}/versions/{version}/infer")
 async def infer(oip_model: str, request: Request, version: str = VERSION, ctx: OipContext = _AUTH) -> Response:
     """Inference; JSON tensors and the binary tensor data extension (any Content-Type: tritonclient sends none)."""
-    model, verb = _split(ctx, oip_model, version)
+    _split(ctx, oip_model, version)  # 404 before reading the body
     body = await read_body(request, ctx.max_body_bytes)
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    outputs, outcomes = await run_infer(ctx, oip_model, version, parsed.inputs, parsed.header.parameters)
+    content, headers, media = encode_infer_response(oip_model, VERSION, parsed.header, outputs)
+    headers["x-vtp-batch-size"] = batch_sizes(outcomes)
+    return Response(content, media_type=media, headers=headers)
+
+
+async def run_infer(
+    ctx: OipContext, oip_model: str, version: str, inputs: dict[str, np.ndarray], parameters: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], list[Outcome]]:
+    """An infer request's inputs -> every output of the OIP model by name, and the model calls' outcomes. N images
+    (or latents) are N entries of the model's batch queue, exactly like N HTTP requests."""
+    model, verb = _split(ctx, oip_model, version)
     info = await ctx.models.info(model)
     if verb == "embed" and info["embedding_dim"] is None:
         raise ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
     if verb == "decode":
-        batch = _latents(parsed.inputs, info["latent_channels"], ctx.max_image_size)
+        batch = _latents(inputs, info["latent_channels"], ctx.max_image_size)
     else:
-        batch = await _images(parsed.inputs, parsed.header.parameters, ctx)
-    outcomes = await ctx.models.call(model, "run_many", verb, batch)  # N inputs: N entries of the batch queue
+        batch = await _images(inputs, parameters, ctx)
+    outcomes = await ctx.models.call(model, "run_many", verb, batch)
     values = [o.value for o in outcomes]
     if verb == "encode":
         outputs = {LATENTS: np.stack([v.latents for v in values])}
@@ -175,9 +208,12 @@ async def infer(oip_model: str, request: Request, version: str = VERSION, ctx: O
         outputs = {CLIP_EMBEDDING: np.stack(values)}
     else:
         outputs = {IMAGE: np.stack(values)}
-    content, headers, media = encode_infer_response(oip_model, VERSION, parsed.header, outputs)
-    headers["x-vtp-batch-size"] = ",".join(str(o.batch_size) for o in outcomes)
-    return Response(content, media_type=media, headers=headers)
+    return outputs, outcomes
+
+
+def batch_sizes(outcomes: list[Outcome]) -> str:
+    """``x-vtp-batch-size`` of an infer request: the size of the model call each of its inputs went in."""
+    return ",".join(str(o.batch_size) for o in outcomes)
 
 
 def _split(ctx: OipContext, oip_model: str, version: str) -> tuple[str, Verb]:

@@ -10,6 +10,7 @@ Everything here is numpy only and raises ``ApiError`` (400) for a malformed requ
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -94,19 +95,19 @@ def parse_infer_request(body: bytes, header_length: str | None) -> ParsedRequest
     for tensor in header.inputs:
         if tensor.name in inputs:
             raise ApiError(400, "bad_infer_request", f"input {tensor.name!r} appears twice")
-        dtype = _dtype(tensor.datatype, tensor.name)
-        if any(d < 0 for d in tensor.shape):
-            raise ApiError(400, "bad_infer_request", f"input {tensor.name!r}: negative dimension in {tensor.shape}")
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ApiError(
                     400, "bad_infer_request", f"input {tensor.name!r}: binary_data_size {size!r} exceeds the body"
                 )
-            inputs[tensor.name] = _from_binary(tensor, dtype, binary[offset : offset + size])
+            raw = binary[offset : offset + size]
+            inputs[tensor.name] = tensor_from_raw(tensor.name, tensor.datatype, tensor.shape, raw)
             offset += size
         elif tensor.data is not None:
-            inputs[tensor.name] = _from_json(tensor, dtype)
+            inputs[tensor.name] = tensor_from_values(
+                tensor.name, tensor.datatype, tensor.shape, list(_flatten(tensor.data))
+            )
         else:
             raise ApiError(400, "bad_infer_request", f"input {tensor.name!r} has neither data nor binary_data_size")
     if offset != len(binary):
@@ -114,67 +115,68 @@ def parse_infer_request(body: bytes, header_length: str | None) -> ParsedRequest
     return ParsedRequest(header, inputs)
 
 
-def _dtype(datatype: str, name: str) -> np.dtype:
+def _dtype(name: str, datatype: str, shape: list[int]) -> np.dtype:
     if datatype not in DTYPES:
         raise ApiError(400, "bad_infer_request", f"input {name!r}: unknown datatype {datatype!r}")
+    if len(shape) > 8 or any(d < 0 for d in shape):
+        raise ApiError(400, "bad_infer_request", f"input {name!r}: shape {shape} has a negative dimension or over 8")
     return DTYPES[datatype]
 
 
 def _count(shape: list[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)  # Python ints: a hostile shape cannot overflow into a size that matches
 
 
-def _from_binary(tensor: _Tensor, dtype: np.dtype, raw: bytes) -> np.ndarray:
+def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A tensor's raw bytes (the binary extension's, or gRPC's ``raw_input_contents``) -> its array: little-endian
+    elements, or for ``BYTES`` each element's 4-byte little-endian length and then its bytes."""
+    dtype = _dtype(name, datatype, shape)
     if dtype.kind == "O":
         elements, offset = [], 0
         while offset < len(raw):
             if offset + 4 > len(raw):
-                raise ApiError(400, "bad_infer_request", f"input {tensor.name!r}: truncated BYTES element")
+                raise ApiError(400, "bad_infer_request", f"input {name!r}: truncated BYTES element")
             (length,) = struct.unpack_from("<I", raw, offset)
             offset += 4
             if offset + length > len(raw):
-                raise ApiError(400, "bad_infer_request", f"input {tensor.name!r}: truncated BYTES element")
+                raise ApiError(400, "bad_infer_request", f"input {name!r}: truncated BYTES element")
             elements.append(raw[offset : offset + length])
             offset += length
         array = np.empty(len(elements), dtype=object)
         array[:] = elements
     else:
-        if len(raw) != _count(tensor.shape) * dtype.itemsize:
+        if len(raw) != _count(shape) * dtype.itemsize:
             raise ApiError(
                 400,
                 "bad_infer_request",
-                f"input {tensor.name!r}: {len(raw)} bytes of binary data, but {tensor.datatype} {tensor.shape} "
-                f"needs {_count(tensor.shape) * dtype.itemsize}",
+                f"input {name!r}: {len(raw)} bytes of binary data, but {datatype} {shape} "
+                f"needs {_count(shape) * dtype.itemsize}",
             )
         array = np.frombuffer(raw, dtype=dtype)
-    return _reshaped(array, tensor)
+    return _reshaped(array, name, shape)
 
 
-def _from_json(tensor: _Tensor, dtype: np.dtype) -> np.ndarray:
+def tensor_from_values(name: str, datatype: str, shape: list[int], values: list[Any]) -> np.ndarray:
+    """A tensor's elements, flat in row-major order (JSON ``data``, or gRPC's typed ``contents``) -> its array.
+    ``BYTES`` elements are ``str`` (JSON, UTF-8 encoded here) or ``bytes`` (gRPC)."""
+    dtype = _dtype(name, datatype, shape)
     if dtype.kind == "O":
-        flat = list(_flatten(tensor.data))
-        if not all(isinstance(x, str) for x in flat):
-            raise ApiError(400, "bad_infer_request", f"input {tensor.name!r}: BYTES data must be strings")
-        array = np.empty(len(flat), dtype=object)
-        array[:] = [x.encode("utf-8") for x in flat]
+        if not all(isinstance(x, (str, bytes)) for x in values):
+            raise ApiError(400, "bad_infer_request", f"input {name!r}: BYTES data must be strings")
+        array = np.empty(len(values), dtype=object)
+        array[:] = [x.encode("utf-8") if isinstance(x, str) else x for x in values]
     else:
         try:
-            array = np.asarray(tensor.data, dtype=dtype).reshape(-1)
+            array = np.asarray(values, dtype=dtype).reshape(-1)
         except (TypeError, ValueError, OverflowError) as e:
-            raise ApiError(
-                400, "bad_infer_request", f"input {tensor.name!r}: data is not {tensor.datatype}: {_short(e)}"
-            ) from e
-    return _reshaped(array, tensor)
+            raise ApiError(400, "bad_infer_request", f"input {name!r}: data is not {datatype}: {_short(e)}") from e
+    return _reshaped(array, name, shape)
 
 
-def _reshaped(flat: np.ndarray, tensor: _Tensor) -> np.ndarray:
-    if flat.size != _count(tensor.shape):
-        raise ApiError(
-            400,
-            "bad_infer_request",
-            f"input {tensor.name!r}: {flat.size} elements do not fill shape {tensor.shape}",
-        )
-    return flat.reshape(tensor.shape)
+def _reshaped(flat: np.ndarray, name: str, shape: list[int]) -> np.ndarray:
+    if flat.size != _count(shape):
+        raise ApiError(400, "bad_infer_request", f"input {name!r}: {flat.size} elements do not fill shape {shape}")
+    return flat.reshape(shape)
 
 
 def _flatten(data: Any) -> Any:

@@ -1,16 +1,21 @@
-"""Serving as operators expect it: readiness, the Open Inference Protocol (checked with tritonclient and with
-KServe's own REST client), several checkpoints behind one API. Real Serve on the shared Ray, real HTTP on loopback.
+"""Serving as operators expect it: readiness, the Open Inference Protocol over REST and gRPC (checked with
+tritonclient and with KServe's own clients), several checkpoints behind one API. Real Serve on the shared Ray, real
+HTTP and gRPC (Serve's gRPC proxy) on loopback.
 
-Three applications run side by side: ``ops`` at ``/`` serves two checkpoints of different widths (``tiny``, the
+Four applications run side by side: ``ops`` at ``/`` serves two checkpoints of different widths (``tiny``, the
 default, and ``wide``, built here with seeded random weights and saved with safetensors); ``broken`` at ``/broken``
 names a checkpoint that does not exist; ``starting`` at ``/starting`` asks for a resource the cluster lacks, so its
-replica never starts.
+replica never starts; ``keyed`` at ``/keyed`` is like ``starting`` with an API key. gRPC requests pick the
+application with the ``application`` metadata, as Serve's gRPC proxy asks when it serves several.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,11 +26,12 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from helpers import SIZE, TINY, free_port, png_bytes, random_image, wait_until
-from kserve import InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
 from ray import serve
 from safetensors.torch import save_file
 
 from deployments import AppArgs, compose_app
+from deployments.oip_grpc import SERVICER_FUNCTION
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.model import load_model
@@ -35,6 +41,7 @@ pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
 WAIT_S = 2.0  # model_wait_s of the apps without a replica
+KEY = "grpc-test-key"  # the keyed app's API key
 WIDE_CHANNELS = 12
 
 
@@ -60,9 +67,19 @@ QUICK_STOP = {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s":
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def base_url(
+    ray_runtime: str, wide_dir: Path, grpc_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+    )
     common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
     missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
     serve._run(
@@ -77,6 +94,12 @@ def base_url(ray_runtime: str, wide_dir: Path, tmp_path_factory: pytest.TempPath
         **QUICK_STOP,
     )
     serve._run(pending, name="starting", route_prefix="/starting", _blocking=False)
+    keyed = compose_app(
+        AppArgs(model=TINY, model_wait_s=WAIT_S, api_key=KEY, **common),
+        ray_actor_options={"resources": {"NotOnThisCluster": 1}},
+        **QUICK_STOP,
+    )
+    serve._run(keyed, name="keyed", route_prefix="/keyed", _blocking=False)
     args = AppArgs(
         model=TINY,
         model_name="tiny",
@@ -413,3 +436,48 @@ def test_kserve_errors_carry_the_app_message(
     error = raised.value.response.json()["error"]
     assert raised.value.response.status_code == status and words in error
     assert error in str(raised.value)  # the client's exception carries the app's message
+
+
+# --------------------------------------------------------- gRPC (inference.GRPCInferenceService), two clients
+
+
+def test_tritonclient_grpc(base_url: str, grpc_port: int, wide_dir: Path) -> None:
+    """tritonclient.grpc's checks (``grpc_triton_checks.py``) run in a pytest of their own: tritonclient.grpc and
+    kserve both register the protocol's ``inference.*`` messages in protobuf's default pool, so no process can
+    import both, and this one has kserve."""
+    env = {**os.environ, "VTP_TEST_GRPC_TARGET": f"127.0.0.1:{grpc_port}", "VTP_TEST_WIDE_CHECKPOINT": str(wide_dir)}
+    checks = Path(__file__).with_name("grpc_triton_checks.py")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=checks.parent.parent)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_kserve_grpc_client_typed_contents(grpc_port: int, base_url: str, replicas: dict[str, VTPReplica]) -> None:
+    """KServe's own gRPC client; its inputs given as lists travel as typed ``contents``, not raw bytes."""
+    metadata = [("application", "ops")]
+    pixels = images(2, seed=40)
+    latents = replicas["tiny"].encode(pixels).latents
+
+    async def run() -> tuple[list[bool], InferResponse, InferResponse]:
+        client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}", timeout=120, retries=0)
+        try:
+            health = [
+                await client.is_server_live(headers=metadata),
+                await client.is_server_ready(headers=metadata),
+                await client.is_model_ready("tiny.decode", headers=metadata),
+            ]
+            lat = InferInput("LATENTS", list(latents.shape), "FP32", data=latents.ravel().tolist())
+            decoded = await client.infer(InferRequest("tiny.decode", [lat]), headers=metadata)
+            img = InferInput("IMAGE", list(pixels.shape), "UINT8", data=pixels.ravel().tolist())
+            embedded = await client.infer(InferRequest("tiny.embed", [img]), headers=metadata)
+            return health, decoded, embedded
+        finally:
+            await client.close()
+
+    health, decoded, embedded = asyncio.run(run())
+    assert health == [True, True, True]
+    image = kserve_output(decoded, "IMAGE")
+    assert image.dtype == np.uint8 and image.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(image.astype(int) - replicas["tiny"].decode(latents)).max() <= 1
+    np.testing.assert_allclose(kserve_output(embedded, "CLIP_EMBEDDING"), replicas["tiny"].embed(pixels), atol=1e-5)
