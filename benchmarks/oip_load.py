@@ -2,9 +2,9 @@
 
 Starts a local Ray with the application, then, one client at a time, times ``embed`` of the same image by the
 replica called directly (batch 1), ``POST /v1/embed`` (PNG body), and ``<model>.embed`` over the protocol with
-tritonclient: the PNG as ``IMAGE_BYTES`` (binary), the pixels as ``IMAGE`` UINT8 (binary), and as JSON tensors.
-Then one infer request of ``--batch`` images next to ``--batch`` concurrent /v1 requests (throughput). Prints p50
-latencies and the ratios to /v1.
+tritonclient: over REST the PNG as ``IMAGE_BYTES`` (binary), the pixels as ``IMAGE`` UINT8 (binary) and as JSON
+tensors; over gRPC (Serve's gRPC proxy) the PNG and the pixels. Then one infer request of ``--batch`` images next to
+``--batch`` concurrent /v1 requests (throughput). Prints p50 latencies and the ratios to /v1.
 
     PYTHONPATH=. python benchmarks/oip_load.py                               # random:vtp-small, 256 px
     PYTHONPATH=. python benchmarks/oip_load.py --model tests/fixtures/vtp-tiny --size 64
@@ -19,15 +19,18 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import httpx
 import numpy as np
 import ray
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from PIL import Image
 from ray import serve
 
 from deployments import AppArgs, compose_app
+from deployments.oip_grpc import SERVICER_FUNCTION
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 
@@ -48,15 +51,15 @@ def _p50_ms(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _bytes_input(png: bytes, n: int) -> triton.InferInput:
-    inp = triton.InferInput("IMAGE_BYTES", [n], "BYTES")
-    inp.set_data_from_numpy(np.array([png] * n, dtype=object), binary_data=True)
+def _bytes_input(png: bytes, n: int, protocol: ModuleType = triton) -> triton.InferInput:
+    inp = protocol.InferInput("IMAGE_BYTES", [n], "BYTES")
+    inp.set_data_from_numpy(np.array([png] * n, dtype=object), **({"binary_data": True} if protocol is triton else {}))
     return inp
 
 
-def _pixels_input(pixels: np.ndarray, binary: bool) -> triton.InferInput:
-    inp = triton.InferInput("IMAGE", list(pixels.shape), "UINT8")
-    inp.set_data_from_numpy(pixels, binary_data=binary)
+def _pixels_input(pixels: np.ndarray, binary: bool, protocol: ModuleType = triton) -> triton.InferInput:
+    inp = protocol.InferInput("IMAGE", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels, **({"binary_data": binary} if protocol is triton else {}))
     return inp
 
 
@@ -84,13 +87,17 @@ def main() -> None:
 
     replica = VTPReplica(args.model, device="cpu", warmup_size=0)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port, grpc_port = _port(), _port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+    )
     app = AppArgs(model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu")
     serve.run(compose_app(app), name="vtp", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=600)
     client = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=600)
+    grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
 
     def v1() -> None:
         assert http.post("/v1/embed", content=png, headers={"content-type": "image/png"}).status_code == 200
@@ -101,6 +108,8 @@ def main() -> None:
         "OIP IMAGE_BYTES binary": lambda: client.infer("vtp.embed", [_bytes_input(png, 1)]),
         "OIP IMAGE uint8 binary": lambda: client.infer("vtp.embed", [_pixels_input(pixels, True)]),
         "OIP IMAGE uint8 JSON": lambda: client.infer("vtp.embed", [_pixels_input(pixels, False)]),
+        "OIP gRPC IMAGE_BYTES": lambda: grpc_client.infer("vtp.embed", [_bytes_input(png, 1, triton_grpc)]),
+        "OIP gRPC IMAGE uint8": lambda: grpc_client.infer("vtp.embed", [_pixels_input(pixels, True, triton_grpc)]),
     }
     results = {name: _p50_ms(call, args.repeats) for name, call in single.items()}
     batch_pixels = np.repeat(pixels, args.batch, axis=0)
@@ -110,9 +119,13 @@ def main() -> None:
             "vtp.embed", [_bytes_input(png, args.batch)]
         ),
         f"OIP one infer of {args.batch} IMAGE": lambda: client.infer("vtp.embed", [_pixels_input(batch_pixels, True)]),
+        f"OIP gRPC one infer of {args.batch} IMAGE": lambda: grpc_client.infer(
+            "vtp.embed", [_pixels_input(batch_pixels, True, triton_grpc)]
+        ),
     }
     results.update({name: _p50_ms(call, max(2, args.repeats // 3)) for name, call in many.items()})
     client.close()
+    grpc_client.close()
     serve.shutdown()
     ray.shutdown()
 

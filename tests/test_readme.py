@@ -147,14 +147,22 @@ def test_the_dataset_commands_run_as_written(sandbox: Path, ray_runtime: str) ->
     assert "PSNR B - A" in result.stdout
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def serve_port(ray_runtime: str) -> Iterator[int]:
+    """The HTTP port of the README's app; its gRPC proxy listens on ``GRPC_PORT``."""
     from ray import serve
 
     from deployments import AppArgs, compose_app
+    from deployments.oip_grpc import SERVICER_FUNCTION
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+    )
     # The tiny checkpoint with CLIP's real vocabulary, so that the text examples run too.
     serve.run(compose_app(AppArgs(model=TINYTEXT, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
     yield port
@@ -189,3 +197,15 @@ def test_the_kserve_client_example_runs(sandbox: Path, serve_port: int) -> None:
     assert ready == "True True"
     assert latents.startswith("(1, ") and latents.endswith(f", {SIZE // 16}, {SIZE // 16})")  # image_size of the app
     assert embedding.startswith("(2, ")
+
+
+@pytest.mark.slow
+def test_the_grpc_example_runs(sandbox: Path, serve_port: int) -> None:
+    (code,) = [block for block in _blocks("python") if "tritonclient.grpc" in block]
+    code = code.replace("localhost:8001", f"127.0.0.1:{GRPC_PORT}")
+    result = _run(f"python - <<'EOF'\n{code}\nEOF", sandbox, dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ready, latents, image = result.stdout.splitlines()
+    assert ready == "True True"
+    assert latents.startswith("(1, ") and latents.endswith(", 32, 32)")  # size 512 / 16
+    assert image == "(1, 512, 512, 3)"

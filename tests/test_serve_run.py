@@ -1,12 +1,14 @@
 """``serve run serve_config.yaml`` as users run it: a subprocess with its own embedded Ray.
 
-A temporary copy of the shipped config moves the port to a free one and makes the model deployment tiny
-(2 requests in flight, 1 queued) so that a burst of requests gets Serve's back-pressure answer, 503.
+A temporary copy of the shipped config moves the port to a free one, enables gRPC with the config's own commented
+``grpc_options`` block, and makes the model deployment tiny (2 requests in flight, 1 queued) so that a burst of
+requests gets Serve's back-pressure answer, 503.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -22,6 +24,16 @@ from helpers import ROOT, TINY, free_port, png_array, png_bytes, post_concurrent
 
 pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 150
+GRPC_PORT = free_port()
+
+
+def _commented_grpc_options(config_text: str) -> dict:
+    """The config's commented-out ``grpc_options`` block, uncommented, as the README tells operators to do."""
+    lines = config_text.splitlines()
+    start = lines.index("# grpc_options:")
+    block = [lines[start], *itertools.takewhile(lambda line: line.startswith("#   "), lines[start + 1 :])]
+    block = [line[2:] for line in block]
+    return yaml.safe_load("\n".join(block))["grpc_options"]
 
 
 def _serve_executable() -> str:
@@ -31,9 +43,11 @@ def _serve_executable() -> str:
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve_run")
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    text = (ROOT / "serve_config.yaml").read_text()
+    config = yaml.safe_load(text)
     port = free_port()
     config["http_options"]["port"] = port
+    config["grpc_options"] = {**_commented_grpc_options(text), "port": GRPC_PORT}
     app = config["applications"][0]
     model = next(d for d in app["deployments"] if d["name"] == "VTPReplica")
     model.update(max_ongoing_requests=2, max_queued_requests=1)
@@ -106,3 +120,21 @@ def test_over_capacity_is_503_not_an_unbounded_queue(base_url: str) -> None:
     assert "capacity" in refused.json()["error"] and refused.headers["retry-after"] == "1"
     # Capacity frees up again once the burst is through.
     assert httpx.post(f"{base_url}/v1/embed", content=png, headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_grpc_as_the_config_enables_it(base_url: str) -> None:
+    """One application: gRPC clients need no ``application`` metadata. tritonclient.grpc runs in a process of its own
+    (this one may have kserve, which registers the same protobuf messages)."""
+    script = f"""
+import numpy as np
+import tritonclient.grpc as g
+
+client = g.InferenceServerClient("127.0.0.1:{GRPC_PORT}")
+print(client.is_server_ready(), client.is_model_ready("vtp.encode"))
+pixels = g.InferInput("IMAGE", [2, 32, 32, 3], "UINT8")
+pixels.set_data_from_numpy(np.zeros((2, 32, 32, 3), np.uint8))
+print(client.infer("vtp.embed", [pixels]).as_numpy("CLIP_EMBEDDING").shape)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["True True", "(2, 64)"]
