@@ -38,16 +38,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 SERVICER_FUNCTION = "deployments.oip_grpc.add_inference_service"
-#: The RPCs served, with their request messages; the others of the service (Triton's) answer UNIMPLEMENTED.
-RPCS = {
-    "ServerLive": "ServerLiveRequest",
-    "ServerReady": "ServerReadyRequest",
-    "ServerMetadata": "ServerMetadataRequest",
-    "ModelReady": "ModelReadyRequest",
-    "ModelMetadata": "ModelMetadataRequest",
-    "ModelInfer": "ModelInferRequest",
-    "RepositoryIndex": "RepositoryIndexRequest",
-}
+#: The RPCs served (``<rpc>Request`` in, ``<rpc>Response`` out); the others of Triton's service answer UNIMPLEMENTED.
+RPCS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "RepositoryIndex")
 
 #: The gRPC status of each HTTP status the API answers with.
 STATUS_CODES: dict[int, grpc.StatusCode] = {
@@ -96,13 +88,13 @@ def add_inference_service(servicer: Any, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def _rpc(
-    response: str, *, key: bool = True
-) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+def _rpc(*, key: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """An RPC of the service: parses the request, checks the API key (unless ``key`` is False) and turns a refusal
-    into the gRPC status of its HTTP one, answering an empty ``response`` message."""
+    into the gRPC status of its HTTP one, answering an empty response message."""
 
     def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        request_type, response_type = f"{method.__name__}Request", f"{method.__name__}Response"
+
         @functools.wraps(method)
         async def rpc(self: Any, raw: bytes, grpc_context: RayServegRPCContext) -> Any:
             try:
@@ -110,9 +102,9 @@ def _rpc(
                 if key:
                     ctx.authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
                 try:
-                    request = getattr(messages(), RPCS[method.__name__]).FromString(raw)
+                    request = getattr(messages(), request_type).FromString(raw)
                 except DecodeError as e:
-                    raise ApiError(400, "bad_grpc_message", f"not a {RPCS[method.__name__]}: {e}") from e
+                    raise ApiError(400, "bad_grpc_message", f"not a {request_type}: {e}") from e
                 return await method(self, ctx, request, grpc_context)
             except ApiError as e:
                 metrics.errors().inc(tags={"kind": e.kind})
@@ -123,7 +115,7 @@ def _rpc(
                 code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
             grpc_context.set_code(code)
             grpc_context.set_details(details)
-            return getattr(messages(), response)()
+            return getattr(messages(), response_type)()
 
         return rpc
 
@@ -133,39 +125,39 @@ def _rpc(
 class InferenceService:
     """The RPCs of ``inference.GRPCInferenceService`` this server answers; Serve calls them by name."""
 
-    @_rpc("ServerLiveResponse", key=False)
+    @_rpc(key=False)
     async def ServerLive(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Liveness: the gRPC path answers (never needs the API key)."""
         return messages().ServerLiveResponse(live=True)
 
-    @_rpc("ServerReadyResponse", key=False)
+    @_rpc(key=False)
     async def ServerReady(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Readiness: every served model has a replica that can answer (``/readyz`` says why not)."""
         return messages().ServerReadyResponse(ready=not await oip.not_ready_reasons(ctx))
 
-    @_rpc("ServerMetadataResponse")
+    @_rpc()
     async def ServerMetadata(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Server name, version and protocol extensions."""
         return messages().ServerMetadataResponse(**oip.SERVER_METADATA)
 
-    @_rpc("ModelReadyResponse")
+    @_rpc()
     async def ModelReady(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Whether the OIP model's checkpoint has a replica that can answer (NOT_FOUND for an unknown model)."""
         status = await oip.model_status(ctx, request.name, request.version or oip.VERSION)
         return messages().ModelReadyResponse(ready=status.ready)
 
-    @_rpc("ModelMetadataResponse")
+    @_rpc()
     async def ModelMetadata(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """The OIP model's inputs and outputs, -1 for variable dimensions."""
         return messages().ModelMetadataResponse(**await oip.metadata(ctx, request.name, request.version or oip.VERSION))
 
-    @_rpc("RepositoryIndexResponse")
+    @_rpc()
     async def RepositoryIndex(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """The model repository extension's index (``ready``: only the models that can answer)."""
         models = [m for m in await oip.index(ctx) if m["state"] == "READY" or not request.ready]
         return messages().RepositoryIndexResponse(models=models)
 
-    @_rpc("ModelInferResponse")
+    @_rpc()
     async def ModelInfer(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Inference: N images (or latents) in one request are N entries of the model's batch queue."""
         version = request.model_version or oip.VERSION

@@ -68,6 +68,9 @@ def test_grpc_health_metadata_and_readiness(grpc_client: triton_grpc.InferenceSe
     index = grpc_client.get_model_repository_index(headers=OPS)
     assert {"tiny.encode", "tiny.decode", "wide.reconstruct", "wide.embed"} <= {m.name for m in index.models}
     assert all(m.state == "READY" for m in index.models)
+    with pytest.raises(InferenceServerException) as raised:  # Triton's own RPCs are not this server's
+        grpc_client.get_inference_statistics(headers=OPS)
+    assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 @pytest.mark.parametrize("model", ["tiny", "wide"])
