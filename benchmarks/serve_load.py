@@ -9,6 +9,9 @@ request's overhead are reported: its latency less the model time the replica rep
 timed at batch 1 (latency) and at ``--max-batch-size`` (throughput), and the HTTP figures are compared with the
 mean of the two, so drift in background load shifts both sides alike.
 
+``--direct-ingress`` starts Serve with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` and measures, at each client count,
+both the path through Serve's HTTP proxy and the ingress replica's own HTTP port (no proxy process in between).
+
 Wall-clock figures need a machine to themselves. CPU seconds per image (user + system, summed over this
 process and every process it started: Ray, the proxy, both deployments; Linux /proc) do not, and show the
 serving overhead even when other jobs share the cores. Both replicas set OpenMP's waiting the same way
@@ -16,6 +19,7 @@ serving overhead even when other jobs share the cores. Both replicas set OpenMP'
 
     PYTHONPATH=. python benchmarks/serve_load.py                      # random:vtp-small, fp32, 1 and 16 clients
     PYTHONPATH=. python benchmarks/serve_load.py --endpoint encode --clients 1 4 16 --requests 16 32 64
+    PYTHONPATH=. python benchmarks/serve_load.py --direct-ingress       # also the proxy-less path, side by side
 """
 
 from __future__ import annotations
@@ -164,6 +168,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-photo", default="4000x3000", help="WxH of the photo of the ingress-cost check")
     parser.add_argument("--large-requests", type=int, default=4, help="requests of the ingress-cost check")
     parser.add_argument("--draft-decode", action="store_true", help="the app's draft_decode setting")
+    parser.add_argument(
+        "--direct-ingress", action="store_true", help="also time the ingress replica's own port (no proxy)"
+    )
     parser.add_argument("--idle-s", type=float, default=5.0, help="how long the idle Serve processes are measured")
     args = parser.parse_args()
     if args.requests is None:
@@ -235,6 +242,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def enable_direct_ingress() -> str:
+    """Serve's direct ingress, for the Ray started next: each ingress replica also serves HTTP on a port of its own
+    (from the range set here: the first one, with one replica). Returns that port's URL."""
+    port = free_port()
+    os.environ.update(
+        RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 100),
+    )
+    return f"http://127.0.0.1:{port}"
+
+
 def start_app(args: argparse.Namespace) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -301,23 +320,29 @@ def main() -> None:
     openmp = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ} or "the replicas' default"
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), f"| OpenMP waits: {openmp}")
     # Logical CPUs for both the Serve replica and the direct one: they take turns on the same cores.
+    direct_url = enable_direct_ingress() if args.direct_ingress else None
     ray.init(address="local", num_cpus=2 * args.cpus + 1, include_dashboard=False, log_to_driver=False)
     measure_direct = direct_timer(args, data)
     url = start_app(args)
+    paths = {"proxy": url, **({"direct": direct_url} if direct_url else {})}
     rows = []
     try:
         warmup = 2 * args.max_batch_size
-        asyncio.run(run_level(url, args.endpoint, data, warmup, warmup, args.time_limit_s))
+        for path_url in paths.values():
+            asyncio.run(run_level(path_url, args.endpoint, data, warmup, warmup, args.time_limit_s))
         pids = serve_pids()
         # What the Serve processes burn with no request at all (Ray's and Serve's background work), per second.
         idle_started = role_cpu_s(pids)
         time.sleep(args.idle_s)
         idle = {role: (s - idle_started[role]) * 1000 / args.idle_s for role, s in role_cpu_s(pids).items()}
         for clients, requests in zip(args.clients, args.requests, strict=True):
-            before = measure_direct()
-            level = asyncio.run(run_level(url, args.endpoint, data, clients, requests, args.time_limit_s, "", pids))
-            after = measure_direct()
-            rows.append((level, Direct.mean(before, after)))
+            for path, path_url in paths.items():
+                before = measure_direct()
+                level = asyncio.run(
+                    run_level(path_url, args.endpoint, data, clients, requests, args.time_limit_s, "", pids)
+                )
+                after = measure_direct()
+                rows.append((path, level, Direct.mean(before, after)))
         # What the ingress spends on each photo size, one client at a time: exact decoding and, where the
         # images module supports it, reduced-scale (draft) decoding.
         large = sample_jpeg(args.large_photo)
@@ -335,28 +360,30 @@ def main() -> None:
     print("load average at end:   {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     b = args.max_batch_size
-    print(f"\nHTTP /v1/{args.endpoint}")
+    print(f"\nHTTP /v1/{args.endpoint} (path: through Serve's proxy, or direct to the ingress replica's port)")
     print(
-        f"{'clients':>7} {'ok':>4} {'failed':>6} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} "
+        f"{'path':>6} {'clients':>7} {'ok':>4} {'failed':>6} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} "
         f"{'cpu-s/img':>9} {'overhead p50 / p99 ms':>21}"
     )
-    for level, _ in rows:
+    for path, level, _ in rows:
         mean_batch = statistics.fmean(level.batch_sizes) if level.batch_sizes else float("nan")
         print(
-            f"{level.clients:>7} {len(level.latencies_ms):>4} {level.failed:>6} {level.throughput:>7.2f} "
+            f"{path:>6} {level.clients:>7} {len(level.latencies_ms):>4} {level.failed:>6} {level.throughput:>7.2f} "
             f"{level.percentile(50):>8.1f} {level.percentile(99):>8.1f} {mean_batch:>5.2f} "
             f"{level.cpu_s_per_image:>9.3f} {level.overhead_ms(50):>10.1f} / {level.overhead_ms(99):>6.1f}"
         )
     print(f"\ndirect VTPReplica.{VERBS[args.endpoint]} (mean of the timings right before and after each level)")
     print(
-        f"{'clients':>7} {'b1 p50 ms':>9} {f'b{b} img/s':>9} {'b1 cpu-s/img':>12} {f'b{b} cpu-s/img':>12} | "
+        f"{'path':>6} {'clients':>7} {'b1 p50 ms':>9} {f'b{b} img/s':>9} {'b1 cpu-s/img':>12} "
+        f"{f'b{b} cpu-s/img':>12} | "
         f"{f'img/s / b{b}':>10} {'p50 - b1 ms':>11} {'cpu-s/img direct / HTTP':>23}"
     )
-    for level, direct in rows:
+    for path, level, direct in rows:
         # The CPU comparison takes the direct batch size the HTTP level ran at: 1 for one client.
         direct_cpu = direct.cpu_s_per_image_b1 if level.clients == 1 else direct.cpu_s_per_image
         print(
-            f"{level.clients:>7} {direct.p50_ms:>9.1f} {direct.images_per_s:>9.2f} {direct.cpu_s_per_image_b1:>12.3f} "
+            f"{path:>6} {level.clients:>7} {direct.p50_ms:>9.1f} {direct.images_per_s:>9.2f} "
+            f"{direct.cpu_s_per_image_b1:>12.3f} "
             f"{direct.cpu_s_per_image:>12.3f} | {level.throughput / direct.images_per_s:>10.2f} "
             f"{level.percentile(50) - direct.p50_ms:>+11.1f} {direct_cpu / level.cpu_s_per_image:>23.2f}"
         )
@@ -367,10 +394,11 @@ def main() -> None:
 
     print("\nCPU ms per second of the idle Serve processes: " + ", ".join(f"{r} {ms:.1f}" for r, ms in idle.items()))
     print(f"CPU ms per request by Serve process (/proc; idle CPU included), {args.photo} JPEG")
-    print(f"{'clients':>7} " + " ".join(f"{role:>8}" for role in ROLES))
-    for level, _ in rows:
+    print(f"{'path':>6} {'clients':>7} " + " ".join(f"{role:>8}" for role in ROLES))
+    for path, level, _ in rows:
         n = len(level.latencies_ms)
-        print(f"{level.clients:>7} " + " ".join(f"{level.role_cpu_s[r] * 1000 / n:>8.1f}" for r in ROLES))
+        cpu_ms = " ".join(f"{level.role_cpu_s[r] * 1000 / n:>8.1f}" for r in ROLES)
+        print(f"{path:>6} {level.clients:>7} {cpu_ms}")
 
     print("\ningress cost per photo size, 1 client (CPU ms per request; Server-Timing means in ms)")
     print(
@@ -386,13 +414,13 @@ def main() -> None:
             f"{stage.get('read', 0):>6.1f} {stage.get('decode', 0):>6.1f} {stage.get('output', 0):>6.1f}"
         )
 
-    stages = list(rows[0][0].stages_ms)
+    stages = list(rows[0][1].stages_ms)
     print("\nwhere a request's time went, mean ms (Server-Timing; rest: HTTP, the proxy, Serve's hops)")
-    print(f"{'clients':>7} " + " ".join(f"{name:>8}" for name in [*stages, "rest"]))
-    for level, _ in rows:
+    print(f"{'path':>6} {'clients':>7} " + " ".join(f"{name:>8}" for name in [*stages, "rest"]))
+    for path, level, _ in rows:
         means = [statistics.fmean(level.stages_ms[name]) for name in stages]
         rest = statistics.fmean(level.latencies_ms) - sum(means)
-        print(f"{level.clients:>7} " + " ".join(f"{ms:>8.1f}" for ms in [*means, rest]))
+        print(f"{path:>6} {level.clients:>7} " + " ".join(f"{ms:>8.1f}" for ms in [*means, rest]))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A temporary copy of the shipped config moves the port to a free one, enables gRPC with the config's own commented
 ``grpc_options`` block, and makes the model deployment tiny (2 requests in flight, 1 queued) so that a burst of
-requests gets Serve's back-pressure answer, 503.
+requests gets Serve's back-pressure answer, 503. Serve's direct ingress is on, as the README's low-latency recipe
+has it, so the ingress replica's own HTTP port answers too, next to the proxy's.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import ROOT, TINY, free_port, png_array, png_bytes, post_concurrently, random_image
+from helpers import ROOT, TINY, free_port, png_array, png_bytes, post_concurrently, random_image, wait_until
 
 pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 150
 GRPC_PORT = free_port()
+DIRECT_PORT = free_port()  # the first of the direct-ingress port range: the one ingress replica's
 
 
 def _commented_grpc_options(config_text: str) -> dict:
@@ -57,6 +59,12 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     # RAY_ADDRESS=local: always a fresh embedded Ray, never a cluster some other process started here.
     env = {**os.environ, "VTP_MODEL": TINY, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    env.update(
+        RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(DIRECT_PORT),
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(DIRECT_PORT + 100),
+        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1",  # a quick stop (the default waits 30 s for the LB)
+    )
     log_path = tmp / "serve_run.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -138,3 +146,19 @@ print(client.infer("vtp.embed", [pixels]).as_numpy("CLIP_EMBEDDING").shape)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["True True", "(2, 64)"]
+
+
+def test_direct_ingress_answers_like_the_proxy(base_url: str) -> None:
+    """The ingress replica's own port: the same app (readiness, the model, Server-Timing), no proxy process."""
+    direct = f"http://127.0.0.1:{DIRECT_PORT}"
+    wait_until(lambda: httpx.get(f"{direct}/readyz", timeout=5).status_code == 200, 60, "the direct port to answer")
+    image = png_bytes(random_image(seed=7))
+    answers = [
+        httpx.post(f"{url}/v1/reconstruct", content=image, headers={"content-type": "image/png"}, timeout=60)
+        for url in (base_url, direct)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    proxied, direct_answer = (png_array(a.content).astype(int) for a in answers)
+    assert direct_answer.shape == (256, 256, 3) and abs(proxied - direct_answer).max() <= 1  # uint8 rounding
+    stages = [entry.split(";")[0] for entry in answers[1].headers["server-timing"].split(", ")]
+    assert stages == ["read", "decode", "hop", "queue", "model", "output"]
