@@ -40,6 +40,7 @@ from .protocol import Outcome, Verb
 VERSION = "1"
 VERBS: tuple[str, ...] = get_args(Verb)
 IMAGE, IMAGE_BYTES, LATENTS, CLIP_EMBEDDING = "IMAGE", "IMAGE_BYTES", "LATENTS", "CLIP_EMBEDDING"
+SERVER_METADATA = {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,6 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 async def server_metadata(ctx: OipContext = _AUTH) -> dict[str, Any]:
     """Server metadata."""
     return SERVER_METADATA
-
-
-SERVER_METADATA = {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 @router.get("/health/live")
