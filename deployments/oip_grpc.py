@@ -101,6 +101,8 @@ def _rpc(*, key: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Calla
                 ctx = oip.context()
                 if key:
                     ctx.authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+                if len(raw) > ctx.max_body_bytes:  # REST's body limit (the proxy itself takes up to 2 GiB)
+                    raise ApiError(413, "too_large", f"{len(raw)} bytes, over max_body_bytes {ctx.max_body_bytes}")
                 try:
                     request = getattr(messages(), request_type).FromString(raw)
                 except DecodeError as e:

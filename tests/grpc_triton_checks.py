@@ -129,8 +129,9 @@ def test_grpc_bytes_reconstruct_decode_embed(
         ("ops", "tiny.encode", np.zeros((1, 16, 16, 3), np.uint8), "NOPE", "INVALID_ARGUMENT", "unknown output"),
         ("starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), None, "UNAVAILABLE", "no running replica yet"),
         ("keyed", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), None, "UNAUTHENTICATED", "API key"),
+        ("ops", "tiny.embed", np.zeros((1, 2400, 2400, 3), np.uint8), None, "INVALID_ARGUMENT", "max_body_bytes"),
     ],
-    ids=["unknown-model", "wrong-datatype", "wrong-size", "unknown-output", "not-ready", "no-key"],
+    ids=["unknown-model", "wrong-datatype", "wrong-size", "unknown-output", "not-ready", "no-key", "over-body-limit"],
 )
 def test_grpc_errors_carry_the_app_message(
     grpc_client: triton_grpc.InferenceServerClient,
@@ -158,3 +159,21 @@ def test_grpc_api_key(grpc_client: triton_grpc.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException, match="API key"):
         grpc_client.get_server_metadata(headers={**keyed, "authorization": "Bearer wrong"})
     assert grpc_client.get_server_metadata(headers={**keyed, "authorization": f"Bearer {KEY}"}).name == "vtp-ray"
+
+
+def test_grpc_batch_sizes_in_trailing_metadata() -> None:
+    """The protocol's generated stub, called directly: typed ``contents`` in, and each input's model call size in
+    the trailing metadata ``x-vtp-batch-size`` (the REST header's twin)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    batch = images(3, seed=50)
+    request = service_pb2.ModelInferRequest(model_name="tiny.embed")
+    tensor = request.inputs.add(name="IMAGE", datatype="UINT8", shape=batch.shape)
+    tensor.contents.uint_contents.extend(batch.ravel().tolist())
+    with grpc.insecure_channel(TARGET) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(request, metadata=list(OPS.items()), timeout=120)
+    assert [o.name for o in response.outputs] == ["CLIP_EMBEDDING"] and list(response.outputs[0].shape) == [3, 64]
+    sizes = dict(call.trailing_metadata())["x-vtp-batch-size"].split(",")
+    assert len(sizes) == 3 and max(int(s) for s in sizes) >= 2  # three queue entries, which shared model calls
