@@ -187,13 +187,20 @@ def test_the_curl_examples_run_as_written(sandbox: Path, serve_port: int) -> Non
     assert json.loads((sandbox / "cat.json").read_text())["shape"] == [8, SIZE // 16, SIZE // 16]
 
 
+def _run_python_example(marker: str, address: str, local: str, sandbox: Path) -> list[str]:
+    """Runs the README's python block that contains ``marker``, with ``address`` pointed at ``local``; its lines."""
+    (code,) = [block for block in _blocks("python") if marker in block]
+    result = _run(f"python - <<'EOF'\n{code.replace(address, local)}\nEOF", sandbox, dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
+
+
 @pytest.mark.slow
 def test_the_kserve_client_example_runs(sandbox: Path, serve_port: int) -> None:
-    (code,) = [block for block in _blocks("python") if "InferenceRESTClient" in block]
-    code = code.replace("http://localhost:8000", f"http://127.0.0.1:{serve_port}")
-    result = _run(f"python - <<'EOF'\n{code}\nEOF", sandbox, dict(os.environ))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ready, latents, embedding = result.stdout.splitlines()
+    lines = _run_python_example(
+        "InferenceRESTClient", "http://localhost:8000", f"http://127.0.0.1:{serve_port}", sandbox
+    )
+    ready, latents, embedding = lines
     assert ready == "True True"
     assert latents.startswith("(1, ") and latents.endswith(f", {SIZE // 16}, {SIZE // 16})")  # image_size of the app
     assert embedding.startswith("(2, ")
@@ -201,11 +208,9 @@ def test_the_kserve_client_example_runs(sandbox: Path, serve_port: int) -> None:
 
 @pytest.mark.slow
 def test_the_grpc_example_runs(sandbox: Path, serve_port: int) -> None:
-    (code,) = [block for block in _blocks("python") if "tritonclient.grpc" in block]
-    code = code.replace("localhost:8001", f"127.0.0.1:{GRPC_PORT}")
-    result = _run(f"python - <<'EOF'\n{code}\nEOF", sandbox, dict(os.environ))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ready, latents, image = result.stdout.splitlines()
+    ready, latents, image = _run_python_example(
+        "tritonclient.grpc", "localhost:8001", f"127.0.0.1:{GRPC_PORT}", sandbox
+    )
     assert ready == "True True"
     assert latents.startswith("(1, ") and latents.endswith(", 32, 32)")  # size 512 / 16
     assert image == "(1, 512, 512, 3)"
