@@ -20,6 +20,7 @@ go back as ``raw_output_contents``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -166,7 +167,8 @@ class InferenceService:
         parameters = {
             name: getattr(p, p.WhichOneof("parameter_choice") or "", None) for name, p in request.parameters.items()
         }
-        outputs, outcomes = await oip.run_infer(ctx, request.model_name, version, _inputs(request), parameters)
+        inputs = await asyncio.to_thread(_inputs, request)  # typed contents: Python ints, ~0.5 s per 4M
+        outputs, outcomes = await oip.run_infer(ctx, request.model_name, version, inputs, parameters)
         grpc_context.set_trailing_metadata([("x-vtp-batch-size", oip.batch_sizes(outcomes))])
         return _response(request, version, outputs)
 
