@@ -167,7 +167,7 @@ class InferenceService:
         parameters = {
             name: getattr(p, p.WhichOneof("parameter_choice") or "", None) for name, p in request.parameters.items()
         }
-        inputs = await asyncio.to_thread(_inputs, request)  # typed contents: Python ints, ~0.5 s per 4M
+        inputs = await asyncio.to_thread(_inputs, request)  # typed contents: ~0.16 s per 4M elements
         outputs, outcomes = await oip.run_infer(ctx, request.model_name, version, inputs, parameters)
         grpc_context.set_trailing_metadata([("x-vtp-batch-size", oip.batch_sizes(outcomes))])
         return _response(request, version, outputs)
