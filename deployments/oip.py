@@ -220,7 +220,7 @@ def _split(ctx: OipContext, oip_model: str, version: str) -> tuple[str, Verb]:
     if verb not in VERBS or not model:
         raise ApiError(404, "unknown_model", f"no OIP model {oip_model!r}: names are <model>.<verb>, verbs {VERBS}")
     model = ctx.models.resolve(model)
-    if version != VERSION:
+    if version not in ("", VERSION):  # "": the latest (gRPC's unset field)
         raise ApiError(404, "unknown_model", f"model {oip_model!r} has only version {VERSION}, not {version!r}")
     return model, verb  # type: ignore[return-value]
 

@@ -33,7 +33,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from . import metrics, oip
 from .inputs import ApiError
-from .oip_tensors import datatype_of, tensor_from_raw, tensor_from_values
+from .oip_tensors import check_outputs, datatype_of, tensor_from_raw, tensor_from_values, tensor_to_raw
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +146,13 @@ class InferenceService:
     @_rpc()
     async def ModelReady(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """Whether the OIP model's checkpoint has a replica that can answer (NOT_FOUND for an unknown model)."""
-        status = await oip.model_status(ctx, request.name, request.version or oip.VERSION)
+        status = await oip.model_status(ctx, request.name, request.version)
         return messages().ModelReadyResponse(ready=status.ready)
 
     @_rpc()
     async def ModelMetadata(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
         """The OIP model's inputs and outputs, -1 for variable dimensions."""
-        return messages().ModelMetadataResponse(**await oip.metadata(ctx, request.name, request.version or oip.VERSION))
+        return messages().ModelMetadataResponse(**await oip.metadata(ctx, request.name, request.version))
 
     @_rpc()
     async def RepositoryIndex(self, ctx: oip.OipContext, request: Any, grpc_context: RayServegRPCContext) -> Any:
@@ -197,12 +197,10 @@ def _inputs(request: Any) -> dict[str, np.ndarray]:
 
 def _response(request: Any, version: str, outputs: dict[str, np.ndarray]) -> Any:
     wanted = [o.name for o in request.outputs] or list(outputs)
-    unknown = sorted(set(wanted) - set(outputs))
-    if unknown:
-        raise ApiError(400, "bad_infer_request", f"unknown output(s) {unknown}; this model has {sorted(outputs)}")
+    check_outputs(wanted, outputs)
     response = messages().ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     for name in wanted:
         array = outputs[name]
         response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+        response.raw_output_contents.append(tensor_to_raw(array))
     return response

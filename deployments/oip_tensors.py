@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,18 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no OIP datatype for {array.dtype}")
 
 
+def check_outputs(wanted: Iterable[str], outputs: dict[str, np.ndarray]) -> None:
+    """400 unless every output a request asks for is one the model has."""
+    unknown = sorted(set(wanted) - set(outputs))
+    if unknown:
+        raise ApiError(400, "bad_infer_request", f"unknown output(s) {unknown}; this model has {sorted(outputs)}")
+
+
+def tensor_to_raw(array: np.ndarray) -> bytes:
+    """An output's raw bytes (binary extension, gRPC ``raw_output_contents``): row-major, little-endian."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_infer_response(
     model_name: str,
     model_version: str,
@@ -211,15 +224,13 @@ def encode_infer_response(
     binary data where it asked for that and as JSON ``data`` elsewhere."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     wanted = {o.name: o.parameters for o in request.outputs} if request.outputs else {name: {} for name in outputs}
-    unknown = sorted(set(wanted) - set(outputs))
-    if unknown:
-        raise ApiError(400, "bad_infer_request", f"unknown output(s) {unknown}; this model has {sorted(outputs)}")
+    check_outputs(wanted, outputs)
     described, chunks = [], []
     for name, parameters in wanted.items():
         array = outputs[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if parameters.get("binary_data", binary_default):
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            raw = tensor_to_raw(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
