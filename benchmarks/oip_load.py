@@ -51,15 +51,17 @@ def _p50_ms(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _bytes_input(png: bytes, n: int, protocol: ModuleType = triton) -> triton.InferInput:
+def _bytes_input(png: bytes, n: int, protocol: ModuleType = triton, **options: bool) -> triton.InferInput:
+    """``n`` copies of the PNG as ``IMAGE_BYTES`` (``options``: REST's ``binary_data``)."""
     inp = protocol.InferInput("IMAGE_BYTES", [n], "BYTES")
-    inp.set_data_from_numpy(np.array([png] * n, dtype=object), **({"binary_data": True} if protocol is triton else {}))
+    inp.set_data_from_numpy(np.array([png] * n, dtype=object), **options)
     return inp
 
 
-def _pixels_input(pixels: np.ndarray, binary: bool, protocol: ModuleType = triton) -> triton.InferInput:
+def _pixels_input(pixels: np.ndarray, protocol: ModuleType = triton, **options: bool) -> triton.InferInput:
+    """The pixels as ``IMAGE`` (``options``: REST's ``binary_data``)."""
     inp = protocol.InferInput("IMAGE", list(pixels.shape), "UINT8")
-    inp.set_data_from_numpy(pixels, **({"binary_data": binary} if protocol is triton else {}))
+    inp.set_data_from_numpy(pixels, **options)
     return inp
 
 
@@ -105,22 +107,24 @@ def main() -> None:
     single = {
         "direct VTPReplica.embed (batch 1)": lambda: replica.embed(pixels),
         "/v1/embed (PNG body)": v1,
-        "OIP IMAGE_BYTES binary": lambda: client.infer("vtp.embed", [_bytes_input(png, 1)]),
-        "OIP IMAGE uint8 binary": lambda: client.infer("vtp.embed", [_pixels_input(pixels, True)]),
-        "OIP IMAGE uint8 JSON": lambda: client.infer("vtp.embed", [_pixels_input(pixels, False)]),
+        "OIP IMAGE_BYTES binary": lambda: client.infer("vtp.embed", [_bytes_input(png, 1, binary_data=True)]),
+        "OIP IMAGE uint8 binary": lambda: client.infer("vtp.embed", [_pixels_input(pixels, binary_data=True)]),
+        "OIP IMAGE uint8 JSON": lambda: client.infer("vtp.embed", [_pixels_input(pixels, binary_data=False)]),
         "OIP gRPC IMAGE_BYTES": lambda: grpc_client.infer("vtp.embed", [_bytes_input(png, 1, triton_grpc)]),
-        "OIP gRPC IMAGE uint8": lambda: grpc_client.infer("vtp.embed", [_pixels_input(pixels, True, triton_grpc)]),
+        "OIP gRPC IMAGE uint8": lambda: grpc_client.infer("vtp.embed", [_pixels_input(pixels, triton_grpc)]),
     }
     results = {name: _p50_ms(call, args.repeats) for name, call in single.items()}
     batch_pixels = np.repeat(pixels, args.batch, axis=0)
     many = {
         f"{args.batch} concurrent /v1/embed": lambda: asyncio.run(_concurrent_v1(base, png, args.batch)),
         f"OIP one infer of {args.batch} IMAGE_BYTES": lambda: client.infer(
-            "vtp.embed", [_bytes_input(png, args.batch)]
+            "vtp.embed", [_bytes_input(png, args.batch, binary_data=True)]
         ),
-        f"OIP one infer of {args.batch} IMAGE": lambda: client.infer("vtp.embed", [_pixels_input(batch_pixels, True)]),
+        f"OIP one infer of {args.batch} IMAGE": lambda: client.infer(
+            "vtp.embed", [_pixels_input(batch_pixels, binary_data=True)]
+        ),
         f"OIP gRPC one infer of {args.batch} IMAGE": lambda: grpc_client.infer(
-            "vtp.embed", [_pixels_input(batch_pixels, True, triton_grpc)]
+            "vtp.embed", [_pixels_input(batch_pixels, triton_grpc)]
         ),
     }
     results.update({name: _p50_ms(call, max(2, args.repeats // 3)) for name, call in many.items()})

@@ -319,8 +319,8 @@ def main() -> None:
     )
     openmp = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ} or "the replicas' default"
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), f"| OpenMP waits: {openmp}")
-    # Logical CPUs for both the Serve replica and the direct one: they take turns on the same cores.
     direct_url = enable_direct_ingress() if args.direct_ingress else None
+    # Logical CPUs for both the Serve replica and the direct one: they take turns on the same cores.
     ray.init(address="local", num_cpus=2 * args.cpus + 1, include_dashboard=False, log_to_driver=False)
     measure_direct = direct_timer(args, data)
     url = start_app(args)

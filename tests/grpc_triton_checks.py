@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from helpers import SIZE, TINY, png_bytes, random_image
+from helpers import SIZE, TINY, model_inputs, png_bytes, random_image
 from tritonclient.utils import InferenceServerException
 
 from vtp_ray import VTPReplica
@@ -38,10 +38,6 @@ def replicas() -> dict[str, VTPReplica]:
         "tiny": VTPReplica(TINY, device="cpu", warmup_size=0),
         "wide": VTPReplica(os.environ["VTP_TEST_WIDE_CHECKPOINT"], device="cpu", warmup_size=0),
     }
-
-
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.stack([preprocess(png_bytes(random_image(seed=seed + i)), size=SIZE) for i in range(n)])
 
 
 def test_grpc_health_metadata_and_readiness(grpc_client: triton_grpc.InferenceServerClient) -> None:
@@ -77,7 +73,7 @@ def test_grpc_health_metadata_and_readiness(grpc_client: triton_grpc.InferenceSe
 def test_grpc_encode_equals_the_replica(
     grpc_client: triton_grpc.InferenceServerClient, replicas: dict[str, VTPReplica], model: str
 ) -> None:
-    batch = images(3, seed=5)
+    batch = model_inputs(3, seed=5)
     inp = triton_grpc.InferInput("IMAGE", list(batch.shape), "UINT8")
     inp.set_data_from_numpy(batch)
     result = grpc_client.infer(f"{model}.encode", [inp], headers=OPS)
@@ -167,7 +163,7 @@ def test_grpc_batch_sizes_in_trailing_metadata() -> None:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    batch = images(3, seed=50)
+    batch = model_inputs(3, seed=50)
     request = service_pb2.ModelInferRequest(model_name="tiny.embed")
     tensor = request.inputs.add(name="IMAGE", datatype="UINT8", shape=batch.shape)
     tensor.contents.uint_contents.extend(batch.ravel().tolist())

@@ -53,6 +53,13 @@ def png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def model_inputs(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    """``n`` random images as the model takes them: PNG-encoded, then preprocessed, uint8 ``(n, size, size, 3)``."""
+    from vtp_ray.images import preprocess
+
+    return np.stack([preprocess(png_bytes(random_image(seed=seed + i)), size=size) for i in range(n)])
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -29,6 +29,7 @@ from helpers import (
     SIZE,
     TINY,
     free_port,
+    model_inputs,
     png_array,
     png_bytes,
     post_concurrently,
@@ -407,7 +408,7 @@ def test_api_key_guards_v1_but_not_healthz(npu_client: httpx.Client, png: bytes)
 
 
 def test_batch_decode_equals_replica_decode(client: httpx.Client, replica: VTPReplica) -> None:
-    images = np.stack([preprocess(png_bytes(random_image(seed=i)), size=SIZE) for i in range(5)])
+    images = model_inputs(5)
     latents = replica.encode(images).latents  # 5 latents: more than max_batch_size (4), split by the replica queue
     expected = replica.decode(latents).astype(int)
 

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from helpers import SIZE, TINY, free_port, png_bytes, random_image, wait_until
+from helpers import SIZE, TINY, free_port, model_inputs, png_bytes, random_image, wait_until
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
 from ray import serve
 from safetensors.torch import save_file
@@ -134,10 +134,6 @@ def replicas(wide_dir: Path) -> dict[str, VTPReplica]:
     }
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.stack([preprocess(png_bytes(random_image(seed=seed + i)), size=SIZE) for i in range(n)])
-
-
 # ----------------------------------------------------------------------------------------------- readiness
 
 
@@ -202,7 +198,7 @@ def test_models_by_query_header_and_default(client: httpx.Client) -> None:
 
 
 def test_http_api_runs_the_named_model(client: httpx.Client, replicas: dict[str, VTPReplica]) -> None:
-    image = images(1, seed=7)
+    image = model_inputs(1, seed=7)
     response = client.post("/v1/embed?model=wide", content=png_bytes(image[0]), headers={"content-type": "image/png"})
     assert response.status_code == 200, response.text
     expected = replicas["wide"].embed(image)[0]
@@ -237,7 +233,7 @@ def test_triton_health_and_metadata(triton_client: triton.InferenceServerClient)
 def test_triton_encode_equals_the_replica(
     triton_client: triton.InferenceServerClient, replicas: dict[str, VTPReplica], model: str, binary: bool
 ) -> None:
-    batch = images(3)
+    batch = model_inputs(3)
     inp = triton.InferInput("IMAGE", list(batch.shape), "UINT8")
     inp.set_data_from_numpy(batch, binary_data=binary)
     outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("LATENTS", "CLIP_EMBEDDING")]
@@ -269,7 +265,7 @@ def test_triton_bytes_reconstruct_decode_embed(
 
 
 def test_infer_images_are_batch_entries(client: httpx.Client) -> None:
-    batch = images(3)
+    batch = model_inputs(3)
     body = {
         "inputs": [{"name": "IMAGE", "shape": list(batch.shape), "datatype": "UINT8", "data": batch.ravel().tolist()}]
     }
@@ -386,7 +382,7 @@ def test_kserve_health_and_readiness(base_url: str) -> None:
 def test_kserve_encode_equals_the_replica(
     base_url: str, replicas: dict[str, VTPReplica], model: str, binary: bool
 ) -> None:
-    batch = images(3, seed=3)
+    batch = model_inputs(3, seed=3)
     inp = InferInput("IMAGE", list(batch.shape), "UINT8")
     inp.set_data_from_numpy(batch, binary_data=binary)
     response, headers = kserve_infer(base_url, f"{model}.encode", [inp], parameters={"binary_data_output": binary})
@@ -456,7 +452,7 @@ def test_tritonclient_grpc(base_url: str, grpc_port: int, wide_dir: Path) -> Non
 def test_kserve_grpc_client_typed_contents(grpc_port: int, base_url: str, replicas: dict[str, VTPReplica]) -> None:
     """KServe's own gRPC client; its inputs given as lists travel as typed ``contents``, not raw bytes."""
     metadata = [("application", "ops")]
-    pixels = images(2, seed=40)
+    pixels = model_inputs(2, seed=40)
     latents = replicas["tiny"].encode(pixels).latents
 
     async def run() -> tuple[list[bool], InferResponse, InferResponse]:
