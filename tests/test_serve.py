@@ -151,7 +151,8 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     assert info["model"] == "vtp-tiny" and info["model_spec"] == TINY
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
     assert (info["device"], info["precision"]) == ("cpu", "fp32")  # placement cpu: no accelerator assigned
-    # A CPU replica's idle OpenMP threads sleep (they share the cores with the ingress), unless the env says else.
+    # A CPU replica's OpenMP threads spin only briefly at barriers (they share the cores with the ingress), unless
+    # the environment says how they wait.
     ours = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ}
     assert info["replica"]["openmp_waits"] == (ours or OPENMP_WAITS)
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
