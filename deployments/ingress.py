@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vtp_ray import __version__
-from vtp_ray.images import CropMode, DecodeLimits, to_png_bytes
+from vtp_ray.images import CropMode, ImageLimits, to_png_bytes
 
 from . import metrics, oip, page
 from .inputs import (
@@ -251,7 +251,7 @@ class VTPIngress(InferenceService):
         app_name = serve.get_replica_context().app_name
         self._models = ModelSet(models, settings.default_model, app_name, settings.model_wait_s)
         self._settings = settings
-        self._limits = DecodeLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+        self._limits = ImageLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
         oip.attach(
             oip.OipContext(
                 self._models,

@@ -21,7 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from vtp_ray.arrays import LatentsTooLarge, as_latent_batch
-from vtp_ray.images import PATCH_SIZE, CropMode, DecodeLimits, ImageDecodeError, preprocess
+from vtp_ray.images import PATCH_SIZE, CropMode, ImageLimits, ImageLoadError, preprocess
 
 from .schemas import LatentsPayload
 
@@ -133,14 +133,14 @@ def check_size(size: int, max_size: int) -> int:
     return size
 
 
-def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: DecodeLimits, draft: bool = False) -> np.ndarray:
+def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: ImageLimits, draft: bool = False) -> np.ndarray:
     """Encoded image -> the preprocessed uint8 (size, size, 3) model input. CPU work: call it off the event loop.
 
     ``draft`` decodes JPEGs at a reduced scale where the crop allows (faster, slightly different pixels).
     """
     try:
         return preprocess(data, size=size, crop=crop, limits=limits, draft=draft)
-    except ImageDecodeError as e:
+    except ImageLoadError as e:
         status = 413 if e.reason in _TOO_LARGE_REASONS else 400
         raise ApiError(status, f"image_{e.reason}", str(e)) from e
 

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from vtp_ray import __version__
 from vtp_ray.arrays import LatentsTooLarge, as_image_batch, as_latent_batch
-from vtp_ray.images import CropMode, DecodeLimits
+from vtp_ray.images import CropMode, ImageLimits
 
 from .health import ModelStatus
 from .inputs import ApiError, check_size, preprocess_upload, read_body
@@ -51,7 +51,7 @@ class OipContext:
     image_size: int
     max_image_size: int
     max_body_bytes: int
-    limits: DecodeLimits
+    limits: ImageLimits
     authorize: Callable[[str | None], None]  # the Authorization header (or gRPC metadata) value
 
 

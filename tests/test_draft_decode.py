@@ -13,7 +13,7 @@ from PIL import Image
 
 from vtp_ray.cli import build_parser
 from vtp_ray.cli.args import pipeline_spec
-from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
+from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
 from vtp_ray.pipeline.spec import ModelFacts
@@ -103,7 +103,7 @@ def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(t
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     order = [paths[0], tmp_path / "bad.jpg", paths[1], paths[2]]
     table = pa.table({"path": [str(p) for p in order], "label": ["a", None, "b", None]})
-    out = preprocess_rows(table, size=32, crop="center", limits=DecodeLimits(), filesystem=None)
+    out = preprocess_rows(table, size=32, crop="center", limits=ImageLimits(), filesystem=None)
     assert out.column("image").is_null().to_pylist() == [False, True, False, False]
     assert out.column("width").to_pylist() == [70, None, 64, 64]
     assert out.column("reason").to_pylist() == [None, "not_an_image", None, None]
@@ -111,7 +111,7 @@ def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(t
     expected = np.stack([preprocess(str(p), 32) for p in paths])
     np.testing.assert_array_equal(pixels(ok.column("image"), 32), expected)
     # An all-valid block: no validity bitmap at all, the same pixels.
-    clean = preprocess_rows(table.take([0, 2, 3]), size=32, crop="center", limits=DecodeLimits(), filesystem=None)
+    clean = preprocess_rows(table.take([0, 2, 3]), size=32, crop="center", limits=ImageLimits(), filesystem=None)
     assert clean.column("image").null_count == 0
     np.testing.assert_array_equal(pixels(clean.column("image"), 32), expected)
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vtp_ray import VTPReplica
 from vtp_ray.cli import main
-from vtp_ray.images import DecodeLimits, preprocess_with_info
+from vtp_ray.images import ImageLimits, preprocess_with_info
 from vtp_ray.metrics import psnr, save_random_fid_inception, save_random_lpips
 from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
 from vtp_ray.pipeline.evaluate import evaluate_dataset
@@ -95,7 +95,7 @@ def test_per_image_psnr_matches_replica(runs: dict) -> None:
     _, out = runs["fp32"]
     table = pq.read_table(out / "per_image.parquet").to_pylist()
     replica = VTPReplica(TINY, "cpu", "fp32", warmup_size=0)
-    refs = np.stack([preprocess_with_info(row["path"], SIZE, "center", DecodeLimits())[0] for row in table])
+    refs = np.stack([preprocess_with_info(row["path"], SIZE, "center", ImageLimits())[0] for row in table])
     expected = psnr(refs, replica.reconstruct(refs))
     np.testing.assert_allclose([row["psnr"] for row in table], expected, rtol=1e-9)
     assert [(row["width"], row["height"]) for row in table] == [Image.open(r["path"]).size for r in table]

@@ -17,11 +17,11 @@ from PIL import Image
 
 from vtp_ray.images import (
     NORMALIZATIONS,
-    DecodeLimits,
-    ImageDecodeError,
+    ImageLimits,
+    ImageLoadError,
     Normalization,
     center_crop_adm,
-    decode_image,
+    load_image,
     preprocess,
     preprocess_with_info,
     resize_plain,
@@ -117,7 +117,7 @@ MODE_CASES: list[tuple[str, Callable[[], bytes], list[tuple[int, int, int]], int
     [pytest.param(factory, expected, atol, id=case) for case, factory, expected, atol in MODE_CASES],
 )
 def test_decode_modes_to_rgb(encoded: Callable[[], bytes], expected: list, atol: int) -> None:
-    img = decode_image(encoded())
+    img = load_image(encoded())
     assert img.mode == "RGB"
     np.testing.assert_allclose(pixels(img), np.array(expected), atol=atol)
 
@@ -160,7 +160,7 @@ def test_exif_orientation_is_applied(fmt: str) -> None:
     params: dict[str, object] = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
     data = encode(Image.fromarray(stored), fmt, exif=exif, **params)
 
-    img = decode_image(data)
+    img = load_image(data)
 
     assert img.size == (2 * block, 4 * block)  # (width, height)
     expected = np.rot90(colours, k=-1)  # clockwise
@@ -188,7 +188,7 @@ def test_animated_image_gives_first_frame(fmt: str, params: dict) -> None:
     with Image.open(io.BytesIO(data)) as check:
         assert getattr(check, "n_frames", 1) == 2  # really animated
 
-    img = decode_image(data)
+    img = load_image(data)
 
     assert img.mode == "RGB"
     assert img.size == (8, 8)
@@ -201,54 +201,54 @@ def test_animated_image_gives_first_frame(fmt: str, params: dict) -> None:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_image(fmt: str) -> None:
     data = encode(noise(64, 64), fmt)
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data[: len(data) // 2])
     assert info.value.reason == "truncated"
     assert info.value.__cause__ is not None  # Pillow's error is chained
 
 
 def test_random_bytes_are_not_an_image() -> None:
     data = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data)
     assert info.value.reason == "not_an_image"
 
 
 @pytest.mark.parametrize("data", [b"", bytearray()], ids=["bytes", "bytearray"])
 def test_empty_input(data: bytes) -> None:
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data)
     assert info.value.reason == "empty"
 
 
 def test_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(path)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
     assert info.value.reason == "empty"
 
 
 def test_too_large_bytes(tmp_path: Path) -> None:
     data = encode(noise(32, 32), "PNG")
-    limits = DecodeLimits(max_bytes=len(data) - 1)
+    limits = ImageLimits(max_bytes=len(data) - 1)
     path = tmp_path / "img.png"
     path.write_bytes(data)
     for src in (data, path):
-        with pytest.raises(ImageDecodeError) as info:
-            decode_image(src, limits)
+        with pytest.raises(ImageLoadError) as info:
+            load_image(src, limits)
         assert info.value.reason == "too_large_bytes"
         assert "set max_bytes" in str(info.value)
-    assert decode_image(data, DecodeLimits(max_bytes=len(data))).size == (32, 32)
+    assert load_image(data, ImageLimits(max_bytes=len(data))).size == (32, 32)
 
 
 def test_too_many_pixels_with_custom_limit() -> None:
     data = encode(Image.new("RGB", (300, 300), RED), "PNG")
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data, DecodeLimits(max_pixels=1000))
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data, ImageLimits(max_pixels=1000))
     assert info.value.reason == "too_many_pixels"
     assert str(info.value) == ("image has 90000 pixels (300x300), over the limit of 1000 (set max_pixels to raise it)")
-    assert decode_image(data, DecodeLimits(max_pixels=90_000)).size == (300, 300)
+    assert load_image(data, ImageLimits(max_pixels=90_000)).size == (300, 300)
 
 
 def test_too_many_pixels_is_checked_before_decoding() -> None:
@@ -256,17 +256,17 @@ def test_too_many_pixels_is_checked_before_decoding() -> None:
     # image, so "too_many_pixels" proves the check ran on the header alone.
     data = png_claiming_size(20_000, 20_000)
     assert len(data) < 100
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data)
     assert info.value.reason == "too_many_pixels"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_too_many_pixels_own_check_at_default_limit() -> None:
     # 1e8 pixels: over the default max_pixels, but below Pillow's hard error (twice its limit), so this is
-    # caught by decode_image's own header check rather than by Pillow.
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(png_claiming_size(10_000, 10_000))
+    # caught by load_image's own header check rather than by Pillow.
+    with pytest.raises(ImageLoadError) as info:
+        load_image(png_claiming_size(10_000, 10_000))
     assert info.value.reason == "too_many_pixels"
     assert "set max_pixels" in str(info.value)
 
@@ -274,20 +274,20 @@ def test_too_many_pixels_own_check_at_default_limit() -> None:
 def test_decompression_bomb_warning_as_error_maps_to_too_many_pixels() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with pytest.raises(ImageDecodeError) as info:
-            decode_image(png_claiming_size(10_000, 10_000))
+        with pytest.raises(ImageLoadError) as info:
+            load_image(png_claiming_size(10_000, 10_000))
     assert info.value.reason == "too_many_pixels"
 
 
 def test_eps_is_refused() -> None:
     data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
-    with pytest.raises(ImageDecodeError) as info:
-        decode_image(data)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data)
     assert info.value.reason == "unsupported"
 
 
 def test_decode_error_is_a_picklable_value_error() -> None:
-    err = ImageDecodeError("truncated", "image data is truncated")
+    err = ImageLoadError("truncated", "image data is truncated")
     assert isinstance(err, ValueError)
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.reason, str(copy)) == ("truncated", "image data is truncated")
@@ -295,14 +295,14 @@ def test_decode_error_is_a_picklable_value_error() -> None:
 
 def test_decode_rejects_other_types() -> None:
     with pytest.raises(TypeError):
-        decode_image(123)  # type: ignore[arg-type]
+        load_image(123)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("field", ["max_bytes", "max_pixels"])
 @pytest.mark.parametrize("value", [0, -1, 1.5])
 def test_decode_limits_validation(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
-        DecodeLimits(**{field: value})  # type: ignore[arg-type]
+        ImageLimits(**{field: value})  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -312,14 +312,14 @@ def test_path_input(tmp_path: Path) -> None:
     path = tmp_path / "red.png"
     Image.new("RGB", (5, 3), RED).save(path)
     for src in (path, str(path)):
-        img = decode_image(src)
+        img = load_image(src)
         assert img.size == (5, 3)
         assert img.getpixel((4, 2)) == RED
 
 
 def test_missing_path_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        decode_image(tmp_path / "missing.png")
+        load_image(tmp_path / "missing.png")
     with pytest.raises(FileNotFoundError):
         preprocess(str(tmp_path / "missing.png"))
 
@@ -365,7 +365,7 @@ def test_preprocess_output_contract() -> None:
     assert arr.shape == (128, 128, 3)
     assert arr.dtype == np.uint8
     assert arr.flags.c_contiguous and arr.flags.writeable
-    np.testing.assert_array_equal(arr, np.asarray(center_crop_adm(decode_image(data), 128)))
+    np.testing.assert_array_equal(arr, np.asarray(center_crop_adm(load_image(data), 128)))
     np.testing.assert_array_equal(preprocess(data, size=128), arr)
 
 
@@ -405,7 +405,7 @@ def test_preprocess_rejects_bad_crop_and_arrays() -> None:
 
 
 def test_preprocess_propagates_decode_errors() -> None:
-    with pytest.raises(ImageDecodeError):
+    with pytest.raises(ImageLoadError):
         preprocess(b"definitely not an image")
 
 
@@ -501,7 +501,7 @@ def test_to_png_bytes_round_trip() -> None:
         assert img.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(img), arr)
     # Non-contiguous views are fine too.
-    np.testing.assert_array_equal(np.asarray(decode_image(to_png_bytes(arr[:, ::-1]))), arr[:, ::-1])
+    np.testing.assert_array_equal(np.asarray(load_image(to_png_bytes(arr[:, ::-1]))), arr[:, ::-1])
 
 
 def test_to_png_bytes_rejects_bad_arrays() -> None:

@@ -14,7 +14,7 @@ import pytest
 from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_parquet, write_shards
 
 from vtp_ray import VTPReplica
-from vtp_ray.images import DecodeLimits, preprocess_with_info
+from vtp_ray.images import ImageLimits, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec
 from vtp_ray.pipeline.evaluate import evaluate_dataset
 from vtp_ray.pipeline.inputs import InputError
@@ -29,7 +29,7 @@ from vtp_ray.pipeline.samples import (
 )
 from vtp_ray.pipeline.tokenize import tokenize_dataset
 
-LIMITS = DecodeLimits(max_pixels=50_000)
+LIMITS = ImageLimits(max_pixels=50_000)
 SHAPE = (8, SIZE // 16, SIZE // 16)
 
 

@@ -24,7 +24,7 @@ from helpers import start_tokenize_cli, wait_for_parts
 from PIL import Image
 
 from vtp_ray import VTPReplica
-from vtp_ray.images import DecodeLimits, preprocess, preprocess_with_info
+from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
 from vtp_ray.pipeline.stages import preprocess_rows
 from vtp_ray.pipeline.store import METADATA_KEY, OutputMismatchError
@@ -34,7 +34,7 @@ from vtp_ray.placement import PlacementError
 pytestmark = pytest.mark.slow
 
 SIZE = 64
-LIMITS = DecodeLimits(max_pixels=50_000)
+LIMITS = ImageLimits(max_pixels=50_000)
 SHAPE = (8, SIZE // 16, SIZE // 16)
 
 

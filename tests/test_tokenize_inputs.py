@@ -16,7 +16,7 @@ from helpers import ROOT, TINY
 from PIL import Image
 
 from vtp_ray.cli.args import replicas_arg, resources_arg
-from vtp_ray.images import DecodeLimits
+from vtp_ray.images import ImageLimits
 from vtp_ray.pipeline import ModelFacts, PipelineSpec
 from vtp_ray.pipeline.inputs import InputError, _glob_regex, discover_inputs
 from vtp_ray.pipeline.runner import _actor_options
@@ -135,7 +135,7 @@ def test_preprocess_turns_every_bad_input_into_an_error_row(tree: Path):
     good = tree / "a_class" / "1.jpg"
     paths = [str(good), str(tree / "empty.jpg"), str(tree / "text.jpg"), str(big), str(tree / "gone.jpg")]
     batch = pa.table({"path": paths, "label": ["x", None, None, None, None]})
-    out = preprocess_rows(batch, size=32, crop="center", limits=DecodeLimits(max_pixels=50_000), filesystem=None)
+    out = preprocess_rows(batch, size=32, crop="center", limits=ImageLimits(max_pixels=50_000), filesystem=None)
     assert out.column("reason").to_pylist() == [None, "empty", "not_an_image", "too_many_pixels", "unreadable"]
     assert out.column("error").null_count == 1 and all(out.column("error").to_pylist()[1:])
     assert out.column("width").to_pylist()[0] == 40 and out.column("height").to_pylist()[0] == 30

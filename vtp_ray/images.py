@@ -1,11 +1,12 @@
 """Image I/O and preprocessing for the visual tokenizer service.
 
-Data path: encoded bytes or a file path -> ``decode_image`` (size limits, first frame, EXIF orientation,
+Data path: encoded bytes or a file path -> ``load_image`` (file bytes -> pixels is *loading*, never "decoding",
+which in this project means latents -> pixels; size limits, first frame, EXIF orientation,
 any mode flattened to RGB) -> ``center_crop_adm`` / ``resize_plain`` -> uint8 ``(H, W, 3)`` numpy array
 (``preprocess``). On the model side, batches of those arrays become torch tensors and ``normalize.normalize``
 is the single place where they turn into float ``(N, 3, H, W)``; ``normalize.denormalize_to_uint8`` and
-``to_png_bytes`` go back the other way for reconstructions. This module never imports torch: Ray Data's decode
-tasks import it in processes of their own.
+``to_png_bytes`` go back the other way for reconstructions. This module never imports torch: Ray Data's
+preprocess tasks import it in processes of their own.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ __all__ = [
     "NORMALIZATIONS",
     "PATCH_SIZE",
     "CropMode",
-    "DecodeErrorReason",
-    "DecodeLimits",
-    "ImageDecodeError",
+    "ImageLimits",
+    "ImageLoadError",
     "ImageSource",
+    "LoadErrorReason",
     "Normalization",
     "NormalizationKind",
     "center_crop_adm",
-    "decode_image",
+    "load_image",
     "preprocess",
     "preprocess_with_info",
     "resize_plain",
@@ -45,7 +46,7 @@ __all__ = [
 ImageSource: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
 CropMode = Literal["center", "resize"]
 NormalizationKind = Literal["imagenet", "half"]
-DecodeErrorReason = Literal["empty", "too_large_bytes", "too_many_pixels", "truncated", "not_an_image", "unsupported"]
+LoadErrorReason = Literal["empty", "too_large_bytes", "too_many_pixels", "truncated", "not_an_image", "unsupported"]
 
 #: The model's patch size; ``preprocess`` only produces square sides that are a multiple of it.
 PATCH_SIZE = 16
@@ -60,25 +61,25 @@ _REFUSED_FORMATS = frozenset({"EPS"})
 _EPS_MAGIC = (b"%!PS", b"\xc5\xd0\xd3\xc6")
 
 
-class ImageDecodeError(ValueError):
+class ImageLoadError(ValueError):
     """Raised for any input that cannot become an image.
 
-    ``reason`` is a short machine-readable code (see ``DecodeErrorReason``); ``str(err)`` is the human
+    ``reason`` is a short machine-readable code (see ``LoadErrorReason``); ``str(err)`` is the human
     message.
     """
 
-    def __init__(self, reason: DecodeErrorReason, message: str) -> None:
+    def __init__(self, reason: LoadErrorReason, message: str) -> None:
         super().__init__(message)
-        self.reason: DecodeErrorReason = reason
+        self.reason: LoadErrorReason = reason
 
-    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[DecodeErrorReason, str]]:
+    def __reduce__(self) -> tuple[type[ImageLoadError], tuple[LoadErrorReason, str]]:
         # Keeps the error picklable (Ray ships exceptions between processes); the default reduce would
         # call __init__ with the message only.
         return (type(self), (self.reason, str(self)))
 
 
 @dataclass(frozen=True)
-class DecodeLimits:
+class ImageLimits:
     """Per-call limits that protect the decoder from oversized inputs.
 
     ``max_pixels`` defaults to Pillow's own ``Image.MAX_IMAGE_PIXELS`` (about 0.25 GiB at 24 bpp) but is
@@ -92,30 +93,30 @@ class DecodeLimits:
         for name in ("max_bytes", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"ImageLimits.{name} must be a positive int, got {value!r}")
 
 
-_DEFAULT_LIMITS = DecodeLimits()
+_DEFAULT_LIMITS = ImageLimits()
 
 
-# --------------------------------------------------------------------------------------------- decoding
+# ---------------------------------------------------------------------------------------------- loading
 
 
-def decode_image(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS) -> Image.Image:
-    """Decode encoded image bytes, or the file at a path, into an RGB ``PIL.Image.Image``.
+def load_image(src: ImageSource, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Image:
+    """Load encoded image bytes, or the file at a path, into an RGB ``PIL.Image.Image``.
 
     Takes the first frame of animated images, applies the EXIF orientation and flattens every mode to RGB
-    (see ``to_rgb``). Every input that cannot become an image raises ``ImageDecodeError``. A ``str`` is a
+    (see ``to_rgb``). Every input that cannot become an image raises ``ImageLoadError``. A ``str`` is a
     filesystem path, never image data; filesystem errors while reading a path (``FileNotFoundError``,
     ``PermissionError``, ...) propagate unchanged because they are the caller's problem, not the input's.
     """
-    return _decode(src, limits)[0]
+    return _load(src, limits)[0]
 
 
-def _decode(
-    src: ImageSource, limits: DecodeLimits, draft_short_side: int | None = None
+def _load(
+    src: ImageSource, limits: ImageLimits, draft_short_side: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """``decode_image``, plus the displayed ``(width, height)`` of the full-size image.
+    """``load_image``, plus the displayed ``(width, height)`` of the full-size image.
 
     With ``draft_short_side``, a JPEG is decoded at the largest reduced scale (1/2, 1/4, 1/8: Pillow's draft
     mode, libjpeg's DCT scaling) whose short side is still at least that many pixels.
@@ -127,20 +128,20 @@ def _decode(
         data = _read_limited(os.fspath(src), limits)
     else:
         raise TypeError(f"expected image bytes or a path, got {type(src).__name__}")
-    return _decode_bytes(data, limits, draft_short_side)
+    return _load_bytes(data, limits, draft_short_side)
 
 
-def _check_byte_size(n_bytes: int, limits: DecodeLimits) -> None:
+def _check_byte_size(n_bytes: int, limits: ImageLimits) -> None:
     if n_bytes == 0:
-        raise ImageDecodeError("empty", "image data is empty")
+        raise ImageLoadError("empty", "image data is empty")
     if n_bytes > limits.max_bytes:
-        raise ImageDecodeError(
+        raise ImageLoadError(
             "too_large_bytes",
             f"image is {n_bytes} bytes, over the limit of {limits.max_bytes} (set max_bytes to raise it)",
         )
 
 
-def _read_limited(path: str, limits: DecodeLimits) -> bytes:
+def _read_limited(path: str, limits: ImageLimits) -> bytes:
     _check_byte_size(os.path.getsize(path), limits)
     with open(path, "rb") as f:
         # Read at most one byte past the limit: the file may have grown since getsize().
@@ -149,19 +150,19 @@ def _read_limited(path: str, limits: DecodeLimits) -> bytes:
     return data
 
 
-def _decode_bytes(
-    data: bytes | bytearray | memoryview, limits: DecodeLimits, draft_short_side: int | None
+def _load_bytes(
+    data: bytes | bytearray | memoryview, limits: ImageLimits, draft_short_side: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     try:
         img = Image.open(io.BytesIO(data), formats=_allowed_formats())
     except UnidentifiedImageError as e:
         if bytes(data[:4]) in _EPS_MAGIC:
-            raise ImageDecodeError("unsupported", "EPS/PostScript images are not accepted") from e
-        raise ImageDecodeError("not_an_image", "data is not an image in any supported format") from e
+            raise ImageLoadError("unsupported", "EPS/PostScript images are not accepted") from e
+        raise ImageLoadError("not_an_image", "data is not an image in any supported format") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow checks its process-wide Image.MAX_IMAGE_PIXELS inside open(), before our own check can run
         # (the warning only arrives here as an exception when warnings are turned into errors).
-        raise ImageDecodeError(
+        raise ImageLoadError(
             "too_many_pixels",
             f"image has too many pixels to decode safely: {e} "
             "(Pillow's process-wide Image.MAX_IMAGE_PIXELS applies on top of max_pixels)",
@@ -173,7 +174,7 @@ def _decode_bytes(
 
     width, height = img.size
     if width * height > limits.max_pixels:
-        raise ImageDecodeError(
+        raise ImageLoadError(
             "too_many_pixels",
             f"image has {width * height} pixels ({width}x{height}), over the limit of {limits.max_pixels} "
             "(set max_pixels to raise it)",
@@ -212,10 +213,10 @@ def _allowed_formats() -> list[str]:
     return [fmt for fmt in Image.ID if fmt not in _REFUSED_FORMATS]
 
 
-def _pillow_error(e: Exception, what: str) -> ImageDecodeError:
+def _pillow_error(e: Exception, what: str) -> ImageLoadError:
     if isinstance(e, EOFError) or "truncated" in str(e).lower():
-        return ImageDecodeError("truncated", f"{what}: image data is truncated ({e})")
-    return ImageDecodeError("unsupported", f"{what}: {type(e).__name__}: {e}")
+        return ImageLoadError("truncated", f"{what}: image data is truncated ({e})")
+    return ImageLoadError("unsupported", f"{what}: {type(e).__name__}: {e}")
 
 
 def _apply_exif_orientation(img: Image.Image) -> None:
@@ -293,7 +294,7 @@ def preprocess_with_info(
     src: ImageSource | Image.Image | np.ndarray,
     size: int = 256,
     crop: CropMode = "center",
-    limits: DecodeLimits = _DEFAULT_LIMITS,
+    limits: ImageLimits = _DEFAULT_LIMITS,
     draft: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Like ``preprocess``, but also return the original ``(width, height)`` before cropping.
@@ -317,7 +318,7 @@ def preprocess_with_info(
     else:
         # The center crop halves while the short side is >= 2 * size: a JPEG decoded at a reduced scale that
         # keeps it there replaces some of those halvings (not the last one); "resize" has no halvings to replace.
-        img, orig_size = _decode(src, limits, 2 * size if draft and crop == "center" else None)
+        img, orig_size = _load(src, limits, 2 * size if draft and crop == "center" else None)
     img = center_crop_adm(img, size) if crop == "center" else resize_plain(img, size)
     # np.array (not asarray) gives a writable, C-contiguous array that owns its memory.
     arr = np.array(img, dtype=np.uint8)
@@ -328,12 +329,12 @@ def preprocess(
     src: ImageSource | Image.Image | np.ndarray,
     size: int = 256,
     crop: CropMode = "center",
-    limits: DecodeLimits = _DEFAULT_LIMITS,
+    limits: ImageLimits = _DEFAULT_LIMITS,
     draft: bool = False,
 ) -> np.ndarray:
     """Decode (if needed), crop and return a C-contiguous uint8 array of shape ``(size, size, 3)``.
 
-    ``src`` is encoded bytes, a path (see ``decode_image``), a ``PIL.Image.Image`` (converted with
+    ``src`` is encoded bytes, a path (see ``load_image``), a ``PIL.Image.Image`` (converted with
     ``to_rgb``; its EXIF orientation is not applied, as the caller already decoded it) or a uint8
     ``(H, W, 3)`` RGB array. ``size`` must be a positive multiple of ``PATCH_SIZE``.
 
@@ -383,3 +384,9 @@ def resolve_normalization(kind: NormalizationKind | str | Normalization) -> Norm
         return NORMALIZATIONS[kind]
     except KeyError:
         raise ValueError(f"unknown normalization {kind!r}; expected one of {sorted(NORMALIZATIONS)}") from None
+
+
+# Deprecated names (before "decode" came to mean latents -> pixels only); kept so that existing imports work.
+DecodeLimits = ImageLimits
+ImageDecodeError = ImageLoadError
+decode_image = load_image

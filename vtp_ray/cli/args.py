@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..images import DecodeLimits
+from ..images import ImageLimits
 from ..options import CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec
 from ..pipeline.spec import SampleOptions
@@ -65,8 +65,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     add_replica_args(p)
     p.add_argument("--labels-from-dirs", action="store_true", help="label = first-level sub-directory (ImageFolder)")
-    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels, help="larger images become errors")
-    p.add_argument("--max-bytes", type=int, default=DecodeLimits.max_bytes, help="larger files become errors")
+    p.add_argument("--max-pixels", type=int, default=ImageLimits.max_pixels, help="larger images become errors")
+    p.add_argument("--max-bytes", type=int, default=ImageLimits.max_bytes, help="larger files become errors")
     p.add_argument(
         "--block-size", type=int, metavar="N",
         help="images per decode task and replica call (default: ~32 MB of pixels, whole model batches)",
@@ -127,7 +127,7 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
         size=args.size,
         crop=args.crop,
         labels_from_dirs=args.labels_from_dirs,
-        limits=DecodeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
+        limits=ImageLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels),
         samples=SampleOptions(
             image_keys=tuple(args.image_key), key=args.key_column, label=args.label_key, caption=args.caption_key
         ),

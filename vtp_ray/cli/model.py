@@ -10,7 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ..images import DecodeLimits
+from ..images import ImageLimits
 from ..options import CROPS
 from .args import add_model_args, csv
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", choices=CROPS, default="center")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--side-by-side", action="store_true", help="write input and reconstruction side by side")
-    p.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels)
+    p.add_argument("--max-pixels", type=int, default=ImageLimits.max_pixels)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("verify", help="accuracy of a device/precision against cpu fp32 on seeded inputs")
@@ -109,7 +109,7 @@ def _check_reachable(address: str, hint: str) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..images import ImageDecodeError, preprocess, to_png_bytes
+    from ..images import ImageLoadError, preprocess, to_png_bytes
     from ..metrics import psnr
     from ..replica import VTPReplica
 
@@ -117,12 +117,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     note = f"  ({RANDOM_NOTE})" if replica.info.random_weights else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    limits = DecodeLimits(max_pixels=args.max_pixels)
+    limits = ImageLimits(max_pixels=args.max_pixels)
     inputs, failures = [], 0
     for path in args.images:
         try:
             inputs.append((Path(path), preprocess(path, args.size, args.crop, limits)))
-        except (ImageDecodeError, OSError) as e:
+        except (ImageLoadError, OSError) as e:
             failures += 1
             print(f"{path}: skipped: {e}", file=sys.stderr)
     for start in range(0, len(inputs), args.batch_size):

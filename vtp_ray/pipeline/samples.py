@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..images import CropMode, DecodeLimits
+from ..images import CropMode, ImageLimits
 from .inputs import _GLOB_CHARS, InputError, _from_glob, _identity, _list_files, resolve_location
 from .spec import PipelineSpec, SampleOptions
 from .stages import NoImage, Refused, preprocess_images
@@ -332,7 +332,7 @@ def preprocess_tar(
     done: list[ObjectRef],
     size: int,
     crop: CropMode,
-    limits: DecodeLimits,
+    limits: ImageLimits,
     draft: bool = False,
 ) -> pa.Table:
     """Webdataset samples (``read_webdataset`` rows, undecoded) -> preprocessed rows, errors as rows."""
@@ -393,7 +393,7 @@ def preprocess_parquet(
     done: list[ObjectRef],
     size: int,
     crop: CropMode,
-    limits: DecodeLimits,
+    limits: ImageLimits,
     draft: bool = False,
 ) -> pa.Table:
     """Parquet rows with image bytes, read from ``file`` (its identity) -> preprocessed rows."""
@@ -456,7 +456,7 @@ def _decode(
     done: list[ObjectRef],
     size: int,
     crop: CropMode,
-    limits: DecodeLimits,
+    limits: ImageLimits,
     draft: bool,
 ) -> pa.Table:
     """Skip the samples already done, decode the rest (errors as rows) into the preprocess stage's columns."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ..images import PATCH_SIZE, CropMode, DecodeLimits
+from ..images import PATCH_SIZE, CropMode, ImageLimits
 from ..options import CROPS, ROPE_DTYPES, check_precision
 
 __all__ = ["ModelFacts", "PipelineSpec", "SampleOptions"]
@@ -86,7 +86,7 @@ class PipelineSpec:
     decode_cpus: float = 0.5
     labels_from_dirs: bool = False
     address: str | None = None
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    limits: ImageLimits = field(default_factory=ImageLimits)
     cpu_threads: int | None = None
     filesystem: pafs.FileSystem | None = None
     progress: bool = True

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ..images import CropMode, DecodeLimits, ImageDecodeError, preprocess_with_info
+from ..images import CropMode, ImageLimits, ImageLoadError, preprocess_with_info
 from .inputs import read_bytes
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def preprocess_rows(
     *,
     size: int,
     crop: CropMode,
-    limits: DecodeLimits,
+    limits: ImageLimits,
     filesystem: pafs.FileSystem | None,
     draft: bool = False,
 ) -> pa.Table:
@@ -73,7 +73,7 @@ class NoImage(Refused):
 
 
 def preprocess_images(
-    n: int, fetch: Callable[[int], bytes], size: int, crop: CropMode, limits: DecodeLimits, draft: bool = False
+    n: int, fetch: Callable[[int], bytes], size: int, crop: CropMode, limits: ImageLimits, draft: bool = False
 ) -> pa.Table:
     """Decode and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
     error``, one row each. An input that cannot be fetched or decoded becomes a row with a null image and its
@@ -92,7 +92,7 @@ def preprocess_images(
             ok[i] = True
         except Refused as e:
             reasons[i], messages[i] = e.reason, str(e)
-        except ImageDecodeError as e:
+        except ImageLoadError as e:
             reasons[i], messages[i] = e.reason, str(e)
         except OSError as e:  # missing, unreadable, or a storage error
             reasons[i], messages[i] = "unreadable", f"cannot read the file: {e}"
