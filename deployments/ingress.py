@@ -259,6 +259,8 @@ class VTPIngress(InferenceService):
                 settings.max_image_size,
                 settings.max_body_bytes,
                 self._limits,
+                settings.max_decode_batch,
+                settings.max_decode_pixels,
                 self._check_key,
             )
         )

@@ -28,11 +28,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from vtp_ray import __version__
-from vtp_ray.arrays import LatentsTooLarge, as_image_batch, as_latent_batch
+from vtp_ray.arrays import as_image_batch
 from vtp_ray.images import CropMode, ImageLimits
 
 from .health import ModelStatus
-from .inputs import ApiError, check_size, preprocess_upload, read_body
+from .inputs import ApiError, check_latents, check_size, preprocess_upload, read_body
 from .models import ModelSet
 from .oip_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from .protocol import Outcome, Verb
@@ -52,6 +52,8 @@ class OipContext:
     max_image_size: int
     max_body_bytes: int
     limits: ImageLimits
+    max_decode_batch: int
+    max_decode_pixels: int
     authorize: Callable[[str | None], None]  # the Authorization header (or gRPC metadata) value
 
 
@@ -194,7 +196,7 @@ async def run_infer(
     if verb == "embed" and info["embedding_dim"] is None:
         raise ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
     if verb == "decode":
-        batch = _latents(inputs, info["latent_channels"], ctx.max_image_size)
+        batch = _latents(inputs, info["latent_channels"], ctx)
     else:
         batch = await _images(inputs, parameters, ctx)
     outcomes = await ctx.models.call(model, "run_many", verb, batch)
@@ -274,14 +276,11 @@ async def _images(inputs: dict[str, np.ndarray], parameters: dict[str, Any], ctx
     )
 
 
-def _latents(inputs: dict[str, np.ndarray], channels: int, max_side: int) -> list[np.ndarray]:
+def _latents(inputs: dict[str, np.ndarray], channels: int, ctx: OipContext) -> list[np.ndarray]:
+    """The ``LATENTS`` input, checked with the same limits as ``/v1/decode`` (``check_latents``)."""
     _, tensor = _only(inputs, (LATENTS,))
     if tensor.dtype != np.float32:
         raise ApiError(400, "bad_infer_request", f"{LATENTS} must be FP32")
-    try:
-        batch = as_latent_batch(tensor, channels, max_side)
-    except LatentsTooLarge as e:
-        raise ApiError(413, "too_large", f"{e} (max_image_size)") from e
-    except (TypeError, ValueError) as e:
-        raise ApiError(400, "bad_latents", f"{LATENTS}: {e}") from e
-    return list(batch)
+    if tensor.ndim != 4:
+        raise ApiError(400, "bad_latents", f"{LATENTS} must have shape [N, {channels}, h, w], got {list(tensor.shape)}")
+    return list(check_latents(tensor, channels, ctx.max_image_size, ctx.max_decode_batch, ctx.max_decode_pixels))

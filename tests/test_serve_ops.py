@@ -12,6 +12,7 @@ application with the ``application`` metadata, as Serve's gRPC proxy asks when i
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -43,6 +45,8 @@ T = TypeVar("T")
 WAIT_S = 2.0  # model_wait_s of the apps without a replica
 KEY = "grpc-test-key"  # the keyed app's API key
 WIDE_CHANNELS = 12
+DECODE_BATCH = 6  # the ops app's max_decode_batch
+DECODE_PIXELS = 100_000  # and max_decode_pixels
 
 
 def make_wide_checkpoint(directory: Path) -> Path:
@@ -106,6 +110,8 @@ def base_url(
         models={"wide": str(wide_dir)},
         max_batch_size=4,
         batch_wait_timeout_s=0.3,
+        max_decode_batch=DECODE_BATCH,
+        max_decode_pixels=DECODE_PIXELS,
         **common,
     )
     serve.run(compose_app(args, **QUICK_STOP), name="ops", route_prefix="/")
@@ -477,3 +483,42 @@ def test_kserve_grpc_client_typed_contents(grpc_port: int, base_url: str, replic
     assert image.dtype == np.uint8 and image.shape == (2, SIZE, SIZE, 3)
     assert np.abs(image.astype(int) - replicas["tiny"].decode(latents)).max() <= 1
     np.testing.assert_allclose(kserve_output(embedded, "CLIP_EMBEDDING"), replicas["tiny"].embed(pixels), atol=1e-5)
+
+
+# ------------------------------------------------------------- one limit, every route (/v1, OIP REST, OIP gRPC)
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ((DECODE_BATCH + 1, 8, 4, 4), f"7 latents in one request, over the limit of {DECODE_BATCH} (max_decode_batch)"),
+        ((2, 8, 16, 16), f"2 latents decode to 131072 pixels, over the limit of {DECODE_PIXELS} (max_decode_pixels)"),
+    ],
+    ids=["batch", "pixels"],
+)
+def test_decode_limits_refuse_alike_on_every_route(
+    client: httpx.Client, grpc_port: int, shape: tuple[int, ...], words: str
+) -> None:
+    """The same over-limit latents get the same refusal from /v1/decode, the OIP over REST and over gRPC."""
+    latents = np.zeros(shape, np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, latents)
+    v1 = client.post("/v1/decode", content=buffer.getvalue(), headers={"content-type": "application/x-npy"})
+    body = {"inputs": [{"name": "LATENTS", "shape": list(shape), "datatype": "FP32", "data": latents.ravel().tolist()}]}
+    rest = client.post("/v2/models/tiny.decode/infer", content=json.dumps(body))
+
+    async def grpc_infer() -> None:
+        grpc_client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}", timeout=60, retries=0)
+        try:
+            lat = InferInput("LATENTS", list(shape), "FP32")
+            lat.set_data_from_numpy(latents)
+            await grpc_client.infer(InferRequest("tiny.decode", [lat]), headers=[("application", "ops")])
+        finally:
+            await grpc_client.close()
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(grpc_infer())
+    assert (v1.status_code, rest.status_code) == (413, 413), (v1.text, rest.text)
+    assert v1.json()["error"] == rest.json()["error"] == refused.value.details()
+    assert words in v1.json()["error"]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
