@@ -261,6 +261,7 @@ class VTPIngress(InferenceService):
                 self._limits,
                 settings.max_decode_batch,
                 settings.max_decode_pixels,
+                settings.text_limits,
                 self._check_key,
             )
         )

@@ -89,6 +89,10 @@ class ModelSet:
             self._info[name] = await self.call(name, "info")
         return self._info[name]
 
+    def cached_info(self, name: str) -> dict[str, Any] | None:
+        """The model's ``ReplicaInfo`` dict if a replica has answered ``info`` before, else None (no call)."""
+        return self._info.get(name)
+
     async def call(self, name: str, method: str, *args: Any) -> Any:
         """``method(*args)`` on a replica of model ``name``: 503 with the reason within ``wait_s`` when no replica
         can answer (starting, failed, or all gone while the request waited), never a hang."""

@@ -8,12 +8,16 @@ Every served checkpoint ``<model>`` offers one OIP model per verb, named ``<mode
 | ``<model>.reconstruct`` | the same | ``IMAGE`` UINT8 [-1, -1, -1, 3] |
 | ``<model>.embed`` | the same | ``CLIP_EMBEDDING`` FP32 [-1, D] |
 | ``<model>.decode`` | ``LATENTS`` FP32 [-1, C, -1, -1] | ``IMAGE`` UINT8 [-1, -1, -1, 3] |
+| ``<model>.embed_text`` | ``TEXT`` BYTES [-1] (UTF-8) | ``CLIP_EMBEDDING`` FP32 [-1, D] |
 
-with ``LATENTS`` FP32 [-1, C, -1, -1] and ``CLIP_EMBEDDING`` FP32 [-1, D].
+with ``LATENTS`` FP32 [-1, C, -1, -1] and ``CLIP_EMBEDDING`` FP32 [-1, D]. A checkpoint without a CLIP head has no
+``embed``, one without CLIP's text vocabulary no ``embed_text``: the index does not list them and they answer 501,
+as their ``/v1`` routes do.
 
 ``IMAGE`` is the model input itself (sides multiples of 16, at most ``max_image_size``); ``IMAGE_BYTES`` holds
 encoded image files, preprocessed as the HTTP API does (request parameters ``size`` and ``crop``). An infer request
-of N images is N entries of the model's batch queue, exactly like N HTTP requests.
+of N images is N entries of the model's batch queue, exactly like N HTTP requests; the texts of one ``embed_text``
+request are one entry (concurrent requests share a model call), exactly like ``/v1/embed-text``.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from .inputs import ApiError, check_latents, check_size, preprocess_upload, read
 from .models import ModelSet
 from .oip_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from .protocol import Outcome, Verb
+from .text_inputs import TextLimits, check_texts
 
 VERSION = "1"
 VERBS: tuple[str, ...] = get_args(Verb)
-IMAGE, IMAGE_BYTES, LATENTS, CLIP_EMBEDDING = "IMAGE", "IMAGE_BYTES", "LATENTS", "CLIP_EMBEDDING"
+IMAGE, IMAGE_BYTES, LATENTS, CLIP_EMBEDDING, TEXT = "IMAGE", "IMAGE_BYTES", "LATENTS", "CLIP_EMBEDDING", "TEXT"
 SERVER_METADATA = {"name": "vtp-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
@@ -54,6 +59,7 @@ class OipContext:
     limits: ImageLimits
     max_decode_batch: int
     max_decode_pixels: int
+    text_limits: TextLimits
     authorize: Callable[[str | None], None]  # the Authorization header (or gRPC metadata) value
 
 
@@ -127,18 +133,35 @@ async def repository_index(ctx: OipContext = _AUTH) -> list[dict[str, Any]]:
 
 
 async def index(ctx: OipContext) -> list[dict[str, Any]]:
-    """Every OIP model: name, version, state (READY / UNAVAILABLE) and the reason when unavailable."""
+    """Every OIP model: name, version, state (READY / UNAVAILABLE) and the reason when unavailable. A model whose
+    checkpoint was never ready is listed with the verbs every checkpoint serves; ``embed`` and ``embed_text`` join
+    once its info says it serves them."""
     statuses = await ctx.models.readiness.statuses()
-    return [
-        {
-            "name": f"{name}.{verb}",
-            "version": VERSION,
-            "state": "READY" if status.ready else "UNAVAILABLE",
-            "reason": status.reason,
-        }
-        for name, status in statuses.items()
-        for verb in VERBS
-    ]
+    listed = []
+    for name, status in statuses.items():
+        info = await ctx.models.info(name) if status.ready else ctx.models.cached_info(name)
+        for verb in served_verbs(info):
+            state = "READY" if status.ready else "UNAVAILABLE"
+            listed.append({"name": f"{name}.{verb}", "version": VERSION, "state": state, "reason": status.reason})
+    return listed
+
+
+def served_verbs(info: dict[str, Any] | None) -> list[str]:
+    """The verbs a checkpoint serves (``info`` None: not known yet, the verbs every checkpoint has)."""
+    return [verb for verb in VERBS if unsupported(verb, info) is None]
+
+
+def unsupported(verb: str, info: dict[str, Any] | None) -> ApiError | None:
+    """The 501 of a verb this checkpoint cannot serve, else None (``info`` None: only the image verbs are known)."""
+    if verb not in ("embed", "embed_text", "classify"):
+        return None
+    if info is None:
+        return ApiError(503, "not_ready", "the model's checkpoint is not known yet")
+    if info["embedding_dim"] is None:
+        return ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
+    if verb != "embed" and info.get("text_context_length") is None:
+        return ApiError(501, "no_text_vocabulary", "this model's text tower does not use CLIP's BPE vocabulary")
+    return None
 
 
 @router.get("/models/{oip_model}")
@@ -152,13 +175,19 @@ async def metadata(ctx: OipContext, oip_model: str, version: str) -> dict[str, A
     """An OIP model's name, versions, platform, inputs and outputs."""
     model, verb = _split(ctx, oip_model, version)
     info = await ctx.models.info(model)
+    if (error := unsupported(verb, info)) is not None:
+        raise error
     inputs, outputs = _signature(verb, info["latent_channels"], info["embedding_dim"])
     return {"name": oip_model, "versions": [VERSION], "platform": "vtp-ray", "inputs": inputs, "outputs": outputs}
 
 
 async def model_status(ctx: OipContext, oip_model: str, version: str) -> ModelStatus:
-    """Whether an OIP model's checkpoint has a replica that can answer (404 for an unknown model)."""
-    model, _ = _split(ctx, oip_model, version)
+    """Whether an OIP model's checkpoint has a replica that can answer (404 for an unknown model, 501 for a verb its
+    checkpoint does not serve)."""
+    model, verb = _split(ctx, oip_model, version)
+    info = ctx.models.cached_info(model)
+    if info is not None and (error := unsupported(verb, info)) is not None:
+        raise error
     return await ctx.models.readiness.status(model)
 
 
@@ -193,8 +222,11 @@ async def run_infer(
     (or latents) are N entries of the model's batch queue, exactly like N HTTP requests."""
     model, verb = _split(ctx, oip_model, version)
     info = await ctx.models.info(model)
-    if verb == "embed" and info["embedding_dim"] is None:
-        raise ApiError(501, "no_clip_head", "this model has no CLIP head (train_clip is false)")
+    if (error := unsupported(verb, info)) is not None:
+        raise error
+    if verb == "embed_text":
+        outcome = await ctx.models.call(model, "run", verb, _texts(inputs, ctx.text_limits))
+        return {CLIP_EMBEDDING: outcome.value}, [outcome]
     if verb == "decode":
         batch = _latents(inputs, info["latent_channels"], ctx)
     else:
@@ -237,6 +269,8 @@ def _signature(verb: str, channels: int, dim: int | None) -> tuple[list[dict], l
     clip = [_tensor(CLIP_EMBEDDING, "FP32", [-1, dim])] if dim is not None else []
     if verb == "decode":
         return [latents], [image]
+    if verb == "embed_text":
+        return [_tensor(TEXT, "BYTES", [-1])], clip
     inputs = [image, _tensor(IMAGE_BYTES, "BYTES", [-1])]  # one of the two
     outputs = {"encode": [latents, *clip], "embed": clip, "reconstruct": [image]}[verb]
     return inputs, outputs
@@ -274,6 +308,18 @@ async def _images(inputs: dict[str, np.ndarray], parameters: dict[str, Any], ctx
     return list(
         await asyncio.gather(*(asyncio.to_thread(preprocess_upload, data, side, crop, ctx.limits) for data in tensor))
     )
+
+
+def _texts(inputs: dict[str, np.ndarray], limits: TextLimits) -> tuple[str, ...]:
+    """The ``TEXT`` input: UTF-8 strings, checked with the same limits as ``/v1/embed-text``."""
+    _, tensor = _only(inputs, (TEXT,))
+    if tensor.dtype != object or tensor.ndim != 1:
+        raise ApiError(400, "bad_infer_request", f"{TEXT} must be BYTES of shape [N], got {list(tensor.shape)}")
+    try:
+        texts = [bytes(value).decode("utf-8") for value in tensor]
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "bad_infer_request", f"{TEXT}: not UTF-8 ({e})") from e
+    return check_texts(texts, limits)
 
 
 def _latents(inputs: dict[str, np.ndarray], channels: int, ctx: OipContext) -> list[np.ndarray]:

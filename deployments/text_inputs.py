@@ -15,7 +15,7 @@ from vtp_ray.text import DEFAULT_TEMPLATES, TEMPLATE_SETS, check_templates
 from .inputs import ApiError, invalid_json
 from .schemas import EmbedTextRequest
 
-__all__ = ["TextLimits", "classify_options", "parse_embed_text"]
+__all__ = ["TextLimits", "check_texts", "classify_options", "parse_embed_text"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,12 @@ def parse_embed_text(body: bytes, limits: TextLimits) -> tuple[str, ...]:
         request = EmbedTextRequest.model_validate_json(body)
     except ValidationError as e:
         raise invalid_json(e, "request JSON") from e
-    return _strings(request.texts, "texts", limits.max_texts, limits.max_text_chars)
+    return check_texts(request.texts, limits)
+
+
+def check_texts(texts: Sequence[Any], limits: TextLimits) -> tuple[str, ...]:
+    """Texts to embed, checked against ``limits`` (count and characters per text)."""
+    return _strings(texts, "texts", limits.max_texts, limits.max_text_chars)
 
 
 def _field_list(values: list[str], what: str) -> list[Any]:

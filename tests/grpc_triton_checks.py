@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from helpers import SIZE, TINY, model_inputs, png_bytes, random_image
+from helpers import SIZE, TINY, TINYTEXT, model_inputs, png_bytes, random_image
 from tritonclient.utils import InferenceServerException
 
 from vtp_ray import VTPReplica
@@ -38,6 +38,31 @@ def replicas() -> dict[str, VTPReplica]:
         "tiny": VTPReplica(TINY, device="cpu", warmup_size=0),
         "wide": VTPReplica(os.environ["VTP_TEST_WIDE_CHECKPOINT"], device="cpu", warmup_size=0),
     }
+
+
+def test_grpc_every_listed_model_answers_metadata_and_infer(grpc_client: triton_grpc.InferenceServerClient) -> None:
+    """Every model the repository index lists answers metadata and an infer over gRPC (test_serve_ops checks the
+    same over REST); text.embed_text equals the replica's text embeddings."""
+    listed = [m.name for m in grpc_client.get_model_repository_index(headers=OPS).models]
+    assert "text.embed_text" in listed and "tiny.embed_text" not in listed
+    texts = ["a photo of a cat", "un chat \u00e9l\u00e9gant"]
+    for name in listed:
+        meta = grpc_client.get_model_metadata(name, headers=OPS)
+        spec = meta.inputs[0]
+        if spec.name == "TEXT":
+            data = np.array([t.encode() for t in texts], dtype=object)
+        elif spec.name == "LATENTS":
+            data = np.random.default_rng(1).normal(size=(2, spec.shape[1], 4, 4)).astype(np.float32)
+        else:
+            data = model_inputs(2, seed=9)
+        tensor = triton_grpc.InferInput(spec.name, list(data.shape), spec.datatype)
+        tensor.set_data_from_numpy(data)
+        result = grpc_client.infer(name, [tensor], headers=OPS)
+        for output in meta.outputs:
+            assert len(result.as_numpy(output.name)) == 2, (name, output.name)
+        if name == "text.embed_text":
+            expected = VTPReplica(TINYTEXT, device="cpu", warmup_size=0).embed_text(texts)
+            np.testing.assert_allclose(result.as_numpy("CLIP_EMBEDDING"), expected, atol=1e-5)
 
 
 def test_grpc_health_metadata_and_readiness(grpc_client: triton_grpc.InferenceServerClient) -> None:

@@ -27,10 +27,11 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from helpers import SIZE, TINY, free_port, model_inputs, png_bytes, random_image, wait_until
+from helpers import SIZE, TINY, TINYTEXT, free_port, model_inputs, png_bytes, random_image, wait_until
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
 from ray import serve
 from safetensors.torch import save_file
+from tritonclient.utils import InferenceServerException
 
 from deployments import AppArgs, compose_app
 from deployments.oip_grpc import SERVICER_FUNCTION
@@ -107,7 +108,7 @@ def base_url(
     args = AppArgs(
         model=TINY,
         model_name="tiny",
-        models={"wide": str(wide_dir)},
+        models={"wide": str(wide_dir), "text": TINYTEXT},
         max_batch_size=4,
         batch_wait_timeout_s=0.3,
         max_decode_batch=DECODE_BATCH,
@@ -137,6 +138,7 @@ def replicas(wide_dir: Path) -> dict[str, VTPReplica]:
     return {
         "tiny": VTPReplica(TINY, device="cpu", warmup_size=0),
         "wide": VTPReplica(str(wide_dir), device="cpu", warmup_size=0),
+        "text": VTPReplica(TINYTEXT, device="cpu", warmup_size=0),
     }
 
 
@@ -146,10 +148,10 @@ def replicas(wide_dir: Path) -> dict[str, VTPReplica]:
 def test_ready_app_reports_every_model(client: httpx.Client) -> None:
     body = wait_until(lambda: client.get("/readyz").json()["status"] == "ready" and client.get("/readyz"), 60, "ready")
     assert body.status_code == 200
-    assert {name: m["ready"] for name, m in body.json()["models"].items()} == {"tiny": True, "wide": True}
+    assert {name: m["ready"] for name, m in body.json()["models"].items()} == {"tiny": True, "wide": True, "text": True}
     assert client.get("/v2/health/ready").status_code == 200
     listed = client.get("/v1/models").json()
-    assert listed["default"] == "tiny" and set(listed["models"]) == {"tiny", "wide"}
+    assert listed["default"] == "tiny" and set(listed["models"]) == {"tiny", "wide", "text"}
 
 
 def test_model_that_cannot_load(client: httpx.Client) -> None:
@@ -197,7 +199,7 @@ def test_models_by_query_header_and_default(client: httpx.Client) -> None:
     assert client.get("/v1/model").json()["latent_channels"] == 8
     by_query = client.get("/v1/model", params={"model": "wide"}).json()
     assert by_query["latent_channels"] == WIDE_CHANNELS and by_query["name"] == "wide"
-    assert by_query["models"] == ["tiny", "wide"]
+    assert by_query["models"] == ["tiny", "wide", "text"]
     assert client.get("/v1/model", headers={"x-vtp-model": "wide"}).json()["latent_channels"] == WIDE_CHANNELS
     unknown = client.get("/v1/model", params={"model": "huge"})
     assert unknown.status_code == 404 and "huge" in unknown.json()["error"]
@@ -438,6 +440,48 @@ def test_kserve_errors_carry_the_app_message(
     error = raised.value.response.json()["error"]
     assert raised.value.response.status_code == status and words in error
     assert error in str(raised.value)  # the client's exception carries the app's message
+
+
+# ------------------------------------------------------------------------------------ every listed OIP model
+
+
+def oip_inputs(meta: dict, client_module: object) -> list:
+    """One request's inputs for an OIP model, from its metadata: two images, two latents or two texts."""
+    spec = meta["inputs"][0]
+    name, datatype = spec["name"], spec["datatype"]
+    if name == "TEXT":
+        data = np.array([b"a photo of a cat", "ein Foto eines Hundes \u2014 \U0001f415".encode()], dtype=object)
+    elif name == "LATENTS":
+        data = np.random.default_rng(0).normal(size=(2, spec["shape"][1], 4, 4)).astype(np.float32)
+    else:
+        data = model_inputs(2, seed=7)
+    tensor = client_module.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+def test_every_listed_model_answers_metadata_and_infer(
+    triton_client: triton.InferenceServerClient, replicas: dict[str, VTPReplica]
+) -> None:
+    """What the repository index lists is what the server serves: metadata and an infer of each, with tritonclient;
+    a checkpoint without CLIP's text vocabulary lists no embed_text."""
+    listed = [m["name"] for m in triton_client.get_model_repository_index()]
+    assert {"tiny.encode", "tiny.decode", "tiny.embed", "text.embed_text"} <= set(listed)
+    assert "tiny.embed_text" not in listed and "wide.embed_text" not in listed
+    for name in listed:
+        meta = triton_client.get_model_metadata(name)
+        result = triton_client.infer(name, oip_inputs(meta, triton))
+        for output in meta["outputs"]:
+            array = result.as_numpy(output["name"])
+            assert array is not None and len(array) == 2, (name, output)
+            assert all(d in (-1, n) for d, n in zip(output["shape"], array.shape, strict=True)), (name, output)
+    texts = ["a photo of a cat", "ein Foto eines Hundes \u2014 \U0001f415"]
+    result = triton_client.infer(
+        "text.embed_text", oip_inputs(triton_client.get_model_metadata("text.embed_text"), triton)
+    )
+    np.testing.assert_allclose(result.as_numpy("CLIP_EMBEDDING"), replicas["text"].embed_text(texts), atol=1e-5)
+    with pytest.raises(InferenceServerException, match="text tower does not use CLIP"):
+        triton_client.get_model_metadata("tiny.embed_text")
 
 
 # --------------------------------------------------------- gRPC (inference.GRPCInferenceService), two clients
