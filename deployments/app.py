@@ -11,9 +11,11 @@ before it connects), ``auto`` is resolved from the accelerators Ray would detect
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 
 from vtp_ray.placement import resolve_placement
@@ -26,6 +28,12 @@ from .text_inputs import TextLimits
 from .uploads import UploadPolicy
 
 PLACEMENT_SETTING = "applications[].args.placement"
+
+#: Rolling updates start a replacement before stopping an old replica (Serve's ``max_surge_percent``, Ray >= 2.60):
+#: a push whose replicas cannot start (a placement the cluster lacks, a broken checkpoint) leaves the old ones
+#: serving instead of taking the service down. It needs room for the extra replicas; where every accelerator is
+#: in use, set ``max_surge_percent: 0`` on the deployment in the config (then Serve stops 20% first).
+ROLLOUT = {"max_surge_percent": 20} if "max_surge_percent" in inspect.signature(serve.deployment).parameters else {}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -46,6 +54,7 @@ def compose_app(args: AppArgs, **model_options: Any) -> Application:
     options = {
         "ray_actor_options": resolve_placement(args.placement, _nodes(), setting=PLACEMENT_SETTING),
         "user_config": batching.model_dump(),
+        **ROLLOUT,
         **model_options,
     }
     models = {

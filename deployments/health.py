@@ -5,18 +5,28 @@ The ingress is up long before (and regardless of whether) a model replica is: li
 ``ready`` routes) says a model replica can answer, and why not when none can: still starting (loading weights,
 waiting for resources) or failed with the loader's message. A background task polls ``serve.status()``; requests
 wait on its result for a bounded time instead of queueing on a handle that may never get a replica.
+
+A replica that Ray cannot place anywhere (its ``ray_actor_options`` ask for a resource no node has, e.g.
+``{resources: {NPU: 1}}`` on a cluster without NPUs) is reported within a poll or two from Ray's own "infeasible"
+verdict (``placement.pending_actors``), in ``unplaceable`` and the reason, and logged once: not left DEPLOYING in
+silence. While older replicas still run (a bad ``serve deploy``), the model stays ready and says what is wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray import serve
+
+from vtp_ray.placement import PendingActor, pending_actors
+
+log = logging.getLogger("ray.serve")
 
 #: The longest loader message a readiness answer repeats (the tail: where Python puts the exception).
 _MAX_REASON_CHARS = 1500
@@ -32,6 +42,7 @@ class ModelStatus:
     state: str  # Serve's deployment status (UPDATING, HEALTHY, DEPLOY_FAILED, UNHEALTHY...) or UNKNOWN
     running_replicas: int
     reason: str  # why not ready; empty when ready
+    unplaceable: str = ""  # replicas Ray cannot place on any node, and what to change; empty when none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +57,7 @@ def read_statuses(app_name: str, deployments: Mapping[str, str]) -> dict[str, Mo
         app = serve.status().applications.get(app_name)
     except Exception as e:  # the controller is unreachable or restarting: nothing can be promised
         return {name: _unknown(name, dep, f"cannot read Serve's status: {e}") for name, dep in deployments.items()}
+    pending: list[PendingActor] | None = None
     statuses = {}
     for name, dep in deployments.items():
         overview = app.deployments.get(dep) if app else None
@@ -54,9 +66,31 @@ def read_statuses(app_name: str, deployments: Mapping[str, str]) -> dict[str, Mo
             continue
         running = int(overview.replica_states.get("RUNNING", 0))
         state = str(getattr(overview.status, "value", overview.status))
-        reason = "" if running else _reason(name, state, overview.message, overview.replica_states)
-        statuses[name] = ModelStatus(name, dep, running > 0, state, running, reason)
+        unplaceable = ""
+        if sum(overview.replica_states.values()) > running:  # some replica is not running: placed yet?
+            if pending is None:
+                pending = pending_actors(f"{REPLICA_ACTOR_PREFIX}{app_name}#")
+            unplaceable = _unplaceable(name, dep, [a for a in pending if a.name.split("#")[1:2] == [dep]])
+        reason = "" if running else unplaceable or _reason(name, state, overview.message, overview.replica_states)
+        statuses[name] = ModelStatus(name, dep, running > 0, state, running, reason, unplaceable)
     return statuses
+
+
+#: Serve's replica actors are named ``SERVE_REPLICA::<app>#<deployment>#<id>``.
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
+
+
+def _unplaceable(name: str, deployment: str, pending: list[PendingActor]) -> str:
+    """What to say about the replicas of a deployment that Ray reports infeasible ("" when there are none)."""
+    stuck = [a for a in pending if a.infeasible]
+    if not stuck:
+        return ""
+    asks = ", ".join(sorted({str({k: v for k, v in a.resources.items() if v}) for a in stuck}))
+    return (
+        f"model {name!r}: {len(stuck)} replica(s) cannot be placed: each asks for {asks} and no node of the cluster "
+        f"has that (Ray reports the request infeasible). Change ray_actor_options of deployment {deployment} in the "
+        "config (or args.placement), or add nodes that have it (an autoscaler may still add them)"
+    )
 
 
 def _unknown(name: str, deployment: str, reason: str) -> ModelStatus:
@@ -134,7 +168,14 @@ class ReadinessMonitor:
 
     async def _poll_forever(self) -> None:
         while True:
-            self._statuses = await asyncio.to_thread(read_statuses, self._app_name, self._deployments)
+            statuses = await asyncio.to_thread(read_statuses, self._app_name, self._deployments)
+            for name, status in statuses.items():
+                before = self._statuses.get(name)
+                if status.unplaceable and (before is None or before.unplaceable != status.unplaceable):
+                    log.warning("%s", status.unplaceable)
+                elif before is not None and before.unplaceable and not status.unplaceable:
+                    log.info("model %r: every replica is placed now", name)
+            self._statuses = statuses
             polled, self._polled = self._polled, asyncio.Event()
             polled.set()
             ready = all(status.ready for status in self._statuses.values())

@@ -148,7 +148,7 @@ def test_grpc_bytes_reconstruct_decode_embed(
         ("ops", "tiny.encode", np.zeros((1, 16, 16, 3), np.float32), None, "INVALID_ARGUMENT", "uint8"),
         ("ops", "tiny.encode", np.zeros((1, 20, 16, 3), np.uint8), None, "INVALID_ARGUMENT", "multiples of 16"),
         ("ops", "tiny.encode", np.zeros((1, 16, 16, 3), np.uint8), "NOPE", "INVALID_ARGUMENT", "unknown output"),
-        ("starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), None, "UNAVAILABLE", "no running replica yet"),
+        ("starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), None, "UNAVAILABLE", "cannot be placed"),
         ("keyed", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), None, "UNAUTHENTICATED", "API key"),
         ("ops", "tiny.embed", np.zeros((1, 2400, 2400, 3), np.uint8), None, "INVALID_ARGUMENT", "max_body_bytes"),
     ],

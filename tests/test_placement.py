@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from vtp_ray.placement import OPENMP_WAIT_VARS, PlacementError, assigned_device, device_for, resolve_placement
+from vtp_ray.placement import (
+    OPENMP_WAIT_VARS,
+    PlacementError,
+    assigned_device,
+    device_for,
+    pending_actors,
+    resolve_placement,
+)
 
 LAPTOP = {"CPU": 8.0, "memory": 1e10}
 GPU_BOX = {"CPU": 32.0, "GPU": 4.0}
@@ -70,6 +77,42 @@ def test_the_assigned_device_follows_the_accelerator_ray_gave(ray_runtime):
     on_npu = ray.remote(resources={"NPU": 1})(assigned_device)
     on_cpu = ray.remote(num_cpus=0.5)(assigned_device)
     assert ray.get([on_npu.remote(), on_cpu.remote()]) == ["npu:0", "cpu"]
+
+
+@pytest.mark.slow
+def test_ray_says_which_pending_actors_can_never_be_placed(ray_runtime):
+    """Ray's infeasible verdict, per pending actor: a resource no node has is infeasible; a placed actor still in
+    its constructor (a long warm-up) and one waiting for NPUs that exist but are taken are not."""
+    import time
+
+    import ray
+    from helpers import wait_until
+
+    @ray.remote
+    class Slow:
+        def __init__(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    warming = Slow.options(name="probe-warming", num_cpus=0.1).remote(30)
+    nowhere = Slow.options(name="probe-nowhere", num_cpus=0.1, resources={"TPU": 1}).remote(0)
+    holders = [Slow.options(name=f"probe-holder-{i}", resources={"NPU": 1}, num_cpus=0.1).remote(30) for i in (0, 1)]
+    busy = Slow.options(name="probe-busy", num_cpus=0.1, resources={"NPU": 2}).remote(0)
+    try:
+
+        def verdicts() -> dict[str, bool] | None:
+            found = {a.name: a.infeasible for a in pending_actors("probe-")}
+            return found if found.get("probe-nowhere") else None
+
+        found = wait_until(verdicts, 20, "Ray to report the TPU actor infeasible", interval_s=0.3)
+        assert found["probe-nowhere"] is True
+        assert found.get("probe-warming", False) is False  # placed, constructor running: never "unplaceable"
+        assert found.get("probe-busy", False) is False  # the cluster has 2 NPUs, held by the others for now
+        assert {a.name: a.resources for a in pending_actors("probe-nowhere")} == {
+            "probe-nowhere": {"CPU": 0.1, "TPU": 1.0}
+        }
+    finally:
+        for actor in (warming, nowhere, busy, *holders):
+            ray.kill(actor)
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,37 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
         before["replica"]["id"],
         before["replica"]["loaded_at"],
     )
+
+
+def test_a_push_no_node_can_place_leaves_the_old_replica_serving(deployed) -> None:
+    """A `serve deploy` whose model replicas ask for NPUs on a cluster without any: the running replica keeps
+    serving (Serve starts the replacement first: max_surge_percent), readiness stays 200 and says what is wrong."""
+    config, address = deployed["config"], deployed["address"]
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
+        replica["ray_actor_options"] = {"resources": {"NPU": 1}}
+        path = deployed["tmp"] / "serve_config_npu.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
+
+        def reported() -> dict[str, Any] | None:
+            response = client.get("/readyz")
+            status = response.json()["models"]["vtp"]
+            return {"code": response.status_code, **status} if status["unplaceable"] else None
+
+        status = wait_until(reported, 30, "the unplaceable replacement to be reported", interval_s=0.5)
+        assert status["code"] == 200 and status["ready"] is True and status["running_replicas"] == 1
+        assert "cannot be placed" in status["unplaceable"] and "'NPU': 1.0" in status["unplaceable"]
+        assert client.get("/v1/models").json()["models"]["vtp"]["unplaceable"] == status["unplaceable"]
+        png = client.post("/v1/preprocess", content=_png(), headers={"content-type": "image/png"}).content
+        answer = client.post("/v1/reconstruct", content=png, headers={"content-type": "image/png"})
+        assert answer.status_code == 200
+        assert client.get("/v1/model").json()["replica"]["id"] == before["replica"]["id"]
+
+
+def _png() -> bytes:
+    from helpers import png_bytes, random_image
+
+    return png_bytes(random_image(SIZE, SIZE))

@@ -179,15 +179,25 @@ def test_model_that_cannot_load(client: httpx.Client) -> None:
     assert client.get("/broken/v2/models/vtp.encode/ready").status_code == 503
 
 
-def test_model_still_starting(client: httpx.Client, triton_client: triton.InferenceServerClient) -> None:
+def test_a_replica_no_node_can_hold_is_reported_within_seconds(client: httpx.Client) -> None:
+    """The ``starting`` app's replicas ask for a resource no node has: readiness says so (Ray's infeasible verdict),
+    with what to change, instead of DEPLOYING in silence; requests get 503 with the same words after model_wait_s."""
     assert client.get("/starting/healthz").status_code == 200
     assert client.get("/starting/v2/health/live").status_code == 200
-    response = client.get("/starting/readyz")
+
+    def reported() -> httpx.Response | None:
+        response = client.get("/starting/readyz")
+        return response if "cannot be placed" in response.json().get("error", "") else None
+
+    response = wait_until(reported, 20, "the unplaceable replica to be reported", interval_s=0.5)
     assert response.status_code == 503
-    assert "no running replica yet" in response.json()["error"], response.json()
+    error = response.json()["error"]
+    assert "NotOnThisCluster" in error and "ray_actor_options of deployment VTPReplica" in error, error
+    listed = client.get("/starting/v1/models").json()["models"]["vtp"]
+    assert listed["ready"] is False and listed["unplaceable"] in error
     started = time.monotonic()
     answer = client.post("/starting/v1/embed", content=png_bytes(random_image()), headers={"content-type": "image/png"})
-    assert answer.status_code == 503 and "no running replica yet" in answer.json()["error"]
+    assert answer.status_code == 503 and "cannot be placed" in answer.json()["error"]
     assert answer.headers["retry-after"]
     assert WAIT_S - 0.5 <= time.monotonic() - started < 60  # waited for a replica, then gave up
 
@@ -380,7 +390,7 @@ def test_kserve_health_and_readiness(base_url: str) -> None:
 
     assert with_kserve(check) == [True, True, True, True, False, False, True, False]
     # A server that is not ready: the client raises, with the app's reason in the message.
-    with pytest.raises(httpx.HTTPStatusError, match="no running replica yet") as raised:
+    with pytest.raises(httpx.HTTPStatusError, match="cannot be placed") as raised:
         with_kserve(lambda c: c.is_server_ready(f"{base_url}/starting"))
     assert raised.value.response.status_code == 503
 
@@ -426,7 +436,7 @@ def test_kserve_bytes_embed_and_json_decode(base_url: str, replicas: dict[str, V
         ("", "huge.encode", np.zeros((1, 16, 16, 3), np.uint8), 404, "no model named 'huge'"),
         ("", "tiny.encode", np.zeros((1, 16, 16, 3), np.float32), 400, "uint8"),
         ("", "tiny.encode", np.zeros((1, 20, 16, 3), np.uint8), 400, "multiples of 16"),
-        ("/starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), 503, "no running replica yet"),
+        ("/starting", "vtp.embed", np.zeros((1, 16, 16, 3), np.uint8), 503, "cannot be placed"),
     ],
     ids=["unknown-model", "wrong-datatype", "wrong-size", "not-ready"],
 )

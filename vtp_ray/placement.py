@@ -8,9 +8,12 @@ message naming the setting to change, instead of waiting forever for a replica t
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 SHORTCUTS: dict[str, dict[str, Any]] = {
@@ -127,3 +130,54 @@ def brief_openmp_waits(device: str) -> None:
     """
     if device.startswith("cpu") and "torch" not in sys.modules and not any(v in os.environ for v in OPENMP_WAIT_VARS):
         os.environ.update(OPENMP_WAITS)
+
+
+@dataclass(frozen=True)
+class PendingActor:
+    """An actor Ray has not placed yet: what it asks for, and whether Ray reports that request infeasible."""
+
+    name: str
+    resources: dict[str, float]
+    infeasible: bool  # no node of the cluster has these resources (an autoscaler may still add one)
+
+
+def pending_actors(name_prefix: str) -> list[PendingActor]:
+    """The actors whose name starts with ``name_prefix`` that wait to be placed (``PENDING_CREATION``).
+
+    ``infeasible`` is Ray's own verdict, the one ``ray status`` and the autoscaler read from the GCS's resource
+    demands: a request no node's total resources can hold. A placed actor still running its constructor (a long
+    warm-up) is not pending. These are Ray's internal GCS tables (what Serve's controller reads itself): on a Ray
+    whose tables differ this returns ``[]`` and logs why once, and nothing else changes.
+    """
+    try:
+        from ray._private.state import state
+        from ray._private.worker import global_worker
+        from ray.core.generated import gcs_pb2
+
+        actors = [
+            gcs_pb2.ActorTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_actor_table(None, "PENDING_CREATION")
+        ]
+        pending = [a for a in actors if a.name.startswith(name_prefix)]
+        if not pending:
+            return []
+        usage = global_worker.gcs_client.get_all_resource_usage(timeout=5)
+        demands = usage.resource_usage_data.resource_load_by_shape.resource_demands
+        infeasible = [dict(d.shape) for d in demands if d.num_infeasible_requests_queued > 0]
+    except Exception as e:  # an internal API that moved: report nothing rather than fail readiness
+        _warn_once(f"cannot read Ray's pending actors ({type(e).__name__}: {e}); unplaceable replicas go unreported")
+        return []
+    return [
+        PendingActor(a.name, dict(a.required_resources), _same_request(dict(a.required_resources), infeasible))
+        for a in pending
+    ]
+
+
+def _same_request(resources: Mapping[str, float], shapes: Sequence[Mapping[str, float]]) -> bool:
+    wanted = {k: v for k, v in resources.items() if v}
+    return any({k: v for k, v in shape.items() if v} == wanted for shape in shapes)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
