@@ -29,7 +29,7 @@ from helpers import free_port, png_bytes
 from hostile import HostileMix, SoakReport, raise_fd_limit, rss_mb, serve_pids, server_connections, soak
 from ray import serve
 
-from deployments import AppArgs, compose_app
+from deployments import AppSettings, compose_app
 
 
 def _line(name: str, report: SoakReport) -> str:
@@ -91,7 +91,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    app_args = AppArgs(
+    app_args = AppSettings(
         model=args.model,
         image_size=args.size,
         placement="cpu",

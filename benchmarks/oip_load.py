@@ -29,8 +29,8 @@ import tritonclient.http as triton
 from PIL import Image
 from ray import serve
 
-from deployments import AppArgs, compose_app
-from deployments.oip_grpc import SERVICER_FUNCTION
+from deployments import AppSettings, compose_app
+from deployments.oip.grpc_service import SERVICER_FUNCTION
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 
@@ -94,7 +94,7 @@ def main() -> None:
         http_options={"host": "127.0.0.1", "port": port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
     )
-    app = AppArgs(model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu")
+    app = AppSettings(model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu")
     serve.run(compose_app(app), name="vtp", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=600)

@@ -40,7 +40,7 @@ import ray
 from PIL import Image
 from ray import serve
 
-from deployments import AppArgs, compose_app
+from deployments import AppSettings, compose_app
 from vtp_ray.images import preprocess
 from vtp_ray.placement import OPENMP_WAIT_VARS, brief_openmp_waits
 
@@ -167,7 +167,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--photo", default="500x375", help="WxH of the JPEG the clients send (a typical photo)")
     parser.add_argument("--large-photo", default="4000x3000", help="WxH of the photo of the ingress-cost check")
     parser.add_argument("--large-requests", type=int, default=4, help="requests of the ingress-cost check")
-    parser.add_argument("--draft-decode", action="store_true", help="the app's draft_decode setting")
+    parser.add_argument(
+        "--fast-preprocess", "--draft-decode", action="store_true", help="the app's preprocess.fast setting"
+    )
     parser.add_argument(
         "--direct-ingress", action="store_true", help="also time the ingress replica's own port (no proxy)"
     )
@@ -257,12 +259,12 @@ def enable_direct_ingress() -> str:
 def start_app(args: argparse.Namespace) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app_args = AppArgs(
+    app_args = AppSettings(
         model=args.model,
         precision=args.precision,
         placement={"num_cpus": args.cpus},  # same torch threads as the direct run (Ray sets OMP_NUM_THREADS)
         image_size=args.image_size,
-        draft_decode=args.draft_decode,
+        preprocess={"fast": args.fast_preprocess},
     )
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     serve.run(compose_app(app_args, user_config=batching), name="vtp", route_prefix="/")
@@ -349,7 +351,7 @@ def main() -> None:
         costs = []
         for shape, photo in ((args.photo, data), (args.large_photo, large)):
             for mode in ("exact", "fast"):
-                query = f"?decode={mode}"
+                query = f"?preprocess={mode}"
                 level = asyncio.run(
                     run_level(url, args.endpoint, photo, 1, args.large_requests, args.time_limit_s, query, pids)
                 )
@@ -402,7 +404,7 @@ def main() -> None:
 
     print("\ningress cost per photo size, 1 client (CPU ms per request; Server-Timing means in ms)")
     print(
-        f"{'photo':>10} {'bytes':>8} {'decode':>6} {'p50 ms':>8} {'ingress':>8} {'proxy':>6} "
+        f"{'photo':>10} {'bytes':>8} {'mode':>6} {'p50 ms':>8} {'ingress':>8} {'proxy':>6} "
         f"{'read':>6} {'pre':>6} {'png':>6}"
     )
     for shape, size, mode, level in costs:
@@ -411,7 +413,7 @@ def main() -> None:
         print(
             f"{shape:>10} {size:>8} {mode:>6} {level.percentile(50):>8.1f} "
             f"{level.role_cpu_s['ingress'] * 1000 / n:>8.1f} {level.role_cpu_s['proxy'] * 1000 / n:>6.1f} "
-            f"{stage.get('read', 0):>6.1f} {stage.get('decode', 0):>6.1f} {stage.get('output', 0):>6.1f}"
+            f"{stage.get('read', 0):>6.1f} {stage.get('preprocess', 0):>6.1f} {stage.get('output', 0):>6.1f}"
         )
 
     stages = list(rows[0][1].stages_ms)

@@ -29,7 +29,7 @@ import ray
 from ray import serve
 from tokenize_throughput import write_images
 
-from deployments import AppArgs, compose_app
+from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
 from vtp_ray.pipeline import PipelineSpec
 
@@ -76,7 +76,7 @@ def serve_part(args: argparse.Namespace) -> None:
         address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = AppArgs(model=args.model, placement="cpu", image_size=64, max_batch_size=args.max_batch_size)
+    app = AppSettings(model=args.model, placement="cpu", image_size=64, max_batch_size=args.max_batch_size)
     serve.run(compose_app(app, ray_actor_options={"num_cpus": os.cpu_count()}), name="text-bench", route_prefix="/")
     before = direct_rate(replica, args)
     served, mean_batch = asyncio.run(http_rate(f"http://127.0.0.1:{port}", args))

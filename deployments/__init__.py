@@ -1,13 +1,17 @@
-"""Ray Serve application for VTP: a FastAPI ingress in front of a dynamically batched model deployment.
+"""Ray Serve application for VTP: a FastAPI ingress in front of dynamically batched model deployments.
 
-``serve run serve_config.yaml`` (or ``serve deploy``) builds it with ``deployments.app:build_app``. Modules:
-``config`` (the application's arguments), ``ingress`` (HTTP: validation, decoding, encoding), ``inputs`` (request
-parsing), ``schemas`` (JSON bodies), ``protocol`` (what ingress and replicas exchange), ``replica`` (the model
-deployment), ``batching`` (its admission gate), ``metrics``, ``app`` (the builder). Importing the package does not
-import torch: only the model replicas load it.
+``serve run serve_config.yaml`` (or ``serve deploy``) builds it with ``deployments.app:build_app``. Three rooms, each
+a package: ``api`` (the HTTP API ``/v1``, the page, uploads), ``oip`` (the Open Inference Protocol: one data plane,
+REST and gRPC adapters) and ``model`` (the model deployment, its batching, model selection and readiness). Below
+them: ``settings`` (the one settings tree), ``state`` (what every route reads), ``errors``, ``requests`` and
+``texts`` (request checks every room shares), ``metrics``. Above them: ``ingress`` (the ingress deployment) and
+``app`` (the builder). Importing the package does not import torch: only the model replicas load it.
 """
 
 from .app import build_app, compose_app
-from .config import AppArgs
+from .settings import AppSettings
 
-__all__ = ["AppArgs", "build_app", "compose_app"]
+#: The earlier name of ``AppSettings``.
+AppArgs = AppSettings
+
+__all__ = ["AppArgs", "AppSettings", "build_app", "compose_app"]

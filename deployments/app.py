@@ -20,12 +20,10 @@ from ray.serve import Application
 
 from vtp_ray.placement import resolve_placement
 
-from .config import AppArgs
-from .ingress import IngressSettings, VTPIngress
-from .models import deployment_name
-from .replica import BatchingConfig, ReplicaDeployment
-from .text_inputs import TextLimits
-from .uploads import UploadPolicy
+from .ingress import VTPIngress
+from .model.deployment import ModelDeployment
+from .model.protocol import deployment_name
+from .settings import AppSettings
 
 PLACEMENT_SETTING = "applications[].args.placement"
 
@@ -39,59 +37,37 @@ ROLLOUT = {"max_surge_percent": 20} if "max_surge_percent" in inspect.signature(
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Build the application from its ``args`` (``VTP_MODEL``, ``VTP_PRECISION``, ``VTP_DEVICE``,
     ``VTP_API_KEY`` override theirs)."""
-    return compose_app(AppArgs.from_args(args))
+    return compose_app(AppSettings.from_args(args))
 
 
-def compose_app(args: AppArgs, **model_options: Any) -> Application:
-    """The ingress bound to one model deployment per served checkpoint (``VTPReplica`` for ``args.model``,
-    ``VTPReplica-<name>`` for each of ``args.models``).
+def compose_app(settings: AppSettings, **model_options: Any) -> Application:
+    """The ingress bound to one model deployment per served checkpoint (``VTPReplica`` for ``settings.model``,
+    ``VTPReplica-<name>`` for each of ``settings.models``). Each deployment gets its own part of the settings: the
+    model deployments their ``batching`` as ``user_config``, the ingress its ``IngressConfig``.
 
     ``model_options`` are extra Serve deployment options for the model deployments (``num_replicas``,
     ``user_config``, ``max_queued_requests``...), for callers that build the app in Python rather than from a
     config file, where the ``deployments:`` section sets them (per deployment).
     """
-    batching = BatchingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
     options = {
-        "ray_actor_options": resolve_placement(args.placement, _nodes(), setting=PLACEMENT_SETTING),
-        "user_config": batching.model_dump(),
+        "ray_actor_options": resolve_placement(settings.placement, _nodes(), setting=PLACEMENT_SETTING),
+        "user_config": settings.batching.model_dump(),
         **ROLLOUT,
         **model_options,
     }
     models = {
-        name: ReplicaDeployment.options(name=deployment_name(name, name == args.model_name), **options).bind(
+        name: ModelDeployment.options(name=deployment_name(name, name == settings.model_name), **options).bind(
             model=checkpoint,
-            precision=args.precision,
-            device=args.device,
-            warmup_size=args.image_size,
-            label_cache_size=args.label_cache_size,
+            precision=settings.precision,
+            device=settings.device,
+            warmup_size=settings.image_size,
+            label_cache_size=settings.label_cache_size,
+            batching=settings.batching,
         )
-        for name, checkpoint in args.checkpoints().items()
+        for name, checkpoint in settings.checkpoints().items()
     }
-    settings = IngressSettings(
-        image_size=args.image_size,
-        max_image_size=args.max_image_size,
-        max_body_bytes=args.max_body_bytes,
-        max_pixels=args.max_pixels,
-        api_key=args.api_key.get_secret_value() if args.api_key else None,
-        default_model=args.model_name,
-        model_wait_s=args.model_wait_s,
-        max_decode_batch=args.max_decode_batch,
-        max_decode_pixels=args.max_decode_pixels,
-        text_limits=TextLimits(
-            max_texts=args.max_texts,
-            max_labels=args.max_labels,
-            max_templates=args.max_templates,
-            max_text_chars=args.max_text_chars,
-        ),
-        draft_decode=args.draft_decode,
-        uploads=UploadPolicy(
-            body_timeout_s=args.body_timeout_s,
-            max_uploads_per_client=args.max_uploads_per_client,
-            refusal_delay_s=args.upload_refusal_delay_s,
-            client_address_header=args.client_address_header,
-        ),
-    )
-    return VTPIngress.bind(models, settings)
+    ingress = VTPIngress.options(user_config=settings.ingress_config().model_dump())
+    return ingress.bind(models, settings)
 
 
 def _nodes() -> list[dict[str, float]]:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments import AppArgs
-from deployments.replica import BatchingConfig
+from deployments import AppSettings
+from deployments.settings import Batching
 from vtp_ray.placement import resolve_placement
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -32,14 +32,14 @@ def test_serve_configs_are_valid_for_ray_and_for_the_app(path: Path) -> None:
     for app in config.applications:
         assert app.import_path == "deployments.app:build_app"
         env = (app.runtime_env or {}).get("env_vars", {})
-        args = AppArgs.from_args(app.args, environ=env)  # the env vars win, as where the app is built
+        args = AppSettings.from_args(app.args, environ=env)  # the env vars win, as where the app is built
         placement = resolve_placement(args.placement, ASCEND_AND_CUDA, setting=f"{path.name} {app.name}")
         replica = next(d for d in app.deployments if d.name == "VTPReplica")
         explicit = "ray_actor_options" in replica.model_fields_set
         options = replica.ray_actor_options.model_dump(exclude_unset=True) if explicit else placement
         assert options.get("num_gpus") or (options.get("resources") or {}).get("NPU"), options  # an accelerator each
         assert {d.name for d in app.deployments} <= {"VTPReplica", "VTPIngress"}
-        BatchingConfig.model_validate(replica.user_config)
+        Batching.model_validate(replica.user_config)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)

@@ -29,8 +29,8 @@ from hostile import (
 from ray import serve
 from starlette.datastructures import Headers
 
-from deployments import AppArgs, compose_app
-from deployments.uploads import client_address, has_body
+from deployments import AppSettings, compose_app
+from deployments.api.uploads import client_address, has_body
 
 BODY_TIMEOUT_S = 4.0
 CAP = 8
@@ -62,12 +62,12 @@ def test_has_body() -> None:
 
 
 def test_config_knobs_are_validated() -> None:
-    args = AppArgs(model=TINY)
-    assert (args.body_timeout_s, args.max_uploads_per_client, args.client_address_header) == (30.0, 32, None)
-    assert args.upload_refusal_delay_s == 5.0
+    uploads = AppSettings(model=TINY).uploads
+    assert (uploads.body_timeout_s, uploads.max_uploads_per_client, uploads.client_address_header) == (30.0, 32, None)
+    assert uploads.refusal_delay_s == 5.0
     for bad in ({"body_timeout_s": 0}, {"max_uploads_per_client": -1}, {"upload_refusal_delay_s": -1}):
         with pytest.raises(ValueError):
-            AppArgs(model=TINY, **bad)
+            AppSettings(model=TINY, **bad)
 
 
 # ------------------------------------------------------------------------------------------- slow: the app
@@ -80,7 +80,7 @@ AUTH_LINE = f"authorization: Bearer {KEY}\r\n"
 def port(ray_runtime: str) -> Iterator[int]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    args = AppArgs(
+    args = AppSettings(
         model=TINY,
         image_size=SIZE,
         placement="cpu",

@@ -1,12 +1,10 @@
 """The Kubernetes kit in examples/kubernetes, validated offline: the manifests parse as KubeRay ``ray.io/v1``
-resources, the RayService's serveConfigV2 passes Ray's ``ServeDeploySchema`` and vtp-ray's ``AppArgs``, its probes
+resources, the RayService's serveConfigV2 passes Ray's ``ServeDeploySchema`` and vtp-ray's ``AppSettings``, its probes
 point at routes the Serve app really serves, Ascend pods declare NPUs to Ray and to Kubernetes, the RayJob's
 entrypoint is a command the CLI accepts, and the Dockerfiles copy files that exist. (Nothing here runs a cluster.)"""
 
 from __future__ import annotations
 
-import ast
-import inspect
 import shlex
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments import AppArgs, ingress
+from deployments import AppSettings, ingress
 from vtp_ray.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,22 +34,14 @@ def test_the_rayservice_serves_a_config_ray_and_the_app_accept():
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     (application,) = config.applications
     assert application.import_path == "deployments.app:build_app"
-    AppArgs.from_args(application.args, environ={})
+    AppSettings.from_args(application.args, environ={})
     replica = next(d for d in application.deployments if d.name == "VTPReplica")
     assert replica.ray_actor_options.resources == {"NPU": 1}
 
 
 def _ingress_routes() -> set[tuple[str, str]]:
-    """``(path, METHOD)`` of the ``@app.<method>(path)`` routes of the ingress class (Serve registers them on the
-    FastAPI app only inside a replica, so they are read from the decorators)."""
-    tree = ast.parse(inspect.getsource(ingress))
-    routes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
-            target = node.func.value
-            if isinstance(target, ast.Name) and target.id == "app" and isinstance(node.args[0], ast.Constant):
-                routes.add((node.args[0].value, node.func.attr.upper()))
-    return routes
+    """``(path, METHOD)`` of every route the ingress's FastAPI app serves, from its OpenAPI description."""
+    return {(path, method.upper()) for path, item in ingress.app.openapi()["paths"].items() for method in item}
 
 
 def test_probes_point_at_routes_the_ingress_serves():

@@ -37,7 +37,7 @@ from PIL import Image
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from deployments import AppArgs, compose_app
+from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec
@@ -91,7 +91,7 @@ def serve_url(cluster) -> Iterator[str]:
     # One proxy: every raylet here shares the loopback address, so per-node proxies would fight over the port.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
-        args = AppArgs(model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu")
+        args = AppSettings(model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu")
         # health_check_period_s: notice a killed replica within a second rather than ten.
         serve.run(compose_app(args, num_replicas=2, health_check_period_s=1), name="vtp", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -194,7 +194,7 @@ def test_a_replica_bigger_than_any_node_fails_at_once_though_the_cluster_sums_to
         tokenize_dataset(str(images), str(tmp_path / "out"), PipelineSpec(TINY, resources={"NPU": 2}, progress=False))
     assert not (tmp_path / "out").exists()
     with pytest.raises(PlacementError, match=r"args\.placement.*no node has that much"):
-        compose_app(AppArgs(model=TINY, placement={"resources": {"NPU": 2}}))
+        compose_app(AppSettings(model=TINY, placement={"resources": {"NPU": 2}}))
 
 
 def test_a_worker_node_dying_mid_job_loses_and_repeats_nothing(cluster, images, tmp_path) -> None:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from pydantic import ValidationError
 
-from deployments import AppArgs
-from deployments.inputs import ApiError
-from deployments.oip_tensors import encode_infer_response, parse_infer_request
+from deployments.errors import ApiError
+from deployments.oip.tensors import encode_infer_response, parse_infer_request
 
 
 def _request(inputs: list[triton.InferInput], outputs: list[triton.InferRequestedOutput] | None = None):
@@ -78,12 +74,3 @@ def test_malformed_requests_are_400(body: bytes, header_length: str | None, word
     with pytest.raises(ApiError) as err:
         parse_infer_request(body, header_length)
     assert err.value.status == 400 and words in err.value.message
-
-
-def test_model_names_in_the_config() -> None:
-    args = AppArgs(model="a", models={"wide": "/ckpt/wide"})
-    assert args.checkpoints() == {"vtp": "a", "wide": "/ckpt/wide"}
-    for bad in ({"models": {"a.b": "x"}}, {"models": {"vtp": "x"}}, {"model_name": "-x"}):
-        with pytest.raises(ValidationError):
-            AppArgs(model="a", **bad)
-    assert json.loads(AppArgs(model="a").model_dump_json())["model_wait_s"] == 10.0

@@ -1,5 +1,5 @@
 """The page (``GET /``, ``/ui``) in a real headless Chromium against the Serve app over loopback HTTP, and the
-request-path options that came with it: ``/v1/preprocess``, ``?decode=`` and the finer ``Server-Timing``.
+request-path options that came with it: ``/v1/preprocess``, ``?preprocess=`` and the finer ``Server-Timing``.
 
 One app (the tiny model, an API key set) serves every test here. The browser test needs Debian's ``chromium``
 (``apt-get install chromium``) and the ``playwright`` package; it is skipped, saying so, where either is missing.
@@ -20,8 +20,8 @@ from helpers import CHANNELS, SIZE, TINY, free_port, png_array, random_image
 from PIL import Image
 from ray import serve
 
-from deployments import AppArgs, compose_app
-from deployments.page import page_html
+from deployments import AppSettings, compose_app
+from deployments.api.page import page_html
 from vtp_ray.images import preprocess
 from vtp_ray.metrics import psnr
 
@@ -52,7 +52,7 @@ def test_the_page_is_self_contained() -> None:
 def base_url(ray_runtime: str) -> Iterator[str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(model=TINY, image_size=SIZE, placement="cpu", api_key=KEY, max_image_size=256)
+    args = AppSettings(model=TINY, image_size=SIZE, placement="cpu", api_key=KEY, max_image_size=256)
     serve.run(compose_app(args), name="vtp-page", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -84,14 +84,14 @@ def test_preprocess_returns_the_model_input_and_timings(client: httpx.Client) ->
 
     response = client.post("/v1/reconstruct", content=data, headers={"content-type": "image/jpeg", **AUTH})
     stages = dict(entry.strip().split(";dur=") for entry in response.headers["server-timing"].split(","))
-    assert list(stages) == ["read", "decode", "hop", "queue", "model", "output"]
+    assert list(stages) == ["read", "preprocess", "hop", "queue", "model", "output"]
     assert all(float(ms) >= 0 for ms in stages.values())
 
 
 @pytest.mark.slow
-def test_decode_option(client: httpx.Client) -> None:
-    data = smooth_jpeg(1200, 900)  # 4x the side of the 256-px crop asked for: draft decoding can scale by 1/4
-    url = "/v1/preprocess?size=256&decode="
+def test_fast_preprocess_option(client: httpx.Client) -> None:
+    data = smooth_jpeg(1200, 900)  # 4x the side of the 256-px crop asked for: draft loading can scale by 1/4
+    url = "/v1/preprocess?size=256&preprocess="
     headers = {"content-type": "image/jpeg", **AUTH}
     exact = client.post(url + "exact", content=data, headers=headers)
     np.testing.assert_array_equal(png_array(exact.content), preprocess(data, size=256))
@@ -99,7 +99,12 @@ def test_decode_option(client: httpx.Client) -> None:
     fast = client.post(url + "fast", content=data, headers=headers)
     assert fast.status_code == 200, fast.text
     difference = np.abs(png_array(fast.content).astype(int) - png_array(exact.content).astype(int))
-    assert difference.mean() < 3, f"draft decoding moved pixels by {difference.mean():.2f} levels on average"
+    assert difference.mean() < 3, f"draft loading moved pixels by {difference.mean():.2f} levels on average"
+    # ?decode= is the option's former name, and still works; the two disagreeing is an error
+    old = client.post("/v1/preprocess?size=256&decode=fast", content=data, headers=headers)
+    assert old.status_code == 200 and old.content == fast.content
+    both = client.post("/v1/preprocess?size=256&decode=fast&preprocess=exact", content=data, headers=headers)
+    assert both.status_code == 400 and "disagree" in both.json()["error"]
 
 
 @pytest.mark.slow

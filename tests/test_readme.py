@@ -155,8 +155,8 @@ def serve_port(ray_runtime: str) -> Iterator[int]:
     """The HTTP port of the README's app; its gRPC proxy listens on ``GRPC_PORT``."""
     from ray import serve
 
-    from deployments import AppArgs, compose_app
-    from deployments.oip_grpc import SERVICER_FUNCTION
+    from deployments import AppSettings, compose_app
+    from deployments.oip.grpc_service import SERVICER_FUNCTION
 
     port = free_port()
     serve.start(
@@ -164,7 +164,7 @@ def serve_port(ray_runtime: str) -> Iterator[int]:
         grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
     )
     # The tiny checkpoint with CLIP's real vocabulary, so that the text examples run too.
-    serve.run(compose_app(AppArgs(model=TINYTEXT, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
+    serve.run(compose_app(AppSettings(model=TINYTEXT, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
     yield port
     serve.shutdown()
 

@@ -137,6 +137,47 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
     )
 
 
+def test_a_new_ingress_user_config_changes_limits_without_touching_the_models(deployed) -> None:
+    """The ingress's limits are its user_config: a `serve deploy` changing them applies to every route at once, and
+    neither the model replica nor the ingress replica restarts."""
+    config, address = deployed["config"], deployed["address"]
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        ingress_before = _actor_ids("VTPIngress")
+        (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPIngress"]
+        ingress["user_config"]["limits"]["max_body_bytes"] = 4096
+        path = deployed["tmp"] / "serve_config_limits.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
+
+        def applied() -> dict[str, Any] | None:
+            info = client.get("/v1/model").json()
+            return info if info["limits"]["max_body_bytes"] == 4096 else None
+
+        after = wait_until(applied, 60, "the new limit to apply")
+        refused = client.post("/v1/reconstruct", content=b"x" * 5000, headers={"content-type": "image/png"})
+        assert refused.status_code == 413 and "4096" in refused.json()["error"]
+        oip = client.post("/v2/models/vtp.encode/infer", content=b"{" + b" " * 5000 + b"}")
+        assert oip.status_code == 413
+    assert (after["replica"]["id"], after["replica"]["loaded_at"]) == (
+        before["replica"]["id"],
+        before["replica"]["loaded_at"],
+    )
+    assert _actor_ids("VTPIngress") == ingress_before  # reconfigured in place
+    ingress["user_config"]["limits"]["max_body_bytes"] = 16 * 2**20  # as shipped, for the next push
+
+
+def _actor_ids(deployment: str) -> set[str]:
+    """The live actors of the good app's ``deployment`` (Serve names them SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    prefix = f"SERVE_REPLICA::vtp#{deployment}#"
+    return {
+        actor_id
+        for actor_id, actor in ray._private.state.state.actor_table(None).items()
+        if actor["Name"].startswith(prefix) and actor["State"] == "ALIVE"
+    }
+
+
 def test_a_push_no_node_can_place_leaves_the_old_replica_serving(deployed) -> None:
     """A `serve deploy` whose model replicas ask for NPUs on a cluster without any: the running replica keeps
     serving (Serve starts the replacement first: max_surge_percent), readiness stays 200 and says what is wrong."""

@@ -33,8 +33,8 @@ from ray import serve
 from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 
-from deployments import AppArgs, compose_app
-from deployments.oip_grpc import SERVICER_FUNCTION
+from deployments import AppSettings, compose_app
+from deployments.oip.grpc_service import SERVICER_FUNCTION
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.model import load_model
@@ -88,24 +88,24 @@ def base_url(
     common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
     missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
     serve._run(
-        compose_app(AppArgs(model=missing, model_wait_s=WAIT_S, **common), **QUICK_STOP),
+        compose_app(AppSettings(model=missing, model_wait_s=WAIT_S, **common), **QUICK_STOP),
         name="broken",
         route_prefix="/broken",
         _blocking=False,
     )
     pending = compose_app(
-        AppArgs(model=TINY, model_wait_s=WAIT_S, **common),
+        AppSettings(model=TINY, model_wait_s=WAIT_S, **common),
         ray_actor_options={"resources": {"NotOnThisCluster": 1}},
         **QUICK_STOP,
     )
     serve._run(pending, name="starting", route_prefix="/starting", _blocking=False)
     keyed = compose_app(
-        AppArgs(model=TINY, model_wait_s=WAIT_S, api_key=KEY, **common),
+        AppSettings(model=TINY, model_wait_s=WAIT_S, api_key=KEY, **common),
         ray_actor_options={"resources": {"NotOnThisCluster": 1}},
         **QUICK_STOP,
     )
     serve._run(keyed, name="keyed", route_prefix="/keyed", _blocking=False)
-    args = AppArgs(
+    args = AppSettings(
         model=TINY,
         model_name="tiny",
         models={"wide": str(wide_dir), "text": TINYTEXT},

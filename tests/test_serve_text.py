@@ -12,7 +12,7 @@ import pytest
 from helpers import SIZE, TINYTEXT, free_port, png_bytes, post_concurrently, random_image
 from ray import serve
 
-from deployments import AppArgs, compose_app
+from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.text.classifier import class_embeddings
@@ -27,7 +27,7 @@ LABELS = ["cat", "dog", "a red car", "café"]
 def base_url(ray_runtime: str) -> Iterator[str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(
+    args = AppSettings(
         model=TINYTEXT,
         image_size=SIZE,
         max_batch_size=8,

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from ..settings import Batching, Limits
+
 _Dim = Annotated[int, Field(ge=1, le=65536)]
 
 
@@ -74,21 +76,17 @@ class Health(BaseModel):
     status: str = "ok"
 
 
-class Limits(BaseModel):
+class RequestLimits(Limits):
+    """``/v1/model``'s ``limits``: the ingress's live limits, the default input size and whether a key is needed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     image_size: int
-    max_image_size: int
-    max_body_bytes: int
-    max_pixels: int
     api_key_required: bool
 
 
-class Batching(BaseModel):
-    max_batch_size: int
-    batch_wait_timeout_s: float
-
-
-class ReplicaInfo(BaseModel):
-    """Which model replica answered, where it runs, and the accelerators Ray gave it."""
+class ReplicaProcess(BaseModel):
+    """Which Serve replica of the model deployment answered, where it runs, and the accelerators Ray gave it."""
 
     id: str
     actor_name: str
@@ -118,5 +116,5 @@ class ModelInfo(BaseModel):
     latent_channels: int
     embedding_dim: int | None
     batching: Batching
-    replica: ReplicaInfo
-    limits: Limits
+    replica: ReplicaProcess
+    limits: RequestLimits

@@ -48,6 +48,16 @@ class ModelStatus:
         return asdict(self)
 
 
+def readiness(statuses: Mapping[str, ModelStatus]) -> tuple[bool, dict[str, Any]]:
+    """Whether every model can answer, and the JSON every readiness route shows: the reasons of those that cannot
+    (``error``) and each model's status (``models``)."""
+    reasons = [status.reason for status in statuses.values() if not status.ready]
+    body: dict[str, Any] = {"models": {name: status.to_dict() for name, status in statuses.items()}}
+    if reasons:
+        body["error"] = "; ".join(reasons)
+    return not reasons, body
+
+
 def read_statuses(app_name: str, deployments: Mapping[str, str]) -> dict[str, ModelStatus]:
     """The readiness of each model (name -> deployment name) of application ``app_name``, from ``serve.status()``.
 

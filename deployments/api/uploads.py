@@ -13,8 +13,9 @@ announces a body and stalls keeps that slot forever, and a few hundred such clie
 - a response that starts before its request's body was read whole (any early refusal: 401, 408, 413, 415, 429)
   carries ``Connection: close``, so the proxy drops the connection instead of reading the rest of the body.
 
-Routes read bodies through ``Request.stream()`` (``inputs.py``); the guard's policy is ``app.state.uploads``,
-set by the ingress when it starts (no policy: the guard passes requests through untouched).
+Routes read bodies through ``Request.stream()`` (``deployments.requests``); the guard enforces the ``uploads``
+settings of the ingress's live config (``state.installed()``; until the ingress has started, it passes requests
+through untouched).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from ray.exceptions import TaskCancelledError
 from starlette.datastructures import Headers
@@ -31,20 +31,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .inputs import ApiError
+from .. import metrics
+from ..errors import ApiError
+from ..state import installed
 
 _CLOSE = (b"connection", b"close")
-
-
-@dataclass(frozen=True)
-class UploadPolicy:
-    """What the guard enforces; see ``AppArgs`` for each field."""
-
-    body_timeout_s: float
-    max_uploads_per_client: int = 0  # 0: no per-client cap
-    refusal_delay_s: float = 0.0  # how long a refused upload waits for its 429
-    client_address_header: str | None = None
 
 
 class BodyTimeout(ApiError):
@@ -79,21 +70,18 @@ def has_body(scope: Scope) -> bool:
 
 
 class UploadGuard:
-    """ASGI middleware enforcing ``app.state.uploads`` (an ``UploadPolicy``) on every HTTP request with a body."""
+    """ASGI middleware enforcing the ingress's ``uploads`` settings on every HTTP request with a body."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._uploading: Counter[str] = Counter()  # client address -> bodies being received now
 
-    def uploads_in_progress(self) -> int:
-        """Bodies being received now, over all clients."""
-        return sum(self._uploading.values())
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        policy = getattr(scope["app"].state, "uploads", None) if "app" in scope else None
-        if scope["type"] != "http" or policy is None or not has_body(scope):
+        state = installed()
+        if scope["type"] != "http" or state is None or not has_body(scope):
             await self.app(scope, receive, send)
             return
+        policy = state.config.uploads
         client = client_address(scope, policy.client_address_header)
         cap = policy.max_uploads_per_client
         if cap and self._uploading[client] >= cap:
@@ -159,7 +147,9 @@ def _closing_early(send: Send, release: _Release) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start" and not release.done:
             release()
-            message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
+            headers = list(message.get("headers", []))
+            if not any(name.lower() == b"connection" for name, _ in headers):  # a 401 says it already
+                message = {**message, "headers": [*headers, _CLOSE]}
         await send(message)
 
     return wrapped

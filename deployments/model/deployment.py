@@ -1,12 +1,14 @@
-"""The model deployment: one ``VTPReplica`` per Serve replica behind one dynamic batch queue.
+"""The model deployment (Serve name ``VTPReplica``): one ``VTPReplica`` per Serve replica behind one dynamic batch
+queue.
 
 Every verb shares one ``@serve.batch`` queue, so a replica runs one model call at a time. A formed batch is split
 into groups of the same verb and input shape (requests of different image sizes never share a model call), and
 each request learns the size of the group it ran in. Inputs arrive already validated by the ingress; if a model
 call fails anyway, only the requests of that group fail.
 
-Batching is the deployment's ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``): ``serve deploy`` with
-new values calls ``reconfigure`` on the running replicas, without reloading the weights. Placement is Serve's
+Batching is the deployment's ``user_config`` (``settings.Batching``: ``max_batch_size``, ``batch_wait_timeout_s``),
+its one home: ``serve deploy`` with new values calls ``reconfigure`` on the running replicas, without reloading the
+weights; keys a ``user_config`` leaves out keep the app's values. Placement is Serve's
 ``ray_actor_options``; the replica's device follows the accelerator Ray actually assigned to it.
 """
 
@@ -24,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from vtp_ray.placement import OPENMP_WAIT_VARS, assigned_device, brief_openmp_waits
@@ -32,9 +33,10 @@ from vtp_ray.text import expand
 from vtp_ray.text.classifier import average_templates
 from vtp_ray.text.tokenizer import available as text_available
 
-from . import metrics
+from .. import metrics
+from ..settings import Batching, merge_batching
 from .batching import AdmissionGate
-from .protocol import ClassScores, Outcome, Verb
+from .protocol import DEPLOYMENT_NAME, ClassScores, Outcome, Verb
 
 if TYPE_CHECKING:
     from vtp_ray.replica import VTPReplica
@@ -44,17 +46,6 @@ log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 _VISIBLE_DEVICE_VARS = ("ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
-
-
-class BatchingConfig(BaseModel):
-    """The deployment's ``user_config``: changed with ``serve deploy`` without restarting replicas."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_batch_size: int = Field(8, ge=1, le=1024, description="requests per model call at most")
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0.0, le=60.0, description="how long the first request of a batch waits for company"
-    )
 
 
 @dataclass(frozen=True)
@@ -74,8 +65,8 @@ class _Job:
 _PROMPTS_PER_JOB = 256
 
 
-@serve.deployment(name="VTPReplica", max_ongoing_requests=16, user_config=BatchingConfig().model_dump())
-class ReplicaDeployment:
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=16, user_config=Batching().model_dump())
+class ModelDeployment:
     """Loads one model on this actor's device and serves the verbs of ``VTPReplica`` through one batch queue.
 
     Args:
@@ -83,6 +74,7 @@ class ReplicaDeployment:
         device: ``None`` (the default) follows the accelerator Ray assigned; or an explicit ``VTPReplica`` device.
         warmup_size: side of the square image used to warm up.
         label_cache_size: label sets whose class embeddings ``classify`` keeps (least recently used goes first).
+        batching: the app's batching; a ``user_config`` applies over it (``reconfigure``).
     """
 
     def __init__(
@@ -92,6 +84,7 @@ class ReplicaDeployment:
         device: str | None = None,
         warmup_size: int = 256,
         label_cache_size: int = 64,
+        batching: Batching | None = None,
     ) -> None:
         device = device or assigned_device()
         brief_openmp_waits(device)
@@ -104,7 +97,8 @@ class ReplicaDeployment:
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size
         self._gate = AdmissionGate()
-        self._batching = BatchingConfig()
+        self._base_batching = batching or Batching()
+        self._batching = self._base_batching
         self._loaded_at = time.time()
 
     @staticmethod
@@ -117,8 +111,8 @@ class ReplicaDeployment:
         return replica
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Apply a new ``user_config`` (batching) to the running replica."""
-        self._batching = BatchingConfig.model_validate(config or {})
+        """Apply a new ``user_config`` (batching; keys it leaves out keep the app's) to the running replica."""
+        self._batching = merge_batching(self._base_batching, config)
         self._batch.set_max_batch_size(self._batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
         log.info("batching: %s", self._batching.model_dump())

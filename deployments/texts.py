@@ -1,31 +1,19 @@
-"""The text inputs of ``/v1/embed-text`` and ``/v1/classify``: parsed and checked in the ingress (torch-free), so a
-bad request gets a 422 with a JSON error and never reaches the model's batch queue."""
+"""Text inputs (texts to embed, a classification's labels and templates), checked in the ingress (torch-free)
+against the ``text`` limits, so a bad request gets a 422 with a JSON error and never reaches the model's batch queue.
+Shared by ``/v1/embed-text``, ``/v1/classify`` and the protocol's ``<model>.embed_text``."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-
-from pydantic import ValidationError
 
 from vtp_ray.text import DEFAULT_TEMPLATES, TEMPLATE_SETS, check_templates
 
-from .inputs import ApiError, invalid_json
-from .schemas import EmbedTextRequest
+from .errors import ApiError
+from .settings import TextLimits
 
-__all__ = ["TextLimits", "check_texts", "classify_options", "parse_embed_text"]
-
-
-@dataclass(frozen=True)
-class TextLimits:
-    """How many texts, labels and templates one request may carry, and how long each may be."""
-
-    max_texts: int = 256
-    max_labels: int = 256
-    max_templates: int = 100
-    max_text_chars: int = 10_000
+__all__ = ["check_texts", "classify_options"]
 
 
 def _invalid(kind: str, message: str) -> ApiError:
@@ -43,15 +31,6 @@ def _strings(values: Sequence[Any], what: str, limit: int, max_chars: int) -> tu
         if len(value) > max_chars:
             raise _invalid(f"bad_{what}", f"{what}[{i}] has {len(value)} characters, the limit is {max_chars}")
     return tuple(values)
-
-
-def parse_embed_text(body: bytes, limits: TextLimits) -> tuple[str, ...]:
-    """``{"texts": [...]}`` -> the texts, checked against ``limits``."""
-    try:
-        request = EmbedTextRequest.model_validate_json(body)
-    except ValidationError as e:
-        raise invalid_json(e, "request JSON") from e
-    return check_texts(request.texts, limits)
 
 
 def check_texts(texts: Sequence[Any], limits: TextLimits) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """What the ingress and the model replicas say to each other (torch-free: the ingress process never loads torch).
 
-The ingress sends ``(verb, array)`` with an already validated array; the replica answers with an ``Outcome``.
+The ingress sends ``(verb, array)`` with an already validated array to the model deployment of the model it picked
+(``deployment_name``); the replica answers with an ``Outcome``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+#: The model deployment's Serve name (``VTPReplica``: configs name it under ``deployments:``).
+DEPLOYMENT_NAME = "VTPReplica"
+
+
+def deployment_name(model: str, default: bool) -> str:
+    """The Serve deployment that serves ``model``: ``VTPReplica`` for the default model, else ``VTPReplica-<name>``."""
+    return DEPLOYMENT_NAME if default else f"{DEPLOYMENT_NAME}-{model}"
+
 
 #: The replica verbs a request can ask for (``VTPReplica``'s; one array per request, batched by the replica).
 #: ``embed_text`` takes a tuple of strings instead: the texts of concurrent requests share one model call.

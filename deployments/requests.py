@@ -1,4 +1,5 @@
-"""Turning HTTP requests into validated model inputs, before anything reaches the batch queue.
+"""Turning requests into validated model inputs, before anything reaches the batch queue (shared by the HTTP API
+and the Open Inference Protocol).
 
 Everything here raises ``ApiError`` (status, machine-readable kind, human message) for bad input. Bodies are
 read with a byte limit that is checked against ``Content-Length`` first and then while streaming, so an
@@ -7,15 +8,10 @@ oversized upload is refused before it is held in memory whole.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import numpy as np
-from fastapi.encoders import jsonable_encoder
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -23,37 +19,11 @@ from starlette.requests import Request
 from vtp_ray.arrays import LatentsTooLarge, as_latent_batch
 from vtp_ray.images import PATCH_SIZE, CropMode, ImageLimits, ImageLoadError, preprocess
 
-from .schemas import LatentsPayload
+from .errors import ApiError
+from .settings import Limits
 
-NPY_MEDIA_TYPE = "application/x-npy"
 _RAW_IMAGE_TYPES = ("application/octet-stream",)
-_NPY_TYPES = (NPY_MEDIA_TYPE, "application/octet-stream")
 _TOO_LARGE_REASONS = ("too_large_bytes", "too_many_pixels")
-
-
-class ApiError(Exception):
-    """A request the API refuses: HTTP ``status``, a short ``kind`` for metrics, and a message for the client."""
-
-    def __init__(
-        self, status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.headers = headers
-        self.extra = extra  # more JSON fields of the error body (pydantic's ``detail`` for 422s)
-
-
-def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
-    """pydantic's errors in one line: ``location: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors)
-
-
-def invalid_json(error: ValidationError, what: str) -> ApiError:
-    """422 for a JSON body pydantic refused: each error's location and message, and pydantic's own ``detail``."""
-    errors = error.errors()
-    return ApiError(422, "invalid_json", f"invalid {what}: {describe_errors(errors)}", detail=jsonable_encoder(errors))
 
 
 def media_type(request: Request) -> str:
@@ -133,84 +103,42 @@ def check_size(size: int, max_size: int) -> int:
     return size
 
 
-def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: ImageLimits, draft: bool = False) -> np.ndarray:
+def image_limits(limits: Limits) -> ImageLimits:
+    """What the image loader enforces on an upload: the request's byte limit and the pixel limit."""
+    return ImageLimits(max_bytes=limits.max_body_bytes, max_pixels=limits.max_pixels)
+
+
+def preprocess_upload(data: bytes, size: int, crop: CropMode, limits: ImageLimits, fast: bool = False) -> np.ndarray:
     """Encoded image -> the preprocessed uint8 (size, size, 3) model input. CPU work: call it off the event loop.
 
-    ``draft`` decodes JPEGs at a reduced scale where the crop allows (faster, slightly different pixels).
+    ``fast`` loads JPEGs at a reduced scale where the crop allows (Pillow's draft mode: faster, slightly different
+    pixels).
     """
     try:
-        return preprocess(data, size=size, crop=crop, limits=limits, draft=draft)
+        return preprocess(data, size=size, crop=crop, limits=limits, draft=fast)
     except ImageLoadError as e:
         status = 413 if e.reason in _TOO_LARGE_REASONS else 400
         raise ApiError(status, f"image_{e.reason}", str(e)) from e
 
 
-def parse_latents(body: bytes, content_type: str) -> np.ndarray:
-    """Latents from ``/v1/encode``'s JSON or a .npy file -> an array, not yet checked (see ``check_latents``)."""
-    if content_type == "application/json":
-        try:
-            payload = LatentsPayload.model_validate_json(body)
-        except ValidationError as e:
-            raise invalid_json(e, "latents JSON") from e
-        return _latents_from_payload(payload)
-    if content_type in _NPY_TYPES:
-        return _latents_from_npy(body)
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type {content_type or '(none)'!r} is not accepted: send the JSON that /v1/encode returns "
-        f"(application/json) or a .npy file ({NPY_MEDIA_TYPE})",
-    )
-
-
-def _latents_from_payload(payload: LatentsPayload) -> np.ndarray:
-    if payload.dtype != "float32":
-        raise ApiError(400, "bad_latents", f"latents dtype must be 'float32', got {payload.dtype!r}")
-    try:
-        raw = base64.b64decode(payload.latents, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "bad_latents", f"latents is not valid base64: {e}") from e
-    expected = int(np.prod(payload.shape, dtype=np.int64)) * 4
-    if len(raw) != expected:
-        raise ApiError(
-            400,
-            "bad_latents",
-            f"latents hold {len(raw)} bytes but shape {payload.shape} of float32 needs {expected}",
-        )
-    return np.frombuffer(raw, dtype="<f4").reshape(payload.shape)
-
-
-def _latents_from_npy(body: bytes) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError, EOFError, OSError... for bad or pickled files
-        raise ApiError(
-            400, "bad_latents", f"body is not a .npy file of a plain numeric array ({type(e).__name__})"
-        ) from e
-    if not isinstance(array, np.ndarray):
-        raise ApiError(400, "bad_latents", "body is not a .npy file of a single array")
-    return array
-
-
-def check_latents(
-    latents: np.ndarray, channels: int, max_side: int, max_batch: int = 1, max_pixels: int | None = None
-) -> np.ndarray:
+def check_latents(latents: np.ndarray, channels: int, limits: Limits) -> np.ndarray:
     """One image's latents ``(C, h, w)`` or a batch ``(N, C, h, w)``, any float dtype and byte order -> native
-    float32 ``(N, C, h, w)``: at most ``max_batch`` of them, each decoding to an image no larger than ``max_side``
-    pixels a side, ``max_pixels`` output pixels in all."""
+    float32 ``(N, C, h, w)``: at most ``limits.max_decode_batch`` of them, each decoding to an image no larger than
+    ``limits.max_image_size`` a side, ``limits.max_decode_pixels`` output pixels in all. Every route that decodes
+    checks with this, so the limits cannot differ between them."""
     batch = latents[None] if latents.ndim == 3 else latents
-    if batch.ndim == 4 and len(batch) > max_batch:
-        raise ApiError(413, "too_large", f"{len(batch)} latents in one request, over the limit of {max_batch} "
-                       "(max_decode_batch): split the batch")  # fmt: skip
+    if batch.ndim == 4 and len(batch) > limits.max_decode_batch:
+        raise ApiError(413, "too_large", f"{len(batch)} latents in one request, over the limit of "
+                       f"{limits.max_decode_batch} (max_decode_batch): split the batch")  # fmt: skip
     try:
-        batch = as_latent_batch(batch, channels, max_side)
+        batch = as_latent_batch(batch, channels, limits.max_image_size)
     except LatentsTooLarge as e:
         raise ApiError(413, "too_large", f"{e} (max_image_size)") from e
     except (TypeError, ValueError) as e:
         raise ApiError(400, "bad_latents", str(e)) from e
     n, _, h, w = batch.shape
     pixels = n * h * w * PATCH_SIZE * PATCH_SIZE
-    if max_pixels is not None and pixels > max_pixels:
-        raise ApiError(413, "too_large", f"{n} latents decode to {pixels} pixels, over the limit of {max_pixels} "
-                       "(max_decode_pixels): split the batch")  # fmt: skip
+    if pixels > limits.max_decode_pixels:
+        raise ApiError(413, "too_large", f"{n} latents decode to {pixels} pixels, over the limit of "
+                       f"{limits.max_decode_pixels} (max_decode_pixels): split the batch")  # fmt: skip
     return batch

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .inputs import ApiError
+from ..errors import ApiError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

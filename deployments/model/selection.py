@@ -5,20 +5,19 @@ Several checkpoints are served as one Serve deployment per model (``VTPReplica``
 different checkpoints never share a model call), its own replicas, placement and autoscaling in the config's
 ``deployments:`` section, and no request ever waits for another checkpoint to be swapped in.
 
-A request names its model with ``?model=<name>`` or the header ``x-vtp-model`` on the HTTP API (the ASGI
-middleware ``ModelSelection`` records it for the request), or with the model segment of the OIP routes.
+A request names its model with ``?model=<name>`` or the header ``x-vtp-model`` on the HTTP API
+(``requested_model``), or with the model segment of the OIP routes; ``ModelSet.resolve`` turns that name (None: the
+default) into a served model or a 404.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 import grpc
 import numpy as np
@@ -26,19 +25,16 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from ..errors import ApiError
 from .health import ModelStatus, ReadinessMonitor
-from .inputs import ApiError
+from .protocol import deployment_name
 
-DEFAULT_DEPLOYMENT = "VTPReplica"
 MODEL_HEADER = "x-vtp-model"
 
-#: The model the current HTTP request asked for (``None``: the default), set by ``ModelSelection``.
-requested_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("requested_model", default=None)
 
-
-def deployment_name(model: str, default: bool) -> str:
-    """The Serve deployment that serves ``model``: ``VTPReplica`` for the default model, else ``VTPReplica-<name>``."""
-    return DEFAULT_DEPLOYMENT if default else f"{DEFAULT_DEPLOYMENT}-{model}"
+def requested_model(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
+    """The model an HTTP request names: ``?model=`` (wins), else the ``x-vtp-model`` header; None: the default."""
+    return query.get("model") or (headers.get(MODEL_HEADER) or "").strip() or None
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,8 @@ class ModelSet:
         handles: model name -> handle of its deployment (the default model first).
         default: the name used when a request names none.
         app_name: the Serve application (for readiness).
-        wait_s: how long a request waits for a replica of its model before a 503 with the reason.
+        wait_s: how long a request waits for a replica of its model before a 503 with the reason (live: the
+            ingress sets it on reconfigure).
     """
 
     def __init__(self, handles: Mapping[str, DeploymentHandle], default: str, app_name: str, wait_s: float) -> None:
@@ -69,16 +66,16 @@ class ModelSet:
             name: ServedModel(name, deployment_name(name, name == default), handle) for name, handle in handles.items()
         }
         self.readiness = ReadinessMonitor(app_name, {m.name: m.deployment for m in self._models.values()})
-        self._wait_s = wait_s
+        self.wait_s = wait_s
         self._info: dict[str, dict[str, Any]] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self._models)
 
-    def resolve(self, name: str | None = None) -> str:
-        """A requested model name (``None``: the one the HTTP request named, else the default) -> a served name."""
-        name = name or requested_model.get() or self.default
+    def resolve(self, name: str | None) -> str:
+        """A requested model name (None: the default) -> a served name, or a 404 naming the served ones."""
+        name = name or self.default
         if name not in self._models:
             raise ApiError(404, "unknown_model", f"no model named {name!r}; served: {', '.join(self._models)}")
         return name
@@ -96,14 +93,14 @@ class ModelSet:
     async def call(self, name: str, method: str, *args: Any) -> Any:
         """``method(*args)`` on a replica of model ``name``: 503 with the reason within ``wait_s`` when no replica
         can answer (starting, failed, or all gone while the request waited), never a hang."""
-        status = await self.readiness.wait_ready(name, self._wait_s)
+        status = await self.readiness.wait_ready(name, self.wait_s)
         if not status.ready:
             raise _unavailable(status)
         served = self._models[name]
         handle = served.by_value if fits_by_value(method, args) else served.handle
         response = getattr(handle, method).remote(*args)
         answer = asyncio.ensure_future(response)
-        lost = asyncio.ensure_future(self.readiness.until_unavailable(name, self._wait_s))
+        lost = asyncio.ensure_future(self.readiness.until_unavailable(name, self.wait_s))
         try:
             await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -160,27 +157,3 @@ _BY_VALUE_SUPPORTED = "_by_reference" in inspect.signature(DeploymentHandle.opti
 
 def _unavailable(status: ModelStatus) -> ApiError:
     return ApiError(503, "not_ready", status.reason, headers={"Retry-After": "5"}, model=status.name)
-
-
-class ModelSelection:
-    """ASGI middleware: records the model an HTTP request names (``?model=`` or ``x-vtp-model``) for ``ModelSet``."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        name = None
-        for key, value in scope.get("headers", ()):
-            if key == MODEL_HEADER.encode():
-                name = value.decode("latin-1").strip()
-        query = scope.get("query_string", b"")
-        if b"model=" in query:
-            name = parse_qs(query.decode("latin-1")).get("model", [name])[-1]
-        token = requested_model.set(name or None)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            requested_model.reset(token)

@@ -1,0 +1,288 @@
+"""The application's settings: one typed tree, validated once, each deployment handed only its own part.
+
+``applications[].args`` in serve_config.yaml validates into ``AppSettings``. Serve folds an application's ``args``
+into its code version, so changing any of them restarts every replica (the weights are loaded again); only a
+deployment's ``user_config`` changes apply live, through ``reconfigure``. The tree says which is which:
+
+| group | what | lives in | a change |
+|---|---|---|---|
+| (top level) | checkpoint, precision, device, placement, names, input size, API key | ``args`` | restarts the app |
+| ``batching`` | ``max_batch_size``, ``batch_wait_timeout_s`` | the model deployment's ``user_config`` | applies live |
+| ``limits`` | request sizes, decode limits, ``model_wait_s`` | the ingress's ``user_config`` | applies live |
+| ``text`` | texts, labels, templates per request | the ingress's ``user_config`` | applies live |
+| ``uploads`` | body deadline, per-client upload cap | the ingress's ``user_config`` | applies live |
+| ``preprocess`` | ``fast`` (JPEG draft mode) | the ingress's ``user_config`` | applies live |
+
+The groups given in ``args`` are the initial values the builder puts into each deployment's ``user_config``; a
+config's ``deployments: [{name: VTPIngress, user_config: {limits: {...}}}]`` (or ``VTPReplica``'s ``batching``
+keys) overrides them per group and key, and ``serve deploy`` with a new ``user_config`` reconfigures the running
+replicas without reloading weights. Every key of the earlier flat ``args`` (``max_body_bytes``,
+``upload_refusal_delay_s``, ``draft_decode``...) is still accepted where it was; the same setting given both flat and
+nested is an error naming it. ``VTP_MODEL``, ``VTP_PRECISION``, ``VTP_DEVICE`` and ``VTP_API_KEY`` override theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+
+from vtp_ray.images import PATCH_SIZE
+from vtp_ray.options import PRECISIONS
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "FLAT_KEYS",
+    "AppSettings",
+    "Batching",
+    "IngressConfig",
+    "Limits",
+    "Preprocess",
+    "TextLimits",
+    "Uploads",
+]
+
+#: Env vars that win over the config file, so one config serves many models and machines.
+ENV_OVERRIDES: Mapping[str, str] = {
+    "model": "VTP_MODEL",
+    "precision": "VTP_PRECISION",
+    "device": "VTP_DEVICE",
+    "api_key": "VTP_API_KEY",
+}
+
+#: Model names: path segments of the OIP routes and values of ``?model=`` (no ``.``: OIP names are ``<model>.<verb>``).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Batching(_Group):
+    """The model deployment's live settings: how requests share model calls."""
+
+    max_batch_size: int = Field(8, ge=1, le=1024, description="requests per model call at most")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, le=60.0, description="how long the first request of a batch waits for company"
+    )
+
+
+class Limits(_Group):
+    """What one request may ask for, and how long it waits for a model replica."""
+
+    max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
+    max_body_bytes: int = Field(16 * 2**20, gt=0, description="request bodies over this are refused (413)")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
+    max_decode_batch: int = Field(64, ge=1, le=4096, description="latents per decode request at most")
+    max_decode_pixels: int = Field(
+        16_777_216, gt=0, description="output pixels one decode request may ask for at most (N x H x W)"
+    )
+    model_wait_s: float = Field(
+        10.0, ge=0.0, le=600.0, description="how long a request waits for a model replica before a 503"
+    )
+
+    @field_validator("max_image_size")
+    @classmethod
+    def _multiple_of_patch(cls, value: int) -> int:
+        return _check_patch_multiple("max_image_size", value)
+
+
+class TextLimits(_Group):
+    """How many texts, labels and templates one request may carry, and how long each may be."""
+
+    max_texts: int = Field(256, ge=1, le=100_000, description="texts per embed-text request at most")
+    max_labels: int = Field(256, ge=1, le=100_000, description="labels per classify request at most")
+    max_templates: int = Field(100, ge=1, le=1000, description="prompt templates per classify request at most")
+    max_text_chars: int = Field(10_000, ge=1, description="characters per text, label or template at most")
+
+
+class Uploads(_Group):
+    """How request bodies may arrive (``api.uploads.UploadGuard``)."""
+
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="seconds a client has to deliver a whole request body (408 after)"
+    )
+    max_uploads_per_client: int = Field(
+        32, ge=0, description="request bodies one client address may be sending at once (429 past it); 0: no cap"
+    )
+    refusal_delay_s: float = Field(
+        5.0, ge=0, le=60, description="a body past max_uploads_per_client is answered 429 after this pause"
+    )
+    client_address_header: str | None = Field(
+        None, description="header whose last entry is the client address (set by a trusted load balancer)"
+    )
+
+
+class Preprocess(_Group):
+    """How uploaded images become model inputs."""
+
+    fast: bool = Field(
+        False, description="load JPEGs at a reduced scale where the crop allows (?preprocess= overrides per request)"
+    )
+
+
+class IngressConfig(_Group):
+    """The ingress deployment's ``user_config``: everything the HTTP and gRPC routes enforce, read by every route
+    from this one object (``api``, ``oip``), so that no route can drift from another."""
+
+    limits: Limits = Field(default_factory=Limits)
+    text: TextLimits = Field(default_factory=TextLimits)
+    uploads: Uploads = Field(default_factory=Uploads)
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+
+    def merged(self, changes: Mapping[str, Any] | None) -> IngressConfig:
+        """This config with ``changes`` (a ``user_config``: some groups, some keys of each) applied over it."""
+        return _merge(self, changes, "VTPIngress user_config")
+
+
+#: Every flat key ``args`` accepted before the groups existed -> ``(group, key)``. Deprecated aliases included.
+FLAT_KEYS: Mapping[str, tuple[str, str]] = {
+    "max_batch_size": ("batching", "max_batch_size"),
+    "batch_wait_timeout_s": ("batching", "batch_wait_timeout_s"),
+    **{key: ("limits", key) for key in Limits.model_fields},
+    **{key: ("text", key) for key in TextLimits.model_fields},
+    "body_timeout_s": ("uploads", "body_timeout_s"),
+    "max_uploads_per_client": ("uploads", "max_uploads_per_client"),
+    "upload_refusal_delay_s": ("uploads", "refusal_delay_s"),
+    "client_address_header": ("uploads", "client_address_header"),
+    "fast_preprocess": ("preprocess", "fast"),
+    "draft_decode": ("preprocess", "fast"),  # deprecated name of fast_preprocess
+}
+
+
+class AppSettings(BaseModel):
+    """Validated application settings; see serve_config.yaml and the module docstring for what each one does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="checkpoint directory, or random:vtp-small (required)")
+    precision: Literal[PRECISIONS] = "fp32"
+    device: str | None = Field(None, description="default: the accelerator Ray assigns each replica, else the CPU")
+    placement: str | dict[str, Any] = Field(
+        "auto", description="auto, npu, gpu, cpu or Ray actor options; a config's ray_actor_options overrides it"
+    )
+    image_size: int = Field(256, ge=PATCH_SIZE, le=4096, description="default side of the square model input")
+    api_key: SecretStr | None = None
+    model_name: str = Field("vtp", description="the name requests use for `model` (the default model)")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="more checkpoints served beside `model`, by name: one model deployment each (VTPReplica-<name>)",
+    )
+    label_cache_size: int = Field(64, ge=1, le=100_000, description="label sets whose text embeddings a replica keeps")
+
+    batching: Batching = Field(default_factory=Batching)
+    limits: Limits = Field(default_factory=Limits)
+    text: TextLimits = Field(default_factory=TextLimits)
+    uploads: Uploads = Field(default_factory=Uploads)
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_flat_keys(cls, data: Any) -> Any:
+        """Today's flat keys go into their groups; the same setting given twice is an error naming both places."""
+        if not isinstance(data, Mapping):
+            return data
+        given: dict[tuple[str, str], str] = {}  # (group, key) -> where the config gave it
+        groups: dict[str, dict[str, Any]] = {}
+        for name in _GROUPS:
+            nested = data.get(name)
+            if isinstance(nested, Mapping):
+                groups[name] = dict(nested)
+                given.update({(name, key): f"args.{name}.{key}" for key in nested})
+        for flat, (group, key) in FLAT_KEYS.items():
+            if flat not in data:
+                continue
+            if (group, key) in given:
+                raise ValueError(f"{group}.{key} is given twice, as {given[group, key]} and as args.{flat}: keep one")
+            given[group, key] = f"args.{flat}"
+            groups.setdefault(group, {})[key] = data[flat]
+        return {**{k: v for k, v in data.items() if k not in FLAT_KEYS}, **groups}
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_patch(cls, value: int, info: ValidationInfo) -> int:
+        return _check_patch_multiple(str(info.field_name), value)
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_model_name(value)
+
+    @field_validator("models")
+    @classmethod
+    def _valid_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, spec in value.items():
+            _check_model_name(name)
+            if not spec:
+                raise ValueError(f"models.{name}: empty checkpoint")
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppSettings:
+        if self.image_size > self.limits.max_image_size:
+            raise ValueError(
+                f"image_size {self.image_size} is larger than limits.max_image_size {self.limits.max_image_size}"
+            )
+        if self.model_name in self.models:
+            raise ValueError(f"models.{self.model_name} clashes with model_name, the default model's name")
+        return self
+
+    def checkpoints(self) -> dict[str, str]:
+        """Every served model by name, the default first."""
+        return {self.model_name: self.model, **self.models}
+
+    def ingress_config(self) -> IngressConfig:
+        """The ingress deployment's part: its initial ``user_config``."""
+        return IngressConfig(limits=self.limits, text=self.text, uploads=self.uploads, preprocess=self.preprocess)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ) -> AppSettings:
+        """Validate the config's ``args``, after the ``VTP_*`` env vars that are set replace their fields."""
+        merged = dict(args or {})
+        for field, var in ENV_OVERRIDES.items():
+            if environ.get(var):
+                merged[field] = environ[var]
+        return cls.model_validate(merged)
+
+
+#: The live groups (each one a ``user_config`` part).
+_GROUPS = ("batching", "limits", "text", "uploads", "preprocess")
+
+
+def merge_batching(base: Batching, changes: Mapping[str, Any] | None) -> Batching:
+    """The model deployment's batching with a ``user_config`` applied over it (keys it leaves out keep theirs)."""
+    return _merge(base, changes, "VTPReplica user_config")
+
+
+def _merge(base: BaseModel, changes: Mapping[str, Any] | None, what: str) -> Any:
+    if changes is None:
+        return base
+    if not isinstance(changes, Mapping):
+        raise ValueError(f"{what} must be a mapping, got {type(changes).__name__}")
+    values = base.model_dump()
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return type(base).model_validate(values)
+
+
+def _check_patch_multiple(name: str, value: int) -> int:
+    if value % PATCH_SIZE:
+        raise ValueError(f"{name} must be a multiple of {PATCH_SIZE}, got {value}")
+    return value
+
+
+def _check_model_name(name: str) -> str:
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_' and '-' (at most 63, no leading '-' or '_')")
+    return name
