@@ -55,7 +55,7 @@ def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         dashboard_port=dashboard_port,
         logging_level=logging.WARNING,
     )
-    logs = Path("/tmp/ray/session_latest").resolve() / "logs"  # this Ray's session, just started
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # this Ray session's, wherever RAY_TMPDIR puts it
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port

@@ -161,4 +161,4 @@ def test_direct_ingress_answers_like_the_proxy(base_url: str) -> None:
     proxied, direct_answer = (png_array(a.content).astype(int) for a in answers)
     assert direct_answer.shape == (256, 256, 3) and abs(proxied - direct_answer).max() <= 1  # uint8 rounding
     stages = [entry.split(";")[0] for entry in answers[1].headers["server-timing"].split(", ")]
-    assert stages == ["read", "decode", "hop", "queue", "model", "output"]
+    assert stages == ["read", "preprocess", "hop", "queue", "model", "output"]
