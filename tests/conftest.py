@@ -9,11 +9,15 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from helpers import TINY
 from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    import serving
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -52,10 +56,18 @@ def own_ray() -> None:
     _stop_ray()
 
 
+@pytest.fixture(scope="module")
+def serve_instance(ray_runtime: str) -> serving.ServeInstance:
+    """The shared Serve (``serving.shared_serve``) on the shared Ray."""
+    from serving import shared_serve  # here: importing Ray Serve costs the fast tests seconds
+
+    return shared_serve()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _no_serve_left_behind() -> Iterator[None]:
-    """After each module, Serve is shut down (the shared Ray stays), also when a fixture failed half-way: the next
-    module's apps must not find a route prefix taken or CPUs held."""
+def _no_serve_app_left_behind() -> Iterator[None]:
+    """After each module, its Serve applications are deleted (Serve and the shared Ray stay), also when a fixture
+    failed half-way: the next module's apps must not find a route prefix taken or CPUs held."""
     yield
     import sys
 
@@ -63,10 +75,9 @@ def _no_serve_left_behind() -> Iterator[None]:
         import ray
 
         if ray.is_initialized():
-            from ray import serve
+            from serving import delete_apps
 
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            delete_apps()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import SIZE, TINY, free_port, png_bytes, random_image
+from helpers import SIZE, TINY, png_bytes, random_image
 from hostile import (
     HostileMix,
     post_request,
@@ -26,7 +25,7 @@ from hostile import (
     soak,
     stalled_head,
 )
-from ray import serve
+from serving import REQUEST_TIMEOUT_S, ServeInstance, deploy
 from starlette.datastructures import Headers
 
 from deployments import AppSettings, compose_app
@@ -77,9 +76,8 @@ AUTH_LINE = f"authorization: Bearer {KEY}\r\n"
 
 
 @pytest.fixture(scope="module")
-def port(ray_runtime: str) -> Iterator[int]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+def port(serve_instance: ServeInstance) -> int:
+    assert REQUEST_TIMEOUT_S == 60  # the proxy's bound these tests rely on
     args = AppSettings(
         model=TINY,
         image_size=SIZE,
@@ -89,9 +87,8 @@ def port(ray_runtime: str) -> Iterator[int]:
         max_uploads_per_client=CAP,
         upload_refusal_delay_s=REFUSAL_DELAY_S,
     )
-    serve.run(compose_app(args), name="vtp", route_prefix="/")
-    yield port
-    serve.shutdown()
+    deploy(compose_app(args), "vtp", "/")
+    return serve_instance.http_port
 
 
 @pytest.fixture(scope="module")

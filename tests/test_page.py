@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import CHANNELS, SIZE, TINY, free_port, png_array, random_image
+from helpers import CHANNELS, SIZE, TINY, png_array, random_image
 from PIL import Image
-from ray import serve
+from serving import ServeInstance, deploy
 
 from deployments import AppSettings, compose_app
 from deployments.api.page import page_html
@@ -49,13 +49,9 @@ def test_the_page_is_self_contained() -> None:
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_runtime: str) -> Iterator[str]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(serve_instance: ServeInstance) -> str:
     args = AppSettings(model=TINY, image_size=SIZE, placement="cpu", api_key=KEY, max_image_size=256)
-    serve.run(compose_app(args), name="vtp-page", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return deploy(compose_app(args), "vtp-page", "/")
 
 
 @pytest.fixture(scope="module")

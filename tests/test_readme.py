@@ -16,15 +16,18 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from helpers import ROOT, SIZE, TINY, TINYTEXT, free_port, random_image
+from helpers import ROOT, SIZE, TINY, TINYTEXT, random_image
 from PIL import Image
 
 from vtp_ray.cli import build_parser
+
+if TYPE_CHECKING:
+    from serving import ServeInstance
 
 README = (ROOT / "README.md").read_text()
 NEEDS_MORE = ("modelscope ", "hf download", "npu:0", "HEAD", "--address auto", "pip install", "python -m pytest")
@@ -147,26 +150,16 @@ def test_the_dataset_commands_run_as_written(sandbox: Path, ray_runtime: str) ->
     assert "PSNR B - A" in result.stdout
 
 
-GRPC_PORT = free_port()
-
-
 @pytest.fixture(scope="module")
-def serve_port(ray_runtime: str) -> Iterator[int]:
-    """The HTTP port of the README's app; its gRPC proxy listens on ``GRPC_PORT``."""
-    from ray import serve
+def serve_port(serve_instance: ServeInstance) -> int:
+    """The HTTP port of the README's app (the shared Serve; its gRPC proxy: ``serve_instance.grpc_port``)."""
+    from serving import deploy
 
     from deployments import AppSettings, compose_app
-    from deployments.oip.grpc_service import SERVICER_FUNCTION
 
-    port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
-    )
     # The tiny checkpoint with CLIP's real vocabulary, so that the text examples run too.
-    serve.run(compose_app(AppSettings(model=TINYTEXT, placement="cpu", image_size=SIZE)), name="vtp", route_prefix="/")
-    yield port
-    serve.shutdown()
+    deploy(compose_app(AppSettings(model=TINYTEXT, placement="cpu", image_size=SIZE)), "vtp", "/")
+    return serve_instance.http_port
 
 
 @pytest.mark.slow
@@ -207,9 +200,9 @@ def test_the_kserve_client_example_runs(sandbox: Path, serve_port: int) -> None:
 
 
 @pytest.mark.slow
-def test_the_grpc_example_runs(sandbox: Path, serve_port: int) -> None:
+def test_the_grpc_example_runs(sandbox: Path, serve_port: int, serve_instance: ServeInstance) -> None:
     ready, latents, image = _run_python_example(
-        "tritonclient.grpc", "localhost:8001", f"127.0.0.1:{GRPC_PORT}", sandbox
+        "tritonclient.grpc", "localhost:8001", serve_instance.grpc_target, sandbox
     )
     assert ready == "True True"
     assert latents.startswith("(1, ") and latents.endswith(", 32, 32)")  # size 512 / 16

@@ -28,7 +28,6 @@ from helpers import (
     ROOT,
     SIZE,
     TINY,
-    free_port,
     model_inputs,
     png_array,
     png_bytes,
@@ -36,7 +35,7 @@ from helpers import (
     random_image,
     replicas_seen,
 )
-from ray import serve
+from serving import ServeInstance, deploy, wait_running
 
 from deployments import AppSettings, build_app, compose_app
 from deployments.model.selection import fits_by_value
@@ -55,9 +54,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_runtime: str) -> Iterator[str]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(serve_instance: ServeInstance) -> str:
     args = AppSettings(
         model=TINY,
         image_size=SIZE,
@@ -70,12 +67,12 @@ def base_url(ray_runtime: str) -> Iterator[str]:
         max_decode_batch=MAX_DECODE_BATCH,
         max_decode_pixels=MAX_DECODE_BATCH * SIZE * SIZE,
     )
-    serve.run(compose_app(args), name="vtp", route_prefix="/")
+    url = deploy(compose_app(args), "vtp", "/", wait=False)
     npu = AppSettings(model=TINY, image_size=SIZE, api_key=KEY, device="cpu")  # declared NPUs, computed on the CPU
     pinned = compose_app(npu, num_replicas=2, ray_actor_options={"num_cpus": 0.5, "resources": {"NPU": 1}})
-    serve.run(pinned, name="vtp-npu", route_prefix="/npu")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()  # the Ray runtime stays, for the next module
+    deploy(pinned, "vtp-npu", "/npu", wait=False)
+    wait_running("vtp", "vtp-npu")
+    return url
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from helpers import SIZE, TINY, TINYTEXT, free_port, model_inputs, png_bytes, random_image, wait_until
+from helpers import SIZE, TINY, TINYTEXT, model_inputs, png_bytes, random_image, wait_until
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
-from ray import serve
 from safetensors.torch import save_file
+from serving import ServeInstance, deploy
 from tritonclient.utils import InferenceServerException
 
 from deployments import AppSettings, compose_app
-from deployments.oip.grpc_service import SERVICER_FUNCTION
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.model import load_model
@@ -72,39 +71,32 @@ QUICK_STOP = {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s":
 
 
 @pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
+def grpc_port(serve_instance: ServeInstance) -> int:
+    return serve_instance.grpc_port
 
 
 @pytest.fixture(scope="module")
-def base_url(
-    ray_runtime: str, wide_dir: Path, grpc_port: int, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
-    )
+def base_url(serve_instance: ServeInstance, wide_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
     missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
-    serve._run(
+    deploy(
         compose_app(AppSettings(model=missing, model_wait_s=WAIT_S, **common), **QUICK_STOP),
-        name="broken",
-        route_prefix="/broken",
-        _blocking=False,
+        "broken",
+        "/broken",
+        wait=False,
     )
     pending = compose_app(
         AppSettings(model=TINY, model_wait_s=WAIT_S, **common),
         ray_actor_options={"resources": {"NotOnThisCluster": 1}},
         **QUICK_STOP,
     )
-    serve._run(pending, name="starting", route_prefix="/starting", _blocking=False)
+    deploy(pending, "starting", "/starting", wait=False)
     keyed = compose_app(
         AppSettings(model=TINY, model_wait_s=WAIT_S, api_key=KEY, **common),
         ray_actor_options={"resources": {"NotOnThisCluster": 1}},
         **QUICK_STOP,
     )
-    serve._run(keyed, name="keyed", route_prefix="/keyed", _blocking=False)
+    deploy(keyed, "keyed", "/keyed", wait=False)
     args = AppSettings(
         model=TINY,
         model_name="tiny",
@@ -115,9 +107,7 @@ def base_url(
         max_decode_pixels=DECODE_PIXELS,
         **common,
     )
-    serve.run(compose_app(args, **QUICK_STOP), name="ops", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return deploy(compose_app(args, **QUICK_STOP), "ops", "/")
 
 
 @pytest.fixture(scope="module")

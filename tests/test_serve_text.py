@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from helpers import SIZE, TINYTEXT, free_port, png_bytes, post_concurrently, random_image
-from ray import serve
+from helpers import SIZE, TINYTEXT, png_bytes, post_concurrently, random_image
+from serving import ServeInstance, deploy
 
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
@@ -24,9 +24,7 @@ LABELS = ["cat", "dog", "a red car", "café"]
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_runtime: str) -> Iterator[str]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(serve_instance: ServeInstance) -> str:
     args = AppSettings(
         model=TINYTEXT,
         image_size=SIZE,
@@ -37,9 +35,7 @@ def base_url(ray_runtime: str) -> Iterator[str]:
         max_labels=6,
         label_cache_size=2,
     )
-    serve.run(compose_app(args), name="vtp-text", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return deploy(compose_app(args), "vtp-text", "/")
 
 
 @pytest.fixture(scope="module")

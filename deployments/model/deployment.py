@@ -181,7 +181,7 @@ class ModelDeployment:
         }
 
     # The decorator's values are placeholders: reconfigure sets the configured ones.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=Batching().max_batch_size, batch_wait_timeout_s=Batching().batch_wait_timeout_s)
     async def _batch(self, jobs: list[_Job]) -> list[Outcome | Exception]:
         """Split a formed batch into same-verb, same-shape groups and make one model call per group."""
         self._gate.close()

@@ -159,9 +159,6 @@ class AxialRoPE(nn.Module):
             cos = torch.cat([cos.new_ones(prefix, cos.shape[1]), cos])
         return sin, cos
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def _apply(self, fn, recurse=True):
         self._cache.clear()  # tables live on the old device/dtype
         return super()._apply(fn, recurse)
