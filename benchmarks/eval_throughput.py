@@ -53,14 +53,14 @@ def main() -> None:
 
     import ray
 
-    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
     from vtp_ray.pipeline.evaluate import evaluate_dataset
     from vtp_ray.pipeline.tokenize import tokenize_dataset
 
     spec = PipelineSpec(
         model=args.model,
         precision=args.precision,
-        size=args.size,
+        preprocessing=Preprocessing(args.size),
         batch_size=args.batch_size,
         replicas=args.replicas,
         resources="cpu",

@@ -39,14 +39,14 @@ def main() -> None:
     import ray
 
     from vtp_ray import VTPReplica
-    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
     from vtp_ray.pipeline.decode import decode_latents
     from vtp_ray.pipeline.tokenize import tokenize_dataset
 
     ray.init(address="local", logging_level=logging.WARNING)
     spec = PipelineSpec(
-        args.model, device=args.device, size=args.size, batch_size=args.batch_size, labels_from_dirs=True,
-        progress=False,
+        args.model, device=args.device, preprocessing=Preprocessing(args.size), batch_size=args.batch_size,
+        labels_from_dirs=True, progress=False,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -31,7 +31,7 @@ from tokenize_throughput import write_images
 
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 
 
 def texts_for(request: int, count: int) -> list[str]:
@@ -96,7 +96,12 @@ def pipeline_part(args: argparse.Namespace) -> None:
     from vtp_ray.pipeline.zeroshot import zero_shot_dataset
 
     spec = PipelineSpec(
-        model=args.model, size=args.size, batch_size=args.batch_size, replicas=1, resources="cpu", progress=False
+        model=args.model,
+        preprocessing=Preprocessing(args.size),
+        batch_size=args.batch_size,
+        replicas=1,
+        resources="cpu",
+        progress=False,
     )
     with tempfile.TemporaryDirectory(prefix="vtp-text-bench-") as tmp:
         images = Path(tmp) / "images"

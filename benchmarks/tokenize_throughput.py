@@ -64,13 +64,13 @@ class ReplicaRate:
 
 def pipeline_rate(args: argparse.Namespace, directory: Path, output: Path) -> dict:
     """``tokenize_dataset`` on the files: its run statistics (``stats.json``'s ``last_run``)."""
-    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
     from vtp_ray.pipeline.tokenize import tokenize_dataset
 
     spec = PipelineSpec(
         model=args.model,
         precision=args.precision,
-        size=args.size,
+        preprocessing=Preprocessing(args.size),
         batch_size=args.batch_size,
         replicas=args.replicas,
         resources="cpu",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vtp_ray.cli import build_parser
 from vtp_ray.cli.args import pipeline_spec
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 
 slow = pytest.mark.slow
 
@@ -33,8 +33,8 @@ def test_job_flags_become_one_pipeline_spec():
     )  # fmt: skip
     spec = pipeline_spec(args)
     assert spec == PipelineSpec(
-        "m", precision="bf16", size=128, crop="resize", batch_size=16, replicas=(2, 4), resources={"NPU": 1},
-        progress=False,
+        "m", precision="bf16", preprocessing=Preprocessing(128, "resize"), batch_size=16, replicas=(2, 4),
+        resources={"NPU": 1}, progress=False,
     )  # fmt: skip
     assert (args.func.__name__, args.output, args.flip, args.rows_per_file) == (
         "cmd_tokenize",

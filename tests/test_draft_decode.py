@@ -4,6 +4,7 @@ column: fast tests, no Ray."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +14,8 @@ from PIL import Image
 
 from vtp_ray.cli import build_parser
 from vtp_ray.cli.args import pipeline_spec
-from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.images import preprocess, preprocess_with_info
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
 from vtp_ray.pipeline.spec import ModelFacts
 from vtp_ray.pipeline.stages import pixels, preprocess_rows
@@ -83,14 +84,14 @@ def test_a_drafted_exif_rotated_jpeg_is_turned_and_reports_its_displayed_size():
 
 
 def test_blocks_hold_whole_model_batches_sized_for_the_work():
-    spec = PipelineSpec(model=TINY, size=64, batch_size=32)
+    spec = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), batch_size=32)
     by_bytes = BLOCK_BYTES // (64 * 64 * 3)
     assert block_rows(spec, 1_000_000, cpus=2) == -(-by_bytes // 32) * 32  # about BLOCK_BYTES of pixels
     assert block_rows(spec, 20_000, cpus=2) == 1280  # >= 4 blocks per decode slot (2 CPUs / 0.5 per task)
     assert block_rows(spec, 10, cpus=2) == 32  # never less than one model batch
-    big = PipelineSpec(model=TINY, size=256, batch_size=48)
+    big = PipelineSpec(model=TINY, preprocessing=Preprocessing(256), batch_size=48)
     assert block_rows(big, 1_000_000, cpus=64) % 48 == 0 and block_rows(big, 1_000_000, cpus=64) * 3 * 256**2 < 2**26
-    assert block_rows(PipelineSpec(model=TINY, size=64, block_size=100), 20_000, cpus=2) == 100
+    assert block_rows(PipelineSpec(model=TINY, preprocessing=Preprocessing(64), block_size=100), 20_000, cpus=2) == 100
     with pytest.raises(ValueError, match="block_size"):
         PipelineSpec(model=TINY, block_size=0)
 
@@ -103,7 +104,7 @@ def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(t
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     order = [paths[0], tmp_path / "bad.jpg", paths[1], paths[2]]
     table = pa.table({"path": [str(p) for p in order], "label": ["a", None, "b", None]})
-    out = preprocess_rows(table, size=32, crop="center", limits=ImageLimits(), filesystem=None)
+    out = preprocess_rows(table, preprocessing=Preprocessing(32), filesystem=None)
     assert out.column("image").is_null().to_pylist() == [False, True, False, False]
     assert out.column("width").to_pylist() == [70, None, 64, 64]
     assert out.column("reason").to_pylist() == [None, "not_an_image", None, None]
@@ -111,20 +112,31 @@ def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(t
     expected = np.stack([preprocess(str(p), 32) for p in paths])
     np.testing.assert_array_equal(pixels(ok.column("image"), 32), expected)
     # An all-valid block: no validity bitmap at all, the same pixels.
-    clean = preprocess_rows(table.take([0, 2, 3]), size=32, crop="center", limits=ImageLimits(), filesystem=None)
+    clean = preprocess_rows(table.take([0, 2, 3]), preprocessing=Preprocessing(32), filesystem=None)
     assert clean.column("image").null_count == 0
     np.testing.assert_array_equal(pixels(clean.column("image"), 32), expected)
 
 
-def test_the_flags_reach_the_spec_and_a_draft_output_never_resumes_an_exact_one():
+def test_the_flags_reach_the_spec_and_a_fast_output_never_resumes_an_exact_one(capsys):
     args = build_parser().parse_args(
-        ["tokenize", "in", "-o", "o", "--model", TINY, "--draft-decode", "--block-size", "64"]
+        ["tokenize", "in", "-o", "o", "--model", TINY, "--fast-preprocess", "--block-size", "64"]
     )
     spec = pipeline_spec(args)
-    assert spec.draft_decode and spec.block_size == 64
+    assert spec.preprocessing.fast and spec.block_size == 64
     exact = pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", TINY]))
-    assert not exact.draft_decode and exact.block_size is None
+    assert not exact.preprocessing.fast and exact.block_size is None
+    # The flag's old name still works, and is left out of the help.
+    old = pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", TINY, "--draft-decode"]))
+    assert old == replace(exact, preprocessing=Preprocessing(fast=True))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tokenize", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--fast-preprocess" in help_text and "--draft-decode" not in help_text
     model = ModelFacts.of(TINY, 64)
     drafted = build_manifest(spec, model, flip=False, latent_dtype="float32")
     plain = build_manifest(exact, model, flip=False, latent_dtype="float32")
-    assert "draft_decode" in drafted["preprocessing"] and "draft_decode" not in plain["preprocessing"]
+    assert "draft_decode" not in plain["preprocessing"]
+    # The manifest's words as outputs made before fast preprocessing had its name hold them: those still resume.
+    assert drafted["preprocessing"]["draft_decode"] == (
+        "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
+    )

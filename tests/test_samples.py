@@ -15,7 +15,7 @@ from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_parqu
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import ImageLimits, preprocess_with_info
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.evaluate import evaluate_dataset
 from vtp_ray.pipeline.inputs import InputError
 from vtp_ray.pipeline.samples import (
@@ -30,6 +30,7 @@ from vtp_ray.pipeline.samples import (
 from vtp_ray.pipeline.tokenize import tokenize_dataset
 
 LIMITS = ImageLimits(max_pixels=50_000)
+PREPROCESSING = Preprocessing(SIZE, limits=LIMITS)
 SHAPE = (8, SIZE // 16, SIZE // 16)
 
 
@@ -108,7 +109,7 @@ def test_a_class_id_is_a_non_negative_integer_in_range():
 
 
 def _spec(**changes) -> PipelineSpec:
-    return PipelineSpec(TINY, device="cpu", size=SIZE, batch_size=2, limits=LIMITS, progress=False, **changes)
+    return PipelineSpec(TINY, device="cpu", preprocessing=PREPROCESSING, batch_size=2, progress=False, **changes)
 
 
 @pytest.fixture(scope="module")

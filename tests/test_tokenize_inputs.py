@@ -17,7 +17,7 @@ from PIL import Image
 
 from vtp_ray.cli.args import replicas_arg, resources_arg
 from vtp_ray.images import ImageLimits
-from vtp_ray.pipeline import ModelFacts, PipelineSpec
+from vtp_ray.pipeline import ModelFacts, PipelineSpec, Preprocessing
 from vtp_ray.pipeline.inputs import InputError, _glob_regex, discover_inputs
 from vtp_ray.pipeline.runner import _actor_options
 from vtp_ray.pipeline.stages import preprocess_rows
@@ -135,7 +135,8 @@ def test_preprocess_turns_every_bad_input_into_an_error_row(tree: Path):
     good = tree / "a_class" / "1.jpg"
     paths = [str(good), str(tree / "empty.jpg"), str(tree / "text.jpg"), str(big), str(tree / "gone.jpg")]
     batch = pa.table({"path": paths, "label": ["x", None, None, None, None]})
-    out = preprocess_rows(batch, size=32, crop="center", limits=ImageLimits(max_pixels=50_000), filesystem=None)
+    preprocessing = Preprocessing(32, limits=ImageLimits(max_pixels=50_000))
+    out = preprocess_rows(batch, preprocessing=preprocessing, filesystem=None)
     assert out.column("reason").to_pylist() == [None, "empty", "not_an_image", "too_many_pixels", "unreadable"]
     assert out.column("error").null_count == 1 and all(out.column("error").to_pylist()[1:])
     assert out.column("width").to_pylist()[0] == 40 and out.column("height").to_pylist()[0] == 30
@@ -173,7 +174,7 @@ FACTS = ModelFacts(
 
 
 def _manifest(size: int = 32, precision: str = "fp32") -> dict:
-    spec = PipelineSpec("random:test", precision=precision, size=size)
+    spec = PipelineSpec("random:test", precision=precision, preprocessing=Preprocessing(size))
     return build_manifest(spec, FACTS, flip=False, latent_dtype="float32")
 
 
@@ -256,17 +257,25 @@ def test_model_facts_come_from_the_config_alone(tiny_dir: Path):
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
-        ({"size": 40}, "size"),
         ({"batch_size": 0}, "batch_size"),
         ({"precision": "int8"}, "precision"),
         ({"replicas": (3, 1)}, "replicas"),
-        ({"crop": "diagonal"}, "crop"),
-        ({"decode_cpus": 0}, "decode_cpus"),
+        ({"preprocess_cpus": 0}, "preprocess_cpus"),
     ],
 )
 def test_a_spec_with_bad_settings_is_refused(bad: dict, match: str):
     with pytest.raises(ValueError, match=match):
         PipelineSpec("random:vtp-small", **bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"), [({"size": 40}, "size"), ({"size": True}, "size"), ({"crop": "diagonal"}, "crop")]
+)
+def test_preprocessing_with_bad_settings_is_refused(bad: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        Preprocessing(**bad)
+    with pytest.raises(TypeError, match="Preprocessing"):
+        PipelineSpec("random:vtp-small", preprocessing=256)
 
 
 def test_cli_flags_parse_replicas_and_resources():

@@ -12,6 +12,6 @@ Nothing here imports torch at module level: Ray Data's preprocess tasks import t
 """
 
 from .runner import ReplicaStartError
-from .spec import ModelFacts, PipelineSpec
+from .spec import ModelFacts, PipelineSpec, Preprocessing, SampleOptions
 
-__all__ = ["ModelFacts", "PipelineSpec", "ReplicaStartError"]
+__all__ = ["ModelFacts", "PipelineSpec", "Preprocessing", "ReplicaStartError", "SampleOptions"]

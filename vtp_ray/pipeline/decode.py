@@ -14,6 +14,7 @@ De-normalization (``stats``) undoes LightningDiT's ``(x - mean) / std`` as upstr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -169,7 +170,7 @@ class DecodeWorker(ReplicaWorker):
     def __init__(self, *, latent_shape: tuple[int, int, int], **base: Any) -> None:
         super().__init__(**base)
         self.latent_shape = latent_shape
-        self.image_bytes = self.spec.size * self.spec.size * 3
+        self.image_bytes = self.spec.preprocessing.size * self.spec.preprocessing.size * 3
 
     def inputs(self, rows: pa.Table) -> np.ndarray:
         column = rows.column("latents").combine_chunks()
@@ -224,7 +225,8 @@ def decode_latents(
 ) -> DecodeSummary:
     """Decode every latent in ``inputs`` (see ``find_latents``) into ``output``: ``000000.png``... in input
     order, or with ``npz`` one ``samples.npz`` whose ``arr_0`` is uint8 ``(N, H, W, 3)`` (what ADM's FID evaluator
-    reads). ``stats`` de-normalizes first (``x * std + mean``). ``spec.size`` is ignored: the latents decide it."""
+    reads). ``stats`` de-normalizes first (``x * std + mean``). ``spec.preprocessing`` is ignored: the latents
+    decide the size."""
     started = time.perf_counter()
     sources = find_latents(inputs, key)
     shapes = {s.shape for s in sources}
@@ -238,7 +240,7 @@ def decode_latents(
     if mean_std is not None and len(mean_std[0]) != shape[0]:
         raise ValueError(f"{stats} holds {len(mean_std[0])} channels, the latents {shape[0]}")
     size = shape[1] * model.patch_size
-    spec = PipelineSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "size": size})
+    spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, size=size))
     chunks, first = [], 0
     for i, source in enumerate(sources):
         for start in range(0, source.rows, spec.batch_size):
@@ -260,7 +262,7 @@ def decode_latents(
             batch_format="pyarrow",
             batch_size=None,
             fn_kwargs={"chunks": chunks, "sources": sources, "stats": mean_std},
-            num_cpus=spec.decode_cpus,
+            num_cpus=spec.preprocess_cpus,
         )
         dataset = dataset.map_batches(
             DecodeWorker,

@@ -220,9 +220,9 @@ def evaluate_dataset(
         found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
         todo, order = found.table, found.position()
         saved = found.table.column("path").to_pylist()[:save_images]
-    model = ModelFacts.of(spec.model, spec.size)
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     out = Path(output).expanduser()
-    collector = _Collector(out / IMAGES, spec.size, order, saved)
+    collector = _Collector(out / IMAGES, spec.preprocessing.size, order, saved)
     worker = {
         "inception_weights": str(inception) if inception else None,
         "lpips_weights": str(lpips) if lpips else None,

@@ -37,7 +37,7 @@ __all__ = ["BLOCK_BYTES", "Placement", "ReplicaStartError", "ReplicaUsage", "blo
 #: a block carries many model batches; 32 MB is a quarter of Ray Data's target block size (1,280 images at 64 px,
 #: 160 at 256 px, a second or more of decoding either way).
 BLOCK_BYTES = 32 * 2**20
-#: Blocks per decode slot at least, so that decoding and the model overlap and the last block is a short tail.
+#: Blocks per preprocess slot at least, so that preprocessing and the model overlap and the last block is a short tail.
 BLOCKS_PER_SLOT = 4
 
 _ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
@@ -66,17 +66,17 @@ class Placement:
         options = resolve_placement(_actor_options(spec.resources), cluster_nodes(), setting="--resources")
         device = device_for(options) if spec.device == "auto" else spec.device
         replicas = spec.replicas or _default_replicas(options, cluster)
-        if _canonical(options) == _canonical({"num_cpus": spec.decode_cpus}):
+        if _canonical(options) == _canonical({"num_cpus": spec.preprocess_cpus}):
             raise ValueError(
-                f"decode_cpus={spec.decode_cpus} equals the replicas' {options}: Ray Data would fuse decoding into "
-                "the model actors; choose another value"
+                f"preprocess_cpus={spec.preprocess_cpus} equals the replicas' {options}: Ray Data would fuse "
+                "preprocessing into the model actors; choose another value"
             )
         min_replicas = replicas if isinstance(replicas, int) else replicas[0]
-        needed = min_replicas * float(options.get("num_cpus") or 0) + spec.decode_cpus
+        needed = min_replicas * float(options.get("num_cpus") or 0) + spec.preprocess_cpus
         if needed > cluster.get("CPU", 0):
             raise PlacementError(
-                f"{min_replicas} replica(s) with {options} and decoding ({spec.decode_cpus} CPU per task) need "
-                f"{needed:g} CPUs, the cluster has {cluster.get('CPU', 0):g}: lower --replicas, or give Ray more "
+                f"{min_replicas} replica(s) with {options} and preprocessing ({spec.preprocess_cpus} CPU per task) "
+                f"need {needed:g} CPUs, the cluster has {cluster.get('CPU', 0):g}: lower --replicas, or give Ray more "
                 "logical CPUs (ray start --num-cpus N; they may exceed the cores)"
             )
         return cls(options, device, replicas)
@@ -188,13 +188,10 @@ def build_dataset(
         fn_kwargs={
             "inputs": [ray.put(todo)],
             "block_rows": rows,
-            "size": spec.size,
-            "crop": spec.crop,
-            "limits": spec.limits,
+            "preprocessing": spec.preprocessing,
             "filesystem": spec.filesystem,
-            "draft": spec.draft_decode,
         },
-        num_cpus=spec.decode_cpus,
+        num_cpus=spec.preprocess_cpus,
     )
     return _replica_stage(preprocessed, spec, placement, worker, worker_kwargs, expected_digest)
 
@@ -232,11 +229,11 @@ def _replica_stage(
 
 def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
     """Inputs per block: ``spec.block_size``, else about ``BLOCK_BYTES`` of pixels, whole model batches, and at
-    least ``BLOCKS_PER_SLOT`` blocks per decode slot (``cpus / decode_cpus``) when there are enough inputs."""
+    least ``BLOCKS_PER_SLOT`` blocks per preprocess slot (``cpus / preprocess_cpus``) when there are enough inputs."""
     if spec.block_size:
         return spec.block_size
-    slots = max(1, int(cpus / spec.decode_cpus))
-    rows = min(BLOCK_BYTES // (3 * spec.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
+    slots = max(1, int(cpus / spec.preprocess_cpus))
+    rows = min(BLOCK_BYTES // (3 * spec.preprocessing.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
     return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
 
 

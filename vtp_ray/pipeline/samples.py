@@ -36,9 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..images import CropMode, ImageLimits
 from .inputs import _GLOB_CHARS, InputError, _from_glob, _identity, _list_files, resolve_location
-from .spec import PipelineSpec, SampleOptions
+from .spec import PipelineSpec, Preprocessing, SampleOptions
 from .stages import NoImage, Refused, preprocess_images
 
 if TYPE_CHECKING:
@@ -101,10 +100,7 @@ class SampleSource:
         common = {
             "options": self.options,
             "done": [ray.put(self.done)],
-            "size": spec.size,
-            "crop": spec.crop,
-            "limits": spec.limits,
-            "draft": spec.draft_decode,
+            "preprocessing": spec.preprocessing,
         }
         if self.kind == "webdataset":
             # decoder=None: members stay bytes; nothing is unpickled or decoded without limits by Ray Data.
@@ -113,7 +109,7 @@ class SampleSource:
                 filesystem=self.filesystem,
                 decoder=None,
                 file_extensions=None,
-                num_cpus=spec.decode_cpus,
+                num_cpus=spec.preprocess_cpus,
                 # One read task per shard, as planned: a higher parallelism would split each read's blocks, which
                 # stops Ray Data from fusing the decoding into the read (the raw bytes would cross the object store).
                 override_num_blocks=len(self.inner),
@@ -124,7 +120,7 @@ class SampleSource:
                 batch_format="pandas",
                 batch_size=None,
                 fn_kwargs={**common, "ids": ids},
-                num_cpus=spec.decode_cpus,
+                num_cpus=spec.preprocess_cpus,
             )
         count = len(self.files)
         return ray.data.range(count, override_num_blocks=count).map_batches(
@@ -139,7 +135,7 @@ class SampleSource:
                 "image_column": self.image_column,
                 "block_rows": block_rows,
             },
-            num_cpus=spec.decode_cpus,
+            num_cpus=spec.preprocess_cpus,
         )
 
     def first_samples(self, n: int) -> list[str]:
@@ -330,10 +326,7 @@ def preprocess_tar(
     ids: dict[str, str],
     options: SampleOptions,
     done: list[ObjectRef],
-    size: int,
-    crop: CropMode,
-    limits: ImageLimits,
-    draft: bool = False,
+    preprocessing: Preprocessing,
 ) -> pa.Table:
     """Webdataset samples (``read_webdataset`` rows, undecoded) -> preprocessed rows, errors as rows."""
     keys = [str(k) for k in batch["__key__"]]
@@ -348,7 +341,7 @@ def preprocess_tar(
         captions.append(_tar_text(record, options.caption) if options.caption else None)
     paths = [f"{shard}#{key}" for shard, key in zip(shards, keys, strict=True)]
     label_name = f"{options.label or 'cls'} member"
-    return _decode(paths, labels, label_name, captions, data, problems, options, done, size, crop, limits, draft)
+    return _decode(paths, labels, label_name, captions, data, problems, options, done, preprocessing)
 
 
 def _tar_text(record: dict[str, Any], key: str) -> str | None:
@@ -391,10 +384,7 @@ def preprocess_parquet(
     image_column: str,
     options: SampleOptions,
     done: list[ObjectRef],
-    size: int,
-    crop: CropMode,
-    limits: ImageLimits,
-    draft: bool = False,
+    preprocessing: Preprocessing,
 ) -> pa.Table:
     """Parquet rows with image bytes, read from ``file`` (its identity) -> preprocessed rows."""
     images = batch.column(image_column)
@@ -414,7 +404,7 @@ def preprocess_parquet(
     problems = [None if d is not None else f"no image bytes in column {image_column!r}" for d in data]
     paths = [f"{file}#{key}" for key in keys]
     label_name = f"{label} column"
-    return _decode(paths, labels, label_name, captions, data, problems, options, done, size, crop, limits, draft)
+    return _decode(paths, labels, label_name, captions, data, problems, options, done, preprocessing)
 
 
 class NoLabel(Refused):
@@ -454,10 +444,7 @@ def _decode(
     problems: list[str | None],
     options: SampleOptions,
     done: list[ObjectRef],
-    size: int,
-    crop: CropMode,
-    limits: ImageLimits,
-    draft: bool,
+    preprocessing: Preprocessing,
 ) -> pa.Table:
     """Skip the samples already done, decode the rest (errors as rows) into the preprocess stage's columns."""
     import ray
@@ -484,7 +471,7 @@ def _decode(
             raise refused[i]
         return data[i]
 
-    decoded = preprocess_images(len(todo), fetch, size, crop, limits, draft)
+    decoded = preprocess_images(len(todo), fetch, preprocessing)
     table = pa.table(
         {
             "path": pa.array([paths[i] for i in todo], pa.string()),

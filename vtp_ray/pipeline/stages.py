@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ..images import CropMode, ImageLimits, ImageLoadError, preprocess_with_info
+from ..images import ImageLoadError
 from .inputs import read_bytes
+from .spec import Preprocessing
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -34,23 +35,14 @@ __all__ = [
 ]
 
 
-def preprocess_rows(
-    batch: pa.Table,
-    *,
-    size: int,
-    crop: CropMode,
-    limits: ImageLimits,
-    filesystem: pafs.FileSystem | None,
-    draft: bool = False,
-) -> pa.Table:
-    """Read, decode and crop a batch of ``path, label`` rows.
+def preprocess_rows(batch: pa.Table, *, preprocessing: Preprocessing, filesystem: pafs.FileSystem | None) -> pa.Table:
+    """Read, load and crop a batch of ``path, label`` rows.
 
     Adds ``width, height`` (original size), ``image`` and ``reason, error`` (see ``preprocess_images``).
     """
     paths = batch.column("path").to_pylist()
-    table = preprocess_images(
-        len(paths), lambda i: read_bytes(paths[i], filesystem, limits.max_bytes), size, crop, limits, draft
-    )
+    max_bytes = preprocessing.limits.max_bytes
+    table = preprocess_images(len(paths), lambda i: read_bytes(paths[i], filesystem, max_bytes), preprocessing)
     return pa.table(
         {
             "path": batch.column("path"),
@@ -72,14 +64,13 @@ class NoImage(Refused):
     reason = "no_image"
 
 
-def preprocess_images(
-    n: int, fetch: Callable[[int], bytes], size: int, crop: CropMode, limits: ImageLimits, draft: bool = False
-) -> pa.Table:
-    """Decode and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
-    error``, one row each. An input that cannot be fetched or decoded becomes a row with a null image and its
+def preprocess_images(n: int, fetch: Callable[[int], bytes], preprocessing: Preprocessing) -> pa.Table:
+    """Load and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
+    error``, one row each. An input that cannot be fetched or loaded becomes a row with a null image and its
     reason: it never raises, so one bad input cannot fail the job. The images are written straight into one buffer
     that becomes the ``image`` column without a copy.
     """
+    size = preprocessing.size
     pixels_out = np.zeros((n, size, size, 3), np.uint8)
     ok = np.zeros(n, bool)
     widths = np.zeros(n, np.int32)
@@ -88,7 +79,7 @@ def preprocess_images(
     messages: list[str | None] = [None] * n
     for i in range(n):
         try:
-            pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(fetch(i), size, crop, limits, draft)
+            pixels_out[i], (widths[i], heights[i]) = preprocessing.apply(fetch(i))
             ok[i] = True
         except Refused as e:
             reasons[i], messages[i] = e.reason, str(e)

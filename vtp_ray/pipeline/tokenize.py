@@ -43,7 +43,7 @@ PREPROCESSING = {
     "resize": "bicubic resize to size x size, aspect ratio not kept",
 }
 
-DRAFT_DECODE = "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
+FAST_PREPROCESS = "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class TokenizeSummary:
 
 def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_dtype: str) -> dict[str, Any]:
     """The description of an output directory: everything needed to interpret (and reproduce) its latents."""
-    grid = spec.size // model.patch_size
+    prep = spec.preprocessing
+    grid = prep.size // model.patch_size
     latent_shape = [model.latent_channels, grid, grid]
     columns: dict[str, Any] = {"latents": {"shape": latent_shape, "dtype": latent_dtype}}
     if flip:
@@ -92,13 +93,14 @@ def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_
         "model": {**model.to_dict(), "rope_dtype": spec.rope_dtype},
         "precision": spec.precision,
         "preprocessing": {
-            "size": spec.size,
-            "crop": spec.crop,
-            "method": PREPROCESSING[spec.crop],
+            "size": prep.size,
+            "crop": prep.crop,
+            "method": PREPROCESSING[prep.crop],
             "decode": "first frame, EXIF orientation applied, alpha composited over white, RGB",
             "normalization": {"kind": "imagenet", "mean": list(norm.mean), "std": list(norm.std)},
-            # Only when on, so that exact outputs keep their manifest; resuming never mixes the two.
-            **({"draft_decode": DRAFT_DECODE} if spec.draft_decode else {}),
+            # Only when on, so that exact outputs keep their manifest; resuming never mixes the two. The key keeps its
+            # name from before fast preprocessing had its own word: outputs made then still resume.
+            **({"draft_decode": FAST_PREPROCESS} if prep.fast else {}),
         },
         "flip": flip,
         "latent_dtype": latent_dtype,
@@ -113,7 +115,7 @@ class TokenizeWorker(ReplicaWorker):
         super().__init__(**base)
         self.flip = flip
         info = self.replica.info
-        grid = self.spec.size // info.patch_size
+        grid = self.spec.preprocessing.size // info.patch_size
         latents = (LATENT_DTYPES[latent_dtype], (info.latent_channels, grid, grid))
         self.outputs: dict[str, tuple[pa.DataType, tuple[int, ...]]] = {"latents": latents}
         if flip:
@@ -212,7 +214,7 @@ def tokenize_dataset(
     found = (
         None if samples else discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
     )
-    model = ModelFacts.of(spec.model, spec.size)
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
     if format == "lightningdit":
         if samples:  # labels: the samples' class ids; a sample without one becomes an error row as it is read
@@ -227,7 +229,7 @@ def tokenize_dataset(
     else:
         raise ValueError(f"format must be parquet or lightningdit, got {format!r}")
     done = store.done_paths(retry_errors).combine_chunks()
-    limits = spec.limits
+    limits = spec.preprocessing.limits
     run: dict[str, Any] = {
         "run_id": uuid.uuid4().hex[:12],
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -44,7 +44,7 @@ class ReplicaWorker:
             device,
             spec.precision,
             spec.rope_dtype,
-            warmup_size=spec.size,
+            warmup_size=spec.preprocessing.size,
             cpu_threads=replica_cpu_threads(spec.cpu_threads, device),
         )
         digest = self.replica.info.config_digest
@@ -54,7 +54,7 @@ class ReplicaWorker:
 
     def inputs(self, rows: pa.Table) -> np.ndarray:
         """The model input of the valid rows: by default their preprocessed images, uint8 ``(n, size, size, 3)``."""
-        return pixels(rows.column("image"), self.spec.size)
+        return pixels(rows.column("image"), self.spec.preprocessing.size)
 
     def process(self, images: np.ndarray, rows: pa.Table) -> Any:
         """The model work on the valid rows: ``images`` uint8 ``(n, size, size, 3)``, ``rows`` their table rows."""

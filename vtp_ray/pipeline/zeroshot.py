@@ -154,7 +154,7 @@ def zero_shot_dataset(
         directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
         index = {d: i for i, d in enumerate(directories)}
         todo, order = found.table, found.position()
-    model = ModelFacts.of(spec.model, spec.size)
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     worker = {"classnames": tuple(names), "templates": templates}
     usage, rows, errors = ReplicaUsage(), [], []
     with run_pipeline(spec, todo, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
