@@ -18,7 +18,7 @@ from vtp_ray.cli import main
 from vtp_ray.images import ImageLimits, preprocess_with_info
 from vtp_ray.metrics import psnr, save_random_fid_inception, save_random_lpips
 from vtp_ray.pipeline import PipelineSpec, Preprocessing, ReplicaStartError
-from vtp_ray.pipeline.evaluate import evaluate_dataset
+from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
 from vtp_ray.pipeline.report import compare_reports
 
 SIZE = 64

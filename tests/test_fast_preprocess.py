@@ -1,5 +1,6 @@
-"""Draft-mode JPEG decoding (``preprocess(..., draft=True)``) and the pipeline's block sizing and preprocess
-column: fast tests, no Ray."""
+"""Fast preprocessing: JPEGs loaded in draft mode (``preprocess(..., draft=True)``, the pipeline's
+``Preprocessing(fast=True)``, ``--fast-preprocess``): close to the exact ADM pixels, and an output made with it never
+resumes an exact one. Fast tests, no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import io
 from dataclasses import replace
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from helpers import TINY
 from PIL import Image
@@ -15,11 +15,9 @@ from PIL import Image
 from vtp_ray.cli import build_parser
 from vtp_ray.cli.args import pipeline_spec
 from vtp_ray.images import preprocess, preprocess_with_info
-from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.runner import BLOCK_BYTES, block_rows
+from vtp_ray.pipeline import Preprocessing
+from vtp_ray.pipeline.jobs.tokenize import build_manifest
 from vtp_ray.pipeline.spec import ModelFacts
-from vtp_ray.pipeline.stages import pixels, preprocess_rows
-from vtp_ray.pipeline.tokenize import build_manifest
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -50,6 +48,14 @@ def test_draft_is_off_by_default_and_the_exact_path_is_unchanged(photo):
     assert info == (800, 600)
 
 
+def test_the_pipelines_fast_preprocessing_is_the_draft_load_and_its_default_the_exact_one(photo):
+    drafted, drafted_info = preprocess_with_info(photo, 64, draft=True)
+    fast, fast_info = Preprocessing(64, fast=True).apply(photo)
+    np.testing.assert_array_equal(fast, drafted)
+    assert fast_info == drafted_info
+    np.testing.assert_array_equal(Preprocessing(64).apply(photo)[0], preprocess(photo, 64))
+
+
 def test_a_draft_decode_is_close_to_the_exact_adm_pixels_and_reports_the_full_size(photo):
     exact = preprocess(photo, 64).astype(np.int16)
     drafted, info = preprocess_with_info(photo, 64, draft=True)
@@ -78,43 +84,6 @@ def test_a_drafted_exif_rotated_jpeg_is_turned_and_reports_its_displayed_size():
     drafted, drafted_info = preprocess_with_info(data, 64, draft=True)
     assert info == drafted_info == (600, 800)
     assert np.abs(drafted.astype(np.int16) - exact).mean() < 3.0
-
-
-# ---------------------------------------------------------------------------------------- pipeline blocks
-
-
-def test_blocks_hold_whole_model_batches_sized_for_the_work():
-    spec = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), batch_size=32)
-    by_bytes = BLOCK_BYTES // (64 * 64 * 3)
-    assert block_rows(spec, 1_000_000, cpus=2) == -(-by_bytes // 32) * 32  # about BLOCK_BYTES of pixels
-    assert block_rows(spec, 20_000, cpus=2) == 1280  # >= 4 blocks per decode slot (2 CPUs / 0.5 per task)
-    assert block_rows(spec, 10, cpus=2) == 32  # never less than one model batch
-    big = PipelineSpec(model=TINY, preprocessing=Preprocessing(256), batch_size=48)
-    assert block_rows(big, 1_000_000, cpus=64) % 48 == 0 and block_rows(big, 1_000_000, cpus=64) * 3 * 256**2 < 2**26
-    assert block_rows(PipelineSpec(model=TINY, preprocessing=Preprocessing(64), block_size=100), 20_000, cpus=2) == 100
-    with pytest.raises(ValueError, match="block_size"):
-        PipelineSpec(model=TINY, block_size=0)
-
-
-def test_the_preprocessed_column_holds_each_images_pixels_and_nulls_for_errors(tmp_path):
-    paths = []
-    for i, shape in enumerate([(50, 70), (90, 64), (64, 64)]):
-        paths.append(tmp_path / f"{i}.jpg")
-        paths[-1].write_bytes(_jpeg(_photo(*shape, seed=i)))
-    (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    order = [paths[0], tmp_path / "bad.jpg", paths[1], paths[2]]
-    table = pa.table({"path": [str(p) for p in order], "label": ["a", None, "b", None]})
-    out = preprocess_rows(table, preprocessing=Preprocessing(32), filesystem=None)
-    assert out.column("image").is_null().to_pylist() == [False, True, False, False]
-    assert out.column("width").to_pylist() == [70, None, 64, 64]
-    assert out.column("reason").to_pylist() == [None, "not_an_image", None, None]
-    ok = out.filter(out.column("error").is_null())
-    expected = np.stack([preprocess(str(p), 32) for p in paths])
-    np.testing.assert_array_equal(pixels(ok.column("image"), 32), expected)
-    # An all-valid block: no validity bitmap at all, the same pixels.
-    clean = preprocess_rows(table.take([0, 2, 3]), preprocessing=Preprocessing(32), filesystem=None)
-    assert clean.column("image").null_count == 0
-    np.testing.assert_array_equal(pixels(clean.column("image"), 32), expected)
 
 
 def test_the_flags_reach_the_spec_and_a_fast_output_never_resumes_an_exact_one(capsys):

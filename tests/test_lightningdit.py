@@ -22,8 +22,8 @@ from safetensors import safe_open
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.lightningdit import PATHS_KEY, SOURCE_LABELS, export_lightningdit
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline.jobs.lightningdit import PATHS_KEY, SOURCE_LABELS, export_lightningdit
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 GRID = SIZE // 16
 CLASSES = ["ant", "bee", "cat"]  # label i = CLASSES[i]: ImageFolder's sorted directory order

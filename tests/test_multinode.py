@@ -41,7 +41,7 @@ from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 from vtp_ray.placement import PlacementError
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]

@@ -18,7 +18,7 @@ import pytest
 from helpers import SIZE, TINY, free_port, sample_images, start_tokenize_cli, write_parquet, write_shards
 
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 pytestmark = pytest.mark.slow
 

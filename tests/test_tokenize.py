@@ -26,9 +26,9 @@ from PIL import Image
 from vtp_ray import VTPReplica
 from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec, Preprocessing, ReplicaStartError
-from vtp_ray.pipeline.stages import preprocess_rows
+from vtp_ray.pipeline.jobs.tokenize import TokenizeWorker, tokenize_dataset
+from vtp_ray.pipeline.sources.files import preprocess_rows
 from vtp_ray.pipeline.store import METADATA_KEY, OutputMismatchError
-from vtp_ray.pipeline.tokenize import TokenizeWorker, tokenize_dataset
 from vtp_ray.placement import PlacementError
 
 pytestmark = pytest.mark.slow

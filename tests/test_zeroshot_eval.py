@@ -18,9 +18,9 @@ from vtp_ray import VTPReplica
 from vtp_ray.cli import main
 from vtp_ray.images import preprocess
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.zeroshot import load_classnames, load_sample_classnames, zero_shot_dataset
 from vtp_ray.pipeline.report import compare_reports
-from vtp_ray.pipeline.samples import sample_sort_key
-from vtp_ray.pipeline.zeroshot import load_classnames, load_sample_classnames, zero_shot_dataset
+from vtp_ray.pipeline.sources import sample_sort_key
 from vtp_ray.text.classifier import class_embeddings
 from vtp_ray.text.imagenet import imagenet_templates
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from .inputs import Inputs
 from .runner import Placement
+from .sources import Inputs
 from .spec import ModelFacts, PipelineSpec
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The torch-free pieces of a pipeline: the read + preprocess stage, and the Arrow <-> numpy views the workers use.
+"""The torch-free pieces of a pipeline: the preprocess stage every source's read ends with, how many inputs a block
+holds, and the Arrow <-> numpy views the model stage uses.
 
 Rows travel as Arrow tables. After the preprocess stage a row is ``path, label, width, height, image, reason,
 error``: ``image`` is the preprocessed ``size x size x 3`` uint8 pixels as one fixed-size binary value, or null with
@@ -8,58 +9,56 @@ runs the stage in plain CPU worker processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from ..images import ImageLoadError
-from .inputs import read_bytes
-from .spec import Preprocessing
-
-if TYPE_CHECKING:
-    from ray import ObjectRef
+from .spec import PipelineSpec, Preprocessing
 
 __all__ = [
+    "BLOCKS_PER_SLOT",
+    "BLOCK_BYTES",
     "NoImage",
     "Refused",
+    "block_rows",
     "fixed_size_lists",
     "nullable_floats",
     "pixels",
-    "preprocess_block",
     "preprocess_images",
-    "preprocess_rows",
     "valid_rows",
 ]
 
+#: Pixels per block by default. Ray Data costs tens of ms per task and per actor call whatever the block holds, so
+#: a block carries many model batches; 32 MB is a quarter of Ray Data's target block size (1,280 images at 64 px,
+#: 160 at 256 px, a second or more of preprocessing either way).
+BLOCK_BYTES = 32 * 2**20
+#: Blocks per preprocess slot at least, so that preprocessing and the model overlap and the last block is a short
+#: tail.
+BLOCKS_PER_SLOT = 4
 
-def preprocess_rows(batch: pa.Table, *, preprocessing: Preprocessing, filesystem: pafs.FileSystem | None) -> pa.Table:
-    """Read, load and crop a batch of ``path, label`` rows.
 
-    Adds ``width, height`` (original size), ``image`` and ``reason, error`` (see ``preprocess_images``).
-    """
-    paths = batch.column("path").to_pylist()
-    max_bytes = preprocessing.limits.max_bytes
-    table = preprocess_images(len(paths), lambda i: read_bytes(paths[i], filesystem, max_bytes), preprocessing)
-    return pa.table(
-        {
-            "path": batch.column("path"),
-            "label": batch.column("label"),
-            **dict(zip(table.column_names, table.columns, strict=True)),
-        }
-    )
+def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
+    """Inputs per block: ``spec.block_size``, else about ``BLOCK_BYTES`` of pixels, whole model batches, and at
+    least ``BLOCKS_PER_SLOT`` blocks per preprocess slot (``cpus / preprocess_cpus``) when there are enough inputs
+    (``inputs``: how many the source holds, ``sys.maxsize`` when it is streamed and not counted)."""
+    if spec.block_size:
+        return spec.block_size
+    slots = max(1, int(cpus / spec.preprocess_cpus))
+    rows = min(BLOCK_BYTES // (3 * spec.preprocessing.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
+    return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
 
 
 class Refused(Exception):
-    """An input refused before decoding: its error row gets the class's ``reason`` and the exception's message."""
+    """An input refused before loading: its error row gets the class's ``reason`` and the exception's message."""
 
     reason = "refused"
 
 
 class NoImage(Refused):
-    """An input that holds no image to decode (e.g. a sample without an image member): its error row's message."""
+    """An input that holds no image to load (e.g. a sample without an image member): its error row's message."""
 
     reason = "no_image"
 
@@ -104,15 +103,6 @@ def preprocess_images(n: int, fetch: Callable[[int], bytes], preprocessing: Prep
             "error": pa.array(messages, pa.string()),
         }
     )
-
-
-def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
-    """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
-    import ray
-
-    table = ray.get(inputs[0])  # nested in a list: Ray Data passes it through unresolved
-    rows = pa.concat_tables([table.slice(i * block_rows, block_rows) for i in block.column("id").to_pylist()])
-    return preprocess_rows(rows, **preprocess)
 
 
 # ------------------------------------------------------------------------------------------ Arrow views
