@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 GOAL = 0.95
 

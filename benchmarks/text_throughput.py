@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import ray
+from _common import write_images
 from ray import serve
-from tokenize_throughput import write_images
 
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
@@ -92,8 +92,8 @@ def serve_part(args: argparse.Namespace) -> None:
 
 
 def pipeline_part(args: argparse.Namespace) -> None:
-    from vtp_ray.pipeline.tokenize import tokenize_dataset
-    from vtp_ray.pipeline.zeroshot import zero_shot_dataset
+    from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
+    from vtp_ray.pipeline.jobs.zeroshot import zero_shot_dataset
 
     spec = PipelineSpec(
         model=args.model,
