@@ -53,7 +53,7 @@ def test_blocks_hold_whole_model_batches_sized_for_the_work():
     spec = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), batch_size=32)
     by_bytes = BLOCK_BYTES // (64 * 64 * 3)
     assert block_rows(spec, 1_000_000, cpus=2) == -(-by_bytes // 32) * 32  # about BLOCK_BYTES of pixels
-    assert block_rows(spec, 20_000, cpus=2) == 1280  # >= 4 blocks per decode slot (2 CPUs / 0.5 per task)
+    assert block_rows(spec, 20_000, cpus=2) == 1280  # >= 4 blocks per preprocess slot (2 CPUs / 0.5 per task)
     assert block_rows(spec, 10, cpus=2) == 32  # never less than one model batch
     big = PipelineSpec(model=TINY, preprocessing=Preprocessing(256), batch_size=48)
     assert block_rows(big, 1_000_000, cpus=64) % 48 == 0 and block_rows(big, 1_000_000, cpus=64) * 3 * 256**2 < 2**26
