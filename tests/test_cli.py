@@ -76,9 +76,14 @@ def test_replicas_and_resources_flags_parse_into_actor_options():
 
 
 @slow
-def test_a_job_reports_a_bad_input_in_one_line_without_starting_ray(tmp_path):
-    result = vtp_ray("tokenize", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--model", "random:vtp-small")
-    assert result.returncode == 2, result.stderr
+def test_a_job_reports_a_bad_input_in_one_line_without_starting_ray_or_loading_torch(tmp_path):
+    argv = ["tokenize", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--model", "random:vtp-small"]
+    code = (
+        f"import sys; from vtp_ray.cli import main; code = main({argv!r}); "
+        "print(code, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["2", "[]"], result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("vtp-ray tokenize: error:")
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 
