@@ -10,7 +10,8 @@ Every job runs ``source -> read + preprocess (CPU tasks) -> model stage (replica
 - ``worker``: ``ModelStage``, the model stage's base class (one replica, a ``VTPReplica``, per actor).
 - ``runner``: the Ray session, placement, the replica stage and the output iteration every job runs through.
 - ``store``: the resumable parquet output of ``tokenize`` (``LatentStore``, with extension points for other
-  layouts); ``report``: eval reports, their summary and their comparison.
+  layouts); ``latent_stats``: ``ChannelStats``, latent statistics that merge exactly.
+- ``report``: eval reports, their summary line, loading one back, comparing two.
 - ``jobs/``: one module per job (``tokenize``, ``lightningdit``, ``evaluate``, ``zeroshot``, ``decode``).
 
 Nothing here imports torch at module level: Ray Data's preprocess tasks import this package too.

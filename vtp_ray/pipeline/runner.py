@@ -268,7 +268,7 @@ class ReplicaUsage:
         stats: dict[str, Any] = {
             "processed": self.processed,
             "replicas": dict(self.rows),
-            # Against the run's seconds: a replica mostly idle is starved of input (decoding, storage).
+            # Against the run's seconds: a replica mostly idle is starved of input (preprocessing, storage).
             "replica_model_s": {name: round(seconds, 3) for name, seconds in self.busy.items()},
         }
         if self._first_output and self.processed > self._first_output[1]:

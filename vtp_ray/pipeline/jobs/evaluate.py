@@ -3,7 +3,7 @@
 The job is the shared pipeline (``runner``) with ``EvalWorker`` as its model stage: it reconstructs each batch
 and computes the metrics right there, on the device that holds the reference and the reconstruction, so only
 numbers (and 2 x 2048 Inception features per image for rFID) travel back, never the images, except the first
-``save_images`` ones. Undecodable inputs become error rows with their reason; they never stop the job.
+``save_images`` ones. Inputs that cannot be loaded become error rows with their reason; they never stop the job.
 
 Inputs are files (``sources.files``: outputs in input order) or sample sources (``sources.samples``: webdataset
 shards, parquet with image bytes; streamed, never listed: outputs ordered by file, then key, and the images saved

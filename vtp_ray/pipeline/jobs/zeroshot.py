@@ -4,7 +4,8 @@ As upstream VTP's ``tools/test_zero_shot_hf.py`` does it: class index = the sort
 directories (ImageNet val's synsets), class names (the 1000 OpenAI ImageNet names by default, or ``classnames``),
 the text classifier built once per replica from prompt templates (OpenAI's 80 ImageNet templates by default: per
 class, the mean of the normalized template embeddings, renormalized), image embeddings through the replica pool,
-top-1 / top-5 accuracy. Undecodable images and images outside a class directory are error rows with their reason.
+top-1 / top-5 accuracy. Images that cannot be loaded and images outside a class directory are error rows with their
+reason.
 
 From sample sources (``sources.samples``: webdataset shards, parquet with image bytes), the class index is the sample's
 integer label (the ``cls`` member / ``label`` column, as ImageNet webdataset shards store 0..999) and the class
