@@ -313,6 +313,7 @@ def test_rope_tables_cached_under_inference_mode_serve_autograd_later(tiny_dir, 
     torch.testing.assert_close(latents.detach(), expected)
 
 
+@pytest.mark.slow  # a subprocess
 def test_loading_a_checkpoint_does_not_import_torch_dynamo(tiny_dir):
     # Replica start-up time: nn.Embedding's default init on the meta device imported torch._dynamo (1.6 s here).
     load = f"from vtp_ray.model import load_model; load_model({str(tiny_dir)!r})"

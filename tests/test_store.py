@@ -1,5 +1,5 @@
 """The tokenize output directory without Ray: parts written atomically, resumed from, refused when made differently,
-and latent statistics that merge exactly."""
+latent statistics that merge exactly, and LightningDiT's shard layout through the store's extension points."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from safetensors.numpy import load_file
 
 from vtp_ray.pipeline import ModelFacts, PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.lightningdit import ShardStore, lightningdit_manifest
 from vtp_ray.pipeline.jobs.tokenize import build_manifest
 from vtp_ray.pipeline.latent_stats import ChannelStats
 from vtp_ray.pipeline.store import (
@@ -114,3 +116,42 @@ def test_the_store_refuses_results_made_differently_and_overwrite_starts_again(t
     with pytest.raises(OutputMismatchError, match=r"no manifest\.json"):
         LatentStore(str(out), _manifest())
     assert (out / "unrelated.txt").read_text() == "kept"
+
+
+def _shard_rows(manifest: dict, paths: list[str], labels: list[str], value: float) -> pa.Table:
+    n = len(paths)
+
+    def latents(v: float) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.full(n * 8, v, np.float32)), 8)
+
+    return pa.table([paths, labels, [32] * n, [32] * n, latents(value), latents(-value)], schema=row_schema(manifest))
+
+
+def test_the_shard_layout_resumes_through_the_stores_extension_points_and_overwrite_clears_it(tmp_path: Path):
+    spec = PipelineSpec("random:test", preprocessing=Preprocessing(32))
+    manifest = lightningdit_manifest(build_manifest(spec, FACTS, flip=True, latent_dtype="float32"), ["cat", "dog"])
+    out = tmp_path / "shards"
+    store = ShardStore(str(out), manifest)
+    store.write_manifest(device="cpu")
+    store.write_part(_shard_rows(store.manifest, ["a", "b"], ["dog", "cat"], 1.0), _errors(["x"]), {"run_id": "1"})
+    store.write_part(_shard_rows(store.manifest, ["c"], ["cat"], 4.0), _errors([]), {"run_id": "1"})
+    store.finalize({"run_id": "1"})
+    (out / ".latents_rank00_shard002.safetensors.tmp").write_bytes(b"half a shard")  # killed while writing
+    shards = ["latents_rank00_shard000.safetensors", "latents_rank00_shard001.safetensors"]
+    layout = ["_errors", "classes.txt", "errors.parquet", "latents_stats.pt", "manifest.json", "stats.json"]
+    assert load_file(out / shards[0])["labels"].tolist() == [1, 0]  # indices in the manifest's classes
+
+    again = ShardStore(str(out), manifest)  # the parts are read back from the shards' headers alone
+    assert not (out / ".latents_rank00_shard002.safetensors.tmp").exists()
+    assert sorted(again.done_paths().to_pylist()) == ["a", "b", "c", "x"]
+    stats = again.latent_stats()
+    assert stats.count == 3 * 4 and stats.mean.tolist() == [2.0, 2.0]
+    again.write_part(_shard_rows(again.manifest, ["x"], ["dog"], 2.0), _errors([]), {"run_id": "2"})
+    assert sorted(p.name for p in out.iterdir()) == sorted([*shards, "latents_rank00_shard002.safetensors", *layout])
+
+    (out / "unrelated.txt").write_text("kept")
+    (out / MANIFEST_FILE).unlink()
+    with pytest.raises(OutputMismatchError, match=r"no manifest\.json"):
+        ShardStore(str(out), manifest)
+    ShardStore(str(out), manifest, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["unrelated.txt"]
