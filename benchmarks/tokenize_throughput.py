@@ -34,7 +34,7 @@ class ReplicaRate:
         from vtp_ray import VTPReplica
         from vtp_ray.images import preprocess
 
-        # The pipeline's CPU replicas use every core too (tokenize.replica_cpu_threads).
+        # The pipeline's CPU replicas use every core too (worker.replica_cpu_threads).
         self.replica = VTPReplica(args.model, "cpu", args.precision, cpu_threads=os.cpu_count(), warmup_size=args.size)
         images = np.stack([preprocess(p, args.size) for p in paths[: args.batch_size * args.replica_batches]])
         self.batches = np.split(images, args.replica_batches)

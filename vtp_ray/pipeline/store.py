@@ -178,7 +178,7 @@ class LatentStore:
 
     Args:
         output: a local directory or a URI (``s3://bucket/prefix``) pyarrow can write to.
-        manifest: what this run makes (see ``tokenize.build_manifest``); compared with the stored one.
+        manifest: what this run makes (see ``jobs.tokenize.build_manifest``); compared with the stored one.
         overwrite: delete this layout's files first (other files in ``output`` are left alone).
 
     Raises ``OutputMismatchError`` when ``output`` was made with a different model, precision, preprocessing or
