@@ -20,17 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-
-def write_images(directory: Path, count: int, seed: int = 0) -> None:
-    """``count`` JPEGs, 300-400 px per side: upsampled colour noise, like out-of-focus photos."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(300, 401, 2))
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
-        coarse.resize((width, height), Image.Resampling.BICUBIC).save(directory / f"{i:05d}.jpg", quality=90)
+from _common import write_images
 
 
 def random_inception(path: Path) -> Path:
@@ -53,14 +43,14 @@ def main() -> None:
 
     import ray
 
-    from vtp_ray.pipeline import PipelineSpec
-    from vtp_ray.pipeline.evaluate import evaluate_dataset
-    from vtp_ray.pipeline.tokenize import tokenize_dataset
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
+    from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
+    from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
     spec = PipelineSpec(
         model=args.model,
         precision=args.precision,
-        size=args.size,
+        preprocessing=Preprocessing(args.size),
         batch_size=args.batch_size,
         replicas=args.replicas,
         resources="cpu",

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tokenize_throughput import write_images
+from _common import write_images
 
 TOKENIZE_GOAL, DECODE_GOAL = 0.95, 0.85
 
@@ -39,14 +36,14 @@ def main() -> None:
     import ray
 
     from vtp_ray import VTPReplica
-    from vtp_ray.pipeline import PipelineSpec
-    from vtp_ray.pipeline.decode import decode_latents
-    from vtp_ray.pipeline.tokenize import tokenize_dataset
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
+    from vtp_ray.pipeline.jobs.decode import decode_latents
+    from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
     ray.init(address="local", logging_level=logging.WARNING)
     spec = PipelineSpec(
-        args.model, device=args.device, size=args.size, batch_size=args.batch_size, labels_from_dirs=True,
-        progress=False,
+        args.model, device=args.device, preprocessing=Preprocessing(args.size), batch_size=args.batch_size,
+        labels_from_dirs=True, progress=False,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

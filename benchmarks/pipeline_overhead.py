@@ -27,26 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from _common import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "fixtures" / "vtp-tiny")
 SIZE = 64
 GOAL = 0.5
-
-
-def write_images(directory: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` small JPEGs (72-128 px per side) of smooth random content, in 10 class folders."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(72, 129, 2))
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8))
-        path = directory / f"class_{i % 10}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        coarse.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def loop_rates(paths: list[Path], batch_size: int) -> dict[str, float]:
@@ -125,7 +111,7 @@ def main() -> None:
         paths = sorted(data.glob("class_*/*.jpg")) if data.exists() else []
         if len(paths) < args.images:
             started = time.perf_counter()
-            paths = write_images(data, args.images)
+            paths = write_images(data, args.images, sides=(72, 128), blur=8)
             print(f"{len(paths)} JPEGs written in {time.perf_counter() - started:.1f}s")
         paths = paths[: args.images]
         subset = Path(tmp) / "subset.txt"

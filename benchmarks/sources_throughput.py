@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 GOAL = 0.95
 
@@ -79,7 +79,7 @@ def main() -> None:
     import ray
 
     ray.init(address="local", logging_level=logging.WARNING)
-    spec = PipelineSpec(args.model, size=args.size, batch_size=args.batch_size, progress=False)
+    spec = PipelineSpec(args.model, preprocessing=Preprocessing(args.size), batch_size=args.batch_size, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_all(Path(tmp) / "in", jpegs(args.images, 300, 400), args.shards)
         rates: dict[str, list[float]] = {kind: [] for kind in inputs}
@@ -95,7 +95,9 @@ def main() -> None:
             ratio = rates[kind][0] / files
             print(f"{kind} / files: {ratio:.3f}x  (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})")
         if args.rss:
-            tiny = PipelineSpec(args.model, size=16 * (args.size // 256 or 1), batch_size=64, progress=False)
+            tiny = PipelineSpec(
+                args.model, preprocessing=Preprocessing(16 * (args.size // 256 or 1)), batch_size=64, progress=False
+            )
             for n in (int(v) for v in args.rss.split(",")):
                 source = write_all(Path(tmp) / f"rss{n}", jpegs(n, 16, 24, seed=n), max(n // 1000, 1))["shards"]
                 summary = tokenize_dataset(source, f"{tmp}/out-rss{n}", tiny, rows_per_file=2048)

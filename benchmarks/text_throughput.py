@@ -26,12 +26,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import ray
+from _common import write_images
 from ray import serve
-from tokenize_throughput import write_images
 
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 
 
 def texts_for(request: int, count: int) -> list[str]:
@@ -92,11 +92,16 @@ def serve_part(args: argparse.Namespace) -> None:
 
 
 def pipeline_part(args: argparse.Namespace) -> None:
-    from vtp_ray.pipeline.tokenize import tokenize_dataset
-    from vtp_ray.pipeline.zeroshot import zero_shot_dataset
+    from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
+    from vtp_ray.pipeline.jobs.zeroshot import zero_shot_dataset
 
     spec = PipelineSpec(
-        model=args.model, size=args.size, batch_size=args.batch_size, replicas=1, resources="cpu", progress=False
+        model=args.model,
+        preprocessing=Preprocessing(args.size),
+        batch_size=args.batch_size,
+        replicas=1,
+        resources="cpu",
+        progress=False,
     )
     with tempfile.TemporaryDirectory(prefix="vtp-text-bench-") as tmp:
         images = Path(tmp) / "images"

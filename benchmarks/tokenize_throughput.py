@@ -22,24 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from _common import write_images
 
 GOAL = 0.85
-
-
-def write_images(directory: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` JPEGs, 300-400 px per side: upsampled colour noise, like out-of-focus photos."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(300, 401, 2))
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
-        image = coarse.resize((width, height), Image.Resampling.BICUBIC)
-        path = directory / f"class_{i % 10}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 class ReplicaRate:
@@ -49,7 +34,7 @@ class ReplicaRate:
         from vtp_ray import VTPReplica
         from vtp_ray.images import preprocess
 
-        # The pipeline's CPU replicas use every core too (tokenize.replica_cpu_threads).
+        # The pipeline's CPU replicas use every core too (worker.replica_cpu_threads).
         self.replica = VTPReplica(args.model, "cpu", args.precision, cpu_threads=os.cpu_count(), warmup_size=args.size)
         images = np.stack([preprocess(p, args.size) for p in paths[: args.batch_size * args.replica_batches]])
         self.batches = np.split(images, args.replica_batches)
@@ -64,13 +49,13 @@ class ReplicaRate:
 
 def pipeline_rate(args: argparse.Namespace, directory: Path, output: Path) -> dict:
     """``tokenize_dataset`` on the files: its run statistics (``stats.json``'s ``last_run``)."""
-    from vtp_ray.pipeline import PipelineSpec
-    from vtp_ray.pipeline.tokenize import tokenize_dataset
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
+    from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
     spec = PipelineSpec(
         model=args.model,
         precision=args.precision,
-        size=args.size,
+        preprocessing=Preprocessing(args.size),
         batch_size=args.batch_size,
         replicas=args.replicas,
         resources="cpu",

@@ -3,6 +3,7 @@ files (slow)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,8 +15,9 @@ from helpers import free_port
 from PIL import Image
 
 from vtp_ray.cli import build_parser
-from vtp_ray.cli.args import pipeline_spec
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.cli.args import pipeline_spec, replicas_arg, resources_arg
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.runner import actor_options
 
 slow = pytest.mark.slow
 
@@ -33,8 +35,8 @@ def test_job_flags_become_one_pipeline_spec():
     )  # fmt: skip
     spec = pipeline_spec(args)
     assert spec == PipelineSpec(
-        "m", precision="bf16", size=128, crop="resize", batch_size=16, replicas=(2, 4), resources={"NPU": 1},
-        progress=False,
+        "m", precision="bf16", preprocessing=Preprocessing(128, "resize"), batch_size=16, replicas=(2, 4),
+        resources={"NPU": 1}, progress=False,
     )  # fmt: skip
     assert (args.func.__name__, args.output, args.flip, args.rows_per_file) == (
         "cmd_tokenize",
@@ -61,6 +63,29 @@ def test_bad_flags_are_refused_by_the_parser(argv: list[str], capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(argv)
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_replicas_and_resources_flags_parse_into_actor_options():
+    assert replicas_arg("3") == 3 and replicas_arg("1-4") == (1, 4)
+    assert resources_arg("NPU") == "npu" and resources_arg('{"NPU": 1}') == {"NPU": 1}
+    with pytest.raises(argparse.ArgumentTypeError):
+        resources_arg("[1]")
+    assert actor_options({"NPU": 1, "CPU": 2}) == {"num_cpus": 2, "resources": {"NPU": 1}}
+    assert actor_options({"GPU": 1}) == {"num_gpus": 1}
+    assert actor_options({"num_gpus": 1}) == {"num_gpus": 1}
+
+
+@slow
+def test_a_job_reports_a_bad_input_in_one_line_without_starting_ray_or_loading_torch(tmp_path):
+    argv = ["tokenize", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--model", "random:vtp-small"]
+    code = (
+        f"import sys; from vtp_ray.cli import main; code = main({argv!r}); "
+        "print(code, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["2", "[]"], result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("vtp-ray tokenize: error:")
+    assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 
 
 @slow

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from vtp_ray import VTPReplica
 from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.decode import decode_latents
+from vtp_ray.pipeline.jobs.decode import decode_latents
 
 pytestmark = pytest.mark.slow
 

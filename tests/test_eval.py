@@ -17,8 +17,8 @@ from vtp_ray import VTPReplica
 from vtp_ray.cli import main
 from vtp_ray.images import ImageLimits, preprocess_with_info
 from vtp_ray.metrics import psnr, save_random_fid_inception, save_random_lpips
-from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
-from vtp_ray.pipeline.evaluate import evaluate_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing, ReplicaStartError
+from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
 from vtp_ray.pipeline.report import compare_reports
 
 SIZE = 64
@@ -56,7 +56,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runs(ray_runtime: str, images: Path, weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("eval")
-    spec = PipelineSpec(model=TINY, device="cpu", resources="cpu", size=SIZE, batch_size=5, progress=False)
+    spec = PipelineSpec(
+        model=TINY, device="cpu", resources="cpu", preprocessing=Preprocessing(SIZE), batch_size=5, progress=False
+    )
     fp32 = evaluate_dataset(
         str(images), out / "fp32", spec, save_images=3,
         inception_weights=weights["inception"], lpips_weights=weights["lpips"],
@@ -140,7 +142,7 @@ def test_cli_errors(images: Path, tmp_path: Path, cli, capsys: pytest.CaptureFix
 
 
 def test_replicas_that_cannot_start_fail_with_the_reason(ray_runtime: str, images: Path, tmp_path: Path) -> None:
-    spec = PipelineSpec(model=TINY, device="npu:0", resources="cpu", size=SIZE, progress=False)
+    spec = PipelineSpec(model=TINY, device="npu:0", resources="cpu", preprocessing=Preprocessing(SIZE), progress=False)
     with pytest.raises(ReplicaStartError, match="DeviceUnavailableError: device 'npu:0'"):
         evaluate_dataset(str(images), tmp_path / "out", spec)
     assert not (tmp_path / "out").exists()

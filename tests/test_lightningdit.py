@@ -21,9 +21,9 @@ from safetensors import safe_open
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
-from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.lightningdit import PATHS_KEY, SOURCE_LABELS, export_lightningdit
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.lightningdit import PATHS_KEY, SOURCE_LABELS, export_lightningdit
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 GRID = SIZE // 16
 CLASSES = ["ant", "bee", "cat"]  # label i = CLASSES[i]: ImageFolder's sorted directory order
@@ -43,7 +43,9 @@ def make_image_folder(root: Path) -> list[Path]:
 
 
 def spec() -> PipelineSpec:
-    return PipelineSpec(TINY, device="cpu", size=SIZE, batch_size=3, labels_from_dirs=True, progress=False)
+    return PipelineSpec(
+        TINY, device="cpu", preprocessing=Preprocessing(SIZE), batch_size=3, labels_from_dirs=True, progress=False
+    )
 
 
 def read_shards(directory: Path) -> dict[str, np.ndarray | list[str]]:
@@ -200,7 +202,7 @@ def test_a_rerun_of_samples_redoes_only_a_lost_shard(sample_run):
 
 def test_unlabelled_inputs_name_the_option(tmp_path):
     make_image_folder(tmp_path)
-    unlabelled = PipelineSpec(TINY, device="cpu", size=SIZE, progress=False)
+    unlabelled = PipelineSpec(TINY, device="cpu", preprocessing=Preprocessing(SIZE), progress=False)
     with pytest.raises(ValueError, match="--labels-from-dirs"):
         tokenize_dataset(str(tmp_path), str(tmp_path / "out"), unlabelled, flip=True, format="lightningdit")
     with pytest.raises(ValueError, match="--flip"):

@@ -168,12 +168,25 @@ def test_missing_path_says_how_to_get_weights(tmp_path):
     assert "random:vtp-small" in str(err.value)
 
 
-def test_random_vtp_small_has_the_published_size_and_is_labelled():
-    loaded = load_model("random:vtp-small")
-    assert loaded.random_weights and "random" in loaded.name
-    assert sum(p.numel() for p in loaded.model.parameters()) == 167_177_857
-    again = load_model("random:vtp-small").model
-    assert torch.equal(again.trunk.blocks[3].attn.qkv.weight, loaded.model.trunk.blocks[3].attn.qkv.weight)
+@pytest.fixture(scope="module")
+def vtp_small():
+    """The 167M-parameter VTP-Small with seeded random weights, built once."""
+    return load_model("random:vtp-small")
+
+
+@pytest.mark.slow
+def test_random_vtp_small_has_the_published_size_and_is_labelled(vtp_small):
+    assert vtp_small.random_weights and "random" in vtp_small.name
+    assert sum(p.numel() for p in vtp_small.model.parameters()) == 167_177_857
+
+
+def test_random_weights_are_seeded(tiny_dir):
+    # The same code path as random:vtp-small (a config, then init_random_weights), at the tiny model's size.
+    spec = f"random:{tiny_dir / 'config.json'}"
+    first, again = load_model(spec), load_model(spec)
+    assert first.random_weights
+    pairs = zip(first.model.state_dict().items(), again.model.state_dict().items(), strict=True)
+    assert all(name == other and torch.equal(a, b) for (name, a), (other, b) in pairs)
 
 
 def test_unknown_random_preset_and_rope_dtype_are_errors():
@@ -300,6 +313,7 @@ def test_rope_tables_cached_under_inference_mode_serve_autograd_later(tiny_dir, 
     torch.testing.assert_close(latents.detach(), expected)
 
 
+@pytest.mark.slow  # a subprocess
 def test_loading_a_checkpoint_does_not_import_torch_dynamo(tiny_dir):
     # Replica start-up time: nn.Embedding's default init on the meta device imported torch._dynamo (1.6 s here).
     load = f"from vtp_ray.model import load_model; load_model({str(tiny_dir)!r})"

@@ -40,8 +40,8 @@ from ray.cluster_utils import Cluster
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
-from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 from vtp_ray.placement import PlacementError
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
@@ -172,7 +172,9 @@ class TestServe:
 
 
 def test_tokenize_uses_both_nodes_and_writes_what_one_replica_computes(cluster, images, tmp_path) -> None:
-    spec = PipelineSpec(TINY, device="cpu", size=SIZE, batch_size=2, resources=NPU, replicas=2, progress=False)
+    spec = PipelineSpec(
+        TINY, device="cpu", preprocessing=Preprocessing(SIZE), batch_size=2, resources=NPU, replicas=2, progress=False
+    )
     summary = tokenize_dataset(str(images), str(tmp_path / "out"), spec)
 
     _, worker_ids = cluster

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import SIZE, TINY, free_port, sample_images, start_tokenize_cli, write_parquet, write_shards
 
-from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,9 @@ def test_s3_shards_to_s3_output_killed_and_resumed_lose_and_repeat_nothing(ray_r
     done_before = sum(pq.read_table(f"{i.path}", filesystem=s3).num_rows for i in _parts(s3, "data"))
     assert 1 <= done_before < sum(r is None for r in expected.values())
 
-    spec = PipelineSpec(TINY, device="cpu", size=SIZE, resources="cpu", replicas=1, batch_size=4, progress=False)
+    spec = PipelineSpec(
+        TINY, device="cpu", preprocessing=Preprocessing(SIZE), resources="cpu", replicas=1, batch_size=4, progress=False
+    )
     summary = tokenize_dataset(f"s3://{BUCKET}/shards", f"s3://{BUCKET}/out", spec, rows_per_file=4)
     paths = pq.read_table(f"{BUCKET}/out/data", filesystem=s3, columns=["path"]).column("path").to_pylist()
     errors = pq.read_table(f"{BUCKET}/out/errors.parquet", filesystem=s3).to_pylist()
@@ -106,7 +108,9 @@ def test_s3_parquet_image_bytes_are_read_by_the_tasks_with_the_jobs_filesystem(r
         write_parquet(tmp_path / f"{name}.parquet", {k: images[k] for k in chunk})
         pafs.copy_files(str(tmp_path / f"{name}.parquet"), f"{BUCKET}/pq/{name}.parquet", destination_filesystem=s3)
         expected += [f"s3://{BUCKET}/pq/{name}.parquet#{key}" for key in chunk]
-    spec = PipelineSpec(TINY, device="cpu", size=SIZE, resources="cpu", replicas=1, batch_size=2, progress=False)
+    spec = PipelineSpec(
+        TINY, device="cpu", preprocessing=Preprocessing(SIZE), resources="cpu", replicas=1, batch_size=2, progress=False
+    )
     summary = tokenize_dataset(f"s3://{BUCKET}/pq", str(tmp_path / "out"), dataclasses.replace(spec, block_size=2))
     paths = pq.read_table(tmp_path / "out" / "data", columns=["path"]).column("path").to_pylist()
     assert sorted(paths) == expected and (summary.rows, summary.errors, summary.missing) == (6, 0, 0)

@@ -1,6 +1,6 @@
 """Webdataset tar shards and parquet files with image bytes as tokenize and eval inputs: read by Ray Data's own
 readers, decoded by vtp-ray's preprocessing, rows (and metrics) equal to those of the same images as files, broken
-samples as errors."""
+samples as errors. Finding them and their identities are tested without Ray in ``test_sources``."""
 
 from __future__ import annotations
 
@@ -11,104 +11,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, TINY, png_array, png_bytes, sample_images, write_parquet, write_shards
+from helpers import SIZE, TINY, png_array, sample_images, write_parquet, write_shards
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import ImageLimits, preprocess_with_info
-from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.evaluate import evaluate_dataset
-from vtp_ray.pipeline.inputs import InputError
-from vtp_ray.pipeline.samples import (
-    BadLabel,
-    NoLabel,
-    SampleOptions,
-    class_id,
-    find_samples,
-    sample_sort_key,
-    source_of,
-)
-from vtp_ray.pipeline.tokenize import tokenize_dataset
+from vtp_ray.pipeline import PipelineSpec, Preprocessing, SampleOptions
+from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
+from vtp_ray.pipeline.sources import find_samples, sample_sort_key
 
 LIMITS = ImageLimits(max_pixels=50_000)
+PREPROCESSING = Preprocessing(SIZE, limits=LIMITS)
 SHAPE = (8, SIZE // 16, SIZE // 16)
 
 
-# ------------------------------------------------------------------------------------------- discovery (fast)
-
-
-def test_a_shard_directory_skips_img2datasets_sidecars(tmp_path):
-    write_shards(tmp_path / "shards", sample_images())
-    source = find_samples(str(tmp_path / "shards"), SampleOptions())
-    assert source.kind == "webdataset"
-    assert [Path(f).name for f in source.files] == ["00000.tar", "00001.tar"]
-    glob = find_samples(str(tmp_path / "shards" / "*.tar"), SampleOptions())
-    assert glob.files == source.files
-
-
-def test_parquet_with_image_bytes_is_samples_and_a_path_manifest_is_not(tmp_path):
-    write_parquet(tmp_path / "a.parquet", sample_images(2))
-    write_parquet(tmp_path / "hub.parquet", sample_images(2), hub=True)
-    pq.write_table(pa.table({"path": ["x.jpg"], "label": ["a"]}), tmp_path / "manifest.parquet")
-    assert find_samples(str(tmp_path / "a.parquet"), SampleOptions()).image_column == "jpg"
-    assert find_samples(str(tmp_path / "hub.parquet"), SampleOptions()).image_column == "image"
-    assert find_samples(str(tmp_path / "manifest.parquet"), SampleOptions()) is None
-    assert find_samples(str(tmp_path / "hub.parquet"), SampleOptions(key="id")).kind == "parquet"  # struct path
-
-
-def test_unusable_sample_inputs_are_refused_with_the_reason(tmp_path):
-    write_shards(tmp_path / "shards", sample_images(2))
-    write_parquet(tmp_path / "a.parquet", sample_images(2))
-    (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "x.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
-    with pytest.raises(InputError, match="mix"):
-        find_samples([str(tmp_path / "shards"), str(tmp_path / "img")], SampleOptions())
-    with pytest.raises(InputError, match="no key column 'id'"):
-        find_samples(str(tmp_path / "a.parquet"), SampleOptions(key="id"))
-
-
-def test_a_sample_identity_names_its_file():
-    assert source_of("s3://b/laion/00001.tar#000000042") == "s3://b/laion/00001.tar"
-    assert source_of("/d/x#y.parquet#k#1") == "/d/x#y.parquet"
-    assert source_of("/d/plain.jpg") == "/d/plain.jpg"
-    # by file, then key: not the plain string order, where "a.tar#..." would come after "a.tar0.tar#..."
-    paths = ["/d/a.tar0.tar#1", "/d/a.tar#2", "/d/a.tar#10"]
-    assert sorted(paths, key=sample_sort_key) == ["/d/a.tar#10", "/d/a.tar#2", "/d/a.tar0.tar#1"]
-
-
-def test_the_first_samples_are_named_in_file_order_without_decoding(tmp_path):
-    expected = write_shards(tmp_path / "shards", sample_images())
-    shards = find_samples(str(tmp_path / "shards"), SampleOptions())
-    with_image = [p for p in expected if not p.endswith("#pickled")]  # tar order; "pickled" has no image member
-    assert shards.first_samples(5) == with_image[:5]  # spans both shards; the broken image counts
-    assert shards.first_samples(100) == with_image and shards.first_samples(0) == []
-    write_parquet(tmp_path / "a.parquet", sample_images(3))
-    write_parquet(tmp_path / "hub.parquet", sample_images(3), hub=True)
-    a = str(tmp_path / "a.parquet")
-    assert find_samples(a, SampleOptions()).first_samples(2) == [f"{a}#000000000", f"{a}#000000001"]
-    hub = find_samples(str(tmp_path / "hub.parquet"), SampleOptions()).first_samples(9)  # the struct's path
-    assert [p.rsplit("#", 1)[1] for p in hub] == ["000000000.img", "000000001.img", "000000002.img", "missing.img"]
-
-
-def test_a_class_id_is_a_non_negative_integer_in_range():
-    options = SampleOptions(class_ids=True, num_classes=3)
-    assert [class_id(label, options) for label in ("0", " 2\n")] == [0, 2]
-    assert class_id("999", SampleOptions(class_ids=True)) == 999  # no bound given
-    for label, error, message in (
-        (None, NoLabel, "no class label .cls member."),
-        ("", NoLabel, "no class label"),
-        ("dog", BadLabel, "'dog' .cls member. is not an integer class index"),
-        ("-1", BadLabel, "not an integer class index"),
-        ("3", BadLabel, "not a class index 0..2"),
-    ):
-        with pytest.raises(error, match=message):
-            class_id(label, options, "cls member")
-
-
-# ------------------------------------------------------------------------------------------- runs (Ray)
-
-
 def _spec(**changes) -> PipelineSpec:
-    return PipelineSpec(TINY, device="cpu", size=SIZE, batch_size=2, limits=LIMITS, progress=False, **changes)
+    return PipelineSpec(TINY, device="cpu", preprocessing=PREPROCESSING, batch_size=2, progress=False, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,17 @@ from PIL import Image
 
 from vtp_ray import VTPReplica
 from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
-from vtp_ray.pipeline import PipelineSpec, ReplicaStartError
-from vtp_ray.pipeline.stages import preprocess_rows
+from vtp_ray.pipeline import PipelineSpec, Preprocessing, ReplicaStartError
+from vtp_ray.pipeline.jobs.tokenize import TokenizeWorker, tokenize_dataset
+from vtp_ray.pipeline.sources.files import preprocess_rows
 from vtp_ray.pipeline.store import METADATA_KEY, OutputMismatchError
-from vtp_ray.pipeline.tokenize import TokenizeWorker, tokenize_dataset
 from vtp_ray.placement import PlacementError
 
 pytestmark = pytest.mark.slow
 
 SIZE = 64
 LIMITS = ImageLimits(max_pixels=50_000)
+PREPROCESSING = Preprocessing(SIZE, limits=LIMITS)
 SHAPE = (8, SIZE // 16, SIZE // 16)
 
 
@@ -91,7 +92,7 @@ def replica(tiny_dir) -> VTPReplica:
 
 def _spec(tiny_dir: Path, **changes) -> PipelineSpec:
     spec = PipelineSpec(
-        str(tiny_dir), device="cpu", size=SIZE, batch_size=2, labels_from_dirs=True, limits=LIMITS, progress=False
+        str(tiny_dir), device="cpu", preprocessing=PREPROCESSING, batch_size=2, labels_from_dirs=True, progress=False
     )
     return replace(spec, **changes)
 
@@ -279,7 +280,9 @@ def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing
     done_before = sum(pq.read_table(p).num_rows for p in (output / "data").glob("part-*.parquet"))
     assert 1 <= done_before < 48
 
-    spec = PipelineSpec(str(tiny_dir), size=SIZE, device="cpu", resources={"NPU": 1}, replicas=1, progress=False)
+    spec = PipelineSpec(
+        str(tiny_dir), preprocessing=Preprocessing(SIZE), device="cpu", resources={"NPU": 1}, replicas=1, progress=False
+    )
     summary = tokenize_dataset(str(root), str(output), spec, latent_dtype="float16")
 
     rows = pq.read_table(output / "data")
@@ -296,7 +299,8 @@ def test_an_output_made_with_other_settings_is_refused(job, tree, tiny_dir):
     root, _ = tree
     before = sorted(p.name for p in (output / "data").iterdir())
     with pytest.raises(OutputMismatchError, match=r"preprocessing\.crop: 'center' there, 'resize' now"):
-        tokenize_dataset(str(root), str(output), _spec(tiny_dir, crop="resize"), **JOB)
+        resized = _spec(tiny_dir, preprocessing=replace(PREPROCESSING, crop="resize"))
+        tokenize_dataset(str(root), str(output), resized, **JOB)
     with pytest.raises(OutputMismatchError, match="latent_dtype"):
         tokenize_dataset(str(root), str(output), _spec(tiny_dir), **{**JOB, "latent_dtype": "float16"})
     assert sorted(p.name for p in (output / "data").iterdir()) == before
@@ -327,9 +331,8 @@ def test_the_model_stage_passes_error_rows_through_untouched(ray_runtime, tree, 
     root, _ = tree
     good, bad = str(root / "cat" / "rgb.jpg"), str(root / "dog" / "text.jpg")
     batch = preprocess_rows(
-        pa.table({"path": [bad, good], "label": ["dog", "cat"]}), size=SIZE, crop="center", limits=LIMITS,
-        filesystem=None,
-    )  # fmt: skip
+        pa.table({"path": [bad, good], "label": ["dog", "cat"]}), preprocessing=PREPROCESSING, filesystem=None
+    )
     kwargs = {"spec": _spec(tiny_dir), "device": "cpu", "flip": False, "latent_dtype": "float32"}
     worker = TokenizeWorker(**kwargs, expected_digest=replica.info.config_digest)
     out = worker(batch)
@@ -353,9 +356,8 @@ class _BatchRecorder(TokenizeWorker):
 def test_a_block_is_split_into_model_batches_in_order(ray_runtime, tree, tiny_dir, replica):
     paths = sorted(tree[1])[:9]
     batch = preprocess_rows(
-        pa.table({"path": paths, "label": [None] * len(paths)}), size=SIZE, crop="center", limits=LIMITS,
-        filesystem=None,
-    )  # fmt: skip
+        pa.table({"path": paths, "label": [None] * len(paths)}), preprocessing=PREPROCESSING, filesystem=None
+    )
     spec = _spec(tiny_dir, batch_size=4)
     kwargs = {"spec": spec, "device": "cpu", "flip": False, "latent_dtype": "float32"}
     worker = _BatchRecorder(**kwargs, expected_digest=replica.info.config_digest)

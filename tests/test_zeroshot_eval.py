@@ -17,10 +17,10 @@ from PIL import Image
 from vtp_ray import VTPReplica
 from vtp_ray.cli import main
 from vtp_ray.images import preprocess
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.zeroshot import load_classnames, load_sample_classnames, zero_shot_dataset
 from vtp_ray.pipeline.report import compare_reports
-from vtp_ray.pipeline.samples import sample_sort_key
-from vtp_ray.pipeline.zeroshot import load_classnames, load_sample_classnames, zero_shot_dataset
+from vtp_ray.pipeline.sources import sample_sort_key
 from vtp_ray.text.classifier import class_embeddings
 from vtp_ray.text.imagenet import imagenet_templates
 
@@ -61,7 +61,9 @@ def runs(ray_runtime: str, tree: Path, tmp_path_factory: pytest.TempPathFactory)
     assert main(args) == 0
     mapping = out / "classes.json"
     mapping.write_text(json.dumps(CLASSES))
-    spec = PipelineSpec(model=TINYTEXT, device="cpu", resources="cpu", size=SIZE, batch_size=3, progress=False)
+    spec = PipelineSpec(
+        model=TINYTEXT, device="cpu", resources="cpu", preprocessing=Preprocessing(SIZE), batch_size=3, progress=False
+    )
     zero_shot_dataset(str(tree), out / "b", spec, classnames=mapping)
     shard = out / "wds" / "00000.tar"
     write_tar(shard, shard_members(tree))

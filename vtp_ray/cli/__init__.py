@@ -29,20 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix (a wrong flag, path, device or input): one line, no traceback."""
-    from ..device import DeviceUnavailableError
     from ..metrics.dependencies import MissingEvalDependencyError
     from ..model import CheckpointError
     from ..text.tokenizer import MissingTextDependencyError
 
-    return (
+    errors: tuple[type[Exception], ...] = (
         FileNotFoundError,
         ValueError,
         ConnectionError,
-        DeviceUnavailableError,
         CheckpointError,
         MissingEvalDependencyError,
         MissingTextDependencyError,
     )
+    # vtp_ray.device imports torch: a command that never loaded it (a Ray Data job's driver) cannot have raised its
+    # error, and reporting a bad input must not cost seconds of importing torch.
+    device = sys.modules.get("vtp_ray.device")
+    return (*errors, device.DeviceUnavailableError) if device else errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Prints the summary line; exit code 1 if some inputs are still missing."""
-    from ..pipeline.tokenize import tokenize_dataset
+    from ..pipeline.jobs.tokenize import tokenize_dataset
 
     shards = args.format == "lightningdit"
     summary = tokenize_dataset(
@@ -141,7 +141,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Prints the summary line."""
-    from ..pipeline.lightningdit import export_lightningdit
+    from ..pipeline.jobs.lightningdit import export_lightningdit
 
     summary = export_lightningdit(args.source, args.output, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
     print(summary.line())
@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     """Prints the summary line; exit code 1 if some latents could not be decoded."""
     from ..pipeline import PipelineSpec
-    from ..pipeline.decode import decode_latents
+    from ..pipeline.jobs.decode import decode_latents
 
     spec = PipelineSpec(**replica_fields(args))
     summary = decode_latents(args.latents, args.output, spec, key=args.key, stats=args.stats, npz=args.npz)
@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("eval needs INPUT..., --output DIR and --model (or env VTP_MODEL), or --compare A B")
     if args.task == "zero-shot":
         return _zero_shot(args)
-    from ..pipeline.evaluate import evaluate_dataset
+    from ..pipeline.jobs.evaluate import evaluate_dataset
 
     report = evaluate_dataset(
         args.inputs,
@@ -197,8 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _zero_shot(args: argparse.Namespace) -> int:
     """``eval --task zero-shot``: prints the accuracy line (or the report as JSON)."""
+    from ..pipeline.jobs.zeroshot import zero_shot_dataset
     from ..pipeline.report import summary_line
-    from ..pipeline.zeroshot import zero_shot_dataset
 
     report = zero_shot_dataset(
         args.inputs, args.output, pipeline_spec(args), classnames=args.classnames, template_set=args.template_set

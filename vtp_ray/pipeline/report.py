@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from .inputs import Inputs
 from .runner import Placement
+from .sources import Inputs
 from .spec import ModelFacts, PipelineSpec
 
 __all__ = [
@@ -46,6 +46,7 @@ def run_header(
     inputs: str | Sequence[str], model: ModelFacts, spec: PipelineSpec, placement: Placement
 ) -> dict[str, Any]:
     """What every eval report starts with: format, version, time, inputs, model, precision, device, preprocessing."""
+    prep = spec.preprocessing
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -60,7 +61,8 @@ def run_header(
         "device_kind": placement.device.split(":")[0],
         "replica_options": placement.options,
         "replica_pool": placement.replicas,
-        "preprocessing": {"size": spec.size, "crop": spec.crop, "draft_decode": spec.draft_decode},
+        # "draft_decode": the report field's name from before fast preprocessing had its own word.
+        "preprocessing": {"size": prep.size, "crop": prep.crop, "draft_decode": prep.fast},
     }
 
 

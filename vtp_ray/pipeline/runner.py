@@ -2,9 +2,11 @@
 
 Every job builds the same dataset::
 
-    input table (driver)  ->  read + preprocess (CPU tasks)  ->  ReplicaWorker pool (actors)  ->  driver
-    path, label               one task per block                 one call per block, split        the job's writer
-                              (``block_rows``: many batches)     into model batches
+    source (driver)   ->  read + preprocess (CPU tasks)  ->  model stage (actors)         ->  driver
+    ``Source``            ``Source.read``: one task per      ``replica_stage``: a pool of      the job's writer
+                          block of many model batches        ``worker.ModelStage`` actors,
+                                                             one call per block, split into
+                                                             model batches
 
 ``run_pipeline`` yields the output batches in a Ray session; the job's writer consumes them on the driver.
 """
@@ -13,38 +15,46 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from .samples import SampleSource
 from .spec import PipelineSpec
-from .stages import preprocess_block
 
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-__all__ = ["BLOCK_BYTES", "Placement", "ReplicaStartError", "ReplicaUsage", "block_rows", "run_pipeline"]
-
-#: Pixels per block by default. Ray Data costs tens of ms per task and per actor call whatever the block holds, so
-#: a block carries many model batches; 32 MB is a quarter of Ray Data's target block size (1,280 images at 64 px,
-#: 160 at 256 px, a second or more of decoding either way).
-BLOCK_BYTES = 32 * 2**20
-#: Blocks per decode slot at least, so that decoding and the model overlap and the last block is a short tail.
-BLOCKS_PER_SLOT = 4
+__all__ = [
+    "Placement",
+    "ReplicaStartError",
+    "ReplicaUsage",
+    "Source",
+    "actor_options",
+    "ray_session",
+    "replica_stage",
+    "run_pipeline",
+]
 
 _ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
 
 
 class ReplicaStartError(ValueError):
     """The model replicas failed in their constructor: a wrong model, device or precision for the workers."""
+
+
+class Source(Protocol):
+    """What a pipeline reads: ``sources.Inputs`` (loose files), a ``sources.SampleSource`` (samples in tar shards or
+    parquet files), or a job's own (the decode job's latents)."""
+
+    def read(self, spec: PipelineSpec, cpus: float) -> Dataset:
+        """The Ray Data read of this source and its preprocess stage (``cpus``: the cluster's): the rows the model
+        stage takes, ``reason`` / ``error`` saying why a row cannot reach the model."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -63,20 +73,20 @@ class Placement:
         from ..placement import PlacementError, cluster_nodes, device_for, resolve_placement
 
         cluster = ray.cluster_resources()
-        options = resolve_placement(_actor_options(spec.resources), cluster_nodes(), setting="--resources")
+        options = resolve_placement(actor_options(spec.resources), cluster_nodes(), setting="--resources")
         device = device_for(options) if spec.device == "auto" else spec.device
         replicas = spec.replicas or _default_replicas(options, cluster)
-        if _canonical(options) == _canonical({"num_cpus": spec.decode_cpus}):
+        if _canonical(options) == _canonical({"num_cpus": spec.preprocess_cpus}):
             raise ValueError(
-                f"decode_cpus={spec.decode_cpus} equals the replicas' {options}: Ray Data would fuse decoding into "
-                "the model actors; choose another value"
+                f"preprocess_cpus={spec.preprocess_cpus} equals the replicas' {options}: Ray Data would fuse "
+                "preprocessing into the model actors; choose another value"
             )
         min_replicas = replicas if isinstance(replicas, int) else replicas[0]
-        needed = min_replicas * float(options.get("num_cpus") or 0) + spec.decode_cpus
+        needed = min_replicas * float(options.get("num_cpus") or 0) + spec.preprocess_cpus
         if needed > cluster.get("CPU", 0):
             raise PlacementError(
-                f"{min_replicas} replica(s) with {options} and decoding ({spec.decode_cpus} CPU per task) need "
-                f"{needed:g} CPUs, the cluster has {cluster.get('CPU', 0):g}: lower --replicas, or give Ray more "
+                f"{min_replicas} replica(s) with {options} and preprocessing ({spec.preprocess_cpus} CPU per task) "
+                f"need {needed:g} CPUs, the cluster has {cluster.get('CPU', 0):g}: lower --replicas, or give Ray more "
                 "logical CPUs (ray start --num-cpus N; they may exceed the cores)"
             )
         return cls(options, device, replicas)
@@ -85,8 +95,9 @@ class Placement:
         return {"replica_options": self.options, "device": self.device, "replica_pool": self.replicas}
 
 
-def _actor_options(resources: str | Mapping[str, Any]) -> str | dict[str, Any]:
-    """``{"NPU": 1}`` (Ray resources per replica) or Ray actor options -> what ``resolve_placement`` takes."""
+def actor_options(resources: str | Mapping[str, Any]) -> str | dict[str, Any]:
+    """``PipelineSpec.resources`` as ``resolve_placement`` takes it: a name (``auto``, ``npu``, ...) as it is,
+    ``{"NPU": 1}`` (Ray resources per replica) as Ray actor options, Ray actor options as they are."""
     if isinstance(resources, str):
         return resources
     if set(resources) <= _ACTOR_OPTION_KEYS:
@@ -157,49 +168,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         context.enable_progress_bars = before
 
 
-def build_dataset(
-    spec: PipelineSpec,
-    todo: pa.Table | SampleSource,
-    placement: Placement,
-    worker: type,
-    worker_kwargs: Mapping[str, Any],
-    expected_digest: str,
-) -> Dataset:
-    """Preprocess tasks (one per block), then a pool of ``worker`` actors (a ``ReplicaWorker`` subclass) that take
-    whole blocks and split them into model batches.
-
-    ``todo`` is the input table of file inputs, or a ``SampleSource`` (tar shards, parquet image bytes) that plans
-    its own read tasks (``SampleSource.preprocessed``).
-    """
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1)
-    if isinstance(todo, SampleSource):  # streamed, never counted up front: blocks by bytes
-        preprocessed = todo.preprocessed(spec, block_rows(spec, sys.maxsize, cpus))
-        return _replica_stage(preprocessed, spec, placement, worker, worker_kwargs, expected_digest)
-    rows = block_rows(spec, todo.num_rows, cpus)
-    # One read task per block, made lazily from block numbers: ray.data.from_arrow would run a metadata task
-    # per block up front (minutes for millions of inputs). The input table goes through the object store once.
-    blocks = math.ceil(todo.num_rows / rows)
-    preprocessed = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
-        preprocess_block,
-        batch_format="pyarrow",
-        batch_size=None,  # one block number per task
-        fn_kwargs={
-            "inputs": [ray.put(todo)],
-            "block_rows": rows,
-            "size": spec.size,
-            "crop": spec.crop,
-            "limits": spec.limits,
-            "filesystem": spec.filesystem,
-            "draft": spec.draft_decode,
-        },
-        num_cpus=spec.decode_cpus,
-    )
-    return _replica_stage(preprocessed, spec, placement, worker, worker_kwargs, expected_digest)
-
-
-def _replica_stage(
+def replica_stage(
     preprocessed: Dataset,
     spec: PipelineSpec,
     placement: Placement,
@@ -207,6 +176,9 @@ def _replica_stage(
     worker_kwargs: Mapping[str, Any],
     expected_digest: str,
 ) -> Dataset:
+    """The model stage of every job: a pool of ``worker`` actors (a ``worker.ModelStage`` subclass, built with
+    ``spec``, the placement's device, ``expected_digest`` and ``worker_kwargs``) that take whole blocks of
+    ``preprocessed`` and split them into model batches."""
     import ray
 
     replicas = placement.replicas
@@ -230,32 +202,25 @@ def _replica_stage(
     )
 
 
-def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
-    """Inputs per block: ``spec.block_size``, else about ``BLOCK_BYTES`` of pixels, whole model batches, and at
-    least ``BLOCKS_PER_SLOT`` blocks per decode slot (``cpus / decode_cpus``) when there are enough inputs."""
-    if spec.block_size:
-        return spec.block_size
-    slots = max(1, int(cpus / spec.decode_cpus))
-    rows = min(BLOCK_BYTES // (3 * spec.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
-    return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
-
-
 @contextlib.contextmanager
 def run_pipeline(
     spec: PipelineSpec,
-    todo: pa.Table | SampleSource,
+    source: Source,
     worker: type,
     expected_digest: str,
     worker_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Placement, Iterator[pa.Table]]]:
-    """In a Ray session: ``(placement, output batches)`` of ``todo`` through ``worker`` replicas.
+    """In a Ray session: ``(placement, output batches)`` of ``source`` through ``worker`` replicas.
 
     Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
     constructor (a wrong model, device or precision for the workers).
     """
+    import ray
+
     with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
         placement = Placement.resolve(spec)
-        dataset = build_dataset(spec, todo, placement, worker, worker_kwargs or {}, expected_digest)
+        preprocessed = source.read(spec, ray.cluster_resources().get("CPU", 1))
+        dataset = replica_stage(preprocessed, spec, placement, worker, worker_kwargs or {}, expected_digest)
         yield placement, _outputs(dataset)
 
 
@@ -303,7 +268,7 @@ class ReplicaUsage:
         stats: dict[str, Any] = {
             "processed": self.processed,
             "replicas": dict(self.rows),
-            # Against the run's seconds: a replica mostly idle is starved of input (decoding, storage).
+            # Against the run's seconds: a replica mostly idle is starved of input (preprocessing, storage).
             "replica_model_s": {name: round(seconds, 3) for name, seconds in self.busy.items()},
         }
         if self._first_output and self.processed > self._first_output[1]:

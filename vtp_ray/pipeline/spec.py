@@ -1,4 +1,5 @@
-"""The settings every Ray Data job over images shares (``PipelineSpec``) and the model facts read from a config."""
+"""The settings every Ray Data job over images shares (``PipelineSpec``: ``Preprocessing``, ``SampleOptions``, batching,
+placement) and the model facts read from a config (``ModelFacts``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,42 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 
-from ..images import PATCH_SIZE, CropMode, ImageLimits
+from ..images import PATCH_SIZE, CropMode, ImageLimits, ImageSource, preprocess_with_info
 from ..options import CROPS, ROPE_DTYPES, check_precision
 
-__all__ = ["ModelFacts", "PipelineSpec", "SampleOptions"]
+__all__ = ["ModelFacts", "PipelineSpec", "Preprocessing", "SampleOptions"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an input's file bytes become the model input: load (``images``, within ``limits``), then crop.
+
+    Args:
+        size: the side of the square model input, a multiple of the patch size.
+        crop: ``center`` (ADM's center crop) or ``resize``.
+        limits: loader limits; inputs over them become error rows.
+        fast: "fast preprocess": load JPEGs at a reduced scale where the center crop allows it
+            (``images.preprocess``'s ``draft``): faster on large photos, not the exact ADM pixels.
+    """
+
+    size: int = 256
+    crop: CropMode = "center"
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    fast: bool = False
+
+    def __post_init__(self) -> None:
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+            raise ValueError(f"size must be a positive multiple of {PATCH_SIZE}, got {size!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {list(CROPS)}, got {self.crop!r}")
+
+    def apply(self, data: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
+        """``(uint8 (size, size, 3) pixels, the original (width, height))`` of one encoded image or path."""
+        return preprocess_with_info(data, self.size, self.crop, self.limits, self.fast)
 
 
 @dataclass(frozen=True)
@@ -48,59 +79,51 @@ class PipelineSpec:
         model: a model spec (checkpoint directory or ``random:vtp-small``).
         precision, rope_dtype: as ``VTPReplica``'s.
         device: ``auto`` follows the placement (``npu:0`` / ``cuda:0`` / ``cpu``); or any ``VTPReplica`` device.
-        size, crop: the square model input and how images become it.
+        preprocessing: how each input becomes the square model input (``Preprocessing``).
         batch_size: images per model call.
         block_size: images per preprocess task and per replica call, which splits it into model batches of
             ``batch_size``: Ray Data's cost is per block, not per image. Default (None): about
-            ``BLOCK_BYTES`` of pixels, a whole number of model batches, and at least two blocks per decode slot.
+            ``BLOCK_BYTES`` of pixels, a whole number of model batches, and at least four blocks per preprocess slot.
         replicas: actors in the model pool; ``(min, max)`` for an autoscaling pool. Default: one per NPU / GPU
             of the cluster for accelerator placements, else 1.
         resources: per replica: ``auto`` (NPU, else GPU, else CPU, from the cluster), ``npu`` / ``gpu`` / ``cpu``,
             Ray resources such as ``{"NPU": 1}``, or Ray actor options.
-        decode_cpus: Ray CPUs per read + decode task. Fractional by default: decoding is light and waits on
-            storage. It must differ from the replicas' CPUs, or Ray Data fuses decoding into the model actors
-            (ray-project/ray#54433), where it would run in series with inference.
+        preprocess_cpus: Ray CPUs per read + preprocess task. Fractional by default: preprocessing is light and
+            waits on storage. It must differ from the replicas' CPUs, or Ray Data fuses preprocessing into the model
+            actors (ray-project/ray#54433), where it would run in series with inference.
         labels_from_dirs: label = first-level sub-directory of directory and glob inputs (ImageFolder).
         address: the Ray cluster to join (``auto``: the local ``ray start`` one); default an embedded local Ray,
             or the one this process is already connected to.
-        limits: decoder limits; inputs over them become errors.
         cpu_threads: torch threads of a CPU replica (default: the cores of its node).
         filesystem: the pyarrow filesystem the input paths live in (default: from each path or URI).
         progress: show Ray Data's progress bars.
         dashboard: start Ray's dashboard with an embedded local Ray. Off by default: it adds 1-2 s to ``ray.init``
             on a small machine (the cluster's own dashboard serves jobs that join one).
-        samples: how samples in webdataset shards and parquet files with image bytes are read (``samples``).
-        draft_decode: decode JPEGs at a reduced scale where the center crop allows it (``images.preprocess``'s
-            ``draft``): faster on large photos, not the exact ADM pixels.
+        samples: how samples in webdataset shards and parquet files with image bytes are read (``sources``).
     """
 
     model: str
     precision: str = "fp32"
     device: str = "auto"
     rope_dtype: str = "float32"
-    size: int = 256
-    crop: CropMode = "center"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     batch_size: int = 32
     replicas: int | tuple[int, int] | None = None
     resources: str | Mapping[str, Any] = "auto"
-    decode_cpus: float = 0.5
+    preprocess_cpus: float = 0.5
     labels_from_dirs: bool = False
     address: str | None = None
-    limits: ImageLimits = field(default_factory=ImageLimits)
     cpu_threads: int | None = None
     filesystem: pafs.FileSystem | None = None
     progress: bool = True
     dashboard: bool = False
     samples: SampleOptions = field(default_factory=SampleOptions)
     block_size: int | None = None
-    draft_decode: bool = False
 
     def __post_init__(self) -> None:
-        size, replicas = self.size, self.replicas
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
-            raise ValueError(f"size must be a positive multiple of {PATCH_SIZE}, got {size!r}")
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {list(CROPS)}, got {self.crop!r}")
+        replicas = self.replicas
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise TypeError(f"preprocessing must be a Preprocessing, got {type(self.preprocessing).__name__}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_precision(self.precision)
@@ -113,8 +136,8 @@ class PipelineSpec:
             raise ValueError(f"replicas must be a positive int or a (min, max) range, got {replicas!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.decode_cpus <= 0:
-            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
+        if self.preprocess_cpus <= 0:
+            raise ValueError(f"preprocess_cpus must be > 0, got {self.preprocess_cpus}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The torch-free pieces of a pipeline: the read + preprocess stage, and the Arrow <-> numpy views the workers use.
+"""The torch-free pieces of a pipeline: the preprocess stage every source's read ends with, how many inputs a block
+holds, and the Arrow <-> numpy views the model stage uses.
 
 Rows travel as Arrow tables. After the preprocess stage a row is ``path, label, width, height, image, reason,
 error``: ``image`` is the preprocessed ``size x size x 3`` uint8 pixels as one fixed-size binary value, or null with
@@ -8,78 +9,67 @@ runs the stage in plain CPU worker processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from ..images import CropMode, ImageLimits, ImageLoadError, preprocess_with_info
-from .inputs import read_bytes
-
-if TYPE_CHECKING:
-    from ray import ObjectRef
+from ..images import ImageLoadError
+from .spec import PipelineSpec, Preprocessing
 
 __all__ = [
+    "BLOCKS_PER_SLOT",
+    "BLOCK_BYTES",
     "NoImage",
     "Refused",
+    "block_rows",
     "fixed_size_lists",
     "nullable_floats",
     "pixels",
-    "preprocess_block",
     "preprocess_images",
-    "preprocess_rows",
     "valid_rows",
 ]
 
+#: Pixels per block by default. Ray Data costs tens of ms per task and per actor call whatever the block holds, so
+#: a block carries many model batches; 32 MB is a quarter of Ray Data's target block size (1,280 images at 64 px,
+#: 160 at 256 px, a second or more of preprocessing either way).
+BLOCK_BYTES = 32 * 2**20
+#: Blocks per preprocess slot at least, so that preprocessing and the model overlap and the last block is a short
+#: tail.
+BLOCKS_PER_SLOT = 4
 
-def preprocess_rows(
-    batch: pa.Table,
-    *,
-    size: int,
-    crop: CropMode,
-    limits: ImageLimits,
-    filesystem: pafs.FileSystem | None,
-    draft: bool = False,
-) -> pa.Table:
-    """Read, decode and crop a batch of ``path, label`` rows.
 
-    Adds ``width, height`` (original size), ``image`` and ``reason, error`` (see ``preprocess_images``).
-    """
-    paths = batch.column("path").to_pylist()
-    table = preprocess_images(
-        len(paths), lambda i: read_bytes(paths[i], filesystem, limits.max_bytes), size, crop, limits, draft
-    )
-    return pa.table(
-        {
-            "path": batch.column("path"),
-            "label": batch.column("label"),
-            **dict(zip(table.column_names, table.columns, strict=True)),
-        }
-    )
+def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
+    """Inputs per block: ``spec.block_size``, else about ``BLOCK_BYTES`` of pixels, whole model batches, and at
+    least ``BLOCKS_PER_SLOT`` blocks per preprocess slot (``cpus / preprocess_cpus``) when there are enough inputs
+    (``inputs``: how many the source holds, ``sys.maxsize`` when it is streamed and not counted)."""
+    if spec.block_size:
+        return spec.block_size
+    slots = max(1, int(cpus / spec.preprocess_cpus))
+    rows = min(BLOCK_BYTES // (3 * spec.preprocessing.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
+    return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
 
 
 class Refused(Exception):
-    """An input refused before decoding: its error row gets the class's ``reason`` and the exception's message."""
+    """An input refused before loading: its error row gets the class's ``reason`` and the exception's message."""
 
     reason = "refused"
 
 
 class NoImage(Refused):
-    """An input that holds no image to decode (e.g. a sample without an image member): its error row's message."""
+    """An input that holds no image to load (e.g. a sample without an image member): its error row's message."""
 
     reason = "no_image"
 
 
-def preprocess_images(
-    n: int, fetch: Callable[[int], bytes], size: int, crop: CropMode, limits: ImageLimits, draft: bool = False
-) -> pa.Table:
-    """Decode and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
-    error``, one row each. An input that cannot be fetched or decoded becomes a row with a null image and its
+def preprocess_images(n: int, fetch: Callable[[int], bytes], preprocessing: Preprocessing) -> pa.Table:
+    """Load and crop the encoded images ``fetch(0) .. fetch(n - 1)``: columns ``width, height, image, reason,
+    error``, one row each. An input that cannot be fetched or loaded becomes a row with a null image and its
     reason: it never raises, so one bad input cannot fail the job. The images are written straight into one buffer
     that becomes the ``image`` column without a copy.
     """
+    size = preprocessing.size
     pixels_out = np.zeros((n, size, size, 3), np.uint8)
     ok = np.zeros(n, bool)
     widths = np.zeros(n, np.int32)
@@ -88,7 +78,7 @@ def preprocess_images(
     messages: list[str | None] = [None] * n
     for i in range(n):
         try:
-            pixels_out[i], (widths[i], heights[i]) = preprocess_with_info(fetch(i), size, crop, limits, draft)
+            pixels_out[i], (widths[i], heights[i]) = preprocessing.apply(fetch(i))
             ok[i] = True
         except Refused as e:
             reasons[i], messages[i] = e.reason, str(e)
@@ -113,15 +103,6 @@ def preprocess_images(
             "error": pa.array(messages, pa.string()),
         }
     )
-
-
-def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
-    """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
-    import ray
-
-    table = ray.get(inputs[0])  # nested in a list: Ray Data passes it through unresolved
-    rows = pa.concat_tables([table.slice(i * block_rows, block_rows) for i in block.column("id").to_pylist()])
-    return preprocess_rows(rows, **preprocess)
 
 
 # ------------------------------------------------------------------------------------------ Arrow views

@@ -13,6 +13,12 @@ place, so a part exists completely or not at all, and the paths in them are exac
 ``errors.parquet`` and ``stats.json`` are views of the journal, rebuilt at the end of every run. Each data part
 carries the manifest, the run that wrote it and its own latent statistics (count, mean, M2 per channel) in its
 file metadata, so statistics over all runs are merged exactly without reading latents back.
+
+Another layout of data parts (LightningDiT's safetensors shards: ``jobs.lightningdit.ShardStore``) subclasses
+``LatentStore`` and overrides its extension points: ``list_parts`` (which finished parts there are),
+``read_part`` (a part's row paths and statistics, for resuming), ``write_rows`` (write one part) and
+``layout_files`` (what ``overwrite`` deletes besides the parts); the journal of errors, the manifest check and the
+views stay the store's.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .inputs import resolve_location
+from .latent_stats import ChannelStats
+from .sources import resolve_location
 
 __all__ = [
     "DATA_DIR",
@@ -41,7 +48,8 @@ __all__ = [
     "MANIFEST_FILE",
     "METADATA_KEY",
     "STATS_FILE",
-    "ChannelStats",
+    "STATS_KEY",
+    "DataPart",
     "LatentStore",
     "OutputMismatchError",
     "row_schema",
@@ -136,68 +144,13 @@ def row_schema(manifest: Mapping[str, Any]) -> pa.Schema:
     return pa.schema(fields)
 
 
-# ------------------------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class ChannelStats:
-    """Per-channel count, mean and sum of squared deviations (M2) in float64, mergeable without loss.
-
-    Merging follows Chan et al.'s parallel update, so statistics of parts written in any order and by any run
-    combine to those of all rows, with none of the cancellation that ``sum`` / ``sum of squares`` suffers.
-    """
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def empty(cls, channels: int) -> ChannelStats:
-        return cls(0, np.zeros(channels), np.zeros(channels))
-
-    @classmethod
-    def of(cls, latents: np.ndarray, chunk: int = 256) -> ChannelStats:
-        """Statistics of ``(N, C, ...)`` latents over every sample and position, per channel C."""
-        n, c = latents.shape[:2]
-        flat = latents.reshape(n, c, -1)
-        stats = cls.empty(c)
-        for start in range(0, n, chunk):  # bounded float64 temporaries
-            x = flat[start : start + chunk].astype(np.float64)
-            mean = x.mean(axis=(0, 2))
-            m2 = np.square(x - mean[None, :, None]).sum(axis=(0, 2))
-            stats = stats.merge(cls(x.shape[0] * x.shape[2], mean, m2))
-        return stats
-
-    def merge(self, other: ChannelStats) -> ChannelStats:
-        if other.count == 0:
-            return self
-        if self.count == 0:
-            return other
-        count = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / count)
-        return ChannelStats(count, mean, m2)
-
-    @property
-    def std(self) -> np.ndarray:
-        """Population standard deviation (ddof=0)."""
-        return np.sqrt(self.m2 / self.count) if self.count else np.full_like(self.m2, np.nan)
-
-    def to_json(self) -> str:
-        return json.dumps({"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ChannelStats:
-        data = json.loads(text)
-        return cls(int(data["count"]), np.asarray(data["mean"], np.float64), np.asarray(data["m2"], np.float64))
-
-
 # ---------------------------------------------------------------------------------------------- store
 
 
 @dataclass(frozen=True)
-class _DataPart:
+class DataPart:
+    """One finished data part: its file name, how many rows it holds, their latent statistics and input paths."""
+
     name: str
     rows: int
     stats: ChannelStats
@@ -225,12 +178,18 @@ class LatentStore:
 
     Args:
         output: a local directory or a URI (``s3://bucket/prefix``) pyarrow can write to.
-        manifest: what this run makes (see ``tokenize.build_manifest``); compared with the stored one.
+        manifest: what this run makes (see ``jobs.tokenize.build_manifest``); compared with the stored one.
         overwrite: delete this layout's files first (other files in ``output`` are left alone).
 
     Raises ``OutputMismatchError`` when ``output`` was made with a different model, precision, preprocessing or
     schema, or holds parts but no manifest.
+
+    A subclass stores its data parts another way by overriding ``list_parts``, ``read_part``, ``write_rows`` and
+    ``layout_files``, using ``path``, ``exists`` and ``atomic_write``.
     """
+
+    #: The files of the layout besides the data and error parts: what ``overwrite`` deletes.
+    layout_files: tuple[str, ...] = (MANIFEST_FILE, ERRORS_FILE, STATS_FILE)
 
     def __init__(self, output: str, manifest: Mapping[str, Any], *, overwrite: bool = False) -> None:
         self.output = output
@@ -242,7 +201,7 @@ class LatentStore:
         if overwrite:
             self._delete_layout()
         stored = self._read_manifest()
-        self._parts: list[_DataPart] = []
+        self._parts: list[DataPart] = []
         self._error_parts: list[pa.Table] = []
         self._next_index = 0
         if stored is None:
@@ -262,21 +221,67 @@ class LatentStore:
             self._load()
         self._has_manifest = stored is not None
 
-    # ----------------------------------------------------------------------------------------- paths
+    @property
+    def has_manifest(self) -> bool:
+        """Whether ``manifest.json`` is written (resuming, or since this run's first part)."""
+        return self._has_manifest
 
-    def _path(self, *parts: str) -> str:
+    # -------------------------------------------------------------------------------- extension points
+
+    def list_parts(self) -> list[tuple[int, str]]:
+        """``(index, path)`` of the finished data parts, by index; removes the leftovers of a killed run."""
+        return self._list(DATA_DIR)
+
+    def read_part(self, path: str) -> DataPart:
+        """What resuming needs of a finished data part: its row paths and latent statistics (not its latents)."""
+        try:
+            with self.fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                metadata = parquet.schema_arrow.metadata or {}
+                paths = parquet.read(columns=["path"]).column("path").combine_chunks()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise OutputMismatchError(f"{path} is unreadable ({e}): delete it and re-run to redo its rows") from e
+        stats = ChannelStats.from_json(metadata[STATS_KEY]) if STATS_KEY in metadata else self._stats_of(path)
+        return DataPart(posixpath.basename(path), len(paths), stats, paths)
+
+    def write_rows(self, index: int, rows: pa.Table, run: Mapping[str, Any]) -> DataPart:
+        """Write the data part numbered ``index`` (``rows`` already cast to ``self.schema``, at least one) with the
+        manifest and ``run`` in its metadata, atomically; return what it holds."""
+        name = f"part-{index:05d}.parquet"
+        stats = ChannelStats.of(self._latents(rows))
+        metadata = {
+            METADATA_KEY: json.dumps({**self.manifest, "run": dict(run)}).encode(),
+            STATS_KEY: stats.to_json().encode(),
+        }
+        self._write_parquet(self.path(DATA_DIR, name), rows.replace_schema_metadata(metadata))
+        return DataPart(name, rows.num_rows, stats, rows.column("path").combine_chunks())
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def path(self, *parts: str) -> str:
+        """A path inside the output directory (in ``self.fs``)."""
         return posixpath.join(self.root, *parts)
 
-    def _exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
+    def exists(self, *parts: str) -> bool:
+        """Whether ``path(*parts)`` exists."""
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def atomic_write(self, path: str, write: Callable[[Any], Any]) -> None:
+        """``write(stream)`` to a hidden temporary file next to ``path``, then rename it to ``path``: the file
+        appears whole or not at all."""
+        directory, name = posixpath.split(path)
+        tmp = posixpath.join(directory, f".{name}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            write(f)
+        self.fs.move(tmp, path)  # a rename on local disks
 
     def _list(self, directory: str) -> list[tuple[int, str]]:
         """``(index, path)`` of the finished parts in ``directory``, by index; removes a killed run's leftovers."""
-        info = self.fs.get_file_info(self._path(directory))
+        info = self.fs.get_file_info(self.path(directory))
         if info.type != pafs.FileType.Directory:
             return []
         parts = []
-        for entry in self.fs.get_file_info(pafs.FileSelector(self._path(directory))):
+        for entry in self.fs.get_file_info(pafs.FileSelector(self.path(directory))):
             if entry.base_name.startswith(".") and entry.base_name.endswith(".tmp"):
                 self.fs.delete_file(entry.path)  # a part that was being written when the job died
             elif match := _PART.fullmatch(entry.base_name):
@@ -284,40 +289,34 @@ class LatentStore:
         return sorted(parts)
 
     def _has_results(self) -> bool:
-        return bool(self._list(DATA_DIR) or self._list(ERROR_PARTS_DIR) or self._exists(ERRORS_FILE))
+        # Parquet parts count for any layout: a directory of another layout may hold them too.
+        return bool(
+            self.list_parts() or self._list(DATA_DIR) or self._list(ERROR_PARTS_DIR) or self.exists(ERRORS_FILE)
+        )
 
     def _read_manifest(self) -> dict[str, Any] | None:
-        if not self._exists(MANIFEST_FILE):
+        if not self.exists(MANIFEST_FILE):
             return None
-        with self.fs.open_input_stream(self._path(MANIFEST_FILE)) as f:
+        with self.fs.open_input_stream(self.path(MANIFEST_FILE)) as f:
             try:
                 return json.loads(f.read())
             except json.JSONDecodeError as e:
                 raise OutputMismatchError(f"{self.output}/{MANIFEST_FILE} is not valid JSON ({e})") from e
 
     def _delete_layout(self) -> None:
+        for _, path in self.list_parts():
+            self.fs.delete_file(path)
         for directory in (DATA_DIR, ERROR_PARTS_DIR):
-            if self._exists(directory):
-                self.fs.delete_dir(self._path(directory))
-        for name in (MANIFEST_FILE, ERRORS_FILE, STATS_FILE):
-            if self._exists(name):
-                self.fs.delete_file(self._path(name))
+            if self.exists(directory):
+                self.fs.delete_dir(self.path(directory))
+        for name in self.layout_files:
+            if self.exists(name):
+                self.fs.delete_file(self.path(name))
 
     def _load(self) -> None:
-        for index, path in self._list(DATA_DIR):
-            try:
-                with self.fs.open_input_file(path) as f:
-                    parquet = pq.ParquetFile(f)
-                    metadata = parquet.schema_arrow.metadata or {}
-                    paths = parquet.read(columns=["path"]).column("path").combine_chunks()
-            except (OSError, pa.ArrowInvalid) as e:
-                raise OutputMismatchError(f"{path} is unreadable ({e}): delete it and re-run to redo its rows") from e
-            stats = ChannelStats.from_json(metadata[STATS_KEY]) if STATS_KEY in metadata else self._stats_of(path)
-            self._parts.append(_DataPart(posixpath.basename(path), len(paths), stats, paths))
+        for index, path in self.list_parts():
+            self._parts.append(self.read_part(path))
             self._next_index = max(self._next_index, index + 1)
-        self._load_errors()
-
-    def _load_errors(self) -> None:
         for index, path in self._list(ERROR_PARTS_DIR):
             with self.fs.open_input_file(path) as f:
                 self._error_parts.append(pq.read_table(f).cast(ERROR_SCHEMA))
@@ -338,11 +337,18 @@ class LatentStore:
         return pa.chunked_array([p.paths for p in self._parts], pa.string())
 
     def data_files(self) -> list[str]:
-        """The paths (in this store's filesystem) of the data parts, in order."""
-        return [self._path(DATA_DIR, part.name) for part in self._parts]
+        """The paths (in this store's filesystem) of the parquet data parts, in order."""
+        return [self.path(DATA_DIR, part.name) for part in self._parts]
 
     def error_paths(self) -> pa.ChunkedArray:
         return pa.chunked_array([t.column("path").combine_chunks() for t in self._error_parts], pa.string())
+
+    def latent_stats(self) -> ChannelStats:
+        """The latent statistics of every row written so far, all runs (merged from the parts, exactly)."""
+        stats = ChannelStats.empty(self.channels)
+        for part in self._parts:
+            stats = stats.merge(part.stats)
+        return stats
 
     def done_paths(self, retry_errors: bool = False) -> pa.ChunkedArray:
         """Inputs a run skips: those with a row, and (unless ``retry_errors``) those with an error."""
@@ -359,7 +365,7 @@ class LatentStore:
         self.manifest.update(facts)
         self.fs.create_dir(self.root, recursive=True)
         text = json.dumps(self.manifest, indent=2, sort_keys=False) + "\n"
-        self._atomic_write(self._path(MANIFEST_FILE), lambda f: f.write(text.encode()))
+        self.atomic_write(self.path(MANIFEST_FILE), lambda f: f.write(text.encode()))
         self._has_manifest = True
 
     def write_part(self, rows: pa.Table, errors: pa.Table, run: Mapping[str, Any]) -> None:
@@ -370,21 +376,10 @@ class LatentStore:
         name = f"part-{index:05d}.parquet"
         if errors.num_rows:
             errors = errors.cast(ERROR_SCHEMA)
-            self._write_parquet(self._path(ERROR_PARTS_DIR, name), errors)
+            self._write_parquet(self.path(ERROR_PARTS_DIR, name), errors)
             self._error_parts.append(errors)
         if rows.num_rows:
-            self._write_rows(index, rows.cast(self.schema), run)
-
-    def _write_rows(self, index: int, rows: pa.Table, run: Mapping[str, Any]) -> None:
-        """Write the data part numbered ``index`` (rows already cast to ``self.schema``)."""
-        name = f"part-{index:05d}.parquet"
-        stats = ChannelStats.of(self._latents(rows))
-        metadata = {
-            METADATA_KEY: json.dumps({**self.manifest, "run": dict(run)}).encode(),
-            STATS_KEY: stats.to_json().encode(),
-        }
-        self._write_parquet(self._path(DATA_DIR, name), rows.replace_schema_metadata(metadata))
-        self._parts.append(_DataPart(name, rows.num_rows, stats, rows.column("path").combine_chunks()))
+            self._parts.append(self.write_rows(index, rows.cast(self.schema), run))
 
     def _write_parquet(self, path: str, table: pa.Table) -> None:
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -393,14 +388,7 @@ class LatentStore:
             "compression": {k: v for k, v in _PARQUET_OPTIONS["compression"].items() if k in table.column_names},
             "use_dictionary": [c for c in _PARQUET_OPTIONS["use_dictionary"] if c in table.column_names],
         }
-        self._atomic_write(path, lambda f: pq.write_table(table, f, **options))
-
-    def _atomic_write(self, path: str, write: Any) -> None:
-        directory, name = posixpath.split(path)
-        tmp = posixpath.join(directory, f".{name}.tmp")
-        with self.fs.open_output_stream(tmp) as f:
-            write(f)
-        self.fs.move(tmp, path)  # a rename on local disks: the file appears whole or not at all
+        self.atomic_write(path, lambda f: pq.write_table(table, f, **options))
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -417,10 +405,8 @@ class LatentStore:
         """Rebuild ``errors.parquet`` and ``stats.json`` from the journal; return the stats."""
         errors = self.merged_errors()
         if self._has_manifest:
-            self._write_parquet(self._path(ERRORS_FILE), errors)
-        stats = ChannelStats.empty(self.channels)
-        for part in self._parts:
-            stats = stats.merge(part.stats)
+            self._write_parquet(self.path(ERRORS_FILE), errors)
+        stats = self.latent_stats()
         row_paths = self.row_paths()
         reasons = pc.value_counts(errors.column("reason"))
         latents = self.manifest["columns"]["latents"]
@@ -442,5 +428,5 @@ class LatentStore:
         }
         if self._has_manifest:
             text = json.dumps(result, indent=2) + "\n"
-            self._atomic_write(self._path(STATS_FILE), lambda f: f.write(text.encode()))
+            self.atomic_write(self.path(STATS_FILE), lambda f: f.write(text.encode()))
         return result

@@ -1,8 +1,9 @@
-"""``ReplicaWorker``: the Ray Data actor class every job's model stage derives from.
+"""``ModelStage``: the Ray Data actor class every job's model stage (its "worker") derives from.
 
-It holds one ``VTPReplica`` (built once per actor, checked against the config digest the driver read), splits each
-block it is called with into model batches of ``spec.batch_size`` rows, hands the valid rows of each batch to the
-job's ``process`` as one pixel array, and lets the job turn the result into columns. Error rows pass through
+It holds one replica, a ``VTPReplica`` (built once per actor, checked against the config digest the driver read),
+splits each block it is called with into model batches of ``spec.batch_size`` rows, hands the valid rows of each
+batch to the job's ``process`` as one array (``inputs``: the preprocessed pixels by default), and lets the job turn
+the result into columns. Error rows pass through
 untouched and never reach the model. Every output row also says which replica made it and the model time it took,
 which the driver reports per replica (``ReplicaUsage``).
 """
@@ -21,11 +22,12 @@ from ..placement import brief_openmp_waits
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
 
-__all__ = ["ReplicaWorker", "replica_cpu_threads", "replica_label"]
+__all__ = ["ModelStage", "replica_cpu_threads", "replica_label"]
 
 
-class ReplicaWorker:
-    """Base class of the model stage: subclasses implement ``process`` and ``columns``.
+class ModelStage:
+    """Base class of the model stage: subclasses implement ``process`` and ``columns`` (and ``inputs`` when the
+    model input is not the preprocessed image).
 
     Args:
         spec: the run's settings.
@@ -44,7 +46,7 @@ class ReplicaWorker:
             device,
             spec.precision,
             spec.rope_dtype,
-            warmup_size=spec.size,
+            warmup_size=spec.preprocessing.size,
             cpu_threads=replica_cpu_threads(spec.cpu_threads, device),
         )
         digest = self.replica.info.config_digest
@@ -54,7 +56,7 @@ class ReplicaWorker:
 
     def inputs(self, rows: pa.Table) -> np.ndarray:
         """The model input of the valid rows: by default their preprocessed images, uint8 ``(n, size, size, 3)``."""
-        return pixels(rows.column("image"), self.spec.size)
+        return pixels(rows.column("image"), self.spec.preprocessing.size)
 
     def process(self, images: np.ndarray, rows: pa.Table) -> Any:
         """The model work on the valid rows: ``images`` uint8 ``(n, size, size, 3)``, ``rows`` their table rows."""

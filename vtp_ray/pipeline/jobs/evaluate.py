@@ -3,9 +3,9 @@
 The job is the shared pipeline (``runner``) with ``EvalWorker`` as its model stage: it reconstructs each batch
 and computes the metrics right there, on the device that holds the reference and the reconstruction, so only
 numbers (and 2 x 2048 Inception features per image for rFID) travel back, never the images, except the first
-``save_images`` ones. Undecodable inputs become error rows with their reason; they never stop the job.
+``save_images`` ones. Inputs that cannot be loaded become error rows with their reason; they never stop the job.
 
-Inputs are files (``inputs.discover_inputs``: outputs in input order) or sample sources (``samples``: webdataset
+Inputs are files (``sources.files``: outputs in input order) or sample sources (``sources.samples``: webdataset
 shards, parquet with image bytes; streamed, never listed: outputs ordered by file, then key, and the images saved
 are the first samples of the first files, ``SampleSource.first_samples``).
 
@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..images import to_png_bytes
-from ..metrics import (
+from ...images import to_png_bytes
+from ...metrics import (
     INCEPTION_DIM,
     INCEPTION_ENV,
     LPIPS_ENV,
@@ -40,13 +40,12 @@ from ..metrics import (
     require_eval_dependencies,
     resolve_weights,
 )
-from .inputs import discover_inputs
-from .report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, input_counts, run_header, sort_by_path
-from .runner import ReplicaUsage, run_pipeline
-from .samples import find_samples, sample_sort_key, source_of
-from .spec import ModelFacts, PipelineSpec
-from .stages import fixed_size_lists, nullable_floats
-from .worker import ReplicaWorker
+from ..report import PER_IMAGE, PER_IMAGE_METRICS, REPORT, input_counts, run_header, sort_by_path
+from ..runner import ReplicaUsage, run_pipeline
+from ..sources import SampleSource, find_source, sample_sort_key, source_of
+from ..spec import ModelFacts, PipelineSpec
+from ..stages import fixed_size_lists, nullable_floats
+from ..worker import ModelStage
 
 __all__ = ["EvalWorker", "evaluate_dataset"]
 
@@ -56,7 +55,7 @@ IMAGES = "images"
 _FEATURES = ("reference_features", "reconstruction_features")
 
 
-class EvalWorker(ReplicaWorker):
+class EvalWorker(ModelStage):
     """The model stage: reconstruct, then PSNR, SSIM, [LPIPS], [Inception features] on the same device.
 
     The metric networks are built when their weights are given. Reconstructions travel back only for the rows
@@ -66,7 +65,7 @@ class EvalWorker(ReplicaWorker):
     def __init__(
         self, *, inception_weights: str | None, lpips_weights: str | None, save_paths: frozenset[str], **base: Any
     ) -> None:
-        from ..metrics import FidInceptionFeatures, Lpips
+        from ...metrics import FidInceptionFeatures, Lpips
 
         super().__init__(**base)
         device = self.replica.device
@@ -77,7 +76,7 @@ class EvalWorker(ReplicaWorker):
     def process(self, images: np.ndarray, rows: pa.Table) -> dict[str, Any]:
         import torch
 
-        from ..metrics import psnr, ssim
+        from ...metrics import psnr, ssim
 
         recon = self.replica.reconstruct(images)
         reference, output = (torch.from_numpy(a).to(self.replica.device) for a in (images, recon))
@@ -193,8 +192,9 @@ def evaluate_dataset(
     on every node. ``save_images``: write the first N inputs as reference | reconstruction PNGs in
     ``output/images``.
 
-    ``inputs`` are files (directories, globs, manifests: see ``inputs.discover_inputs``) or webdataset shards /
-    parquet files with image bytes (``samples``; local or any pyarrow URI, read through ``spec.filesystem``).
+    ``inputs`` are files (directories, globs, manifests: ``sources.files``) or webdataset shards / parquet files
+    with image bytes (``sources.webdataset``, ``sources.parquet``; local or any pyarrow URI, read through
+    ``spec.filesystem``).
 
     Returns the report (also written to ``output/report.json``).
     """
@@ -212,23 +212,22 @@ def evaluate_dataset(
         skipped["lpips"] = f"no LPIPS weights: pass --lpips-weights PATH or set {LPIPS_ENV}"
     for metric, reason in skipped.items():
         log.warning("%s skipped: %s", metric, reason)
-    samples = find_samples(inputs, spec.samples, spec.filesystem)
-    if samples:  # streamed: the outputs are sorted by identity, the images saved are the first samples
-        found, todo, order = None, samples, sample_sort_key
-        saved = samples.first_samples(save_images) if save_images else []
+    source = find_source(inputs, spec)
+    if isinstance(source, SampleSource):  # streamed: the outputs are sorted by identity, the images saved are the
+        samples, found, order = source, None, sample_sort_key  # first samples
+        saved = source.first_samples(save_images) if save_images else []
     else:
-        found = discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
-        todo, order = found.table, found.position()
-        saved = found.table.column("path").to_pylist()[:save_images]
-    model = ModelFacts.of(spec.model, spec.size)
+        samples, found, order = None, source, source.position()
+        saved = source.table.column("path").to_pylist()[:save_images]
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     out = Path(output).expanduser()
-    collector = _Collector(out / IMAGES, spec.size, order, saved)
+    collector = _Collector(out / IMAGES, spec.preprocessing.size, order, saved)
     worker = {
         "inception_weights": str(inception) if inception else None,
         "lpips_weights": str(lpips) if lpips else None,
         "save_paths": frozenset(saved),
     }
-    with run_pipeline(spec, todo, EvalWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, source, EvalWorker, model.config_digest, worker) as (placement, batches):
         for batch in batches:
             collector.add(batch)
     seconds = time.perf_counter() - started

@@ -1,8 +1,8 @@
-"""The inputs of a tokenization job: image paths (and optional labels) found in directories, globs and manifests.
+"""Loose image files: the paths (and optional labels) named by directories, globs and manifests, and their read.
 
 Every input becomes one ``(path, label)`` row. ``path`` is the input's identity everywhere (output rows, error
 rows, resuming): an absolute local path, or a URI such as ``s3://bucket/key`` for any filesystem pyarrow
-supports. Sources:
+supports (``locations``). Sources:
 
 - a directory: searched recursively for files with an image extension (hidden files and directories skipped);
   with ``labels_from_dirs`` the first-level sub-directory is the label, as torchvision's ``ImageFolder`` does;
@@ -10,32 +10,53 @@ supports. Sources:
 - a manifest: ``.txt`` / ``.lst`` (one path per line, ``#`` comments), ``.csv`` / ``.tsv`` or ``.parquet`` with a
   ``path`` column and an optional ``label`` column; relative paths are relative to the manifest's directory;
 - a single image file.
+
+The files are listed up front (``discover_inputs``), then read by Ray Data tasks in blocks of many model batches
+(``Inputs.read``: ``preprocess_block``), each file read, loaded and cropped there (``preprocess_rows``).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import posixpath
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from ..spec import PipelineSpec, Preprocessing
+from ..stages import block_rows, preprocess_images
+from .locations import (
+    InputError,
+    file_identity,
+    glob_files,
+    has_glob,
+    is_uri,
+    list_files,
+    read_bytes,
+    relative_parts,
+    resolve_location,
+)
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "INPUT_SCHEMA",
     "MANIFEST_EXTENSIONS",
-    "InputError",
     "Inputs",
     "discover_inputs",
-    "read_bytes",
-    "resolve_location",
+    "preprocess_block",
+    "preprocess_rows",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -43,12 +64,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".parquet"})
 INPUT_SCHEMA = pa.schema([pa.field("path", pa.string(), nullable=False), pa.field("label", pa.string())])
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class InputError(ValueError):
-    """An input source that does not exist, cannot be listed, or is not understood."""
 
 
 @dataclass(frozen=True)
@@ -65,58 +80,32 @@ class Inputs:
         """path -> its index in discovery order: the order of a job's outputs."""
         return {p: i for i, p in enumerate(self.table.column("path").to_pylist())}.__getitem__
 
+    def skipping(self, done: pa.Array) -> Inputs:
+        """The inputs whose path is not in ``done`` (what a resumed run still reads)."""
+        keep = pc.invert(pc.is_in(self.table.column("path"), value_set=done))
+        return Inputs(self.table.filter(keep), self.duplicates)
 
-# ------------------------------------------------------------------------------------------- locations
+    def read(self, spec: PipelineSpec, cpus: float) -> Dataset:
+        """The Ray Data read of these files and the preprocess stage: one task per block of ``stages.block_rows``
+        inputs, rows as ``preprocess_rows`` makes them."""
+        import ray
 
-
-def _is_uri(path: str) -> bool:
-    scheme = urlsplit(path).scheme
-    return len(scheme) > 1 and "://" in path  # a one-letter scheme is a Windows drive letter
-
-
-# (scheme, netloc) -> (filesystem, how many leading characters of "netloc/path" the filesystem's paths drop).
-# pyarrow's S3 / GCS / Azure paths keep the bucket ("bucket/key"), HDFS drops the host ("/path"); learning the
-# offset once per filesystem avoids calling FileSystem.from_uri (which may do network round trips) per file.
-_URI_FILESYSTEMS: dict[tuple[str, str], tuple[pafs.FileSystem, int]] = {}
-
-
-def resolve_location(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path, a ``file://`` URI or any URI pyarrow supports."""
-    if filesystem is not None:
-        return filesystem, path
-    if not _is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    parts = urlsplit(path)
-    key = (parts.scheme, parts.netloc)
-    rest = path.split("://", 1)[1]
-    cached = _URI_FILESYSTEMS.get(key)
-    if cached is None:
-        try:
-            fs, inner = pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise InputError(f"{path}: no filesystem for this URI ({e})") from e
-        if isinstance(fs, pafs.LocalFileSystem) or not rest.endswith(inner):
-            return fs, inner  # file:// and anything unusual: no shortcut
-        cached = _URI_FILESYSTEMS[key] = (fs, len(rest) - len(inner))
-    fs, drop = cached
-    return fs, rest[drop:]
-
-
-def _identity(source: str, fs: pafs.FileSystem, inner: str, filesystem: pafs.FileSystem | None) -> str:
-    """The ``path`` recorded for a file found at ``inner`` while listing ``source``."""
-    if filesystem is not None or isinstance(fs, pafs.LocalFileSystem):
-        return inner
-    parts = urlsplit(source)
-    if inner.startswith("/"):
-        return f"{parts.scheme}://{parts.netloc}{inner}"
-    return f"{parts.scheme}://{inner}"
-
-
-def read_bytes(path: str, filesystem: pafs.FileSystem | None, max_bytes: int) -> bytes:
-    """Read a file, at most ``max_bytes + 1`` bytes (enough for the decoder to tell it is too large)."""
-    fs, inner = resolve_location(path, filesystem)
-    with fs.open_input_stream(inner) as stream:
-        return stream.read(max_bytes + 1)
+        rows = block_rows(spec, self.table.num_rows, cpus)
+        # One read task per block, made lazily from block numbers: ray.data.from_arrow would run a metadata task
+        # per block up front (minutes for millions of inputs). The input table goes through the object store once.
+        blocks = math.ceil(self.table.num_rows / rows)
+        return ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+            preprocess_block,
+            batch_format="pyarrow",
+            batch_size=None,  # one block number per task
+            fn_kwargs={
+                "inputs": [ray.put(self.table)],
+                "block_rows": rows,
+                "preprocessing": spec.preprocessing,
+                "filesystem": spec.filesystem,
+            },
+            num_cpus=spec.preprocess_cpus,
+        )
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -159,7 +148,7 @@ def _discover_one(
     source: str, labels_from_dirs: bool, filesystem: pafs.FileSystem | None
 ) -> Iterable[tuple[str, str | None]]:
     fs, inner = resolve_location(source, filesystem)
-    if _GLOB_CHARS.search(inner):
+    if has_glob(inner):
         return _from_glob(source, fs, inner, labels_from_dirs, filesystem)
     try:
         info = fs.get_file_info(inner)
@@ -173,86 +162,31 @@ def _discover_one(
     if ext in MANIFEST_EXTENSIONS:
         return _from_manifest(source, fs, inner, filesystem)
     if ext in IMAGE_EXTENSIONS:
-        return [(_identity(source, fs, inner, filesystem), None)]
+        return [(file_identity(source, fs, inner, filesystem), None)]
     raise InputError(
         f"{source}: not a directory, glob, manifest ({', '.join(sorted(MANIFEST_EXTENSIONS))}) or image file"
     )
-
-
-def _list_files(source: str, fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    except OSError as e:
-        raise InputError(f"{source}: cannot list: {e}") from e
-    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
-
-
-def _relative_parts(base: str, path: str) -> list[str]:
-    return posixpath.relpath(path, base).split("/") if base else path.split("/")
 
 
 def _from_directory(
     source: str, fs: pafs.FileSystem, base: str, labels_from_dirs: bool, filesystem: pafs.FileSystem | None
 ) -> Iterable[tuple[str, str | None]]:
     base = base.rstrip("/")
-    for info in _list_files(source, fs, base):
-        parts = _relative_parts(base, info.path)
+    for info in list_files(source, fs, base):
+        parts = relative_parts(base, info.path)
         # Hidden entries are never images here: .ipynb_checkpoints, macOS "._x.jpg" resource forks, ...
         if any(part.startswith(".") for part in parts) or f".{info.extension.lower()}" not in IMAGE_EXTENSIONS:
             continue
         label = parts[0] if labels_from_dirs and len(parts) > 1 else None
-        yield _identity(source, fs, info.path, filesystem), label
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Translate a glob to a regex: ``*``, ``?`` and ``[...]`` stay within one path component, ``**`` spans."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end]
-            out.append("[^" + re.escape(body[1:]) + "]" if body[0] == "!" else "[" + re.escape(body) + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
+        yield file_identity(source, fs, info.path, filesystem), label
 
 
 def _from_glob(
     source: str, fs: pafs.FileSystem, pattern: str, labels_from_dirs: bool, filesystem: pafs.FileSystem | None
 ) -> Iterable[tuple[str, str | None]]:
-    components = pattern.split("/")
-    first_glob = next(i for i, part in enumerate(components) if _GLOB_CHARS.search(part))
-    base = "/".join(components[:first_glob])
-    if not base and pattern.startswith("/"):
-        base = "/"
-    regex = _glob_regex(pattern)
-    try:
-        base_exists = fs.get_file_info(base or ".").type == pafs.FileType.Directory
-    except OSError:
-        base_exists = False
-    if not base_exists:
-        raise InputError(f"{source}: the glob's directory {base or '.'!r} does not exist")
-    for info in _list_files(source, fs, base):
-        if not regex.match(info.path):
-            continue
-        parts = _relative_parts(base, info.path)
-        if any(part.startswith(".") for part in parts) and not any(p.startswith(".") for p in components[first_glob:]):
-            continue  # as the shell does: wildcards do not match hidden names unless the pattern says so
+    for path, parts in glob_files(source, fs, pattern):
         label = parts[0] if labels_from_dirs and len(parts) > 1 else None
-        yield _identity(source, fs, info.path, filesystem), label
+        yield file_identity(source, fs, path, filesystem), label
 
 
 def _from_manifest(
@@ -286,9 +220,38 @@ def _from_manifest(
     for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
         if not path:
             raise InputError(f"{source}: row {row} has an empty path")
-        if _is_uri(path) or filesystem is not None:
+        if is_uri(path) or filesystem is not None:
             yield path, label  # already names its filesystem, or lives in the one given
         elif os.path.isabs(path):
             yield os.path.normpath(path), label
         else:
-            yield _identity(source, fs, posixpath.normpath(posixpath.join(directory, path)), filesystem), label
+            yield file_identity(source, fs, posixpath.normpath(posixpath.join(directory, path)), filesystem), label
+
+
+# ------------------------------------------------------------------------------------------- the read
+
+
+def preprocess_rows(batch: pa.Table, *, preprocessing: Preprocessing, filesystem: pafs.FileSystem | None) -> pa.Table:
+    """Read, load and crop a batch of ``path, label`` rows.
+
+    Adds ``width, height`` (original size), ``image`` and ``reason, error`` (see ``stages.preprocess_images``).
+    """
+    paths = batch.column("path").to_pylist()
+    max_bytes = preprocessing.limits.max_bytes
+    table = preprocess_images(len(paths), lambda i: read_bytes(paths[i], filesystem, max_bytes), preprocessing)
+    return pa.table(
+        {
+            "path": batch.column("path"),
+            "label": batch.column("label"),
+            **dict(zip(table.column_names, table.columns, strict=True)),
+        }
+    )
+
+
+def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
+    """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
+    import ray
+
+    table = ray.get(inputs[0])  # nested in a list: Ray Data passes it through unresolved
+    rows = pa.concat_tables([table.slice(i * block_rows, block_rows) for i in block.column("id").to_pylist()])
+    return preprocess_rows(rows, **preprocess)

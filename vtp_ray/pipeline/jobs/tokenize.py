@@ -1,4 +1,5 @@
-"""``vtp-ray tokenize``: images -> parquet latents and CLIP embeddings, resumable (layout: ``store``).
+"""``vtp-ray tokenize``: images -> parquet latents and CLIP embeddings, resumable (layout: ``store``; LightningDiT's
+shards: ``lightningdit``).
 
 The job is the shared pipeline (``runner``) with ``TokenizeWorker`` as its model stage and ``PartWriter`` on the
 driver, which streams the results into whole parquet parts: rows + errors always equal the inputs, a killed job
@@ -21,17 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import __version__
-from ..images import NORMALIZATIONS
-from .inputs import discover_inputs
+from ... import __version__
+from ...images import NORMALIZATIONS
+from ..report import plural
+from ..runner import ReplicaUsage, run_pipeline
+from ..sources import SampleSource, find_source
+from ..spec import ModelFacts, PipelineSpec
+from ..stages import fixed_size_lists
+from ..store import ERROR_SCHEMA, FORMAT, FORMAT_VERSION, LATENT_DTYPES, LatentStore
+from ..worker import ModelStage
 from .lightningdit import ShardStore, check_labels, lightningdit_manifest
-from .report import plural
-from .runner import ReplicaUsage, run_pipeline
-from .samples import find_samples
-from .spec import ModelFacts, PipelineSpec
-from .stages import fixed_size_lists
-from .store import ERROR_SCHEMA, FORMAT, FORMAT_VERSION, LATENT_DTYPES, LatentStore
-from .worker import ReplicaWorker
 
 __all__ = ["TokenizeSummary", "TokenizeWorker", "build_manifest", "tokenize_dataset"]
 
@@ -43,7 +43,7 @@ PREPROCESSING = {
     "resize": "bicubic resize to size x size, aspect ratio not kept",
 }
 
-DRAFT_DECODE = "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
+FAST_PREPROCESS = "JPEGs decoded at the largest reduced scale (1/2, 1/4, 1/8) keeping the short side >= 2 x size"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class TokenizeSummary:
 
 def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_dtype: str) -> dict[str, Any]:
     """The description of an output directory: everything needed to interpret (and reproduce) its latents."""
-    grid = spec.size // model.patch_size
+    prep = spec.preprocessing
+    grid = prep.size // model.patch_size
     latent_shape = [model.latent_channels, grid, grid]
     columns: dict[str, Any] = {"latents": {"shape": latent_shape, "dtype": latent_dtype}}
     if flip:
@@ -92,13 +93,14 @@ def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_
         "model": {**model.to_dict(), "rope_dtype": spec.rope_dtype},
         "precision": spec.precision,
         "preprocessing": {
-            "size": spec.size,
-            "crop": spec.crop,
-            "method": PREPROCESSING[spec.crop],
+            "size": prep.size,
+            "crop": prep.crop,
+            "method": PREPROCESSING[prep.crop],
             "decode": "first frame, EXIF orientation applied, alpha composited over white, RGB",
             "normalization": {"kind": "imagenet", "mean": list(norm.mean), "std": list(norm.std)},
-            # Only when on, so that exact outputs keep their manifest; resuming never mixes the two.
-            **({"draft_decode": DRAFT_DECODE} if spec.draft_decode else {}),
+            # Only when on, so that exact outputs keep their manifest; resuming never mixes the two. The key keeps its
+            # name from before fast preprocessing had its own word: outputs made then still resume.
+            **({"draft_decode": FAST_PREPROCESS} if prep.fast else {}),
         },
         "flip": flip,
         "latent_dtype": latent_dtype,
@@ -106,14 +108,14 @@ def build_manifest(spec: PipelineSpec, model: ModelFacts, *, flip: bool, latent_
     }
 
 
-class TokenizeWorker(ReplicaWorker):
+class TokenizeWorker(ModelStage):
     """The model stage: latents (and ``latents_flip``) and CLIP embeddings of the valid rows."""
 
     def __init__(self, *, flip: bool, latent_dtype: str, **base: Any) -> None:
         super().__init__(**base)
         self.flip = flip
         info = self.replica.info
-        grid = self.spec.size // info.patch_size
+        grid = self.spec.preprocessing.size // info.patch_size
         latents = (LATENT_DTYPES[latent_dtype], (info.latent_channels, grid, grid))
         self.outputs: dict[str, tuple[pa.DataType, tuple[int, ...]]] = {"latents": latents}
         if flip:
@@ -186,9 +188,9 @@ def tokenize_dataset(
     """Tokenize every image named by ``inputs`` into parquet latents in ``output``.
 
     Args:
-        inputs: directories, globs or manifests (see ``inputs.discover_inputs``), or webdataset tar shards /
-            parquet files with image bytes (or directories and globs of them, see ``samples``); local or any
-            pyarrow URI.
+        inputs: directories, globs or manifests (``sources.files``), or webdataset tar shards / parquet files with
+            image bytes (or directories and globs of them: ``sources.webdataset``, ``sources.parquet``); local or
+            any pyarrow URI.
         output: the output directory (local or URI). Re-running on it resumes: done inputs are skipped.
         spec: model, preprocessing, batching and placement.
         flip: also store ``latents_flip``, the latents of the horizontally flipped image.
@@ -208,41 +210,40 @@ def tokenize_dataset(
         raise ValueError(f"latent dtype must be one of {list(LATENT_DTYPES)}, got {latent_dtype!r}")
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
-    samples = find_samples(inputs, spec.samples, spec.filesystem)
-    found = (
-        None if samples else discover_inputs(inputs, labels_from_dirs=spec.labels_from_dirs, filesystem=spec.filesystem)
-    )
-    model = ModelFacts.of(spec.model, spec.size)
+    source = find_source(inputs, spec)
+    samples = isinstance(source, SampleSource)
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     manifest = build_manifest(spec, model, flip=flip, latent_dtype=latent_dtype)
     if format == "lightningdit":
         if samples:  # labels: the samples' class ids; a sample without one becomes an error row as it is read
-            samples = dataclasses.replace(samples, options=dataclasses.replace(samples.options, class_ids=True))
+            source = dataclasses.replace(source, options=dataclasses.replace(source.options, class_ids=True))
             classes = None
         else:
             option = "use --labels-from-dirs on an ImageFolder tree, or a manifest with a label column"
-            classes = check_labels(found.table.column("label"), option)
+            classes = check_labels(source.table.column("label"), option)
         store: LatentStore = ShardStore(output, lightningdit_manifest(manifest, classes), overwrite=overwrite)
     elif format == "parquet":
         store = LatentStore(output, manifest, overwrite=overwrite)
     else:
         raise ValueError(f"format must be parquet or lightningdit, got {format!r}")
     done = store.done_paths(retry_errors).combine_chunks()
-    limits = spec.limits
+    limits = spec.preprocessing.limits
     run: dict[str, Any] = {
         "run_id": uuid.uuid4().hex[:12],
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "driver_host": socket.gethostname(),
+        # The loader's limits, under the key outputs have always carried.
         "decode_limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
     }
     if samples:  # samples are counted as they are read: the files are streamed once, never listed up front
-        todo = samples = dataclasses.replace(samples, done=done)
-        run.update(source=samples.description(), skipped=samples.skipped())
+        todo = source = dataclasses.replace(source, done=done)
+        run.update(source=source.description(), skipped=source.skipped())
     else:
-        todo = found.table.filter(pc.invert(pc.is_in(found.table.column("path"), value_set=done)))
-        run.update(inputs=len(found), duplicate_inputs=found.duplicates, skipped=len(found) - todo.num_rows)
+        todo = source.skipping(done)
+        run.update(inputs=len(source), duplicate_inputs=source.duplicates, skipped=len(source) - len(todo))
     writer = PartWriter(store, run, rows_per_file, flush_interval_s)
     try:
-        if samples or todo.num_rows:
+        if samples or len(todo):
             worker = {"flip": flip, "latent_dtype": latent_dtype}
             with run_pipeline(spec, todo, TokenizeWorker, model.config_digest, worker) as (placement, batches):
                 run.update(placement.to_dict())
@@ -265,8 +266,8 @@ def tokenize_dataset(
         accounted = pa.chunked_array(
             [*store.row_paths().chunks, *store.merged_errors().column("path").chunks], pa.string()
         )
-        n_inputs = len(found)
-        n_missing = pc.sum(pc.invert(pc.is_in(found.table.column("path"), value_set=accounted.combine_chunks())))
+        n_inputs = len(source)
+        n_missing = pc.sum(pc.invert(pc.is_in(source.table.column("path"), value_set=accounted.combine_chunks())))
         n_missing = n_missing.as_py() or 0
     summary = TokenizeSummary(
         output=output,

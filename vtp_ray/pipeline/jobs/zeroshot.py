@@ -4,9 +4,10 @@ As upstream VTP's ``tools/test_zero_shot_hf.py`` does it: class index = the sort
 directories (ImageNet val's synsets), class names (the 1000 OpenAI ImageNet names by default, or ``classnames``),
 the text classifier built once per replica from prompt templates (OpenAI's 80 ImageNet templates by default: per
 class, the mean of the normalized template embeddings, renormalized), image embeddings through the replica pool,
-top-1 / top-5 accuracy. Undecodable images and images outside a class directory are error rows with their reason.
+top-1 / top-5 accuracy. Images that cannot be loaded and images outside a class directory are error rows with their
+reason.
 
-From sample sources (``samples``: webdataset shards, parquet with image bytes), the class index is the sample's
+From sample sources (``sources.samples``: webdataset shards, parquet with image bytes), the class index is the sample's
 integer label (the ``cls`` member / ``label`` column, as ImageNet webdataset shards store 0..999) and the class
 names are one per line in index order (default the 1000 ImageNet names); a sample without a valid index is an
 error row (``no_label`` / ``bad_label``). Outputs are then ordered by file, then key.
@@ -31,13 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .inputs import discover_inputs
-from .report import PER_IMAGE, REPORT, input_counts, run_header, sort_by_path
-from .runner import ReplicaUsage, run_pipeline
-from .samples import find_samples, sample_sort_key
-from .spec import ModelFacts, PipelineSpec
-from .stages import fixed_size_lists
-from .worker import ReplicaWorker
+from ..report import PER_IMAGE, REPORT, input_counts, run_header, sort_by_path
+from ..runner import ReplicaUsage, run_pipeline
+from ..sources import SampleSource, find_source, sample_sort_key
+from ..spec import ModelFacts, PipelineSpec
+from ..stages import fixed_size_lists
+from ..worker import ModelStage
 
 __all__ = ["TOP_K", "ZeroShotWorker", "load_classnames", "load_sample_classnames", "zero_shot_dataset"]
 
@@ -45,11 +45,11 @@ TASK = "zero-shot"
 TOP_K = 5
 
 
-class ZeroShotWorker(ReplicaWorker):
+class ZeroShotWorker(ModelStage):
     """The model stage: builds the text classifier once, then embeds and scores each batch of images."""
 
     def __init__(self, *, classnames: Sequence[str], templates: Sequence[str], **base: Any) -> None:
-        from ..text.classifier import class_embeddings
+        from ...text.classifier import class_embeddings
 
         super().__init__(**base)
         self.classes = len(classnames)
@@ -74,7 +74,7 @@ def load_classnames(path: str | os.PathLike[str] | None, directories: Sequence[s
     its keys, sorted, whether or not each directory holds images).
     """
     if path is None:
-        from ..text.imagenet import imagenet_classnames
+        from ...text.imagenet import imagenet_classnames
 
         names = list(imagenet_classnames())
         if len(directories) != len(names):
@@ -103,7 +103,7 @@ def load_sample_classnames(path: str | os.PathLike[str] | None) -> list[str]:
     """The class names of sample sources, in class index order: None (the 1000 OpenAI ImageNet names, for ImageNet
     shards' 0..999) or a text file with one name per line."""
     if path is None:
-        from ..text.imagenet import imagenet_classnames
+        from ...text.imagenet import imagenet_classnames
 
         return list(imagenet_classnames())
     if Path(path).suffix.lower() == ".json":
@@ -130,34 +130,33 @@ def zero_shot_dataset(
     template_set: str = "imagenet",
 ) -> dict[str, Any]:
     """Zero-shot top-1 / top-5 accuracy (percent) of ``spec.model`` over the ImageFolder tree(s) ``inputs``, or
-    over webdataset shards / parquet files with image bytes whose labels are class indices (``samples``).
+    over webdataset shards / parquet files with image bytes whose labels are class indices (``sources.samples``).
 
     Returns the report (also written to ``output/report.json``, next to ``per_image.parquet``).
     """
-    from ..text.imagenet import resolve_template_set
-    from ..text.tokenizer import TEXT_INSTALL, MissingTextDependencyError, available
+    from ...text.imagenet import resolve_template_set
+    from ...text.tokenizer import TEXT_INSTALL, MissingTextDependencyError, available
 
     if not available():  # checked here, before Ray starts: every worker would fail on it
         raise MissingTextDependencyError(f"zero-shot evaluation needs open_clip: {TEXT_INSTALL}")
     started = time.perf_counter()
     templates = resolve_template_set(template_set)
-    samples = find_samples(inputs, spec.samples, spec.filesystem)
-    if samples:  # the label is the class index, checked as the samples are read
+    spec = replace(spec, labels_from_dirs=True)  # files: the class is the directory
+    source = find_source(inputs, spec)
+    if isinstance(source, SampleSource):  # the label is the class index, checked as the samples are read
         names = load_sample_classnames(classnames)
         index = {str(i): i for i in range(len(names))}
-        options = replace(samples.options, class_ids=True, num_classes=len(names))
-        found, todo, order = None, replace(samples, options=options), sample_sort_key
+        source = replace(source, options=replace(source.options, class_ids=True, num_classes=len(names)))
+        samples, found, order = source, None, sample_sort_key
     else:
-        spec = replace(spec, labels_from_dirs=True)
-        found = discover_inputs(inputs, labels_from_dirs=True, filesystem=spec.filesystem)
-        labels = found.table.column("label").to_pylist()
+        labels = source.table.column("label").to_pylist()
         directories, names = load_classnames(classnames, sorted({label for label in labels if label is not None}))
         index = {d: i for i, d in enumerate(directories)}
-        todo, order = found.table, found.position()
-    model = ModelFacts.of(spec.model, spec.size)
+        samples, found, order = None, source, source.position()
+    model = ModelFacts.of(spec.model, spec.preprocessing.size)
     worker = {"classnames": tuple(names), "templates": templates}
     usage, rows, errors = ReplicaUsage(), [], []
-    with run_pipeline(spec, todo, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, source, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
         for batch in batches:
             usage.add(batch)
             failed = batch.column("error").is_valid()

@@ -1,9 +1,9 @@
 """``vtp-ray decode``: sampled (or stored) latents -> images, through the replica pool with Ray Data.
 
 ```
-driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet output) -> chunks of batch_size rows
+driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet output) -> LatentChunks of batch_size rows
 ray.data.range(chunks) -> read_latents_block (CPU tasks, no torch): slice, de-normalize, check finite
-                       -> DecodeWorker pool (ReplicaWorker): VTPReplica.decode
+                       -> DecodeWorker pool (runner.replica_stage, worker.ModelStage): VTPReplica.decode
 driver: PNGs DIR/000000.png... in input order, or one ADM-style DIR/samples.npz (arr_0: uint8 (N, H, W, 3));
         inputs that cannot be decoded (non-finite values) are listed in DIR/errors.parquet
 ```
@@ -14,31 +14,43 @@ De-normalization (``stats``) undoes LightningDiT's ``(x - mean) / std`` as upstr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .report import plural
-from .runner import Placement, ReplicaUsage, _outputs, _progress_bars, ray_session
-from .spec import ModelFacts, PipelineSpec
-from .worker import ReplicaWorker
+from ..report import plural
+from ..runner import ReplicaUsage, run_pipeline
+from ..spec import ModelFacts, PipelineSpec
+from ..worker import ModelStage
 
-__all__ = ["DecodeSummary", "DecodeWorker", "LatentSource", "decode_latents", "find_latents", "load_stats"]
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+__all__ = [
+    "DecodeSummary",
+    "DecodeWorker",
+    "LatentChunks",
+    "LatentFile",
+    "decode_latents",
+    "find_latents",
+    "load_stats",
+]
 
 NPZ_FILE = "samples.npz"
 ERRORS_FILE = "errors.parquet"
 
 
 @dataclass(frozen=True)
-class LatentSource:
+class LatentFile:
     """One file of latents: ``kind`` (``safetensors``, ``npy``, ``npz``, ``parquet``), the array ``key``, rows."""
 
     path: str
@@ -65,11 +77,11 @@ class LatentSource:
         return np.asarray(values, np.float32).reshape(-1, *self.shape)
 
 
-def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentSource]:
+def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentFile]:
     """The latent files named by ``inputs``: LightningDiT shard directories or ``.safetensors`` files, ``.npy`` /
     ``.npz`` files of ``(N, C, h, w)``, tokenize parquet output directories. ``key`` picks the array (default
     ``latents``; ``.npz``: ``latents`` if present, else ``arr_0``)."""
-    sources: list[LatentSource] = []
+    sources: list[LatentFile] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "manifest.json").exists() and (path / "data").is_dir():
@@ -80,7 +92,7 @@ def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentSo
             shape = tuple(manifest["columns"][column]["shape"])
             for part in sorted((path / "data").glob("part-*.parquet")):
                 rows = pq.ParquetFile(part).metadata.num_rows
-                sources.append(LatentSource(str(part), "parquet", column, rows, shape))
+                sources.append(LatentFile(str(part), "parquet", column, rows, shape))
         elif path.is_dir():
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
@@ -103,7 +115,7 @@ def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentSo
     return sources
 
 
-def _safetensors(path: str, key: str) -> LatentSource:
+def _safetensors(path: str, key: str) -> LatentFile:
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
@@ -113,10 +125,10 @@ def _safetensors(path: str, key: str) -> LatentSource:
         return _array(path, "safetensors", key, tuple(f.get_slice(key).get_shape()))
 
 
-def _array(path: str, kind: str, key: str, shape: tuple[int, ...]) -> LatentSource:
+def _array(path: str, kind: str, key: str, shape: tuple[int, ...]) -> LatentFile:
     if len(shape) != 4:
         raise ValueError(f"{path}{':' + key if key else ''} has shape {list(shape)}, expected (N, C, h, w)")
-    return LatentSource(path, kind, key, int(shape[0]), tuple(int(d) for d in shape[1:]))
+    return LatentFile(path, kind, key, int(shape[0]), tuple(int(d) for d in shape[1:]))
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -135,15 +147,59 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+@dataclass(frozen=True)
+class LatentChunks:
+    """What a decode run reads: ``files`` in chunks of at most ``batch_size`` rows, ``(file, start, stop, index of
+    its first row in the whole run)``, each its own read task; ``stats`` (mean, std) de-normalizes them."""
+
+    files: tuple[LatentFile, ...]
+    chunks: tuple[tuple[int, int, int, int], ...]
+    stats: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of(
+        cls, files: Sequence[LatentFile], batch_size: int, stats: tuple[np.ndarray, np.ndarray] | None
+    ) -> LatentChunks:
+        """``files`` in chunks of ``batch_size`` rows (a chunk never spans two files)."""
+        chunks, first = [], 0
+        for i, file in enumerate(files):
+            for start in range(0, file.rows, batch_size):
+                stop = min(start + batch_size, file.rows)
+                chunks.append((i, start, stop, first + start))
+            first += file.rows
+        return cls(tuple(files), tuple(chunks), stats)
+
+    @property
+    def rows(self) -> int:
+        return sum(file.rows for file in self.files)
+
+    def read(self, spec: PipelineSpec, cpus: float) -> Dataset:
+        """One read task per chunk (``read_latents_block``), in input order: a model batch per block."""
+        import ray
+
+        count = len(self.chunks)
+        return ray.data.range(count, override_num_blocks=max(count, 1)).map_batches(
+            read_latents_block,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"chunks": self.chunks, "files": self.files, "stats": self.stats},
+            num_cpus=spec.preprocess_cpus,
+        )
+
+
 def read_latents_block(
-    block: pa.Table, *, chunks: list[tuple[int, int, int, int]], sources: list[LatentSource], stats: Any
+    block: pa.Table,
+    *,
+    chunks: Sequence[tuple[int, int, int, int]],
+    files: Sequence[LatentFile],
+    stats: tuple[np.ndarray, np.ndarray] | None,
 ) -> pa.Table:
     """The latents of the chunks numbered in ``block`` (``ray.data.range``'s ``id``): ``index, latents, reason,
     error``; non-finite latents become error rows instead of failing the batch."""
     indices, values = [], []
     for chunk in block.column("id").to_pylist():
-        source, start, stop, first = chunks[chunk]
-        values.append(sources[source].read(start, stop))
+        file, start, stop, first = chunks[chunk]
+        values.append(files[file].read(start, stop))
         indices.append(np.arange(first, first + stop - start))
     latents = np.concatenate(values)
     if stats is not None:
@@ -163,13 +219,13 @@ def read_latents_block(
     )
 
 
-class DecodeWorker(ReplicaWorker):
+class DecodeWorker(ModelStage):
     """The model stage: ``VTPReplica.decode`` of the valid rows' latents."""
 
     def __init__(self, *, latent_shape: tuple[int, int, int], **base: Any) -> None:
         super().__init__(**base)
         self.latent_shape = latent_shape
-        self.image_bytes = self.spec.size * self.spec.size * 3
+        self.image_bytes = self.spec.preprocessing.size * self.spec.preprocessing.size * 3
 
     def inputs(self, rows: pa.Table) -> np.ndarray:
         column = rows.column("latents").combine_chunks()
@@ -224,10 +280,11 @@ def decode_latents(
 ) -> DecodeSummary:
     """Decode every latent in ``inputs`` (see ``find_latents``) into ``output``: ``000000.png``... in input
     order, or with ``npz`` one ``samples.npz`` whose ``arr_0`` is uint8 ``(N, H, W, 3)`` (what ADM's FID evaluator
-    reads). ``stats`` de-normalizes first (``x * std + mean``). ``spec.size`` is ignored: the latents decide it."""
+    reads). ``stats`` de-normalizes first (``x * std + mean``). ``spec.preprocessing`` is ignored: the latents
+    decide the size."""
     started = time.perf_counter()
-    sources = find_latents(inputs, key)
-    shapes = {s.shape for s in sources}
+    files = find_latents(inputs, key)
+    shapes = {f.shape for f in files}
     if len(shapes) != 1:
         raise ValueError(f"all latents must share one (C, h, w), got {sorted(shapes)}")
     (shape,) = shapes
@@ -238,46 +295,16 @@ def decode_latents(
     if mean_std is not None and len(mean_std[0]) != shape[0]:
         raise ValueError(f"{stats} holds {len(mean_std[0])} channels, the latents {shape[0]}")
     size = shape[1] * model.patch_size
-    spec = PipelineSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "size": size})
-    chunks, first = [], 0
-    for i, source in enumerate(sources):
-        for start in range(0, source.rows, spec.batch_size):
-            stop = min(start + spec.batch_size, source.rows)
-            chunks.append((i, start, stop, first + start))
-        first += source.rows
-    total = first
+    spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, size=size))
+    latents = LatentChunks.of(files, spec.batch_size, mean_std)
+    total = latents.rows
     os.makedirs(output, exist_ok=True)
     samples = np.zeros((total, size, size, 3), np.uint8) if npz else None
     errors: list[dict[str, Any]] = []
     usage = ReplicaUsage()
-    with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
-        import ray
-
-        placement = Placement.resolve(spec)
-        pool = placement.replicas
-        dataset = ray.data.range(len(chunks), override_num_blocks=max(len(chunks), 1)).map_batches(
-            read_latents_block,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"chunks": chunks, "sources": sources, "stats": mean_std},
-            num_cpus=spec.decode_cpus,
-        )
-        dataset = dataset.map_batches(
-            DecodeWorker,
-            batch_format="pyarrow",
-            batch_size=spec.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=pool)
-            if isinstance(pool, int)
-            else ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
-            fn_constructor_kwargs={
-                "spec": spec,
-                "device": placement.device,
-                "expected_digest": model.config_digest,
-                "latent_shape": shape,
-            },
-            **placement.options,
-        )
-        for batch in _outputs(dataset):
+    worker = {"latent_shape": shape}
+    with run_pipeline(spec, latents, DecodeWorker, model.config_digest, worker) as (_, batches):
+        for batch in batches:
             usage.add(batch)
             _write(batch, output, size, samples, errors)
     if samples is not None:
@@ -292,7 +319,7 @@ def decode_latents(
 
 
 def _write(batch: pa.Table, output: str, size: int, samples: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
-    from ..images import to_png_bytes
+    from ...images import to_png_bytes
 
     column = batch.column("image").combine_chunks()
     images = np.frombuffer(

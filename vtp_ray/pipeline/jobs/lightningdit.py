@@ -8,8 +8,9 @@ Layout (``data.data_path`` of upstream VTP's ``train_lightningdit_vtp.py`` point
                                              not written for sample sources, whose labels are their own class ids
     DIR/manifest.json, errors.parquet, stats.json, _errors/   as in the parquet layout (``store``)
 
-``ShardStore`` is ``store.LatentStore`` with safetensors shards as its data parts: each shard is written under a
-hidden temporary name and renamed, so it exists whole or not at all; its safetensors metadata carries the
+``ShardStore`` is ``store.LatentStore`` with safetensors shards as its data parts (its extension points
+``list_parts``, ``read_part``, ``write_rows``, ``layout_files``): each shard is written under a hidden temporary
+name and renamed, so it exists whole or not at all; its safetensors metadata carries the
 manifest, the run, the input paths of its rows (what resuming skips) and its latent statistics, merged exactly at
 the end. LightningDiT estimates ``mean`` / ``std`` from 10,000 random rows with ``torch.std`` (Bessel-corrected);
 here they are computed over every row (same correction), and LightningDiT uses the file as it finds it.
@@ -37,9 +38,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import save as save_safetensors
 
-from .inputs import resolve_location
-from .store import FORMAT as STORE_FORMAT
-from .store import MANIFEST_FILE, METADATA_KEY, STATS_KEY, ChannelStats, LatentStore, OutputMismatchError, _DataPart
+from ..latent_stats import ChannelStats
+from ..sources import resolve_location
+from ..store import FORMAT as STORE_FORMAT
+from ..store import (
+    MANIFEST_FILE,
+    METADATA_KEY,
+    STATS_KEY,
+    DataPart,
+    LatentStore,
+    OutputMismatchError,
+)
 
 __all__ = [
     "CLASSES_FILE",
@@ -99,9 +108,11 @@ class ShardStore(LatentStore):
         self.classes = pa.array(manifest["classes"], pa.string()) if manifest.get("classes") else None
         super().__init__(output, {**manifest, "format": FORMAT}, overwrite=overwrite)
 
+    layout_files = (*LatentStore.layout_files, LATENT_STATS_FILE, CLASSES_FILE)
+
     # ----------------------------------------------------------------------------------- the journal
 
-    def _shards(self) -> list[tuple[int, str]]:
+    def list_parts(self) -> list[tuple[int, str]]:
         """``(index, path)`` of the finished shards; removes a killed run's half-written one."""
         if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
             return []
@@ -113,32 +124,17 @@ class ShardStore(LatentStore):
                 shards.append((int(match.group(2)), entry.path))
         return sorted(shards)
 
-    def _has_results(self) -> bool:
-        return bool(self._shards()) or super()._has_results()
+    def read_part(self, path: str) -> DataPart:
+        """From the shard's safetensors header alone."""
+        try:
+            metadata = read_shard_metadata(self.fs, path)
+            paths = pa.array(json.loads(metadata[PATHS_KEY]), pa.string())
+            stats = ChannelStats.from_json(metadata[STATS_KEY.decode()])
+        except (OSError, ValueError, KeyError) as e:
+            raise OutputMismatchError(f"{path} is not a shard of this tool ({e}): delete it and re-run") from e
+        return DataPart(posixpath.basename(path), len(paths), stats, paths)
 
-    def _load(self) -> None:
-        for index, path in self._shards():
-            try:
-                metadata = read_shard_metadata(self.fs, path)
-                paths = pa.array(json.loads(metadata[PATHS_KEY]), pa.string())
-                stats = ChannelStats.from_json(metadata[STATS_KEY.decode()])
-            except (OSError, ValueError, KeyError) as e:
-                raise OutputMismatchError(f"{path} is not a shard of this tool ({e}): delete it and re-run") from e
-            self._parts.append(_DataPart(posixpath.basename(path), len(paths), stats, paths))
-            self._next_index = max(self._next_index, index + 1)
-        self._load_errors()
-
-    def _delete_layout(self) -> None:
-        super()._delete_layout()
-        for _, path in self._shards():
-            self.fs.delete_file(path)
-        for name in (LATENT_STATS_FILE, CLASSES_FILE):
-            if self._exists(name):
-                self.fs.delete_file(self._path(name))
-
-    # ----------------------------------------------------------------------------------------- writing
-
-    def _write_rows(self, index: int, rows: pa.Table, run: Mapping[str, Any]) -> None:
+    def write_rows(self, index: int, rows: pa.Table, run: Mapping[str, Any]) -> DataPart:
         name = shard_name(index)
         shape = (rows.num_rows, *self.manifest["columns"]["latents"]["shape"])
         latents = self._column(rows, "latents").reshape(shape)
@@ -160,8 +156,8 @@ class ShardStore(LatentStore):
         }
         # safetensors.numpy writes each array's buffer as is: they must be C-contiguous.
         data = save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-        self._atomic_write(self._path(name), lambda f: f.write(data))
-        self._parts.append(_DataPart(name, rows.num_rows, stats, paths))
+        self.atomic_write(self.path(name), lambda f: f.write(data))
+        return DataPart(name, rows.num_rows, stats, paths)
 
     def _labels(self, labels: pa.ChunkedArray) -> pa.ChunkedArray:
         """The int64 labels of rows: class ids as they are (sample sources), or indices in ``classes``."""
@@ -183,14 +179,12 @@ class ShardStore(LatentStore):
         """As ``LatentStore.finalize``, then ``latents_stats.pt`` (over every row) and ``classes.txt`` (when the
         class names are known)."""
         result = super().finalize(last_run)
-        if not self._has_manifest:
+        if not self.has_manifest:
             return result
         if self.classes is not None:
             text = "".join(f"{name}\n" for name in self.classes.to_pylist())
-            self._atomic_write(self._path(CLASSES_FILE), lambda f: f.write(text.encode()))
-        stats = ChannelStats.empty(self.channels)
-        for part in self._parts:
-            stats = stats.merge(part.stats)
+            self.atomic_write(self.path(CLASSES_FILE), lambda f: f.write(text.encode()))
+        stats = self.latent_stats()
         if stats.count > 1:
             self._write_latent_stats(stats)
             result["latents_stats"] = {
@@ -209,7 +203,7 @@ class ShardStore(LatentStore):
         }
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
-        self._atomic_write(self._path(LATENT_STATS_FILE), lambda f: f.write(buffer.getvalue()))
+        self.atomic_write(self.path(LATENT_STATS_FILE), lambda f: f.write(buffer.getvalue()))
 
 
 def lightningdit_manifest(manifest: Mapping[str, Any], classes: Sequence[str] | None) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Decode + crop cost per image, exact ADM path against draft-mode JPEG decoding, and their pixel difference.
+"""Fast preprocessing: load + crop cost per image, the exact ADM path against draft-mode JPEG loading, and their
+pixel difference (``--fast-preprocess``, ``Preprocessing(fast=True)``).
 
 Photo-like JPEGs (octaves of smooth noise: detail at every scale; quality 90) at ImageNet-like and camera sizes,
 for the model sizes 128, 256 and 512. ``preprocess(..., draft=True)`` decodes a JPEG at the largest reduced scale
 (1/2, 1/4, 1/8) whose short side stays >= 2 x size; the rest is the exact ADM crop::
 
-    PYTHONPATH=. python benchmarks/draft_decode.py --repeats 5
+    PYTHONPATH=. python benchmarks/fast_preprocess.py --repeats 5
 """
 
 from __future__ import annotations

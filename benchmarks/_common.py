@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: synthetic image sets and loopback helpers. Benchmarks import this, never the
+tests' helpers (``tests/`` is the test suite's own)."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_images(
+    directory: Path, count: int, seed: int = 0, sides: tuple[int, int] = (300, 400), blur: int = 16
+) -> list[Path]:
+    """``count`` JPEGs in 10 class folders, ``sides`` px per side: colour noise upsampled ``blur`` times, like
+    out-of-focus photos."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (height // blur, width // blur, 3), dtype=np.uint8))
+        path = directory / f"class_{i % 10}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        coarse.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 ``(H, W, 3)`` array as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
