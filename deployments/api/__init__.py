@@ -1,7 +1,5 @@
-"""The HTTP API (``/v1``, the page at ``/``): ``service`` (health, readiness, models), ``images`` (reconstruct,
-encode, embed, preprocess, decode), ``text`` (embed-text, classify), each route built on ``calls`` (model choice,
-uploads, model calls), ``bodies`` (the JSON / .npy bodies), ``responses`` (PNG, .npy, zip, multipart, Server-Timing),
-``schemas`` and ``openapi`` (what /docs shows); ``uploads`` bounds how bodies arrive; ``page`` serves the page."""
+"""The HTTP API: ``/v1``, the health routes and the page, each route a thin function over ``calls`` (the
+model, the key, the upload, the call); ``uploads`` bounds how bodies arrive."""
 
 from fastapi import FastAPI
 

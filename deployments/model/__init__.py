@@ -1,4 +1,3 @@
-"""The model deployment and its clients: ``deployment`` (``ModelDeployment``, Serve name ``VTPReplica``: one
-``VTPReplica`` per Serve replica behind a batch queue), ``batching`` (its admission gate), ``protocol`` (what the
-ingress and the replicas exchange), ``selection`` (the served models by name, called with bounded waiting) and
-``health`` (readiness from Serve's status and Ray's placement verdicts). Importing it imports no torch."""
+"""The model deployment (``ModelDeployment``, Serve name ``VTPReplica``: one ``VTPReplica`` per Serve replica
+behind a batch queue) and what the ingress needs to call it: the protocol, model selection, readiness. Importing it
+imports no torch."""

@@ -1,14 +1,6 @@
-"""What a pipeline reads, each format in its own module, each read ending in the shared preprocess stage.
-
-- ``locations``: local paths and URIs, globs, listings, reading bytes (``resolve_location``, ``InputError``).
-- ``files``: loose image files named by directories, globs and manifests (``discover_inputs`` -> ``Inputs``).
-- ``samples``: what the formats that hold many samples per file share (``SampleSource``, sample identities).
-- ``webdataset``: tar shards (``ShardSource``); ``parquet``: parquet files with image bytes (``ParquetSource``).
-- ``labels``: integer class labels (``class_id``, ``NoLabel``, ``BadLabel``).
-- ``find``: which of them a job's inputs name (``find_source``, ``find_samples``).
-
-Every source has ``read(spec, cpus)``: its Ray Data read and preprocess stage, the rows the model stage takes. No
-module here imports torch: they run in Ray Data's read tasks.
+"""What a pipeline reads, one format per module (loose files, webdataset tar shards, parquet image bytes) over
+shared location and label helpers. Every source has ``read(spec, cpus)``: its Ray Data read and preprocess stage,
+the rows the model stage takes. No module here imports torch: they run in Ray Data's read tasks.
 """
 
 from .files import Inputs, discover_inputs
