@@ -11,8 +11,8 @@ phase runs before and after the hostile one and the two are pooled (the machine'
 Then it measures what the body deadline costs legitimate uploads on slow links: large images uploaded at
 throttled rates around ``size / body_timeout_s`` (all at once), each with its transfer time, answer and latency.
 
-    PYTHONPATH=.:tests python benchmarks/hostile_load.py                        # random:vtp-small, 256 px
-    PYTHONPATH=.:tests python benchmarks/hostile_load.py --model tests/fixtures/vtp-tiny --size 64 --seconds 20
+    PYTHONPATH=. python benchmarks/hostile_load.py                        # random:vtp-small, 256 px
+    PYTHONPATH=. python benchmarks/hostile_load.py --model tests/fixtures/vtp-tiny --size 64 --seconds 20
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 import ray
-from helpers import free_port, png_bytes
-from hostile import HostileMix, SoakReport, raise_fd_limit, rss_mb, serve_pids, server_connections, soak
+from _common import free_port, png_bytes
+from hostile_clients import HostileMix, SoakReport, raise_fd_limit, rss_mb, serve_pids, server_connections, soak
 from ray import serve
 
 from deployments import AppSettings, compose_app

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from helpers import SIZE, TINY, png_bytes, random_image
-from hostile import (
+from hostile_clients import (
     HostileMix,
     post_request,
     raise_fd_limit,

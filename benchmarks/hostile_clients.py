@@ -1,5 +1,5 @@
-"""Hostile HTTP clients on raw asyncio sockets, and good clients measured beside them (the soak test and
-``benchmarks/hostile_load.py`` share them).
+"""Hostile HTTP clients on raw asyncio sockets, and good clients measured beside them (``hostile_load.py`` and
+the soak test ``tests/test_hostile.py`` share them; pytest finds this directory through ``pythonpath``).
 
 Every hostile client binds its own loopback source address (``127.0.0.N``; Linux routes all of 127/8 to the
 loopback interface), so the server sees them as other clients than the good ones on 127.0.0.1, as it would on a
