@@ -22,7 +22,7 @@ import httpx
 import pytest
 import ray
 import yaml
-from helpers import ROOT, SIZE, TINY, free_port, wait_until
+from helpers import FIXTURES, ROOT, SIZE, TINY, free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
@@ -65,6 +65,12 @@ def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     for name, model in broken.items():
         app = {**good, "name": name, "route_prefix": f"/{name}", "args": {**good["args"], "model": model}}
         config["applications"].append(app)
+    # The application of the last release's serve_config.yaml (flat args), as it was: only its name, route and
+    # model differ, to run beside the others.
+    (old,) = yaml.safe_load((FIXTURES / "releases" / "serve_config-0.1.0.yaml").read_text())["applications"]
+    old.update(name="old", route_prefix="/old")
+    old["args"].update(model=TINY, image_size=SIZE)
+    config["applications"].append(old)
     path = tmp / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -109,6 +115,16 @@ def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed,
 
     logged = "".join(p.read_text(errors="replace") for p in (logs / "serve").glob("*.log"))
     assert reason in logged
+
+
+def test_the_last_release_config_runs_unchanged(deployed) -> None:
+    url = f"http://127.0.0.1:{deployed['config']['http_options']['port']}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        info = wait_until(lambda: client.get("/old/v1/model").json(), 120, "the old config's app to answer")
+        assert info["limits"]["max_body_bytes"] == 16777216 and info["limits"]["max_pixels"] == 40_000_000
+        assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+        answer = client.post("/old/v1/reconstruct", content=_png(), headers={"content-type": "image/png"})
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) -> None:
