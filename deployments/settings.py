@@ -73,7 +73,9 @@ class Batching(_Group):
 class Limits(_Group):
     """What one request may ask for, and how long it waits for a model replica."""
 
-    max_image_size: int = Field(1024, ge=PATCH_SIZE, le=8192, description="largest ?size= and decoded side")
+    max_image_size: int = Field(
+        1024, ge=PATCH_SIZE, le=8192, description="largest ?size=, and largest side a decode may produce"
+    )
     max_body_bytes: int = Field(16 * 2**20, gt=0, description="request bodies over this are refused (413)")
     max_pixels: int = Field(40_000_000, gt=0, description="largest uploaded image, in pixels")
     max_decode_batch: int = Field(64, ge=1, le=4096, description="latents per decode request at most")

@@ -11,7 +11,7 @@ __all__ = ["VTPReplica", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: processes that only decode images (Ray Data's decode tasks) never load torch.
+    # Imported on first use: processes that only preprocess images (Ray Data's preprocess tasks) never load torch.
     if name == "VTPReplica":
         from .replica import VTPReplica
 

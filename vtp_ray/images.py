@@ -299,7 +299,7 @@ def preprocess_with_info(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Like ``preprocess``, but also return the original ``(width, height)`` before cropping.
 
-    For decoded inputs the original size is taken after the EXIF orientation is applied, i.e. as displayed (also
+    For loaded inputs the original size is taken after the EXIF orientation is applied, i.e. as displayed (also
     with ``draft``: it is the full-size image's).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
@@ -332,10 +332,10 @@ def preprocess(
     limits: ImageLimits = _DEFAULT_LIMITS,
     draft: bool = False,
 ) -> np.ndarray:
-    """Decode (if needed), crop and return a C-contiguous uint8 array of shape ``(size, size, 3)``.
+    """Load (if needed), crop and return a C-contiguous uint8 array of shape ``(size, size, 3)``.
 
     ``src`` is encoded bytes, a path (see ``load_image``), a ``PIL.Image.Image`` (converted with
-    ``to_rgb``; its EXIF orientation is not applied, as the caller already decoded it) or a uint8
+    ``to_rgb``; its EXIF orientation is not applied, as the caller already loaded it) or a uint8
     ``(H, W, 3)`` RGB array. ``size`` must be a positive multiple of ``PATCH_SIZE``.
 
     ``draft=True`` (center crop, JPEG bytes or paths only) decodes the JPEG at the largest reduced scale (1/2,

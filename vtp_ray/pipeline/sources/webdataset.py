@@ -2,8 +2,8 @@
 
 Members are grouped by key (the name up to its first dot); the image is the first member present among
 ``image_keys`` (``jpg``, ``jpeg``, ``png``, ``webp``); the label is the ``cls`` member (or ``json:FIELD``), the
-caption (when asked) the ``txt`` member. Members are never decoded by Ray Data (no pickle, no unbounded image
-decode): image bytes go through the run's ``Preprocessing`` (with its limits), here. Sidecar files next to the
+caption (when asked) the ``txt`` member. Ray Data's own member decoders never run (no pickle, no image loading
+without limits): image bytes go through the run's ``Preprocessing`` (with its limits), here. Sidecar files next to the
 shards (img2dataset's ``.parquet`` and ``_stats.json``) are not shards and are skipped (``sources.find``).
 """
 
