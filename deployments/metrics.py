@@ -16,34 +16,34 @@ _BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 
 @functools.cache
 def batch_size() -> Histogram:
-    """Requests per model call (one same-shape group of a formed batch)."""
+    """Inputs per model call, by verb and priority (online requests, or batch work: jobs on the app)."""
     return Histogram(
         "vtp_batch_size",
         description="Requests per model call (one same-verb, same-shape group of a formed batch).",
         boundaries=_BATCH_BOUNDARIES,
-        tag_keys=("verb",),
+        tag_keys=("verb", "priority"),
     )
 
 
 @functools.cache
 def queue_wait_ms() -> Histogram:
-    """Per request: from entering the batch queue until its model call starts."""
+    """Per input: from entering the scheduler until its model call starts, by verb and priority."""
     return Histogram(
         "vtp_queue_wait_ms",
         description="Time a request waited in the model replica before its model call started (ms).",
         boundaries=_MS_BOUNDARIES,
-        tag_keys=("verb",),
+        tag_keys=("verb", "priority"),
     )
 
 
 @functools.cache
 def model_time_ms() -> Histogram:
-    """Wall time of one model call."""
+    """Wall time of one model call, by verb and priority."""
     return Histogram(
         "vtp_model_time_ms",
         description="Wall time of one model call on one batch group (ms).",
         boundaries=_MS_BOUNDARIES,
-        tag_keys=("verb",),
+        tag_keys=("verb", "priority"),
     )
 
 

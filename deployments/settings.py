@@ -7,11 +7,11 @@ deployment's ``user_config`` changes apply live, through ``reconfigure``. The tr
 | group | what | lives in | a change |
 |---|---|---|---|
 | (top level) | checkpoint, precision, device, placement, names, input size, API key | ``args`` | restarts the app |
-| ``batching`` | ``max_batch_size``, ``batch_wait_timeout_s`` | the model deployment's ``user_config`` | applies live |
-| ``limits`` | request sizes, decode limits, ``model_wait_s`` | the ingress's ``user_config`` | applies live |
-| ``text`` | texts, labels, templates per request | the ingress's ``user_config`` | applies live |
-| ``uploads`` | body deadline, per-client upload cap | the ingress's ``user_config`` | applies live |
-| ``preprocess`` | ``fast`` (JPEG draft mode) | the ingress's ``user_config`` | applies live |
+| ``batching`` | batch size and wait, the batch work's minimum share | each model deployment's ``user_config`` | live |
+| ``limits`` | request sizes, decode limits, ``model_wait_s`` | the ingress's ``user_config`` | live |
+| ``text`` | texts, labels, templates per request | the ingress's ``user_config`` | live |
+| ``uploads`` | body deadline, per-client upload cap | the ingress's ``user_config`` | live |
+| ``preprocess`` | ``fast`` (JPEG draft mode) | the ingress's ``user_config`` | live |
 
 The groups given in ``args`` are the initial values the builder puts into each deployment's ``user_config``; a
 config's ``deployments: [{name: VTPIngress, user_config: {limits: {...}}}]`` (or ``VTPReplica``'s ``batching``
@@ -67,6 +67,13 @@ class Batching(_Group):
     max_batch_size: int = Field(8, ge=1, le=1024, description="requests per model call at most")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0.0, le=60.0, description="how long the first request of a batch waits for company"
+    )
+    batch_min_share: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="the share of model time batch work (jobs on the app) gets while online requests saturate the "
+        "replica; online requests go first otherwise",
     )
 
 

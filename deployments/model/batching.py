@@ -1,38 +1,203 @@
-"""``AdmissionGate``: lets requests into the replica's batch queue in waves, so that batches form full under load.
+"""``BatchScheduler``: the model deployment's one queue of work, online requests first.
 
-``@serve.batch`` forms the next batch while the previous one still runs, from whatever arrived within
-``batch_wait_timeout_s`` of its first request: under load, a string of small batches (Ray 2.60 formed batches of
-~1.5 at 16 clients). With the gate, once a model call has started, newcomers wait until every request let in so
-far is done, then join the queue all at once: the next batches form from everything that arrived meanwhile. A
-request that finds the replica idle goes straight in.
+Every input is an item of one of two priorities: ``online`` (an HTTP or OIP request) and ``batch`` (the inputs of a
+job's block, ``ModelDeployment.run_block``). One loop forms the model calls, one at a time: up to
+``max_batch_size`` items of one group (same verb and input shape; all texts of ``embed_text``), taken from the
+online queue whenever an online item waits (the first one waits up to ``batch_wait_timeout_s`` for company), from
+the batch queue only when none does. Items that arrive during a model call wait for the next one together, so
+batches fill under load with no timeout at all.
+
+So a waiting online request never waits behind more than the model call already running, whatever a job has
+queued. Batch work never starves either: while batch items wait beside a saturating online load, they are owed
+``batch_min_share`` of the model time, and get a model call whenever what they are owed covers one.
+
+This replaces ``@serve.batch`` (one FIFO queue, which a job's inputs would fill ahead of online requests) and the
+admission gate that made its batches fill.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..settings import Batching
+
+__all__ = ["PRIORITIES", "BatchScheduler", "Done", "Priority"]
+
+Priority = Literal["online", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("online", "batch")
+
+#: One model call: ``(group, payloads) -> one result per payload``.
+ModelCall = Callable[[Hashable, list[Any]], Awaitable[list[Any]]]
 
 
-class AdmissionGate:
-    """An async gate: ``async with gate.admitted():`` around a request's stay in the batch queue."""
+@dataclass(frozen=True)
+class Done:
+    """One item's result and how it was served."""
 
-    def __init__(self) -> None:
-        self._inside = 0  # requests let in and not finished yet
-        self._open = asyncio.Event()
-        self._open.set()
+    value: Any
+    batch_size: int  # items in its model call
+    queue_ms: float  # from submitting until its model call started
+    model_ms: float  # its model call
 
-    def close(self) -> None:
-        """A model call started: hold newcomers until everyone inside is done."""
-        self._open.clear()
 
-    @contextlib.asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        await self._open.wait()
-        self._inside += 1
+@dataclass
+class _Item:
+    group: Hashable
+    payload: Any
+    enqueued: float
+    future: asyncio.Future[Done]
+
+
+@dataclass
+class _Totals:
+    """What one priority got: items, model calls, model seconds."""
+
+    items: int = 0
+    calls: int = 0
+    model_s: float = 0.0
+
+
+@dataclass
+class BatchScheduler:
+    """Forms model calls from online and batch items; see the module docstring.
+
+    Args:
+        call: one model call on a group's payloads (awaited on the event loop; it should run the model elsewhere).
+        batching: ``max_batch_size``, ``batch_wait_timeout_s``, ``batch_min_share`` (``configure`` changes them).
+        on_call: told of every model call: ``(group, priority, items, model seconds, queue waits in seconds)``.
+    """
+
+    call: ModelCall
+    batching: Batching
+    on_call: Callable[[Hashable, Priority, int, float, list[float]], None] | None = None
+    totals: dict[Priority, _Totals] = field(default_factory=lambda: {p: _Totals() for p in PRIORITIES})
+    _queues: dict[Priority, deque[_Item]] = field(default_factory=lambda: {p: deque() for p in PRIORITIES})
+    _arrived: asyncio.Event | None = None
+    _loop_task: asyncio.Task[None] | None = None
+    _owed_s: float = 0.0  # batch model time owed by the minimum share
+    _last_call_s: float = 0.0  # the latest model call's duration: what a batch call is expected to take
+
+    def configure(self, batching: Batching) -> None:
+        """New batching settings, from the next model call on."""
+        self.batching = batching
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def submit(self, group: Hashable, payload: Any, priority: Priority) -> Done:
+        """Queue one input; its result once its model call is done (the call's exception if it failed)."""
+        loop = asyncio.get_running_loop()
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._run())
+        item = _Item(group, payload, time.perf_counter(), loop.create_future())
+        self._queues[priority].append(item)
+        self._arrived.set()
+        return await item.future
+
+    def waiting(self) -> dict[Priority, int]:
+        """Items waiting for a model call, by priority."""
+        return {p: sum(not i.future.done() for i in q) for p, q in self._queues.items()}
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    async def _run(self) -> None:
+        assert self._arrived is not None
+        while True:
+            self._drop_cancelled()
+            if not any(self._queues.values()):
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            priority = self._next_priority()
+            if priority == "online":
+                await self._wait_for_company()
+                if not self._queues["online"]:  # every waiting request was cancelled meanwhile
+                    continue
+            await self._serve(priority, self._take(self._queues[priority]))
+
+    def _next_priority(self) -> Priority:
+        online, batch = self._queues["online"], self._queues["batch"]
+        if not batch:
+            return "online"
+        if not online:
+            return "batch"
+        # Both wait: online goes first unless the batch items are owed a call by their minimum share.
+        return "batch" if self._owed_s >= self._last_call_s > 0 else "online"
+
+    async def _wait_for_company(self) -> None:
+        """Let the head online item wait up to ``batch_wait_timeout_s`` (from its arrival) for a full batch."""
+        assert self._arrived is not None
+        queue = self._queues["online"]
+        deadline = queue[0].enqueued + self.batching.batch_wait_timeout_s
+        while queue and sum(i.group == queue[0].group for i in queue) < self.batching.max_batch_size:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
+            self._drop_cancelled()
+
+    def _take(self, queue: deque[_Item]) -> list[_Item]:
+        """Up to ``max_batch_size`` items of the head item's group, in order; the others keep their places."""
+        group = queue[0].group
+        taken: list[_Item] = []
+        kept: list[_Item] = []
+        for item in queue:
+            if item.group == group and len(taken) < self.batching.max_batch_size:
+                taken.append(item)
+            else:
+                kept.append(item)
+        queue.clear()
+        queue.extend(kept)
+        return taken
+
+    async def _serve(self, priority: Priority, items: list[_Item]) -> None:
+        others_waited = bool(self._queues["batch" if priority == "online" else "online"])
+        started = time.perf_counter()
         try:
-            yield
-        finally:
-            self._inside -= 1
-            if self._inside == 0:
-                self._open.set()
+            values = await self.call(items[0].group, [item.payload for item in items])
+        except Exception as e:
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            values = None
+        model_s = time.perf_counter() - started
+        self._account(priority, len(items), model_s, others_waited)
+        if self.on_call is not None:
+            self.on_call(items[0].group, priority, len(items), model_s, [started - i.enqueued for i in items])
+        if values is None:
+            return
+        for item, value in zip(items, values, strict=True):
+            if not item.future.done():  # a cancelled request: its result is dropped
+                queue_ms = (started - item.enqueued) * 1000
+                item.future.set_result(Done(value, len(items), queue_ms, model_s * 1000))
+
+    def _account(self, priority: Priority, items: int, model_s: float, others_waited: bool) -> None:
+        totals = self.totals[priority]
+        totals.items += items
+        totals.calls += 1
+        totals.model_s += model_s
+        self._last_call_s = model_s
+        share = self.batching.batch_min_share
+        if priority == "online" and not others_waited:
+            self._owed_s = 0.0  # nothing is owed to batch items that were not there
+        elif priority == "online" and share > 0:
+            self._owed_s += model_s * share / (1 - share)
+        else:
+            self._owed_s = max(0.0, self._owed_s - model_s)
+
+    def _drop_cancelled(self) -> None:
+        for queue in self._queues.values():
+            if any(item.future.done() for item in queue):
+                kept = [item for item in queue if not item.future.done()]
+                queue.clear()
+                queue.extend(kept)

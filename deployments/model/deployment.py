@@ -1,14 +1,14 @@
-"""The model deployment (Serve name ``VTPReplica``): one ``VTPReplica`` per Serve replica behind one dynamic batch
-queue.
+"""The model deployment (Serve name ``VTPReplica``): one ``VTPReplica`` per Serve replica behind one scheduler.
 
-Every verb shares one ``@serve.batch`` queue, so a replica runs one model call at a time. A formed batch is split
-into groups of the same verb and input shape (requests of different image sizes never share a model call), and
-each request learns the size of the group it ran in. Inputs arrive already validated by the ingress; if a model
-call fails anyway, only the requests of that group fail.
+Every input goes through the replica's ``BatchScheduler`` (``batching``): online requests (``run``, ``run_many``,
+``classify``) first, the blocks of jobs that run on the app (``run_block``) only when no online request waits. A
+model call holds one verb and input shape (requests of different image sizes never share one), and each input
+learns the size of the call it ran in. Inputs arrive already validated (by the ingress, or by the job's preprocess
+stage); if a model call fails anyway, only the inputs of that call fail.
 
-Batching is the deployment's ``user_config`` (``settings.Batching``: ``max_batch_size``, ``batch_wait_timeout_s``),
-its one home: ``serve deploy`` with new values calls ``reconfigure`` on the running replicas, without reloading the
-weights; keys a ``user_config`` leaves out keep the app's values. Placement is Serve's
+Batching is the deployment's ``user_config`` (``settings.Batching``: ``max_batch_size``, ``batch_wait_timeout_s``,
+``batch_min_share``), its one home: ``serve deploy`` with new values calls ``reconfigure`` on the running replicas,
+without reloading the weights; keys a ``user_config`` leaves out keep the app's values. Placement is Serve's
 ``ray_actor_options``; the replica's device follows the accelerator Ray actually assigned to it.
 """
 
@@ -19,9 +19,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -35,8 +34,8 @@ from vtp_ray.text.tokenizer import available as text_available
 
 from .. import metrics
 from ..settings import Batching, merge_batching
-from .batching import AdmissionGate
-from .protocol import DEPLOYMENT_NAME, ClassScores, Outcome, Verb
+from .batching import BatchScheduler, Done, Priority
+from .protocol import DEPLOYMENT_NAME, Block, ClassScores, ModelMismatch, Outcome, Verb, identity_of
 
 if TYPE_CHECKING:
     from vtp_ray.replica import VTPReplica
@@ -47,27 +46,20 @@ T = TypeVar("T")
 
 _VISIBLE_DEVICE_VARS = ("ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 
-
-@dataclass(frozen=True)
-class _Job:
-    verb: Verb
-    array: np.ndarray | tuple[str, ...]  # the texts for embed_text
-    enqueued: float
-
-    def group(self) -> tuple[Verb, tuple[int, ...], str]:
-        """Jobs of one group share a model call: same verb and input shape; all the texts of a batch."""
-        if isinstance(self.array, tuple):
-            return (self.verb, (), "text")
-        return (self.verb, self.array.shape, self.array.dtype.str)
+#: Prompts per text input of a classification (a label set x 80 templates is split into inputs of this many).
+_PROMPTS_PER_INPUT = 256
 
 
-#: Prompts per text job of a classification (a label set x 80 templates is split into jobs of this many).
-_PROMPTS_PER_JOB = 256
+def group_of(verb: Verb, value: np.ndarray | tuple[str, ...]) -> Hashable:
+    """Inputs of one group share a model call: same verb and input shape; all the texts of ``embed_text``."""
+    if isinstance(value, tuple):
+        return (verb, (), "text")
+    return (verb, value.shape, value.dtype.str)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=16, user_config=Batching().model_dump())
 class ModelDeployment:
-    """Loads one model on this actor's device and serves the verbs of ``VTPReplica`` through one batch queue.
+    """Loads one model on this actor's device and serves the verbs of ``VTPReplica`` through one scheduler.
 
     Args:
         model, precision: as ``VTPReplica``'s.
@@ -94,11 +86,11 @@ class ModelDeployment:
         # switches per batch-1 VTP-Small call).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         self._replica = self._torch.submit(self._load, model, device, precision, warmup_size).result()
+        self._identity = identity_of(self._replica.info.to_dict())
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size
-        self._gate = AdmissionGate()
         self._base_batching = batching or Batching()
-        self._batching = self._base_batching
+        self._scheduler = BatchScheduler(self._model_call, self._base_batching, on_call=_record)
         self._loaded_at = time.time()
 
     @staticmethod
@@ -112,31 +104,27 @@ class ModelDeployment:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply a new ``user_config`` (batching; keys it leaves out keep the app's) to the running replica."""
-        self._batching = merge_batching(self._base_batching, config)
-        self._batch.set_max_batch_size(self._batching.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
-        log.info("batching: %s", self._batching.model_dump())
+        batching = merge_batching(self._base_batching, config)
+        self._scheduler.configure(batching)
+        log.info("batching: %s", batching.model_dump())
 
-    async def run(self, verb: Verb, array: np.ndarray) -> Outcome:
-        """Run one request (an image (H, W, 3) or latents (C, h, w)) through the batch queue."""
-        enqueued = time.perf_counter()
-        async with self._gate.admitted():
-            outcome = await self._batch(_Job(verb, array, enqueued))
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+    # --------------------------------------------------------------------------------- online requests
+
+    async def run(self, verb: Verb, array: np.ndarray | tuple[str, ...]) -> Outcome:
+        """One online request (an image (H, W, 3), latents (C, h, w), or a tuple of texts) through the scheduler."""
+        return _outcome(await self._scheduler.submit(group_of(verb, array), (verb, array), "online"))
 
     async def run_many(self, verb: Verb, arrays: np.ndarray | list[np.ndarray]) -> list[Outcome]:
-        """Run each of ``arrays`` (stacked inputs, or a list) as its own entry of the batch queue: a request of N
-        inputs is N batch entries, so its model calls hold at most ``max_batch_size`` inputs, shared with others'."""
+        """Each of ``arrays`` (stacked inputs, or a list) as its own online input: a request of N inputs is N
+        inputs of the scheduler, so its model calls hold at most ``max_batch_size`` inputs, shared with others'."""
         return list(await asyncio.gather(*(self.run(verb, array) for array in arrays)))
 
     async def classify(self, image: np.ndarray, labels: tuple[str, ...], templates: tuple[str, ...] | str) -> Outcome:
         """Zero-shot scores of one image (H, W, 3) for ``labels`` put in ``templates`` (validated by the ingress),
         or in the named template set of ``vtp_ray.text.TEMPLATE_SETS``.
 
-        The label set's class embeddings come from a bounded LRU cache, or from text jobs through the batch queue;
-        the image goes through the queue as an ``embed`` job. The outcome's timings are the image's.
+        The label set's class embeddings come from a bounded LRU cache, or from text inputs through the scheduler;
+        the image goes through it as an ``embed`` input. The outcome's timings are the image's.
         """
         if isinstance(templates, str):
             from vtp_ray.text.imagenet import resolve_template_set  # open_clip: only where the model runs
@@ -146,10 +134,7 @@ class ModelDeployment:
         classes = self._label_cache.get(key)
         hit = classes is not None
         if classes is None:
-            prompts = expand(labels, templates)
-            chunks = [tuple(prompts[i : i + _PROMPTS_PER_JOB]) for i in range(0, len(prompts), _PROMPTS_PER_JOB)]
-            embedded = await asyncio.gather(*(self.run("embed_text", chunk) for chunk in chunks))
-            classes = average_templates(np.concatenate([o.value for o in embedded]), len(templates))
+            classes = await self._class_embeddings(labels, templates, "online")
             self._label_cache[key] = classes
             while len(self._label_cache) > self._label_cache_size:
                 self._label_cache.popitem(last=False)
@@ -159,15 +144,38 @@ class ModelDeployment:
         value = ClassScores(scores.logits[0], scores.probabilities[0], scores.activation, len(templates), hit)
         return Outcome(value, outcome.batch_size, outcome.queue_ms, outcome.model_ms)
 
+    # --------------------------------------------------------------------------------------- batch work
+
+    async def run_block(
+        self, verb: Verb, inputs: Sequence[np.ndarray | tuple[str, ...]], expected: Mapping[str, Any] | None = None
+    ) -> Block:
+        """A job's block at batch priority: each input one item of the scheduler's batch queue, in model calls of
+        up to ``max_batch_size`` that run only while no online request waits. ``expected`` (the model identity the
+        job asked for) must be what this replica serves, else ``ModelMismatch`` before anything runs: rows of two
+        models never mix."""
+        if expected is not None and dict(expected) != {k: self._identity.get(k) for k in expected}:
+            raise ModelMismatch(expected, self._identity)
+        done = await asyncio.gather(*(self._scheduler.submit(group_of(verb, x), (verb, x), "batch") for x in inputs))
+        return Block([d.value for d in done], self._identity, serve.get_replica_context().replica_id.unique_id)
+
+    async def zero_shot(self, image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> Any:
+        """``VTPReplica.zero_shot`` (a small matmul with the checkpoint's logit scale, outside the queue)."""
+        return await self._in_torch_thread(self._replica.zero_shot, image_embeddings, class_embeddings)
+
+    # ------------------------------------------------------------------------------------------- status
+
     def info(self) -> dict[str, Any]:
-        """The replica's model, device and batch settings, and which replica and devices this is."""
+        """The replica's model, device and batch settings, which replica and devices this is, and how its model
+        time was shared between online requests and batch work."""
         import torch
 
         context = serve.get_replica_context()
         runtime = ray.get_runtime_context()
+        totals = self._scheduler.totals
+        model_s = sum(t.model_s for t in totals.values())
         return {
             **self._replica.info.to_dict(),
-            "batching": self._batching.model_dump(),
+            "batching": self._scheduler.batching.model_dump(),
             "replica": {
                 "id": context.replica_id.unique_id,
                 "actor_name": runtime.get_actor_name(),
@@ -178,46 +186,54 @@ class ModelDeployment:
                 "cpu_threads": torch.get_num_threads(),
                 "openmp_waits": {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ},
             },
+            "work": {
+                **{p: {"items": t.items, "calls": t.calls, "model_s": round(t.model_s, 3)} for p, t in totals.items()},
+                "batch_share": round(totals["batch"].model_s / model_s, 4) if model_s else 0.0,
+                "waiting": self._scheduler.waiting(),
+            },
         }
 
-    # The decorator's values are placeholders: reconfigure sets the configured ones.
-    @serve.batch(max_batch_size=Batching().max_batch_size, batch_wait_timeout_s=Batching().batch_wait_timeout_s)
-    async def _batch(self, jobs: list[_Job]) -> list[Outcome | Exception]:
-        """Split a formed batch into same-verb, same-shape groups and make one model call per group."""
-        self._gate.close()
-        groups: dict[tuple[Verb, tuple[int, ...], str], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.group(), []).append(i)
-        results: list[Outcome | Exception] = [RuntimeError("not run")] * len(jobs)
-        for (verb, _, _), members in groups.items():
-            started = time.perf_counter()
-            for i in members:
-                metrics.queue_wait_ms().observe((started - jobs[i].enqueued) * 1000, tags={"verb": verb})
-            try:
-                # Off the event loop: the replica keeps accepting requests (the next batch) meanwhile.
-                values = await self._in_torch_thread(self._call, verb, [jobs[i].array for i in members])
-            except Exception as e:
-                log.exception("model call %s on %d inputs failed", verb, len(members))
-                metrics.errors().inc(tags={"kind": "model"})
-                error = RuntimeError(f"model call failed: {type(e).__name__}: {e}")
-                for i in members:
-                    results[i] = error
-                continue
-            model_ms = (time.perf_counter() - started) * 1000
-            metrics.model_time_ms().observe(model_ms, tags={"verb": verb})
-            metrics.batch_size().observe(len(members), tags={"verb": verb})
-            for i, value in zip(members, values, strict=True):
-                results[i] = Outcome(value, len(members), (started - jobs[i].enqueued) * 1000, model_ms)
-        return results
+    # ------------------------------------------------------------------------------------------ helpers
+
+    async def _class_embeddings(
+        self, labels: tuple[str, ...], templates: tuple[str, ...], priority: Priority
+    ) -> np.ndarray:
+        prompts = expand(labels, templates)
+        chunks = [tuple(prompts[i : i + _PROMPTS_PER_INPUT]) for i in range(0, len(prompts), _PROMPTS_PER_INPUT)]
+        group = group_of("embed_text", ())
+        embedded = await asyncio.gather(*(self._scheduler.submit(group, ("embed_text", c), priority) for c in chunks))
+        return average_templates(np.concatenate([d.value for d in embedded]), len(templates))
+
+    async def _model_call(self, group: Hashable, payloads: list[tuple[Verb, Any]]) -> list[Any]:
+        verb = payloads[0][0]
+        try:
+            return await self._in_torch_thread(self._call, verb, [value for _, value in payloads])
+        except Exception as e:
+            log.exception("model call %s on %d inputs failed", verb, len(payloads))
+            metrics.errors().inc(tags={"kind": "model"})
+            raise RuntimeError(f"model call failed: {type(e).__name__}: {e}") from e
 
     async def _in_torch_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
 
     def _call(self, verb: Verb, inputs: list[Any]) -> list[Any]:
-        """One model call on the group's inputs (stacked arrays, or all their texts) -> one value per input."""
+        """One model call on a group's inputs (stacked arrays, or all their texts) -> one value per input."""
         if verb == "embed_text":
             out = self._replica.embed_text([text for texts in inputs for text in texts])
             ends = np.cumsum([len(texts) for texts in inputs])[:-1]
             return np.split(out, ends)
         out = getattr(self._replica, verb)(np.stack(inputs))
         return [out[i] for i in range(len(inputs))]
+
+
+def _outcome(done: Done) -> Outcome:
+    return Outcome(done.value, done.batch_size, done.queue_ms, done.model_ms)
+
+
+def _record(group: Hashable, priority: Priority, items: int, model_s: float, waits_s: list[float]) -> None:
+    """One model call in the Serve metrics, tagged with its verb and priority (online requests or batch work)."""
+    tags = {"verb": str(group[0]), "priority": priority}  # type: ignore[index]
+    metrics.model_time_ms().observe(model_s * 1000, tags=tags)
+    metrics.batch_size().observe(items, tags=tags)
+    for wait in waits_s:
+        metrics.queue_wait_ms().observe(wait * 1000, tags=tags)

@@ -6,6 +6,7 @@ The ingress sends ``(verb, array)`` with an already validated array to the model
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,3 +50,38 @@ class ClassScores:
     activation: str  # "softmax" (CLIP) or "sigmoid" (a logit bias: SigLIP-style)
     templates: int  # prompt templates averaged per label
     cache_hit: bool  # the label set's text embeddings came from the replica's cache
+
+
+#: What a job running on the app checks the app serves (``ReplicaInfo`` fields): the checkpoint and how it runs.
+IDENTITY_KEYS = ("config_digest", "random_weights", "precision", "rope_dtype")
+
+
+def identity_of(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of the model a ``ReplicaInfo`` dict describes."""
+    return {key: info.get(key) for key in IDENTITY_KEYS}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A job's block computed at batch priority (``ModelDeployment.run_block``): one value per input, in order, and
+    which model and which Serve replica computed them."""
+
+    values: list[Any]
+    identity: dict[str, Any]
+    replica: str
+
+
+class ModelMismatch(ValueError):
+    """The app serves another model than the one a job asked for (it was redeployed, or never served it)."""
+
+    def __init__(self, expected: Mapping[str, Any], served: Mapping[str, Any]) -> None:
+        self.expected, self.served = dict(expected), dict(served)
+        differences = ", ".join(
+            f"{key} {self.served.get(key)!r} (the job asked for {value!r})"
+            for key, value in self.expected.items()
+            if self.served.get(key) != value
+        )
+        super().__init__(f"the app serves another model: {differences}")
+
+    def __reduce__(self) -> tuple[type[ModelMismatch], tuple[dict[str, Any], dict[str, Any]]]:
+        return (type(self), (self.expected, self.served))

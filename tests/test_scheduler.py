@@ -1,0 +1,141 @@
+"""The model deployment's scheduler (``deployments.model.batching.BatchScheduler``) on its own: online items before
+batch items, model calls of one group up to ``max_batch_size``, the first online item waiting for company, batch
+work's minimum share under a saturating online load. The model call is a coroutine that records what it was given
+and takes a set time (the scheduler awaits it as it awaits the replica's torch thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import pytest
+
+from deployments.model.batching import BatchScheduler
+from deployments.settings import Batching
+
+
+class Model:
+    """Records each call as ``(group, payloads)``; a call takes ``seconds``; payload ``"boom"`` fails its call."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.calls: list[tuple[Hashable, list[Any]]] = []
+        self.running = asyncio.Event()
+
+    async def __call__(self, group: Hashable, payloads: list[Any]) -> list[Any]:
+        self.calls.append((group, payloads))
+        self.running.set()
+        await asyncio.sleep(self.seconds)
+        if "boom" in payloads:
+            raise RuntimeError("model call failed")
+        return [f"out:{p}" for p in payloads]
+
+
+def batching(**values: Any) -> Batching:
+    return Batching(**{"max_batch_size": 4, "batch_wait_timeout_s": 0.0, "batch_min_share": 0.0, **values})
+
+
+def test_online_items_go_before_waiting_batch_items_and_calls_fill_up_to_the_batch_size() -> None:
+    async def run() -> Model:
+        model = Model(seconds=0.05)
+        scheduler = BatchScheduler(model, batching())
+        first = asyncio.create_task(scheduler.submit("g", "b0", "batch"))
+        await model.running.wait()  # b0 is in its model call; meanwhile 6 batch items and then 5 online ones arrive
+        batch = [asyncio.create_task(scheduler.submit("g", f"b{i}", "batch")) for i in range(1, 7)]
+        online = [asyncio.create_task(scheduler.submit("g", f"o{i}", "online")) for i in range(5)]
+        done = await asyncio.gather(first, *batch, *online)
+        assert [d.value for d in done] == [f"out:{p}" for p in ["b0", *[f"b{i}" for i in range(1, 7)]]] + [
+            f"out:o{i}" for i in range(5)
+        ]
+        return model
+
+    model = asyncio.run(run())
+    assert [payloads for _, payloads in model.calls] == [
+        ["b0"],
+        ["o0", "o1", "o2", "o3"],  # online first, a full call, though the batch items came before them
+        ["o4"],
+        ["b1", "b2", "b3", "b4"],  # batch items only once no online item waits
+        ["b5", "b6"],
+    ]
+
+
+def test_calls_hold_one_group_and_the_others_keep_their_order() -> None:
+    async def run() -> Model:
+        model = Model(seconds=0.02)
+        scheduler = BatchScheduler(model, batching())
+        blocker = asyncio.create_task(scheduler.submit("x", "first", "online"))
+        await model.running.wait()
+        items = [("a", 1), ("b", 2), ("a", 3), ("b", 4), ("a", 5)]
+        await asyncio.gather(blocker, *(scheduler.submit(g, p, "online") for g, p in items))
+        return model
+
+    model = asyncio.run(run())
+    assert model.calls[1:] == [("a", [1, 3, 5]), ("b", [2, 4])]
+
+
+def test_the_first_online_item_waits_for_company_up_to_the_timeout() -> None:
+    async def run() -> tuple[Model, float, float]:
+        model = Model()
+        scheduler = BatchScheduler(model, batching(batch_wait_timeout_s=0.3))
+        started = time.perf_counter()
+        await scheduler.submit("g", "alone", "online")  # waits the whole timeout, then runs alone
+        alone = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.gather(*(scheduler.submit("g", i, "online") for i in range(4)))  # a full batch: no wait
+        full = time.perf_counter() - started
+        return model, alone, full
+
+    model, alone, full = asyncio.run(run())
+    assert [len(p) for _, p in model.calls] == [1, 4]
+    assert 0.25 <= alone < 2 and full < 0.2
+
+
+def test_a_failed_call_fails_only_its_items_and_a_cancelled_item_is_dropped() -> None:
+    async def run() -> tuple[Model, list[Any]]:
+        model = Model(seconds=0.02)
+        scheduler = BatchScheduler(model, batching(max_batch_size=2))
+        blocker = asyncio.create_task(scheduler.submit("x", "first", "online"))
+        await model.running.wait()
+        gone = asyncio.create_task(scheduler.submit("g", "gone", "online"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        tasks = [asyncio.create_task(scheduler.submit("g", p, "online")) for p in ("ok1", "boom", "ok2")]
+        results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        return model, results
+
+    model, results = asyncio.run(run())
+    assert all("gone" not in payloads for _, payloads in model.calls)
+    assert isinstance(results[1], RuntimeError) and isinstance(results[2], RuntimeError)  # ok1 shared boom's call
+    assert results[3].value == "out:ok2"
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2])
+def test_batch_work_gets_its_minimum_share_under_a_saturating_online_load(share: float) -> None:
+    """Online clients that always have requests waiting; a job's block of batch items beside them. Without a
+    minimum share the block waits for the whole online load; with one it gets that share of the model time."""
+    calls: list[tuple[str, float]] = []
+
+    async def run() -> None:
+        model = Model(seconds=0.01)
+        record = lambda group, priority, items, model_s, waits: calls.append((priority, model_s))  # noqa: E731
+        scheduler = BatchScheduler(model, batching(max_batch_size=2, batch_min_share=share), on_call=record)
+        stop = time.perf_counter() + 1.0
+
+        async def client() -> None:
+            while time.perf_counter() < stop:
+                await scheduler.submit("online", "o", "online")
+
+        block = asyncio.gather(*(scheduler.submit("batch", i, "batch") for i in range(1000)), return_exceptions=True)
+        await asyncio.gather(*(client() for _ in range(6)))
+        block.cancel()
+
+    asyncio.run(run())
+    saturated = calls[: int(len(calls) * 0.8)]  # the clients stop one by one at the end: leave that tail out
+    batch_s = sum(s for priority, s in saturated if priority == "batch")
+    fraction = batch_s / sum(s for _, s in saturated)
+    if share == 0:
+        assert batch_s == 0  # online first, always
+    else:
+        assert share * 0.6 <= fraction <= share * 1.5, fraction
