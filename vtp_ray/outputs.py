@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Encoded", "ReplicaInfo", "ZeroShot"]
+__all__ = ["IDENTITY_KEYS", "Encoded", "ReplicaInfo", "ZeroShot", "model_identity"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,24 @@ class ReplicaInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What two replicas must share for their outputs to mix: the checkpoint and how it runs."""
+        return {key: getattr(self, key) for key in IDENTITY_KEYS}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ReplicaInfo:
+        """A ``ReplicaInfo`` from its dict (more keys, such as ``/v1/model``'s, are left out)."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+#: The fields of ``ReplicaInfo`` that identify the model a replica serves (``ReplicaInfo.identity``).
+IDENTITY_KEYS = ("config_digest", "random_weights", "precision", "rope_dtype")
+
+
+def model_identity(config_digest: str, random_weights: bool, precision: str, rope_dtype: str) -> dict[str, Any]:
+    """The identity (``ReplicaInfo.identity``) a job expects of the replicas it runs on."""
+    return dict(zip(IDENTITY_KEYS, (config_digest, random_weights, precision, rope_dtype), strict=True))
 
 
 @dataclass(frozen=True)

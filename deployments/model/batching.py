@@ -55,11 +55,13 @@ class _Item:
 
 @dataclass
 class _Totals:
-    """What one priority got: items, model calls, model seconds."""
+    """What one priority got: items, model calls, model seconds; for batch, the calls it was owed by its minimum
+    share while online items waited (the only way a waiting online item can wait behind a batch call)."""
 
     items: int = 0
     calls: int = 0
     model_s: float = 0.0
+    ahead_of_online: int = 0
 
 
 @dataclass
@@ -186,6 +188,7 @@ class BatchScheduler:
         totals.items += items
         totals.calls += 1
         totals.model_s += model_s
+        totals.ahead_of_online += priority == "batch" and others_waited
         self._last_call_s = model_s
         share = self.batching.batch_min_share
         if priority == "online" and not others_waited:

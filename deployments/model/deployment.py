@@ -35,7 +35,7 @@ from vtp_ray.text.tokenizer import available as text_available
 from .. import metrics
 from ..settings import Batching, merge_batching
 from .batching import BatchScheduler, Done, Priority
-from .protocol import DEPLOYMENT_NAME, Block, ClassScores, ModelMismatch, Outcome, Verb, identity_of
+from .protocol import DEPLOYMENT_NAME, Block, ClassScores, ModelMismatch, Outcome, Verb
 
 if TYPE_CHECKING:
     from vtp_ray.replica import VTPReplica
@@ -86,7 +86,7 @@ class ModelDeployment:
         # switches per batch-1 VTP-Small call).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         self._replica = self._torch.submit(self._load, model, device, precision, warmup_size).result()
-        self._identity = identity_of(self._replica.info.to_dict())
+        self._identity = self._replica.info.identity()
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size
         self._base_batching = batching or Batching()
@@ -188,6 +188,7 @@ class ModelDeployment:
             },
             "work": {
                 **{p: {"items": t.items, "calls": t.calls, "model_s": round(t.model_s, 3)} for p, t in totals.items()},
+                "batch_calls_ahead_of_online": totals["batch"].ahead_of_online,
                 "batch_share": round(totals["batch"].model_s / model_s, 4) if model_s else 0.0,
                 "waiting": self._scheduler.waiting(),
             },

@@ -52,15 +52,6 @@ class ClassScores:
     cache_hit: bool  # the label set's text embeddings came from the replica's cache
 
 
-#: What a job running on the app checks the app serves (``ReplicaInfo`` fields): the checkpoint and how it runs.
-IDENTITY_KEYS = ("config_digest", "random_weights", "precision", "rope_dtype")
-
-
-def identity_of(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The identity of the model a ``ReplicaInfo`` dict describes."""
-    return {key: info.get(key) for key in IDENTITY_KEYS}
-
-
 @dataclass(frozen=True)
 class Block:
     """A job's block computed at batch priority (``ModelDeployment.run_block``): one value per input, in order, and

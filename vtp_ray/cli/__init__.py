@@ -31,6 +31,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix (a wrong flag, path, device or input): one line, no traceback."""
     from ..metrics.dependencies import MissingEvalDependencyError
     from ..model import CheckpointError
+    from ..pipeline.served import ServedModelChanged
     from ..text.tokenizer import MissingTextDependencyError
 
     errors: tuple[type[Exception], ...] = (
@@ -40,6 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         CheckpointError,
         MissingEvalDependencyError,
         MissingTextDependencyError,
+        ServedModelChanged,
     )
     # vtp_ray.device imports torch: a command that never loaded it (a Ray Data job's driver) cannot have raised its
     # error, and reporting a bad input must not cost seconds of importing torch.

@@ -11,6 +11,7 @@ from typing import Any
 from ..images import ImageLimits
 from ..options import CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec, Preprocessing, SampleOptions
+from ..pipeline.served import ServeTarget
 
 
 def csv(kind: type) -> Callable[[str], list]:
@@ -81,7 +82,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 _REPLICA_FIELDS = (
     *("model", "precision", "device", "rope_dtype", "batch_size"),
-    *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard"),
+    *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard", "preprocess_concurrency"),
 )
 
 
@@ -102,11 +103,32 @@ def add_replica_args(p: argparse.ArgumentParser) -> None:
         "--dashboard", action="store_true",
         help="start Ray's dashboard with the embedded local Ray (off by default: it adds 1-2 s to the start-up)",
     )  # fmt: skip
+    p.add_argument(
+        "--preprocess-concurrency", type=int, metavar="N",
+        help="read + preprocess tasks at once at most (default: as the CPUs allow; with --serve-app a quarter of "
+        "the cluster's CPUs, leaving the app's ingress room)",
+    )  # fmt: skip
+    g = p.add_argument_group("on a running Serve app (its model replicas, at batch priority: online requests first)")
+    g.add_argument(
+        "--serve-app", metavar="NAME",
+        help="run the model work on this Serve application of the cluster (--address) instead of replicas of the "
+        "job's own; the app must serve --model at --precision and --rope-dtype",
+    )  # fmt: skip
+    g.add_argument("--serve-model", metavar="NAME", help="which of the app's models (default: its default model)")
+    g.add_argument(
+        "--serve-calls", type=int, metavar="N",
+        help="blocks in flight at once (default: one per running model replica of the app)",
+    )  # fmt: skip
 
 
 def replica_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The ``PipelineSpec`` fields of the model flags, ``--batch-size`` and ``add_replica_args``'s flags."""
-    return {name: getattr(args, name) for name in _REPLICA_FIELDS}
+    fields = {name: getattr(args, name) for name in _REPLICA_FIELDS}
+    if args.serve_app:
+        fields["serve"] = ServeTarget(args.serve_app, args.serve_model, args.serve_calls)
+    elif args.serve_model or args.serve_calls:
+        raise ValueError("--serve-model and --serve-calls go with --serve-app")
+    return fields
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:

@@ -57,12 +57,13 @@ def run_header(
         "random_weights": model.random_weights,
         "precision": spec.precision,
         "rope_dtype": spec.rope_dtype,
-        "device": placement.device,
-        "device_kind": placement.device.split(":")[0],
+        "device": placement.model_device,
+        "device_kind": placement.model_device.split(":")[0],
         "replica_options": placement.options,
         "replica_pool": placement.replicas,
         # "draft_decode": the report field's name from before fast preprocessing had its own word.
         "preprocessing": {"size": prep.size, "crop": prep.crop, "draft_decode": prep.fast},
+        **({"serve_app": placement.served.to_dict()} if placement.served else {}),
     }
 
 

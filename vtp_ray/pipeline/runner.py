@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from .spec import PipelineSpec
+from .served import ServedApp, ServedModelChanged, connect
+from .spec import ModelFacts, PipelineSpec
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -40,7 +41,11 @@ __all__ = [
     "run_pipeline",
 ]
 
+log = logging.getLogger(__name__)
+
 _ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
+#: Ray CPUs of each actor that sends blocks to a Serve app: it mostly waits for the app's answers.
+SERVED_STAGE_CPUS = 0.25
 
 
 class ReplicaStartError(ValueError):
@@ -59,11 +64,21 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the replica pool runs: Ray actor options per replica, the replicas' device, the pool size."""
+    """Where the model stage runs: Ray actor options per actor, its device, the pool size; on a Serve app, the app
+    (the actors are then small CPU actors that send the blocks to the app's model replicas)."""
 
     options: dict[str, Any]
     device: str
     replicas: int | tuple[int, int]
+    served: ServedApp | None = None
+
+    @classmethod
+    def on_app(cls, spec: PipelineSpec, served: ServedApp) -> Placement:
+        """One small CPU actor per block in flight: one per running model replica of the app, unless told."""
+        options = {"num_cpus": SERVED_STAGE_CPUS}
+        if _canonical(options) == _canonical({"num_cpus": spec.preprocess_cpus}):
+            options = {"num_cpus": SERVED_STAGE_CPUS / 2}  # never fused into the preprocess tasks
+        return cls(options, "cpu", spec.serve.calls if spec.serve and spec.serve.calls else served.replicas, served)
 
     @classmethod
     def resolve(cls, spec: PipelineSpec) -> Placement:
@@ -91,8 +106,14 @@ class Placement:
             )
         return cls(options, device, replicas)
 
+    @property
+    def model_device(self) -> str:
+        """Where the model runs: the pool's device, or the app's replicas' on a Serve app."""
+        return str(self.served.info.get("device", self.device)) if self.served else self.device
+
     def to_dict(self) -> dict[str, Any]:
-        return {"replica_options": self.options, "device": self.device, "replica_pool": self.replicas}
+        placed = {"replica_options": self.options, "device": self.model_device, "replica_pool": self.replicas}
+        return {**placed, "serve_app": self.served.to_dict()} if self.served else placed
 
 
 def actor_options(resources: str | Mapping[str, Any]) -> str | dict[str, Any]:
@@ -174,12 +195,15 @@ def replica_stage(
     placement: Placement,
     worker: type,
     worker_kwargs: Mapping[str, Any],
-    expected_digest: str,
+    expected: Mapping[str, Any],
 ) -> Dataset:
     """The model stage of every job: a pool of ``worker`` actors (a ``worker.ModelStage`` subclass, built with
-    ``spec``, the placement's device, ``expected_digest`` and ``worker_kwargs``) that take whole blocks of
-    ``preprocessed`` and split them into model batches."""
+    ``spec``, the placement's device, the ``expected`` model identity, the Serve app if any, and ``worker_kwargs``)
+    that take whole blocks of ``preprocessed`` and split them into model batches."""
     import ray
+
+    if placement.served is not None:  # the progress bar names the stage after the class: say it runs on the app
+        worker = type(f"{worker.__name__}OnServeApp", (worker,), {"__module__": worker.__module__})
 
     replicas = placement.replicas
     pool = (
@@ -195,7 +219,8 @@ def replica_stage(
         fn_constructor_kwargs={
             "spec": spec,
             "device": placement.device,
-            "expected_digest": expected_digest,
+            "expected": dict(expected),
+            "served": placement.served,
             **worker_kwargs,
         },
         **placement.options,
@@ -207,20 +232,29 @@ def run_pipeline(
     spec: PipelineSpec,
     source: Source,
     worker: type,
-    expected_digest: str,
+    model: ModelFacts,
     worker_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Placement, Iterator[pa.Table]]]:
-    """In a Ray session: ``(placement, output batches)`` of ``source`` through ``worker`` replicas.
+    """In a Ray session: ``(placement, output batches)`` of ``source`` through ``worker`` replicas of ``model``
+    (or, with ``spec.serve``, through a running Serve app's, checked to serve ``model`` before anything is read).
 
     Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
-    constructor (a wrong model, device or precision for the workers).
+    constructor (a wrong model, device or precision for the workers), ``ServedModelChanged`` when the app starts
+    serving another model mid-job.
     """
     import ray
 
+    expected = model.identity(spec)
     with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
-        placement = Placement.resolve(spec)
+        if spec.serve is not None:
+            served = connect(spec.serve, expected)
+            placement = Placement.on_app(spec, served)
+            log.info("running on Serve app %r (%s, %d replicas) at batch priority", served.target.app,
+                     served.deployment, served.replicas)  # fmt: skip
+        else:
+            placement = Placement.resolve(spec)
         preprocessed = source.read(spec, ray.cluster_resources().get("CPU", 1))
-        dataset = replica_stage(preprocessed, spec, placement, worker, worker_kwargs or {}, expected_digest)
+        dataset = replica_stage(preprocessed, spec, placement, worker, worker_kwargs or {}, expected)
         yield placement, _outputs(dataset)
 
 
@@ -228,9 +262,20 @@ def _outputs(dataset: Dataset) -> Iterator[pa.Table]:
     try:
         yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
     except Exception as e:
+        if (changed := _cause(e, ServedModelChanged)) is not None:
+            raise ServedModelChanged(str(changed)) from e
         if (reason := _replica_start_failure(e)) is None:
             raise
         raise ReplicaStartError(f"the model replicas could not start: {reason}") from e
+
+
+def _cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``error``'s chain (Ray wraps a task's exception as its ``cause``)."""
+    while error is not None:
+        if isinstance(error, kind):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def _replica_start_failure(error: BaseException) -> str | None:

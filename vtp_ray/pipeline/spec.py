@@ -12,6 +12,8 @@ import pyarrow.fs as pafs
 
 from ..images import PATCH_SIZE, CropMode, ImageLimits, ImageSource, preprocess_with_info
 from ..options import CROPS, ROPE_DTYPES, check_precision
+from ..outputs import model_identity
+from .served import ServeTarget
 
 __all__ = ["ModelFacts", "PipelineSpec", "Preprocessing", "SampleOptions"]
 
@@ -100,6 +102,10 @@ class PipelineSpec:
         dashboard: start Ray's dashboard with an embedded local Ray. Off by default: it adds 1-2 s to ``ray.init``
             on a small machine (the cluster's own dashboard serves jobs that join one).
         samples: how samples in webdataset shards and parquet files with image bytes are read (``sources``).
+        serve: run the model work on this running Serve app's model replicas, at batch priority, instead of
+            replicas of the job's own (``served``).
+        preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
+            ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
     """
 
     model: str
@@ -119,6 +125,8 @@ class PipelineSpec:
     dashboard: bool = False
     samples: SampleOptions = field(default_factory=SampleOptions)
     block_size: int | None = None
+    serve: ServeTarget | None = None
+    preprocess_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         replicas = self.replicas
@@ -138,6 +146,16 @@ class PipelineSpec:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.preprocess_cpus <= 0:
             raise ValueError(f"preprocess_cpus must be > 0, got {self.preprocess_cpus}")
+        if self.preprocess_concurrency is not None and self.preprocess_concurrency < 1:
+            raise ValueError(f"preprocess_concurrency must be >= 1, got {self.preprocess_concurrency}")
+
+    def preprocess_tasks(self, cpus: float) -> dict[str, Any]:
+        """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, and
+        how many run at once (on a running app's cluster, a quarter of its CPUs unless told)."""
+        concurrency = self.preprocess_concurrency
+        if concurrency is None and self.serve is not None:
+            concurrency = max(1, int(cpus // 4))
+        return {"num_cpus": self.preprocess_cpus, **({"concurrency": concurrency} if concurrency else {})}
 
 
 @dataclass(frozen=True)
@@ -173,3 +191,7 @@ class ModelFacts:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def identity(self, spec: PipelineSpec) -> dict[str, Any]:
+        """The identity (``ReplicaInfo.identity``) of the replicas ``spec`` runs this model on."""
+        return model_identity(self.config_digest, self.random_weights, spec.precision, spec.rope_dtype)

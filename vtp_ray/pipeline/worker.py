@@ -1,11 +1,12 @@
 """``ModelStage``: the Ray Data actor class every job's model stage (its "worker") derives from.
 
-It holds one replica, a ``VTPReplica`` (built once per actor, checked against the config digest the driver read),
-splits each block it is called with into model batches of ``spec.batch_size`` rows, hands the valid rows of each
-batch to the job's ``process`` as one array (``inputs``: the preprocessed pixels by default), and lets the job turn
-the result into columns. Error rows pass through
-untouched and never reach the model. Every output row also says which replica made it and the model time it took,
-which the driver reports per replica (``ReplicaUsage``).
+It holds one replica: a ``VTPReplica`` (built once per actor, checked against the model identity the driver read),
+or, when the job runs on a Serve app, a ``served.ServedReplica`` with the same verbs. It splits each block it is
+called with into model batches of ``spec.batch_size`` rows (on an app, the whole block is one call: the app's
+replicas form their own model calls), hands the valid rows of each batch to the job's ``process`` as one array
+(``inputs``: the preprocessed pixels by default), and lets the job turn the result into columns. Error rows pass
+through untouched and never reach the model. Every output row also says which replica made it and the time its
+model work took, which the driver reports per replica (``ReplicaUsage``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..placement import brief_openmp_waits
+from .served import ServedApp, ServedReplica
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
 
@@ -32,15 +34,22 @@ class ModelStage:
     Args:
         spec: the run's settings.
         device: the device the placement gives (``npu:0``, ``cuda:0``, ``cpu``).
-        expected_digest: the config digest the driver read; another one on this node is an error (e.g. a different
-            checkpoint at the same path).
+        expected: the model identity the driver read (``ReplicaInfo.identity``); another one here is an error (e.g.
+            a different checkpoint at the same path on this node).
+        served: the Serve app to run on (``served.connect``'s answer), or None for a replica of the actor's own.
     """
 
-    def __init__(self, spec: PipelineSpec, device: str, expected_digest: str) -> None:
+    def __init__(
+        self, spec: PipelineSpec, device: str, expected: dict[str, Any], served: ServedApp | None = None
+    ) -> None:
         brief_openmp_waits(device)
+        self.spec = spec
+        if served is not None:
+            self.replica: Any = ServedReplica(served, expected)
+            self._label = None
+            return
         from ..replica import VTPReplica
 
-        self.spec = spec
         self.replica = VTPReplica(
             spec.model,
             device,
@@ -49,10 +58,15 @@ class ModelStage:
             warmup_size=spec.preprocessing.size,
             cpu_threads=replica_cpu_threads(spec.cpu_threads, device),
         )
-        digest = self.replica.info.config_digest
-        if digest != expected_digest:
-            raise RuntimeError(f"model {spec.model!r} has config digest {digest} here, not {expected_digest}")
-        self.name = replica_label(self.replica.info.device)
+        identity = self.replica.info.identity()
+        if identity != expected:
+            raise RuntimeError(f"model {spec.model!r} is {identity} here, not {expected}")
+        self._label = replica_label(self.replica.info.device)
+
+    @property
+    def label(self) -> str:
+        """Who computes this actor's rows, in run stats: this actor's replica, or the app replica that answered."""
+        return self._label or self.replica.label
 
     def inputs(self, rows: pa.Table) -> np.ndarray:
         """The model input of the valid rows: by default their preprocessed images, uint8 ``(n, size, size, 3)``."""
@@ -68,7 +82,7 @@ class ModelStage:
 
     def __call__(self, block: pa.Table) -> pa.Table:
         """One block (many model batches: Ray Data's cost is per call) -> its output rows, in order."""
-        size = self.spec.batch_size
+        size = block.num_rows if isinstance(self.replica, ServedReplica) else self.spec.batch_size
         return pa.concat_tables([self._batch(block.slice(i, size)) for i in range(0, block.num_rows, size)])
 
     def _batch(self, batch: pa.Table) -> pa.Table:
@@ -80,7 +94,7 @@ class ModelStage:
             result = self.process(self.inputs(rows), rows)
         seconds = time.perf_counter() - started
         out = self.columns(batch, valid, result)
-        out = out.append_column("replica", pa.repeat(pa.scalar(self.name), batch.num_rows))
+        out = out.append_column("replica", pa.repeat(pa.scalar(self.label), batch.num_rows))
         return out.append_column("model_seconds", pa.array(np.where(valid, seconds / max(valid.sum(), 1), 0.0)))
 
 

@@ -183,7 +183,7 @@ class LatentChunks:
             batch_format="pyarrow",
             batch_size=None,
             fn_kwargs={"chunks": self.chunks, "files": self.files, "stats": self.stats},
-            num_cpus=spec.preprocess_cpus,
+            **spec.preprocess_tasks(cpus),
         )
 
 
@@ -303,7 +303,7 @@ def decode_latents(
     errors: list[dict[str, Any]] = []
     usage = ReplicaUsage()
     worker = {"latent_shape": shape}
-    with run_pipeline(spec, latents, DecodeWorker, model.config_digest, worker) as (_, batches):
+    with run_pipeline(spec, latents, DecodeWorker, model, worker) as (_, batches):
         for batch in batches:
             usage.add(batch)
             _write(batch, output, size, samples, errors)

@@ -227,7 +227,7 @@ def evaluate_dataset(
         "lpips_weights": str(lpips) if lpips else None,
         "save_paths": frozenset(saved),
     }
-    with run_pipeline(spec, source, EvalWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, source, EvalWorker, model, worker) as (placement, batches):
         for batch in batches:
             collector.add(batch)
     seconds = time.perf_counter() - started

@@ -245,7 +245,7 @@ def tokenize_dataset(
     try:
         if samples or len(todo):
             worker = {"flip": flip, "latent_dtype": latent_dtype}
-            with run_pipeline(spec, todo, TokenizeWorker, model.config_digest, worker) as (placement, batches):
+            with run_pipeline(spec, todo, TokenizeWorker, model, worker) as (placement, batches):
                 run.update(placement.to_dict())
                 try:
                     for batch in batches:

@@ -156,7 +156,7 @@ def zero_shot_dataset(
     model = ModelFacts.of(spec.model, spec.preprocessing.size)
     worker = {"classnames": tuple(names), "templates": templates}
     usage, rows, errors = ReplicaUsage(), [], []
-    with run_pipeline(spec, source, ZeroShotWorker, model.config_digest, worker) as (placement, batches):
+    with run_pipeline(spec, source, ZeroShotWorker, model, worker) as (placement, batches):
         for batch in batches:
             usage.add(batch)
             failed = batch.column("error").is_valid()

@@ -104,7 +104,7 @@ class Inputs:
                 "preprocessing": spec.preprocessing,
                 "filesystem": spec.filesystem,
             },
-            num_cpus=spec.preprocess_cpus,
+            **spec.preprocess_tasks(cpus),
         )
 
 

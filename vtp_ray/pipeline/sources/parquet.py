@@ -60,7 +60,7 @@ class ParquetSource(SampleSource):
                 "done": [ray.put(self.done)],
                 "preprocessing": spec.preprocessing,
             },
-            num_cpus=spec.preprocess_cpus,
+            **spec.preprocess_tasks(cpus),
         )
 
     def first_keys(self, inner: str, n: int) -> list[str]:

@@ -53,7 +53,7 @@ class ShardSource(SampleSource):
             filesystem=self.filesystem,
             decoder=None,
             file_extensions=None,
-            num_cpus=spec.preprocess_cpus,
+            **spec.preprocess_tasks(cpus),
             # One read task per shard, as planned: a higher parallelism would split each read's blocks, which stops
             # Ray Data from fusing the preprocessing into the read (the raw bytes would cross the object store).
             override_num_blocks=len(self.inner),
@@ -68,7 +68,7 @@ class ShardSource(SampleSource):
                 "done": [ray.put(self.done)],
                 "preprocessing": spec.preprocessing,
             },
-            num_cpus=spec.preprocess_cpus,
+            **spec.preprocess_tasks(cpus),
         )
 
     def first_keys(self, inner: str, n: int) -> list[str]:

@@ -1,0 +1,187 @@
+"""Jobs on a running Serve app (``--serve-app``): the app's model replica computes them at batch priority, online
+requests first. One app (the tiny checkpoint with CLIP's vocabulary, so zero-shot runs too) on the shared Serve;
+each job's output is compared with the same job run standalone, on the same images."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from helpers import SIZE, TINY, TINYTEXT, png_bytes, random_image, wait_until
+from serving import ServeInstance, deploy
+
+from deployments import AppSettings, compose_app
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.decode import decode_latents
+from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
+from vtp_ray.pipeline.jobs.zeroshot import zero_shot_dataset
+from vtp_ray.pipeline.served import ServedModelChanged, ServedReplica, ServeTarget, connect
+
+pytestmark = pytest.mark.slow
+
+APP = "fleet"
+IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: ServeInstance) -> str:
+    # batch_min_share 0: online requests strictly first, so that the replica's own count of batch calls started
+    # while an online request waited must stay 0.
+    settings = AppSettings(
+        model=TINYTEXT, image_size=SIZE, placement="cpu", batching={"max_batch_size": 4, "batch_min_share": 0.0}
+    )
+    return deploy(compose_app(settings), APP, "/fleet")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two class folders of small PNGs and one file that is no image."""
+    root = tmp_path_factory.mktemp("fleet-images")
+    for i in range(IMAGES):
+        folder = root / ("cat" if i % 2 else "dog")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:03d}.png").write_bytes(png_bytes(random_image(48 + i % 5 * 8, 72, seed=i)))
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def spec(**changes: Any) -> PipelineSpec:
+    values = {
+        "model": TINYTEXT,
+        "preprocessing": Preprocessing(size=SIZE),
+        "batch_size": 8,
+        "block_size": 8,
+        "resources": "cpu",
+        "progress": False,
+        "labels_from_dirs": True,
+    }
+    return PipelineSpec(**{**values, **changes})
+
+
+def on_app(**changes: Any) -> PipelineSpec:
+    return spec(serve=ServeTarget(APP), **changes)
+
+
+def latents_by_path(output: Path) -> dict[str, np.ndarray]:
+    rows = pd.read_parquet(output / "data")
+    return {p: np.asarray(v, np.float32) for p, v in zip(rows["path"], rows["latents"], strict=True)}
+
+
+class OnlineLoad:
+    """A client posting /v1/encode requests one after another until stopped; keeps every status and Server-Timing."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.codes, self.stages = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> OnlineLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        body = png_bytes(random_image(64, 64, seed=99))
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                answer = client.post("/v1/encode", content=body, headers={"content-type": "image/png"})
+                self.codes.append(answer.status_code)
+                timing = dict(e.strip().split(";dur=") for e in answer.headers.get("server-timing", "").split(",") if e)
+                self.stages.append({k: float(v) for k, v in timing.items()})
+
+
+def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests_are_answered(
+    base_url: str, images: Path, tmp_path: Path
+) -> None:
+    with OnlineLoad(base_url) as online:
+        summary = tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app())
+        answered_during_job = len(online.codes)
+    assert summary.rows == IMAGES and summary.errors == 1 and summary.missing == 0
+    assert summary.stats["last_run"]["serve_app"]["app"] == APP  # the report says where it ran
+    assert answered_during_job > 0 and set(online.codes) == {200}
+
+    standalone = tokenize_dataset([str(images)], str(tmp_path / "standalone"), spec())
+    assert standalone.rows == IMAGES
+    ours, theirs = latents_by_path(tmp_path / "on-app"), latents_by_path(tmp_path / "standalone")
+    assert ours.keys() == theirs.keys()
+    for path, latents in ours.items():  # fp32, other batch compositions: a stated tolerance, not bit equality
+        np.testing.assert_allclose(latents, theirs[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+    work = httpx.get(f"{base_url}/v1/model").json()["work"]
+    assert work["batch"]["items"] >= IMAGES and work["batch_share"] > 0
+    assert work["batch_calls_ahead_of_online"] == 0  # no online request ever waited for a batch call to start
+
+
+def test_eval_decode_and_zero_shot_run_on_the_app(base_url: str, images: Path, tmp_path: Path) -> None:
+    report = evaluate_dataset([str(images)], tmp_path / "eval", on_app())
+    alone = evaluate_dataset([str(images)], tmp_path / "eval-alone", spec())
+    assert report["counts"]["evaluated"] == IMAGES and report["serve_app"]["app"] == APP
+    assert report["metrics"]["psnr"]["mean"] == pytest.approx(alone["metrics"]["psnr"]["mean"], abs=0.05)
+    assert report["metrics"]["ssim"]["mean"] == pytest.approx(alone["metrics"]["ssim"]["mean"], abs=1e-3)
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    zs = zero_shot_dataset([str(images)], tmp_path / "zs", on_app(), classnames=str(classes), template_set="default")
+    zs_alone = zero_shot_dataset([str(images)], tmp_path / "zs-alone", spec(), classnames=str(classes),
+                                 template_set="default")  # fmt: skip
+    assert zs["metrics"] == zs_alone["metrics"]  # the same predictions (argmax of near-equal logits)
+
+    tokenized = tmp_path / "tokens"
+    tokenize_dataset([str(images)], str(tokenized), spec())
+    decoded = decode_latents([str(tokenized)], str(tmp_path / "pngs"), on_app(), npz=True)
+    decoded_alone = decode_latents([str(tokenized)], str(tmp_path / "pngs-alone"), spec(), npz=True)
+    assert decoded.images == decoded_alone.images == IMAGES
+    ours, theirs = (
+        np.load(Path(d) / "samples.npz")["arr_0"].astype(int) for d in (decoded.output, decoded_alone.output)
+    )
+    assert np.abs(ours - theirs).max() <= 1  # uint8 rounding
+
+
+def test_a_job_for_another_checkpoint_is_refused_before_it_reads_anything(base_url: str, images: Path, tmp_path: Path):
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"serves vtp-tinytext \(config_digest"):
+        tokenize_dataset([str(images)], str(tmp_path / "wrong"), on_app(model=TINY))
+    with pytest.raises(ValueError, match="precision: 'fp32' served, 'bf16' asked for"):
+        tokenize_dataset([str(images)], str(tmp_path / "wrong"), on_app(precision="bf16"))
+    with pytest.raises(ValueError, match="no Serve application 'nope'"):
+        tokenize_dataset([str(images)], str(tmp_path / "wrong"), spec(serve=ServeTarget("nope")))
+    assert time.monotonic() - started < 30 and not (tmp_path / "wrong").exists()
+
+
+def test_a_replica_serving_another_model_refuses_the_block(base_url: str) -> None:
+    """What a job meets when the app is redeployed with another model mid-job: its next block is refused."""
+    model = spec().model
+    from vtp_ray.pipeline.spec import ModelFacts
+
+    expected = ModelFacts.of(model).identity(spec())
+    served = connect(ServeTarget(APP), expected)
+    replica = ServedReplica(served, {**expected, "config_digest": "another-checkpoint"})
+    with pytest.raises(ServedModelChanged, match="another-checkpoint"):
+        replica.encode(np.zeros((2, SIZE, SIZE, 3), np.uint8))
+
+
+def test_a_model_replica_killed_mid_job_costs_a_retry_not_a_row(base_url: str, images: Path, tmp_path: Path) -> None:
+    output = tmp_path / "killed"
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(summary=tokenize_dataset([str(images)], str(output), on_app())))
+    job.start()
+    wait_until(lambda: httpx.get(f"{base_url}/v1/model").json()["work"]["batch"]["items"] > 0, 60, "the job to start")
+    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#VTPReplica#" in a["name"]]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    job.join(240)
+    summary = result["summary"]
+    assert summary.rows + summary.errors == IMAGES + 1 and summary.missing == 0
+    assert summary.stats["duplicate_rows"] == 0
+    again = tokenize_dataset([str(images)], str(output), on_app())  # resuming: nothing left to do
+    assert again.processed == 0 and again.rows == IMAGES
