@@ -1,0 +1,182 @@
+"""One fleet for online and batch: online clients on a Serve app, alone and with a ``tokenize`` job on the same app.
+
+One local Ray runs the app (one model replica with every core). In one run, side by side:
+
+1. capacity: closed-loop clients keep the replica busy with ``/v1/encode``; its images/s is the app's capacity;
+2. online alone: requests at a fixed rate, ``--load`` (0.5) of that capacity, for ``--seconds``: p50 / p99;
+3. online with a job: the same while ``vtp-ray tokenize --serve-app`` runs on the app over ``--images`` images;
+   the job's images/s against the capacity the online load leaves ((1 - load) x the job's rate on an idle app);
+4. the job on the idle app, two sizes (``--images`` and half of it), which gives its fixed cost on a warm app
+   (the difference cancels the per-image part) and its rate once warm, against the same job with replicas of its
+   own (a standalone run, warm rate);
+5. under a saturating online load, the share of model time the job still gets (``batch_min_share``).
+
+Goals (issue 24): online p50 and p99 with the job <= 1.3x without it (plus at most one batch model call); the job's
+images/s >= 0.8x of the capacity left; fixed cost <= 3 s; on an idle app >= 0.9x of the standalone job's rate::
+
+    PYTHONPATH=. python benchmarks/shared_fleet.py                                    # tiny model, 64 px
+    PYTHONPATH=. python benchmarks/shared_fleet.py --model random:vtp-small --size 256 --images 200 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import ray
+from _common import free_port, png_bytes, write_images
+from ray import serve
+
+from deployments import AppSettings, compose_app
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
+from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
+from vtp_ray.pipeline.served import ServeTarget
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "fleet"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def closed_loop(url: str, body: bytes, clients: int, seconds: float) -> float:
+    """Requests/s that ``clients`` back-to-back clients get: the app's capacity."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            answer = await http.post("/v1/encode", content=body, headers={"content-type": "image/png"})
+            answer.raise_for_status()
+            done += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return done / (time.perf_counter() - started)
+
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[float]:
+    """Latencies (ms) of requests sent at a fixed ``rate``, whatever the answers' pace (an open loop)."""
+    latencies: list[float] = []
+
+    async def one(http: httpx.AsyncClient) -> None:
+        started = time.perf_counter()
+        answer = await http.post("/v1/encode", content=body, headers={"content-type": "image/png"})
+        answer.raise_for_status()
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=256)) as http:
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(http)))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def job(images: Path, output: Path, spec: PipelineSpec) -> dict[str, Any]:
+    """One tokenize run: seconds, images/s, and its rate once warm (from the first output on)."""
+    started = time.perf_counter()
+    summary = tokenize_dataset([str(images)], str(output), spec, overwrite=True)
+    seconds = time.perf_counter() - started
+    warm = summary.stats["last_run"].get("warm_images_per_s", summary.images_per_s)
+    return {"images": summary.processed, "seconds": seconds, "images_per_s": summary.processed / seconds, "warm": warm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "vtp-tiny"))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=4000, help="images of the job (the fixed-cost run: half)")
+    parser.add_argument("--seconds", type=float, default=20, help="length of each online phase")
+    parser.add_argument("--load", type=float, default=0.5, help="online rate, as a fraction of the capacity")
+    parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the capacity phase")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    cpus = os.cpu_count() or 2
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = AppSettings(
+        model=args.model,
+        image_size=args.size,
+        placement={"num_cpus": cpus},
+        batching={"max_batch_size": args.max_batch_size},
+    )
+    serve.run(compose_app(settings), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    body = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
+    spec_args = {"model": args.model, "preprocessing": Preprocessing(size=args.size), "progress": False}
+    on_app = PipelineSpec(**spec_args, serve=ServeTarget(APP))
+    standalone = PipelineSpec(**spec_args, resources={"num_cpus": cpus})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        images, half = root / "images", root / "half"
+        write_images(images, args.images, sides=(args.size, args.size * 3 // 2))
+        write_images(half, args.images // 2, seed=1, sides=(args.size, args.size * 3 // 2))
+
+        asyncio.run(closed_loop(url, body, args.clients, 3))  # warm-up
+        capacity = asyncio.run(closed_loop(url, body, args.clients, args.seconds / 2))
+        rate = args.load * capacity
+        alone = asyncio.run(open_loop(url, body, rate, args.seconds))
+
+        idle_full = job(images, root / "out-idle", on_app)
+        idle_half = job(half, root / "out-half", on_app)
+        per_image = (idle_full["seconds"] - idle_half["seconds"]) / (idle_full["images"] - idle_half["images"])
+        fixed_s = idle_full["seconds"] - per_image * idle_full["images"]
+
+        shared: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: shared.update(job(images, root / "out-shared", on_app)))
+        runner.start()
+        time.sleep(2)  # the job's blocks reach the replica
+        with_job = asyncio.run(open_loop(url, body, rate, min(args.seconds, idle_full["seconds"])))
+        runner.join()
+
+        saturated: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: saturated.update(job(images, root / "out-saturated", on_app)))
+        runner.start()
+        time.sleep(2)
+        before = httpx.get(f"{url}/v1/model").json()
+        asyncio.run(closed_loop(url, body, args.clients, args.seconds / 2))
+        after = httpx.get(f"{url}/v1/model").json()
+        runner.join()
+        serve.shutdown()
+        own = job(images, root / "out-own", standalone)
+
+    leftover = (1 - args.load) * idle_full["warm"]
+    p50, p99 = percentile(alone, 50), percentile(alone, 99)
+    print(f"\ncapacity {capacity:.1f} images/s; online at {rate:.1f}/s ({args.load:.0%}); {args.images} job images")
+    print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'online alone':34} {p50:8.1f} {p99:8.1f}")
+    print(f"{'online with the job':34} {percentile(with_job, 50):8.1f} {percentile(with_job, 99):8.1f}")
+    ratios = percentile(with_job, 50) / p50, percentile(with_job, 99) / p99
+    print(f"{'ratio (goal <= 1.3 + one call)':34} {ratios[0]:8.2f} {ratios[1]:8.2f}")
+    print(f"\njob beside the online load: {shared['images_per_s']:.1f} images/s; capacity left {leftover:.1f}/s: "
+          f"{shared['images_per_s'] / leftover:.2f}x (goal >= 0.8)")  # fmt: skip
+    print(f"job on the idle app: {idle_full['warm']:.1f} images/s warm; with its own replicas {own['warm']:.1f}: "
+          f"{idle_full['warm'] / own['warm']:.2f}x (goal >= 0.9)")  # fmt: skip
+    print(f"job's fixed cost on a warm app: {fixed_s:.2f} s (goal <= 3; {idle_half['images']} and "
+          f"{idle_full['images']} images in {idle_half['seconds']:.1f} / {idle_full['seconds']:.1f} s)")  # fmt: skip
+    spent = {p: after["work"][p]["model_s"] - before["work"][p]["model_s"] for p in ("online", "batch")}
+    print(f"under a saturating online load ({args.clients} clients) the job got {spent['batch']:.1f} s of "
+          f"{sum(spent.values()):.1f} s of model time: {spent['batch'] / sum(spent.values()):.3f} "
+          f"(batch_min_share {after['batching']['batch_min_share']})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
