@@ -31,14 +31,20 @@ APP = "fleet"
 IMAGES = 40
 
 
-@pytest.fixture(scope="module")
-def base_url(serve_instance: ServeInstance) -> str:
+def app_settings() -> AppSettings:
     # batch_min_share 0: online requests strictly first, so that the replica's own count of batch calls started
     # while an online request waited must stay 0.
-    settings = AppSettings(
-        model=TINYTEXT, image_size=SIZE, placement="cpu", batching={"max_batch_size": 4, "batch_min_share": 0.0}
-    )
-    return deploy(compose_app(settings), APP, "/fleet")
+    batching = {"max_batch_size": 4, "batch_min_share": 0.0}
+    return AppSettings(model=TINYTEXT, image_size=SIZE, placement="cpu", batching=batching)
+
+
+def batch_items(base_url: str) -> int:
+    return httpx.get(f"{base_url}/v1/model").json()["work"]["batch"]["items"]
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: ServeInstance) -> str:
+    return deploy(compose_app(app_settings()), APP, "/fleet")
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +110,25 @@ class OnlineLoad:
 def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests_are_answered(
     base_url: str, images: Path, tmp_path: Path
 ) -> None:
+    result: dict[str, Any] = {}
     with OnlineLoad(base_url) as online:
-        summary = tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app())
+        job = threading.Thread(
+            target=lambda: result.update(summary=tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app()))
+        )
+        job.start()
+        wait_until(lambda: batch_items(base_url) > 0, 60, "the job's first block")
+        # New batching settings mid-job. Through the Python API this replaces the replica (a `serve deploy` of a
+        # config only reconfigures it: tests/test_serve_deploy.py): the job retries its block and goes on.
+        deploy(compose_app(app_settings(), user_config={"max_batch_size": 2, "batch_min_share": 0.0}), APP, "/fleet")
+        job.join(240)
         answered_during_job = len(online.codes)
+    summary = result["summary"]
+    assert httpx.get(f"{base_url}/v1/model").json()["batching"]["max_batch_size"] == 2
     assert summary.rows == IMAGES and summary.errors == 1 and summary.missing == 0
     assert summary.stats["last_run"]["serve_app"]["app"] == APP  # the report says where it ran
+    # One block in flight per model replica: a job adds at most 1 to each replica's ongoing requests, the count
+    # Serve's autoscaler reads (README: with target_ongoing_requests >= 2 a job alone never scales the app up).
+    assert summary.stats["last_run"]["replica_pool"] == summary.stats["last_run"]["serve_app"]["replicas"] == 1
     assert answered_during_job > 0 and set(online.codes) == {200}
 
     standalone = tokenize_dataset([str(images)], str(tmp_path / "standalone"), spec())
@@ -119,7 +139,6 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
         np.testing.assert_allclose(latents, theirs[path], rtol=1e-4, atol=1e-5, err_msg=path)
 
     work = httpx.get(f"{base_url}/v1/model").json()["work"]
-    assert work["batch"]["items"] >= IMAGES and work["batch_share"] > 0
     assert work["batch_calls_ahead_of_online"] == 0  # no online request ever waited for a batch call to start
 
 
@@ -176,7 +195,7 @@ def test_a_model_replica_killed_mid_job_costs_a_retry_not_a_row(base_url: str, i
     result: dict[str, Any] = {}
     job = threading.Thread(target=lambda: result.update(summary=tokenize_dataset([str(images)], str(output), on_app())))
     job.start()
-    wait_until(lambda: httpx.get(f"{base_url}/v1/model").json()["work"]["batch"]["items"] > 0, 60, "the job to start")
+    wait_until(lambda: batch_items(base_url) > 0, 60, "the job to start")
     (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#VTPReplica#" in a["name"]]
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
     job.join(240)
