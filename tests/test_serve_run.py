@@ -78,6 +78,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, log_path)
+        wait_until(lambda: "VTPReplica ready: vtp-tiny on cpu fp32" in log_path.read_text(), 30, "the ready line")
         yield url
     finally:
         _stop(process)

@@ -85,7 +85,14 @@ class ModelDeployment:
         # barriers and puts them to sleep: a CPU model call from a second thread took 20-30% longer (~1,700 context
         # switches per batch-1 VTP-Small call).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
+        started = time.perf_counter()
         self._replica = self._torch.submit(self._load, model, device, precision, warmup_size).result()
+        info = self._replica.info
+        # Through Serve's logger: the replica's log file, and the `serve run` console (the line the README names).
+        log.info(
+            "VTPReplica ready: %s on %s %s in %.1fs", info.model, info.device, info.precision,
+            time.perf_counter() - started,
+        )  # fmt: skip
         self._identity = self._replica.info.identity()
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size

@@ -7,15 +7,16 @@
 #
 # Every node needs vtp-ray installed and the model at MODEL; the inputs must be readable from every node
 # (shared filesystem or object storage); the output is written by the driver (head node or object storage).
-# `ray job submit` presents the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (see
-# start_node.sh).
+# `ray job submit` presents the cluster's token when token authentication is on: set RAY_AUTH_MODE=token and the
+# token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; see start_node.sh). DASHBOARD_PORT: the head's
+# dashboard port, as start_node.sh was given it (default 8265).
 set -euo pipefail
 
 inputs="$1"
 output="$2"
 model="${MODEL:-/models/VTP-Small-f16d64}"
 
-ray job submit --address "http://${HEAD:?set HEAD to the head node address}:8265" -- \
+ray job submit --address "http://${HEAD:?set HEAD to the head node address}:${DASHBOARD_PORT:-8265}" -- \
   vtp-ray tokenize "$inputs" --output "$output" --model "$model" \
   --size 256 --batch-size 64 --flip --labels-from-dirs --address auto
 # One replica per NPU (GPU) of the cluster; --replicas 4-16 lets the pool grow and shrink instead.

@@ -22,9 +22,11 @@ __all__ = ["DOWNLOAD_HINT", "PRESETS", "RANDOM_PREFIX", "CheckpointError", "Mode
 RANDOM_PREFIX = "random:"
 PRESETS = ("vtp-small",)
 DOWNLOAD_HINT = (
-    "Download a published checkpoint into a local directory, e.g.\n"
+    "Download a published checkpoint into a local directory, e.g. with Hugging Face's CLI (pip install "
+    "huggingface_hub)\n"
+    "  hf download MiniMaxAI/VTP-Small-f16d64 --local-dir ./VTP-Small-f16d64\n"
+    "or ModelScope's (pip install modelscope)\n"
     "  modelscope download --model MiniMax/VTP-Small-f16d64 --local_dir ./VTP-Small-f16d64\n"
-    "  huggingface-cli download MiniMaxAI/VTP-Small-f16d64 --local-dir ./VTP-Small-f16d64\n"
     "and pass that directory; or try everything with seeded random weights: --model random:vtp-small"
 )
 

@@ -82,8 +82,9 @@ def sort_by_path(table: pa.Table, order: Callable[[str], Any]) -> pa.Table:
 
 
 def plural(count: int, noun: str) -> str:
-    """``1 error``, ``2 errors``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    """``1 error``, ``2 errors``, ``3 classes``."""
+    ending = "es" if noun.endswith(("s", "x", "ch", "sh")) else "s"
+    return f"{count} {noun}{'' if count == 1 else ending}"
 
 
 def load_report(location: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:

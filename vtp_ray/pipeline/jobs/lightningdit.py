@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save as save_safetensors
 
 from ..latent_stats import ChannelStats
+from ..report import plural
 from ..sources import resolve_location
 from ..store import FORMAT as STORE_FORMAT
 from ..store import (
@@ -231,7 +232,8 @@ class ExportSummary:
     def line(self) -> str:
         return (
             f"export: {self.exported} rows converted, {self.skipped} already there; output {self.output}: "
-            f"{self.rows} rows in LightningDiT shards, {self.errors} errors carried over, {self.classes} classes"
+            f"{plural(self.rows, 'row')} in LightningDiT shards, {plural(self.errors, 'error')} carried over, "
+            f"{plural(self.classes, 'class')}"
         )
 
 
