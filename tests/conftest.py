@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,9 @@ import pytest
 import torch
 from helpers import TINY
 from safetensors.torch import load_file
+
+# Job caches (the zero-shot classifiers) in a directory of this test session, never the user's.
+os.environ.setdefault("VTP_CACHE_DIR", tempfile.mkdtemp(prefix="vtp-ray-test-cache-"))
 
 if TYPE_CHECKING:
     import serving

@@ -156,3 +156,15 @@ def test_classnames_checks(tmp_path: Path) -> None:
     assert load_sample_classnames(lines) == ["cat"] and len(load_sample_classnames(None)) == 1000
     with pytest.raises(ValueError, match="one class name per line"):
         load_sample_classnames(mapping)
+
+
+def test_the_classifier_is_built_once_per_job_and_cached(runs: dict) -> None:
+    """Runs a, b and shards used the same model, names (in the same order) and the 80 templates: one build, kept in
+    the session's cache directory, equal to the in-process classifier; a job of another class set has its own."""
+    import os
+
+    cached = sorted((Path(os.environ["VTP_CACHE_DIR"]) / "class-embeddings").glob("*.npy"))
+    replica = VTPReplica(TINYTEXT, device="cpu", warmup_size=0)
+    expected = class_embeddings(replica.embed_text, [CLASSES[d] for d in sorted(CLASSES)], imagenet_templates())
+    matches = [path for path in cached if np.allclose(np.load(path), expected, atol=1e-5)]
+    assert len(matches) == 1

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -234,13 +234,15 @@ def run_pipeline(
     worker: type,
     model: ModelFacts,
     worker_kwargs: Mapping[str, Any] | None = None,
+    prepare: Callable[[Placement], Mapping[str, Any]] | None = None,
 ) -> Iterator[tuple[Placement, Iterator[pa.Table]]]:
     """In a Ray session: ``(placement, output batches)`` of ``source`` through ``worker`` replicas of ``model``
     (or, with ``spec.serve``, through a running Serve app's, checked to serve ``model`` before anything is read).
 
     Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
     constructor (a wrong model, device or precision for the workers), ``ServedModelChanged`` when the app starts
-    serving another model mid-job.
+    serving another model mid-job. ``prepare`` (called with the placement, in the Ray session, before the workers
+    start) returns more worker arguments: what a job computes once for all its workers.
     """
     import ray
 
@@ -253,8 +255,9 @@ def run_pipeline(
                      served.deployment, served.replicas)  # fmt: skip
         else:
             placement = Placement.resolve(spec)
+        kwargs = {**(worker_kwargs or {}), **(prepare(placement) if prepare else {})}
         preprocessed = source.read(spec, ray.cluster_resources().get("CPU", 1))
-        dataset = replica_stage(preprocessed, spec, placement, worker, worker_kwargs or {}, expected)
+        dataset = replica_stage(preprocessed, spec, placement, worker, kwargs, expected)
         yield placement, _outputs(dataset)
 
 

@@ -2,8 +2,10 @@
 
 As upstream VTP's ``tools/test_zero_shot_hf.py`` does it: class index = the sorted order of the first-level
 directories (ImageNet val's synsets), class names (the 1000 OpenAI ImageNet names by default, or ``classnames``),
-the text classifier built once per replica from prompt templates (OpenAI's 80 ImageNet templates by default: per
-class, the mean of the normalized template embeddings, renormalized), image embeddings through the replica pool,
+the text classifier built once per job from prompt templates (OpenAI's 80 ImageNet templates by default: per
+class, the mean of the normalized template embeddings, renormalized; by one task on a replica's resources, or by the
+Serve app's replicas, and kept in a disk cache keyed by the model, the class names and the templates: see
+``classifier``), image embeddings through the replica pool,
 top-1 / top-5 accuracy. Images that cannot be loaded and images outside a class directory are error rows with their
 reason.
 
@@ -18,7 +20,9 @@ label, target, prediction, top5, top5_probabilities, correct_top1, correct_top5)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -32,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ... import __version__
 from ..report import PER_IMAGE, REPORT, input_counts, run_header, sort_by_path
-from ..runner import ReplicaUsage, run_pipeline
+from ..runner import Placement, ReplicaUsage, run_pipeline
 from ..sources import SampleSource, find_source, sample_sort_key
 from ..spec import ModelFacts, PipelineSpec
 from ..stages import fixed_size_lists
@@ -41,19 +46,19 @@ from ..worker import ModelStage
 
 __all__ = ["TOP_K", "ZeroShotWorker", "load_classnames", "load_sample_classnames", "zero_shot_dataset"]
 
+log = logging.getLogger(__name__)
+
 TASK = "zero-shot"
 TOP_K = 5
 
 
 class ZeroShotWorker(ModelStage):
-    """The model stage: builds the text classifier once, then embeds and scores each batch of images."""
+    """The model stage: embeds and scores each batch of images against the job's classifier ``(C, D)``."""
 
-    def __init__(self, *, classnames: Sequence[str], templates: Sequence[str], **base: Any) -> None:
-        from ...text.classifier import class_embeddings
-
+    def __init__(self, *, classifier: np.ndarray, **base: Any) -> None:
         super().__init__(**base)
-        self.classes = len(classnames)
-        self.classifier = class_embeddings(self.replica.embed_text, classnames, templates)
+        self.classes = len(classifier)
+        self.classifier = classifier
 
     def process(self, images: np.ndarray, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         return self.replica.classify(images, self.classifier).top(TOP_K)
@@ -117,6 +122,58 @@ def load_sample_classnames(path: str | os.PathLike[str] | None) -> list[str]:
     return names
 
 
+#: Where built classifiers are kept (``$VTP_CACHE_DIR``, else ``~/.cache/vtp-ray``), one .npy per model, class
+#: names and templates: ImageNet's 1000 classes x 80 templates cost minutes of text encoding per run otherwise.
+CACHE_ENV = "VTP_CACHE_DIR"
+
+
+def classifier(
+    spec: PipelineSpec, model: ModelFacts, placement: Placement, names: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """The job's text classifier ``(C, D)``, built once for all its workers: from the disk cache, else by the app's
+    replicas (a job on a Serve app) or by one task with a replica's resources, which prints its progress."""
+    import ray
+
+    identity = [__version__, model.identity(spec), list(names), list(templates)]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
+    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vtp-ray") / "class-embeddings" / f"{key}.npy"
+    if path.is_file():
+        log.info("class embeddings of %d classes from the cache %s", len(names), path)
+        return np.load(path)
+    what = f"class embeddings ({len(names)} classes x {len(templates)} templates)"
+    if placement.served is not None:
+        from ...text.classifier import ProgressLine, class_embeddings
+        from ..served import ServedReplica
+
+        replica = ServedReplica(placement.served, model.identity(spec))
+        result = class_embeddings(replica.embed_text, names, templates, progress=ProgressLine(what))
+    else:
+        build = ray.remote(_build_classifier).options(**placement.options)
+        result = ray.get(build.remote(spec, placement.device, names, templates, what))
+    try:  # the cache is a convenience: a read-only home changes nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, result)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("class embeddings not cached (%s)", e)
+    return result
+
+
+def _build_classifier(
+    spec: PipelineSpec, device: str, names: Sequence[str], templates: Sequence[str], what: str
+) -> np.ndarray:
+    """The classifier, in a task with a replica's resources (its prints reach the job's console)."""
+    from ...replica import VTPReplica
+    from ...text.classifier import ProgressLine, class_embeddings
+    from ..worker import replica_cpu_threads
+
+    replica = VTPReplica(spec.model, device, spec.precision, spec.rope_dtype, warmup_size=0,
+                         cpu_threads=replica_cpu_threads(spec.cpu_threads, device))  # fmt: skip
+    return class_embeddings(replica.embed_text, names, templates, progress=ProgressLine(what))
+
+
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -154,9 +211,12 @@ def zero_shot_dataset(
         index = {d: i for i, d in enumerate(directories)}
         samples, found, order = None, source, source.position()
     model = ModelFacts.of(spec.model, spec.preprocessing.size)
-    worker = {"classnames": tuple(names), "templates": templates}
+
+    def prepare(placement: Placement) -> dict[str, Any]:
+        return {"classifier": classifier(spec, model, placement, tuple(names), templates)}
+
     usage, rows, errors = ReplicaUsage(), [], []
-    with run_pipeline(spec, source, ZeroShotWorker, model, worker) as (placement, batches):
+    with run_pipeline(spec, source, ZeroShotWorker, model, prepare=prepare) as (placement, batches):
         for batch in batches:
             usage.add(batch)
             failed = batch.column("error").is_valid()
