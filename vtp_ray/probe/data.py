@@ -112,16 +112,16 @@ def find_probe_sets(
     Image folders (label = first-level directory) and manifests (their ``label`` column): the classes are the
     training set's labels, sorted (ImageFolder's order); a validation label outside them is excluded
     (``unknown_class``), as is an input with no label (``no_class``). Sample sources (shards, parquet image bytes):
-    the label is the sample's integer class index below ``num_classes``; samples without one become error rows
-    when read. Both sets must be of the same form. Counting samples in shards starts Ray tasks.
+    the label is the sample's integer class index below ``num_classes`` (default 1000, ImageNet's); samples
+    without one become error rows when read. Both sets must be of the same form. Counting the samples of shards
+    starts Ray tasks.
     """
     train_samples = find_samples(train, options, filesystem)
     val_samples = find_samples(val, options, filesystem)
     if (train_samples is None) != (val_samples is None):
         raise InputError("--train and --val must both be image folders / manifests, or both shards / parquet files")
     if train_samples is not None:
-        if not num_classes:
-            raise ValueError("shards and parquet files carry class indices: give the number of classes")
+        num_classes = num_classes or 1000  # ImageNet's shards: 0 .. 999
         counted = replace(options, class_ids=True, num_classes=num_classes)
         sets = []
         for name, sources, source in (("train", train, train_samples), ("val", val, val_samples)):
