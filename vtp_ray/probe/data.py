@@ -58,6 +58,7 @@ __all__ = [
     "feature_set",
     "find_probe_sets",
     "read_task",
+    "stream_slices",
     "validation_dataset",
 ]
 
@@ -160,27 +161,33 @@ def find_probe_sets(
     return sets[0], sets[1], classes
 
 
-def feature_set(name: str, sources: Sequence[str], parts: Sequence[str]) -> ProbeSet:
-    """The stored features of one side (the fast mode): parquet parts with ``path, target, features``."""
+def feature_set(images: ProbeSet, parts: Sequence[str]) -> ProbeSet:
+    """The stored features of a set's images (the fast mode): parquet parts with ``path, target, features``."""
     sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in parts], np.int64)
-    return ProbeSet(name, tuple(sources), "features", sizes, features=tuple(parts))
+    return ProbeSet(images.name, images.sources, "features", sizes, features=tuple(parts), excluded=images.excluded)
 
 
 # ------------------------------------------------------------------------------------------- the plan
 
 
-def epoch_plan(sizes: np.ndarray, seed: int, epoch: int, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(unit, start, stop)`` arrays: the slices of units that make epoch ``epoch`` of the training stream, in
-    stream order. The stream is pass after pass over all units, pass ``p`` in the order of
-    ``np.random.default_rng((seed, p)).permutation``; epoch ``e`` is its samples ``e * samples`` up to
-    ``(e + 1) * samples``."""
+def stream_slices(
+    sizes: np.ndarray, first: int, count: int, seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(unit, start, stop)`` arrays: the slices of units holding samples ``first .. first + count - 1`` of a
+    stream, in stream order.
+
+    With ``seed``, the stream is the training stream: pass after pass over all units, pass ``p`` in the order of
+    ``np.random.default_rng((seed, p)).permutation``. Without, it is one pass in the units' order (validation).
+    """
     total = int(sizes.sum())
     if total <= 0:
-        raise ValueError("the training set holds no samples")
-    first, end = epoch * samples, (epoch + 1) * samples
-    units, starts, stops = [], [], []
-    for p in range(first // total, (end - 1) // total + 1):
-        order = np.random.default_rng((seed, p)).permutation(len(sizes))
+        raise ValueError("the set holds no samples")
+    end = first + count
+    if seed is None and end > total:
+        raise ValueError(f"samples {first} .. {end - 1} are past the set's {total}")
+    units, starts, stops = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for p in range(first // total, (end - 1) // total + 1 if count else 0):
+        order = np.arange(len(sizes)) if seed is None else np.random.default_rng((seed, p)).permutation(len(sizes))
         ends = np.cumsum(sizes[order])
         begins = ends - sizes[order]
         low, high = max(first - p * total, 0), min(end - p * total, total)
@@ -189,6 +196,12 @@ def epoch_plan(sizes: np.ndarray, seed: int, epoch: int, samples: int) -> tuple[
         starts.append(np.maximum(low - begins[chosen], 0))
         stops.append(np.minimum(high - begins[chosen], sizes[order][chosen]))
     return np.concatenate(units), np.concatenate(starts), np.concatenate(stops)
+
+
+def epoch_plan(sizes: np.ndarray, seed: int, epoch: int, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slices of epoch ``epoch`` of the training stream (``stream_slices``): its samples ``epoch x samples`` up
+    to the next epoch's."""
+    return stream_slices(sizes, epoch * samples, samples, seed)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -205,7 +218,7 @@ class Reader:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     seed: int
-    epoch: int
+    stream: int  # numbers the augmentation draws: one stream per (epoch, worker)
     limits: ImageLimits
     block_rows: int
     filesystem: pafs.FileSystem | None = None
@@ -220,7 +233,7 @@ class Reader:
         return resize_center_crop(img, self.resize_size, self.size)
 
 
-def _reader(probe_set: ProbeSet, settings: ProbeSettings, train: bool, epoch: int, block_rows: int,
+def _reader(probe_set: ProbeSet, settings: ProbeSettings, train: bool, stream: int, block_rows: int,
             limits: ImageLimits, filesystem: pafs.FileSystem | None, tag: str | None = None) -> Reader:  # fmt: skip
     files: tuple[tuple[str, str], ...] = ()
     options, image_column = SampleOptions(), None
@@ -238,7 +251,7 @@ def _reader(probe_set: ProbeSet, settings: ProbeSettings, train: bool, epoch: in
         crop_scale=settings.crop_scale,
         crop_ratio=settings.crop_ratio,
         seed=settings.seed,
-        epoch=epoch,
+        stream=stream,
         limits=limits,
         block_rows=block_rows,
         filesystem=filesystem,
@@ -249,11 +262,16 @@ def _reader(probe_set: ProbeSet, settings: ProbeSettings, train: bool, epoch: in
     )
 
 
-def _tasks(probe_set: ProbeSet, units: np.ndarray, starts: np.ndarray, stops: np.ndarray, block_rows: int) -> list:
-    """Read tasks: runs of up to ``block_rows`` single-image units, or one unit slice each (a whole shard or
-    parquet file is read by one task, in blocks)."""
+def _tasks(
+    probe_set: ProbeSet, units: np.ndarray, starts: np.ndarray, stops: np.ndarray, block_rows: int,
+    positions: np.ndarray | None = None,
+) -> list:  # fmt: skip
+    """Read tasks: runs of up to ``block_rows`` single images (their rows of the input table, and their positions in
+    the stream, which seed their augmentation), or one unit slice each (a whole shard or parquet file is read by one
+    task, in blocks)."""
     if probe_set.kind == "files":
-        return [units[i : i + block_rows] for i in range(0, len(units), block_rows)]
+        positions = np.zeros(len(units), np.int64) if positions is None else positions
+        return [(units[i : i + block_rows], positions[i : i + block_rows]) for i in range(0, len(units), block_rows)]
     return [(int(u), int(a), int(b)) for u, a, b in zip(units, starts, stops, strict=True)]
 
 
@@ -277,6 +295,7 @@ def epoch_dataset(
     probe_set: ProbeSet,
     settings: ProbeSettings,
     epoch: int,
+    rank: int,
     workers: int,
     *,
     block_rows: int,
@@ -284,17 +303,34 @@ def epoch_dataset(
     decode_cpus: float,
     filesystem: pafs.FileSystem | None = None,
 ) -> Dataset:
-    """The training rows of epoch ``epoch``: exactly ``epoch_length x batch_size x workers`` samples (rows or
-    error rows), augmented (``features``: as stored)."""
+    """Worker ``rank``'s training rows of epoch ``epoch``: exactly ``epoch_length x batch_size`` samples (rows or
+    error rows), augmented (``features``: as stored), in order.
+
+    Image folders are dealt as ``DistributedSampler`` deals them: worker ``r`` takes every ``workers``-th image of
+    the epoch from the ``r``-th on, so that each step's global batch is the stream's next ``batch x workers``
+    images whatever the number of workers, each augmented with draws seeded by its position in the stream: ``W``
+    workers train the heads as one worker with a ``W`` times larger batch would. Shards, parquet files and stored
+    features are cut into ``workers`` consecutive parts instead (a shard is read from its start).
+    """
     samples = settings.epoch_length * settings.global_batch(workers)
-    units, starts, stops = epoch_plan(probe_set.sizes, settings.seed, epoch, samples)
-    reader = _reader(probe_set, settings, True, epoch, block_rows, limits, filesystem)
-    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows), decode_cpus)
+    first = epoch * samples
+    if probe_set.kind == "files":
+        units, _, _ = epoch_plan(probe_set.sizes, settings.seed, epoch, samples)
+        positions = np.arange(first, first + samples)[rank::workers]
+        units, starts, stops = units[rank::workers], None, None
+    else:
+        part = samples // workers
+        units, starts, stops = stream_slices(probe_set.sizes, first + rank * part, part, settings.seed)
+        positions = None
+    reader = _reader(probe_set, settings, True, epoch * workers + rank, block_rows, limits, filesystem)
+    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows, positions), decode_cpus)
 
 
 def validation_dataset(
     probe_set: ProbeSet,
     settings: ProbeSettings,
+    rank: int = 0,
+    workers: int = 1,
     *,
     block_rows: int,
     limits: ImageLimits,
@@ -302,12 +338,14 @@ def validation_dataset(
     filesystem: pafs.FileSystem | None = None,
     tag: str | None = None,
 ) -> Dataset:
-    """Every sample of ``probe_set`` once, in order, resized and center-cropped (``features``: as stored).
-    ``tag``: a ``split`` column with this value on every row."""
-    units = np.arange(len(probe_set.sizes))
+    """Worker ``rank``'s part of ``probe_set``: consecutive samples, about ``1 / workers`` of them, in order, resized
+    and center-cropped (``features``: as stored); every sample is in one part. ``tag``: a ``split`` column with
+    this value on every row."""
+    total = probe_set.total
+    first, end = total * rank // workers, total * (rank + 1) // workers
+    units, starts, stops = stream_slices(probe_set.sizes, first, end - first)
     reader = _reader(probe_set, settings, False, 0, block_rows, limits, filesystem, tag)
-    tasks = _tasks(probe_set, units, np.zeros_like(units), probe_set.sizes, block_rows)
-    return _dataset(probe_set, reader, tasks, decode_cpus)
+    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows), decode_cpus)
 
 
 def read_task(batch: pa.Table, *, refs: list[ObjectRef], reader: Reader) -> Iterator[pa.Table]:
@@ -322,10 +360,10 @@ def _read_blocks(batch: pa.Table, refs: list[ObjectRef], reader: Reader) -> Iter
     tasks, table = ray.get(refs[0]), ray.get(refs[1])  # nested in a list: Ray Data passes them through unresolved
     for task_id in batch.column("id").to_pylist():
         task = tasks[task_id]
-        rng = np.random.default_rng((reader.seed, reader.epoch, task_id, 1))  # 1: the augmentation's stream
+        rng = np.random.default_rng((reader.seed, reader.stream, task_id, 1))  # 1: the augmentation's draws
         if reader.kind == "files":
-            rows = table.take(pa.array(task, pa.int64()))
-            yield _read_files(rows, reader, rng)
+            units, positions = task
+            yield _read_files(table.take(pa.array(units, pa.int64())), positions, reader)
         elif reader.kind == "webdataset":
             yield from _read_tar(task, reader, rng)
         elif reader.kind == "parquet":
@@ -334,19 +372,27 @@ def _read_blocks(batch: pa.Table, refs: list[ObjectRef], reader: Reader) -> Iter
             yield from _read_features(task, reader)
 
 
-def _read_files(rows: pa.Table, reader: Reader, rng: np.random.Generator) -> pa.Table:
+def _read_files(rows: pa.Table, positions: np.ndarray, reader: Reader) -> pa.Table:
     paths = rows.column("path").to_pylist()
 
     def fetch(i: int) -> bytes:
         return read_bytes(paths[i], reader.filesystem, reader.limits.max_bytes)
 
-    return _rows(paths, rows.column("target").to_pylist(), fetch, reader, rng)
+    # One generator per image, seeded by its place in the stream (~20 us): its crop does not depend on which
+    # worker or task reads it.
+    rngs = [np.random.default_rng((reader.seed, int(p), 2)) for p in positions]
+    return _rows(paths, rows.column("target").to_pylist(), fetch, reader, rngs)
 
 
 def _rows(
-    paths: list[str], targets: list[int | None], fetch: Any, reader: Reader, rng: np.random.Generator
+    paths: list[str],
+    targets: list[int | None],
+    fetch: Any,
+    reader: Reader,
+    rng: np.random.Generator | list[np.random.Generator],
 ) -> pa.Table:
-    """Load and transform ``fetch(0) .. fetch(n - 1)``: one row each, a null image and its reason on failure."""
+    """Load and transform ``fetch(0) .. fetch(n - 1)``: one row each, a null image and its reason on failure.
+    ``rng``: the augmentation's draws, one generator for all or one per image."""
     n, side = len(paths), reader.size
     pixels = np.zeros((n, side, side, 3), np.uint8)
     ok = np.zeros(n, bool)
@@ -356,7 +402,7 @@ def _rows(
         try:
             if targets[i] is None:
                 raise Refused("no class")
-            pixels[i] = reader.transform(load_image(fetch(i), reader.limits), rng)
+            pixels[i] = reader.transform(load_image(fetch(i), reader.limits), rng[i] if isinstance(rng, list) else rng)
             ok[i] = True
         except Refused as e:
             reasons[i], messages[i] = e.reason, str(e)

@@ -106,7 +106,7 @@ def extract_features(
     stats["images"] = {name: done[name]["rows"] for name in sets}
     stats["seconds"] = round(time.perf_counter() - started, 3)
     parts = {name: [str(directory / name / p) for p in done[name]["parts"]] for name in sets}
-    return feature_set("train", train.sources, parts["train"]), feature_set("val", val.sources, parts["val"]), stats
+    return feature_set(train, parts["train"]), feature_set(val, parts["val"]), stats
 
 
 def _embed_dim(spec: PipelineSpec) -> int:

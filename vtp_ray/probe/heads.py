@@ -74,15 +74,16 @@ def train_step(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     features: Tensor,
     targets: Tensor,
+    scale: float | None = None,
 ) -> Tensor:
-    """One step of every head on one batch: the sum of the heads' mean cross-entropies, backward (under DDP the
-    gradients are averaged over the workers), SGD, then the schedule. Returns the summed loss (a 0-d tensor: read it
-    only when it is printed, it waits for the device)."""
-    logits = model(features)
-    if len(targets):
-        loss = sum(F.cross_entropy(out, targets) for out in logits)
-    else:  # every image of this worker's batch failed to load: take part in the gradient exchange with zeros
-        loss = sum(out.sum() for out in logits) * 0.0
+    """One step of every head on one batch: the sum over the heads of their cross-entropies summed over the batch
+    times ``scale``, backward, SGD, then the schedule. ``scale`` defaults to ``1 / len(targets)`` (each head's mean
+    loss, upstream's); under DDP, which averages the workers' gradients, ``workers / images of the global batch``
+    gives every head the mean over the whole global batch however its images are spread (a worker whose images
+    all failed to load still takes part, with zeros). Returns the loss (a 0-d tensor: reading it waits for the
+    device)."""
+    scale = 1.0 / max(len(targets), 1) if scale is None else scale
+    loss = sum(F.cross_entropy(out, targets, reduction="sum") for out in model(features)) * scale
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -4,8 +4,8 @@
 
     train / val inputs -> data.find_probe_sets (classes; shard samples counted by Ray tasks)
     [fast mode: features.extract_features -> DIR/features/{train,val}/part-*.parquet, once]
-    datasets: "train-<e>" (data.epoch_dataset: the epoch's slice of the endless shuffled stream) for every epoch,
-              "val" (data.validation_dataset)
+    datasets: "train-<e>-<rank>" (data.epoch_dataset: worker rank's part of epoch e of the endless shuffled
+              stream) for every epoch and worker, "val-<rank>" (data.validation_dataset: its part of the val set)
     TorchTrainer(worker.train_loop, ScalingConfig: one worker per accelerator, TorchConfig: hccl / nccl / gloo,
                  RunConfig(name, storage_path=DIR, FailureConfig(max_failures)))     (fit in a 0-CPU Ray task:
                  ray.train.torch imports torch, the driver never does)
@@ -31,8 +31,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from ray.train import DataConfig
 
 from ..pipeline.report import REPORT, run_header
 from ..pipeline.runner import Placement, ray_session
@@ -144,22 +142,6 @@ def worker_placement(
     return WorkerPlacement(replicas, wanted, bool(wanted.get("GPU")), backend, device_kind)
 
 
-class ProbeDataConfig(DataConfig):
-    """Ray Train's ``DataConfig`` with one change: the validation set is split unequally (``equal=False``), so that
-    each of its images is evaluated exactly once; ``equal=True`` (kept for the training epochs, whose workers must
-    step in lockstep) would drop up to ``workers - 1`` of them."""
-
-    def configure(
-        self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
-    ) -> list[dict[str, Any]]:
-        if set(datasets) != {"val"}:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        dataset = datasets["val"].copy(datasets["val"])
-        dataset.context.execution_options = self._resolve_execution_options("val")
-        hints = worker_node_ids if self._enable_shard_locality else None
-        return [{"val": split} for split in dataset.streaming_split(world_size, equal=False, locality_hints=hints)]
-
-
 def linear_probe(
     train: Sequence[str],
     val: Sequence[str],
@@ -211,18 +193,17 @@ def linear_probe(
             )
         cpus = ray.cluster_resources().get("CPU", 1)
         common = {"limits": spec.limits, "decode_cpus": spec.decode_cpus, "filesystem": spec.filesystem}
+        workers = placement.workers
+        train_rows = block_rows_for(settings.epoch_length * settings.batch_size, settings.size, cpus / workers,
+                                    spec.decode_cpus)  # fmt: skip
+        val_rows = block_rows_for(val_set.total // workers, settings.size, cpus / workers, spec.decode_cpus)
         datasets = {
-            f"train-{e}": epoch_dataset(
-                train_set, settings, e, placement.workers,
-                block_rows=block_rows_for(settings.epoch_length * settings.global_batch(placement.workers),
-                                          settings.size, cpus, spec.decode_cpus), **common,
-            )
+            f"train-{e}-{r}": epoch_dataset(train_set, settings, e, r, workers, block_rows=train_rows, **common)
             for e in range(settings.epochs)
-        }  # fmt: skip
-        datasets["val"] = validation_dataset(
-            val_set, settings, block_rows=block_rows_for(val_set.total, settings.size, cpus, spec.decode_cpus),
-            **common,
-        )  # fmt: skip
+            for r in range(workers)
+        }
+        for r in range(workers):
+            datasets[f"val-{r}"] = validation_dataset(val_set, settings, r, workers, block_rows=val_rows, **common)
         loop_config = {
             "settings": settings,
             "model": spec.model,
@@ -231,6 +212,7 @@ def linear_probe(
             "embed_dim": embed_dim,
             "num_classes": len(classes),
             "config_digest": model.config_digest,
+            "shuffle_rows": train_set.kind != "files",
         }
         fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
         checkpoint = ray.get(fit.remote(loop_config, datasets, placement, str(out), name, max_failures, spec.progress))
@@ -297,8 +279,8 @@ def _fit(
 ) -> str:
     """Build and fit the ``TorchTrainer`` (in a Ray task: ``ray.train.torch`` imports torch). Returns the latest
     checkpoint's path."""
-    from ray.data import DataContext
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .worker import train_loop
@@ -318,7 +300,9 @@ def _fit(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
         datasets=datasets,
-        dataset_config=ProbeDataConfig(),
+        # Each worker has datasets of its own (its part of each epoch, of the val set): none is split by Ray Data,
+        # and each is read in plan order, so that a worker's batches are the same in every run.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

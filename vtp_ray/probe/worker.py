@@ -2,10 +2,11 @@
 
 Each worker holds the frozen trunk (a ``VTPReplica``: its model, device and precision) and every linear head under
 DDP; the heads' gradients are averaged over the workers at each step, so ``W`` workers with batch ``B`` train the
-heads as one process would with batch ``W x B``. Per epoch the worker reads its split of that epoch's dataset
-(``ray.train.get_dataset_shard("train-<epoch>")``), computes the features of each batch on its device
+heads as one process would with batch ``W x B``. Per epoch the worker reads its own part of the epoch
+(``ray.train.get_dataset_shard("train-<epoch>-<rank>")``: every worker has datasets of its own, so no Ray Data split
+coordinator is started per epoch), computes the features of each batch on its device
 (``heads.probe_features``; in the fast mode the batch already holds them), steps the heads, then evaluates every head
-on its split of the validation set, sums the counts over the workers, and reports: rank 0 with a checkpoint of the
+on its part of the validation set, sums the counts over the workers, and reports: rank 0 with a checkpoint of the
 heads, the optimizer and the schedule, which a restarted worker group (a failed worker) or a re-run of the command
 (same ``RunConfig`` name and storage path) resumes from.
 """
@@ -65,10 +66,10 @@ def _cpu_threads(requested: int | None, local_workers: int) -> int:
 
 
 class _Feed:
-    """Batches of a worker's split -> ``(features, targets)`` on its device, and the rows that failed to load."""
+    """Batches of a worker's dataset -> ``(features, targets)`` on its device, and the rows that failed to load."""
 
-    def __init__(self, replica: Any, settings: ProbeSettings, device: Any) -> None:
-        self.replica, self.settings, self.device = replica, settings, device
+    def __init__(self, replica: Any, settings: ProbeSettings, device: Any, width: int) -> None:
+        self.replica, self.settings, self.device, self.width = replica, settings, device, width
         self.errors: dict[str, dict[str, str]] = {}
 
     def batches(self, shard: Any, batch_size: int, shuffle_seed: int | None = None) -> Iterator[tuple[Any, Any]]:
@@ -96,6 +97,8 @@ class _Feed:
 
         from .heads import probe_features
 
+        if not batch.num_rows:  # every image of the batch failed to load
+            return torch.zeros((0, self.width), device=self.device)
         if FEATURES in batch.column_names:
             column = batch.column(FEATURES).combine_chunks()
             width = column.type.list_size
@@ -149,7 +152,7 @@ def train_loop(config: Mapping[str, Any]) -> None:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    feed = _Feed(replica, settings, device)
+    feed = _Feed(replica, settings, device, settings.feature_dim(config["embed_dim"]))
     say = _say if rank == 0 else (lambda *a, **k: None)
     if checkpoint is not None:
         say(f"linear-probe: resuming after epoch {state['epochs_done']} from {checkpoint.path}", flush=True)
@@ -158,13 +161,21 @@ def train_loop(config: Mapping[str, Any]) -> None:
         trained = True
         model.train()
         started = time.perf_counter()
-        shard = ray.train.get_dataset_shard(f"train-{epoch}")
-        seed = None if settings.shuffle_buffer == 0 else settings.seed * 1_000_003 + epoch * 1009 + rank
+        shard = ray.train.get_dataset_shard(f"train-{epoch}-{rank}")
+        # Shards, parquet files and stored features are shuffled whole: a buffer mixes their rows (image folders are
+        # shuffled image by image already, and must keep their order, see data.epoch_dataset).
+        mixed = config["shuffle_rows"] and settings.shuffle_buffer > 0
+        seed = settings.seed * 1_000_003 + epoch * 1009 + rank if mixed else None
         total = torch.zeros((), device=device)
         steps, window_start, window_steps = 0, time.perf_counter(), 0
         for features, targets in feed.batches(shard, settings.batch_size, seed):
             lr = optimizer.param_groups[0]["lr"]
-            loss = train_step(model, optimizer, schedule, features, targets)
+            scale = None
+            if workers > 1:  # the mean over the global batch's images, however many of them each worker holds
+                count = torch.tensor(len(targets), dtype=torch.float32, device=device)
+                dist.all_reduce(count)
+                scale = workers / max(count.item(), 1.0)
+            loss = train_step(model, optimizer, schedule, features, targets, scale)
             total += loss
             steps += 1
             window_steps += 1
@@ -178,7 +189,7 @@ def train_loop(config: Mapping[str, Any]) -> None:
                 )
                 window_start, window_steps = time.perf_counter(), 0
         train_seconds = time.perf_counter() - started
-        accuracies, evaluated, val_seconds = _evaluate(model, feed, settings, device, workers)
+        accuracies, evaluated, val_seconds = _evaluate(model, feed, settings, device, rank, workers)
         errors = _gather_errors(feed.errors, workers)
         mean_loss = float(total.item()) / max(steps, 1)
         _record_epoch(state, epoch, specs, accuracies, evaluated, mean_loss, steps, train_seconds, val_seconds,
@@ -224,8 +235,10 @@ def _new_state(settings: ProbeSettings, precision: str, device: str, workers: in
     }
 
 
-def _evaluate(model: Any, feed: _Feed, settings: ProbeSettings, device: Any, workers: int) -> tuple[Any, int, float]:
-    """Every head's correct count on this worker's split of the validation set, summed over the workers."""
+def _evaluate(
+    model: Any, feed: _Feed, settings: ProbeSettings, device: Any, rank: int, workers: int
+) -> tuple[Any, int, float]:
+    """Every head's correct count on this worker's part of the validation set, summed over the workers."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -237,7 +250,7 @@ def _evaluate(model: Any, feed: _Feed, settings: ProbeSettings, device: Any, wor
     heads.eval()
     correct = torch.zeros(len(heads.names), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
-    for features, targets in feed.batches(ray.train.get_dataset_shard("val"), 2 * settings.batch_size):
+    for features, targets in feed.batches(ray.train.get_dataset_shard(f"val-{rank}"), 2 * settings.batch_size):
         correct += count_correct(heads, features, targets)
         seen += len(targets)
     if workers > 1:
