@@ -162,6 +162,8 @@ def linear_probe(
     """
     started = time.perf_counter()
     out = Path(output).expanduser().resolve()
+    if os.path.exists(spec.model):  # the workers' working directory is not this one
+        spec = replace(spec, model=os.path.abspath(spec.model))
     model = ModelFacts.of(spec.model, settings.size)
     embed_dim, depth = _trunk_shape(spec.model)
     if settings.max_blocks > depth:
@@ -214,8 +216,17 @@ def linear_probe(
             "config_digest": model.config_digest,
             "shuffle_rows": train_set.kind != "files",
         }
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
-        checkpoint = ray.get(fit.remote(loop_config, datasets, placement, str(out), name, max_failures, spec.progress))
+        # Ray Train reads its RAY_TRAIN_* settings in the process that builds the trainer: that of the launcher task.
+        env = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env={"env_vars": env} if env else None)
+        launched = fit.remote(loop_config, datasets, placement, str(out), name, max_failures, spec.progress)
+        try:
+            checkpoint = ray.get(launched)
+        except KeyboardInterrupt:
+            # Stop the training now (its controller and workers go with the task), not when Ray notices that this
+            # driver is gone: a re-run continues from the latest checkpoint in any case.
+            ray.cancel(launched, force=True)
+            raise
     state = _read_state(checkpoint)
     report = _report(train, val, out, name, spec, settings, model, placement, state, classes, train_set, val_set,
                      extraction, time.perf_counter() - started)  # fmt: skip
