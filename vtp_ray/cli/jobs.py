@@ -9,7 +9,7 @@ from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
 from ..text import TEMPLATE_SETS
 from .args import add_model_args, add_pipeline_args, add_replica_args, pipeline_spec, replica_fields
-from .probe import add_probe_args, run_probe, task_defaults
+from .probe import add_probe_args, eval_defaults, run_probe, task_defaults
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="zero-shot prompt templates: imagenet (OpenAI's 80, as upstream) or default (one)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
     add_probe_args(p)
-    p.set_defaults(func=cmd_eval, size=None, batch_size=None, precision=None)  # per task: probe.task_defaults
+    p.set_defaults(func=cmd_eval, **eval_defaults())  # the probe's differ: probe.task_defaults
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

@@ -11,7 +11,19 @@ from .args import csv, pipeline_spec
 
 #: The flags ``eval`` shares with the other tasks whose defaults differ for the probe (upstream's numbers).
 PROBE_DEFAULTS = {"size": 224, "batch_size": 128, "precision": "auto"}
-OTHER_DEFAULTS = {"size": 256, "batch_size": 32, "precision": "fp32"}
+
+
+class _DefaultInt(int):
+    """An ``eval`` default that the probe replaces with its own (a flag given on the command line is a plain int)."""
+
+
+class _DefaultStr(str):
+    """The same for a text flag."""
+
+
+def eval_defaults() -> dict[str, object]:
+    """``eval``'s defaults for the flags in ``PROBE_DEFAULTS``: the other tasks' values, marked as defaults."""
+    return {"size": _DefaultInt(256), "batch_size": _DefaultInt(32), "precision": _DefaultStr("fp32")}
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -68,11 +80,14 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def task_defaults(args: argparse.Namespace) -> None:
-    """Fill in ``--size``, ``--batch-size``, ``--precision`` where not given: upstream's for the probe."""
-    defaults = PROBE_DEFAULTS if args.task == "linear-probe" else OTHER_DEFAULTS
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    """For the probe, upstream's ``--size``, ``--batch-size``, ``--precision`` where they were not given; for the
+    other tasks, the marked defaults become plain values again (they travel to Ray workers)."""
+    for name, probe_value in PROBE_DEFAULTS.items():
+        value = getattr(args, name)
+        if isinstance(value, _DefaultInt):
+            setattr(args, name, probe_value if args.task == "linear-probe" else int(value))
+        elif isinstance(value, _DefaultStr):
+            setattr(args, name, probe_value if args.task == "linear-probe" else str(value))
 
 
 def probe_settings(args: argparse.Namespace) -> ProbeSettings:
