@@ -26,7 +26,8 @@ from ..pipeline.runner import Placement, ReplicaUsage
 from ..pipeline.spec import ModelFacts, PipelineSpec
 from ..pipeline.stages import fixed_size_lists
 from ..pipeline.worker import ReplicaWorker
-from .data import FEATURES, ProbeSet, block_rows_for, feature_set, validation_dataset
+from .data import ProbeSet, block_rows_for, feature_set, validation_dataset
+from .reads import FEATURES
 from .settings import ProbeSettings
 
 __all__ = ["DONE", "FeatureWorker", "extract_features"]

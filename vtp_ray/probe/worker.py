@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..pipeline.stages import pixels
-from .data import FEATURES
+from .reads import FEATURES
 from .settings import ProbeSettings
 
 __all__ = ["STATE", "resolve_probe_precision", "train_loop"]
