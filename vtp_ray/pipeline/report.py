@@ -239,8 +239,13 @@ def summary_line(report: Mapping[str, Any]) -> str:
     parts = [f"{name} {_fmt(_headline(m[name]))}" for name in (*PER_IMAGE_METRICS, "rfid", "top1", "top5") if name in m]
     random = " (RANDOM weights: the metrics are meaningless)" if report["random_weights"] else ""
     if report.get("task") == "linear-probe":
-        parts.append(f"best head {report['best_head']}")
-        random += "" if report["mode"] == "protocol" else " (fast mode: NOT upstream's protocol)"
+        fast = "" if report["mode"] == "protocol" else " (fast mode: NOT upstream's protocol)"
+        return (
+            f"linear probe {_label(report)}: {plural(c['evaluated'], 'val image')}, {plural(c['errors'], 'error')}; "
+            f"top1 {_fmt(m['top1'], 2)} (best head {report['best_head']}, epoch {report['best_epoch']}); "
+            f"{c['images_seen']} training images at {report['images_per_s']:.3g} images/s; "
+            f"{report['seconds']:.1f}s" + random + fast
+        )
     return (
         f"eval {_label(report)}: {plural(c['evaluated'], 'image')}, {plural(c['errors'], 'error')}; "
         + ", ".join(parts) + f"; {report['seconds']:.1f}s ({report['images_per_s']:.3g} images/s)" + random

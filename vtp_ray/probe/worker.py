@@ -77,7 +77,8 @@ class _Feed:
 
         buffer = self.settings.shuffle_buffer if shuffle_seed is not None else 0
         options = {"local_shuffle_buffer_size": buffer, "local_shuffle_seed": shuffle_seed} if buffer else {}
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **options):
+        # Two batches fetched ahead: the next images are decoded and moved while the device works on these.
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **options):
             batch = self._valid(batch)
             targets = torch.from_numpy(batch.column("target").to_numpy().astype(np.int64)).to(self.device)
             yield self._features(batch), targets
