@@ -298,13 +298,15 @@ def validation_dataset(
     decode_cpus: float,
     filesystem: pafs.FileSystem | None = None,
     tag: str | None = None,
+    shuffled: bool = False,
 ) -> Dataset:
     """Worker ``rank``'s part of ``probe_set``: consecutive samples, about ``1 / workers`` of them, in order, resized
     and center-cropped (``features``: as stored); every sample is in one part. ``tag``: a ``split`` column with
-    this value on every row."""
+    this value on every row. ``shuffled``: in the order of the training stream's first pass instead (the fast mode
+    stores the training features so: parts of one class each would make batches of one class)."""
     total = probe_set.total
     first, end = total * rank // workers, total * (rank + 1) // workers
-    units, starts, stops = stream_slices(probe_set.sizes, first, end - first)
+    units, starts, stops = stream_slices(probe_set.sizes, first, end - first, settings.seed if shuffled else None)
     reader = _reader(probe_set, settings, False, 0, block_rows, limits, filesystem, tag)
     return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows), decode_cpus)
 

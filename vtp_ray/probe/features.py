@@ -90,7 +90,9 @@ def extract_features(
             shutil.rmtree(directory / name, ignore_errors=True)
             rows = block_rows_for(sets[name].total, settings.size, cpus, spec.decode_cpus)
             common = {"limits": spec.limits, "decode_cpus": spec.decode_cpus, "filesystem": spec.filesystem}
-            datasets.append(validation_dataset(sets[name], settings, block_rows=rows, tag=name, **common))
+            shuffled = name == "train"  # stored in a random order: the training stream shuffles parts whole
+            datasets.append(validation_dataset(sets[name], settings, block_rows=rows, tag=name, shuffled=shuffled,
+                                               **common))  # fmt: skip
         dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         writers = {name: _PartWriter(directory / name, settings.feature_dim(_embed_dim(spec))) for name in todo}
         usage = ReplicaUsage()
