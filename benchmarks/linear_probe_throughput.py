@@ -124,10 +124,10 @@ def main() -> None:
 
     import ray
 
-    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline import PipelineSpec, Preprocessing
     from vtp_ray.probe.job import linear_probe
 
-    spec = PipelineSpec(model=args.model, resources="cpu", size=args.size, progress=False)
+    spec = PipelineSpec(model=args.model, resources="cpu", preprocessing=Preprocessing(size=args.size), progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_classes(root / "train", args.pipeline_classes, args.per_class, seed=0)

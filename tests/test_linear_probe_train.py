@@ -33,7 +33,7 @@ from PIL import Image
 from vtp_ray.cli import main
 from vtp_ray.images import ImageLimits, load_image
 from vtp_ray.model import load_model
-from vtp_ray.pipeline import PipelineSpec
+from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.report import compare_reports, summary_line
 from vtp_ray.pipeline.spec import SampleOptions
 from vtp_ray.pipeline.stages import pixels
@@ -145,7 +145,7 @@ def protocol(ray_runtime: str, sets: dict[str, Path], tmp_path_factory: pytest.T
 def fast(ray_runtime: str, sets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The fast mode, one CPU worker, the precision left to the CPU (auto)."""
     out = tmp_path_factory.mktemp("fast")
-    spec = PipelineSpec(model=TINY, resources="cpu", replicas=1, size=64, progress=False)
+    spec = PipelineSpec(model=TINY, resources="cpu", replicas=1, preprocessing=Preprocessing(size=64), progress=False)
     settings = ProbeSettings(**SETTINGS, learning_rates=(0.1, 1.0, 10.0, 50.0), n_last_blocks=(1, 2), mode="fast")
     report = linear_probe([str(sets["train"])], [str(sets["val"])], out, spec, settings)
     return {"out": out, "report": report}
@@ -261,7 +261,7 @@ def test_two_workers_and_a_restart_train_the_heads_as_one_process_with_the_doubl
     optimizer = make_optimizer(heads, specs, settings)
     schedule = make_schedule(optimizer, settings.iterations)
     for epoch in range(settings.epochs):
-        dataset = epoch_dataset(train, settings, epoch, 0, 1, block_rows=16, limits=ImageLimits(), decode_cpus=0.5)
+        dataset = epoch_dataset(train, settings, epoch, 0, 1, block_rows=16, limits=ImageLimits(), preprocess_cpus=0.5)
         dataset.context.execution_options.preserve_order = True
         for batch in dataset.iter_batches(batch_size=16, batch_format="pyarrow"):
             batch = batch.filter(batch.column("error").is_null())
@@ -297,7 +297,7 @@ def test_shards_and_parquet_bytes_are_read_as_planned(ray_runtime: str, tmp_path
     train, val, classes = find_probe_sets([str(shard)], [str(tmp_path / "val")], SampleOptions(), num_classes=4)
     assert classes == ["0", "1", "2", "3"] and train.total == 13 and val.total == 10
     settings = ProbeSettings(epochs=2, epoch_length=2, batch_size=5, size=32, resize_size=40, seed=5)
-    common = {"limits": ImageLimits(), "decode_cpus": 0.5, "block_rows": 4}
+    common = {"limits": ImageLimits(), "preprocess_cpus": 0.5, "block_rows": 4}
     # epoch 1 of 2 workers x 2 iterations x 5: samples 20 .. 39 of the stream, 20 .. 29 for worker 0
     rows = [row for rank in (0, 1) for row in epoch_dataset(train, settings, 1, rank, 2, **common).take_all()]
     _, starts, stops = epoch_plan(train.sizes, 5, 1, 20)

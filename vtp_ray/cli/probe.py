@@ -126,7 +126,10 @@ def run_probe(args: argparse.Namespace) -> int:
         raise ValueError("--task linear-probe needs --train, --val, --output DIR and --model (or env VTP_MODEL)")
     settings = probe_settings(args)
     # The model runs at the probe's precision (settings.precision): the spec keeps a valid one for its checks.
-    spec = replace(pipeline_spec(replace_namespace(args, precision="fp32")), size=settings.size)
+    spec = pipeline_spec(replace_namespace(args, precision="fp32"))
+    if spec.serve is not None:
+        raise ValueError("--task linear-probe trains in Ray Train workers of its own: it does not run on a Serve app")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, size=settings.size))
     report = linear_probe(
         args.train,
         args.val,

@@ -1,8 +1,8 @@
 """The linear probe's data side: its two image sets, the training stream's plan, and its datasets (no torch).
 
 An image set (``ProbeSet``) is a sequence of *units*, each holding a known number of samples: one image per unit
-for image folders and manifests (``pipeline.inputs.discover_inputs``), one webdataset shard or parquet file per
-unit for sample sources (``pipeline.samples.find_samples``; their samples are counted once, by a Ray task per
+for image folders and manifests (``pipeline.sources.discover_inputs``), one webdataset shard or parquet file per
+unit for sample sources (``pipeline.sources.find_samples``; their samples are counted once, by a Ray task per
 file), one parquet part of stored features per unit in the fast mode.
 
 The training stream is upstream's ``InfiniteSampler`` over a ``RandomSampler``: pass after pass over the set, each
@@ -29,8 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..images import ImageLimits
-from ..pipeline.inputs import InputError, discover_inputs
-from ..pipeline.samples import SampleSource, find_samples
+from ..pipeline.sources import InputError, SampleSource, discover_inputs, find_samples
 from ..pipeline.spec import SampleOptions
 from ..pipeline.stages import Refused
 from .reads import FEATURES, Reader, SetKind, count_tar_samples, read_task
@@ -93,7 +92,7 @@ def find_probe_sets(
     *,
     filesystem: pafs.FileSystem | None = None,
     num_classes: int | None = None,
-    decode_cpus: float = 0.5,
+    preprocess_cpus: float = 0.5,
 ) -> tuple[ProbeSet, ProbeSet, list[str]]:
     """``(train, val, class names)``.
 
@@ -114,7 +113,7 @@ def find_probe_sets(
         sets = []
         for name, sources, source in (("train", train, train_samples), ("val", val, val_samples)):
             source = replace(source, options=counted)
-            sizes = _count_samples(source, decode_cpus)
+            sizes = _count_samples(source, preprocess_cpus)
             sets.append(ProbeSet(name, tuple(sources), source.kind, sizes, samples=source))
         return sets[0], sets[1], [str(i) for i in range(num_classes)]
     found_train = discover_inputs(train, labels_from_dirs=True, filesystem=filesystem)
@@ -201,7 +200,7 @@ def _reader(probe_set: ProbeSet, settings: ProbeSettings, train: bool, stream: i
     if probe_set.samples is not None:
         source = probe_set.samples
         files = tuple(zip(source.files, source.inner, strict=True))
-        options, image_column, filesystem = source.options, source.image_column, source.filesystem
+        options, image_column, filesystem = source.options, getattr(source, "image_column", None), source.filesystem
     elif probe_set.kind == "features":
         files = tuple((p, p) for p in probe_set.features)
     return Reader(
@@ -236,7 +235,7 @@ def _tasks(
     return [(int(u), int(a), int(b)) for u, a, b in zip(units, starts, stops, strict=True)]
 
 
-def _dataset(probe_set: ProbeSet, reader: Reader, tasks: list, decode_cpus: float) -> Dataset:
+def _dataset(probe_set: ProbeSet, reader: Reader, tasks: list, preprocess_cpus: float) -> Dataset:
     import ray
 
     count = len(tasks)
@@ -248,7 +247,7 @@ def _dataset(probe_set: ProbeSet, reader: Reader, tasks: list, decode_cpus: floa
         batch_format="pyarrow",
         batch_size=None,  # one task number per call
         fn_kwargs={"refs": inputs, "reader": reader},
-        num_cpus=decode_cpus,
+        num_cpus=preprocess_cpus,
     )
 
 
@@ -261,7 +260,7 @@ def epoch_dataset(
     *,
     block_rows: int,
     limits: ImageLimits,
-    decode_cpus: float,
+    preprocess_cpus: float,
     filesystem: pafs.FileSystem | None = None,
 ) -> Dataset:
     """Worker ``rank``'s training rows of epoch ``epoch``: exactly ``epoch_length x batch_size`` samples (rows or
@@ -284,7 +283,7 @@ def epoch_dataset(
         units, starts, stops = stream_slices(probe_set.sizes, first + rank * part, part, settings.seed)
         positions = None
     reader = _reader(probe_set, settings, True, epoch * workers + rank, block_rows, limits, filesystem)
-    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows, positions), decode_cpus)
+    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows, positions), preprocess_cpus)
 
 
 def validation_dataset(
@@ -295,7 +294,7 @@ def validation_dataset(
     *,
     block_rows: int,
     limits: ImageLimits,
-    decode_cpus: float,
+    preprocess_cpus: float,
     filesystem: pafs.FileSystem | None = None,
     tag: str | None = None,
     shuffled: bool = False,
@@ -308,14 +307,14 @@ def validation_dataset(
     first, end = total * rank // workers, total * (rank + 1) // workers
     units, starts, stops = stream_slices(probe_set.sizes, first, end - first, settings.seed if shuffled else None)
     reader = _reader(probe_set, settings, False, 0, block_rows, limits, filesystem, tag)
-    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows), decode_cpus)
+    return _dataset(probe_set, reader, _tasks(probe_set, units, starts, stops, block_rows), preprocess_cpus)
 
 
-def _count_samples(source: SampleSource, decode_cpus: float) -> np.ndarray:
+def _count_samples(source: SampleSource, preprocess_cpus: float) -> np.ndarray:
     """Samples per file: parquet row counts from the footers, shard samples from the tar headers (a task each)."""
     import ray
 
-    @ray.remote(num_cpus=decode_cpus)
+    @ray.remote(num_cpus=preprocess_cpus)
     def count(kind: str, filesystem: pafs.FileSystem, inner: str) -> int:
         if kind == "parquet":
             return pq.ParquetFile(inner, filesystem=filesystem).metadata.num_rows
@@ -330,9 +329,9 @@ def _count_samples(source: SampleSource, decode_cpus: float) -> np.ndarray:
 MIN_BLOCK_ROWS = 64
 
 
-def block_rows_for(samples: int, size: int, cpus: float, decode_cpus: float) -> int:
+def block_rows_for(samples: int, size: int, cpus: float, preprocess_cpus: float) -> int:
     """Rows per read task or block: about 32 MB of pixels, at least 4 tasks per decode slot when the set is large
     enough, and never fewer than ``MIN_BLOCK_ROWS`` (the workers re-batch them)."""
-    slots = max(1, int(cpus / decode_cpus))
+    slots = max(1, int(cpus / preprocess_cpus))
     rows = min((32 * 2**20) // (3 * size * size), math.ceil(samples / (4 * slots)))
     return max(1, min(max(rows, MIN_BLOCK_ROWS), samples))

@@ -2,7 +2,7 @@
 
 A Ray Data pass reads both sets with the evaluation transform (resize + center crop, no augmentation: the fast
 mode is *not* upstream's protocol) into a pool of ``FeatureWorker`` actors, each holding one ``VTPReplica``
-(``pipeline.worker.ReplicaWorker``); the driver writes the features as parquet parts, ``DIR/<set>/part-NNNNN.parquet``
+(``pipeline.worker.ModelStage``); the driver writes the features as parquet parts, ``DIR/<set>/part-NNNNN.parquet``
 (``path, target, features``: float32, the class tokens of the last ``max_blocks`` blocks and the patch-token mean),
 then ``DIR/<set>/done.json``. A re-run with the same identity finds them there and extracts nothing.
 """
@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..pipeline.runner import Placement, ReplicaUsage
+from ..pipeline.runner import Placement, ReplicaUsage, replica_stage
 from ..pipeline.spec import ModelFacts, PipelineSpec
 from ..pipeline.stages import fixed_size_lists
-from ..pipeline.worker import ReplicaWorker
+from ..pipeline.worker import ModelStage
 from .data import ProbeSet, block_rows_for, feature_set, validation_dataset
 from .reads import FEATURES
 from .settings import ProbeSettings
@@ -37,17 +37,21 @@ DONE = "done.json"
 PART_BYTES = 64 * 2**20
 
 
-class FeatureWorker(ReplicaWorker):
+class FeatureWorker(ModelStage):
     """The model stage of the extraction: ``heads.probe_features`` of each batch, at the probe's precision (``auto``
     resolved on this replica's device)."""
 
-    def __init__(self, *, spec: PipelineSpec, device: str, max_blocks: int, precision: str, **base: Any) -> None:
+    def __init__(
+        self, *, spec: PipelineSpec, device: str, expected: dict[str, Any], max_blocks: int, precision: str,
+        **base: Any,
+    ) -> None:  # fmt: skip
         import torch
 
         from .worker import resolve_probe_precision
 
-        super().__init__(spec=replace(spec, precision=resolve_probe_precision(precision, torch.device(device))),
-                         device=device, **base)  # fmt: skip
+        resolved = resolve_probe_precision(precision, torch.device(device))
+        super().__init__(spec=replace(spec, precision=resolved), device=device,
+                         expected={**expected, "precision": resolved}, **base)  # fmt: skip
         self.max_blocks = max_blocks
         self.width = (max_blocks + 1) * self.replica.model.config.vision_embed_dim
 
@@ -83,13 +87,17 @@ def extract_features(
     stats: dict[str, Any] = {"reused": all(d is not None for d in done.values()), "errors": []}
     todo = [name for name, d in done.items() if d is None]
     if todo:
-        placement = Placement.resolve(replace(spec, size=settings.size))
+        placement = Placement.resolve(spec)
         cpus = ray.cluster_resources().get("CPU", 1)
         datasets = []
         for name in todo:
             shutil.rmtree(directory / name, ignore_errors=True)
-            rows = block_rows_for(sets[name].total, settings.size, cpus, spec.decode_cpus)
-            common = {"limits": spec.limits, "decode_cpus": spec.decode_cpus, "filesystem": spec.filesystem}
+            rows = block_rows_for(sets[name].total, settings.size, cpus, spec.preprocess_cpus)
+            common = {
+                "limits": spec.preprocessing.limits,
+                "preprocess_cpus": spec.preprocess_cpus,
+                "filesystem": spec.filesystem,
+            }
             shuffled = name == "train"  # stored in a random order: the training stream shuffles parts whole
             datasets.append(validation_dataset(sets[name], settings, block_rows=rows, tag=name, shuffled=shuffled,
                                                **common))  # fmt: skip
@@ -129,28 +137,10 @@ def _done(directory: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
 def _extracted(
     dataset: Any, spec: PipelineSpec, settings: ProbeSettings, placement: Placement, model: ModelFacts
 ) -> Iterator[pa.Table]:
-    import ray
-
-    replicas = placement.replicas
-    pool = (
-        ray.data.ActorPoolStrategy(size=replicas)
-        if isinstance(replicas, int)
-        else ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
-    )
-    features = dataset.map_batches(
-        FeatureWorker,
-        batch_format="pyarrow",
-        batch_size=None,  # whole blocks: the worker splits them into model batches
-        compute=pool,
-        fn_constructor_kwargs={
-            "spec": replace(spec, size=settings.size),
-            "device": placement.device,
-            "expected_digest": model.config_digest,
-            "max_blocks": settings.max_blocks,
-            "precision": settings.precision,
-        },
-        **placement.options,
-    )
+    """The rows of ``dataset`` through a pool of ``FeatureWorker`` actors (the pipeline's replica stage)."""
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, size=settings.size))
+    worker = {"max_blocks": settings.max_blocks, "precision": settings.precision}
+    features = replica_stage(dataset, spec, placement, FeatureWorker, worker, model.identity(spec))
     yield from features.iter_batches(batch_format="pyarrow", batch_size=None)
 
 

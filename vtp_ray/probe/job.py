@@ -82,7 +82,7 @@ def worker_placement(
     resources: str | Mapping[str, Any],
     replicas: int | None,
     nodes: Sequence[Mapping[str, float]],
-    decode_cpus: float,
+    preprocess_cpus: float,
 ) -> WorkerPlacement:
     """One worker per accelerator. ``auto``: NPUs (``{"NPU": 1}``, HCCL) if the cluster has them, else GPUs (NCCL),
     else CPU workers (gloo) that ask for a fraction of a CPU; ``npu``, ``gpu``, ``cpu``, or Ray resources per worker
@@ -132,10 +132,10 @@ def worker_placement(
     if short:
         raise PlacementError(f"{replicas} workers with {wanted} need {short}; the cluster has "
                              f"{ {k: cluster.get(k, 0) for k in short} }: lower --replicas")  # fmt: skip
-    if replicas * wanted["CPU"] + decode_cpus > cluster.get("CPU", 0):
+    if replicas * wanted["CPU"] + preprocess_cpus > cluster.get("CPU", 0):
         raise PlacementError(
             f"{replicas} workers with {wanted['CPU']:g} CPU each leave no CPU for reading the images "
-            f"({decode_cpus:g} per task) in a cluster of {cluster.get('CPU', 0):g} CPUs: the run would wait "
+            f"({preprocess_cpus:g} per task) in a cluster of {cluster.get('CPU', 0):g} CPUs: the run would wait "
             "forever. Ask for less per worker (--resources '{\"CPU\": 0.5}'), fewer workers, or more logical CPUs "
             "(ray start --num-cpus N)"
         )
@@ -172,7 +172,7 @@ def linear_probe(
     with ray_session(spec.address, spec.dashboard), _progress_bars(spec.progress):
         import ray
 
-        placement = worker_placement(spec.resources, spec.replicas, cluster_nodes(), spec.decode_cpus)
+        placement = worker_placement(spec.resources, spec.replicas, cluster_nodes(), spec.preprocess_cpus)
         identity = {
             "settings": {k: v for k, v in settings.to_dict().items() if k != "log_every"},
             "model": {"spec": model.spec, "config_digest": model.config_digest},
@@ -184,7 +184,7 @@ def linear_probe(
         _claim_storage(out, name, identity, overwrite)
         train_set, val_set, classes = find_probe_sets(
             train, val, spec.samples, filesystem=spec.filesystem, num_classes=num_classes,
-            decode_cpus=spec.decode_cpus,
+            preprocess_cpus=spec.preprocess_cpus,
         )  # fmt: skip
         extraction: dict[str, Any] = {}
         if settings.mode == "fast":
@@ -194,11 +194,15 @@ def linear_probe(
                 train_set, val_set, out / "features", spec, settings, model, identity
             )
         cpus = ray.cluster_resources().get("CPU", 1)
-        common = {"limits": spec.limits, "decode_cpus": spec.decode_cpus, "filesystem": spec.filesystem}
+        common = {
+            "limits": spec.preprocessing.limits,
+            "preprocess_cpus": spec.preprocess_cpus,
+            "filesystem": spec.filesystem,
+        }
         workers = placement.workers
         train_rows = block_rows_for(settings.epoch_length * settings.batch_size, settings.size, cpus / workers,
-                                    spec.decode_cpus)  # fmt: skip
-        val_rows = block_rows_for(val_set.total // workers, settings.size, cpus / workers, spec.decode_cpus)
+                                    spec.preprocess_cpus)  # fmt: skip
+        val_rows = block_rows_for(val_set.total // workers, settings.size, cpus / workers, spec.preprocess_cpus)
         datasets = {
             f"train-{e}-{r}": epoch_dataset(train_set, settings, e, r, workers, block_rows=train_rows, **common)
             for e in range(settings.epochs)

@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..images import ImageLimits, ImageLoadError, load_image
-from ..pipeline.inputs import read_bytes
-from ..pipeline.samples import class_id
+from ..pipeline.sources import class_id
+from ..pipeline.sources.locations import read_bytes
 from ..pipeline.spec import SampleOptions
 from ..pipeline.stages import NoImage, Refused
 from .transforms import random_resized_crop, resize_center_crop
