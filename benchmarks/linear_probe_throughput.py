@@ -7,7 +7,8 @@ mode's total time against upstream's protocol, in one run.
      13 learning rates, ``--classes`` outputs), as a Ray Train worker runs it.
    Their ratio is what the heads cost on top of the trunk (goal: training >= 0.8 x features); the two alternate,
    one batch each per round, and the medians are compared.
-2. On a local Ray, on generated JPEGs (300-400 px) in class folders: ``linear_probe`` with upstream's protocol
+2. On a local Ray, on generated JPEGs (300-400 px, ``_common.write_images``) in 10 class folders: ``linear_probe``
+   with upstream's protocol
    (decoding and augmentation in Ray Data tasks, the ``TorchTrainer`` worker, checkpoints, validation); its
    training rate (the last epoch's images/s, start-up excluded) stands beside the in-process rates. Then the
    fast mode on the same images and settings: both total times (start-up, extraction, training, validation).
@@ -29,19 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-
-def write_classes(root: Path, classes: int, per_class: int, seed: int) -> None:
-    """JPEGs, 300-400 px per side, upsampled colour noise (out-of-focus photos), ``per_class`` in each class."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"c{c:03d}").mkdir(parents=True)
-        for i in range(per_class):
-            width, height = (int(v) for v in rng.integers(300, 401, 2))
-            coarse = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
-            image = coarse.resize((width, height), Image.Resampling.BICUBIC)
-            image.save(root / f"c{c:03d}" / f"{i:04d}.jpg", quality=90)
+from _common import write_images
 
 
 def in_process(args: argparse.Namespace, settings: object) -> dict[str, float]:
@@ -94,8 +83,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000, help="heads' outputs in part 1 (ImageNet's 1000)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--pipeline-classes", type=int, default=4, help="classes of the generated image set")
-    parser.add_argument("--per-class", type=int, default=16, help="training images per class (val: a quarter)")
+    parser.add_argument("--images", type=int, default=64, help="generated training images, 10 classes (val: a quarter)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-length", type=int, default=4)
     parser.add_argument("--skip-pipeline", action="store_true", help="only part 1")
@@ -130,8 +118,8 @@ def main() -> None:
     spec = PipelineSpec(model=args.model, resources="cpu", preprocessing=Preprocessing(size=args.size), progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_classes(root / "train", args.pipeline_classes, args.per_class, seed=0)
-        write_classes(root / "val", args.pipeline_classes, max(1, args.per_class // 4), seed=1)
+        write_images(root / "train", args.images, seed=0)
+        write_images(root / "val", max(10, args.images // 4), seed=1)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         try:
             reports = {}
@@ -141,8 +129,9 @@ def main() -> None:
         finally:
             ray.shutdown()
     last = reports["protocol"]["history"][-1]
-    print(f"with decoding + augmentation (Ray Data tasks, Train worker, last epoch): {last['images_per_s']:8.2f} "
-          f"images/s ({last['images_per_s'] / rates['features']:.2f} x features alone)")  # fmt: skip
+    rate = last["images_per_s"]
+    print(f"with decoding + augmentation (Ray Data tasks, Train worker, last epoch, 10 classes): {rate:8.2f} "
+          f"images/s ({rate / rates['features']:.2f} x features alone)")  # fmt: skip
     protocol, fast = reports["protocol"]["seconds"], reports["fast"]["seconds"]
     print(f"total time, {args.epochs} x {args.epoch_length} iterations: protocol {protocol:.1f}s, fast mode "
           f"{fast:.1f}s ({protocol / fast:.2f} x faster; extraction "
