@@ -202,6 +202,7 @@ def test_workers_are_one_per_accelerator_with_its_backend() -> None:
         worker_placement("npu", None, [{"CPU": 2.0}], 0.5)
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_drivers_and_the_read_tasks_modules_do_not_import_torch() -> None:
     # The driver (job, data, features, the CLI) and Ray Data's read tasks (reads, transforms) run without torch.
     modules = ", ".join(f"vtp_ray.probe.{m}" for m in ("data", "reads", "job", "features", "transforms"))
