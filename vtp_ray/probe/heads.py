@@ -74,7 +74,7 @@ def train_step(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     features: Tensor,
     targets: Tensor,
-    scale: float | None = None,
+    scale: float | Tensor | None = None,
 ) -> Tensor:
     """One step of every head on one batch: the sum over the heads of their cross-entropies summed over the batch
     times ``scale``, backward, SGD, then the schedule. ``scale`` defaults to ``1 / len(targets)`` (each head's mean

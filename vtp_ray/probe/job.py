@@ -181,11 +181,11 @@ def linear_probe(
             "workers": placement.workers,
             "num_classes": num_classes,
         }
-        _claim_storage(out, name, identity, overwrite)
         train_set, val_set, classes = find_probe_sets(
             train, val, spec.samples, filesystem=spec.filesystem, num_classes=num_classes,
             preprocess_cpus=spec.preprocess_cpus,
         )  # fmt: skip
+        _claim_storage(out, name, identity, overwrite)  # only now: inputs that cannot be read leave nothing behind
         extraction: dict[str, Any] = {}
         if settings.mode == "fast":
             from .features import extract_features

@@ -111,7 +111,8 @@ class _Feed:
 
 def train_loop(config: Mapping[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker`` (see the module's docstring). ``config``: ``settings``, ``model``,
-    ``rope_dtype``, ``cpu_threads``, ``embed_dim``, ``num_classes``, ``config_digest``."""
+    ``rope_dtype``, ``cpu_threads``, ``embed_dim``, ``num_classes``, ``config_digest``, ``shuffle_rows`` (the
+    training rows come from shards / parquet / stored features: mix them in a buffer)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -173,9 +174,9 @@ def train_loop(config: Mapping[str, Any]) -> None:
             lr = optimizer.param_groups[0]["lr"]
             scale = None
             if workers > 1:  # the mean over the global batch's images, however many of them each worker holds
-                count = torch.tensor(len(targets), dtype=torch.float32, device=device)
+                count = torch.tensor(float(len(targets)), device=device)
                 dist.all_reduce(count)
-                scale = workers / max(count.item(), 1.0)
+                scale = workers / count.clamp(min=1.0)  # stays on the device: no wait for it here
             loss = train_step(model, optimizer, schedule, features, targets, scale)
             total += loss
             steps += 1
