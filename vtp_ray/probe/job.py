@@ -221,8 +221,9 @@ def linear_probe(
             "shuffle_rows": train_set.kind != "files",
         }
         # Ray Train reads its RAY_TRAIN_* settings in the process that builds the trainer: that of the launcher task.
-        env = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env={"env_vars": env} if env else None)
+        # Its V2 (Ray 2.60's default) is the one that resumes a run from its name and storage path.
+        env = {"RAY_TRAIN_V2_ENABLED": "1", **{k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}}
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env={"env_vars": env})
         launched = fit.remote(loop_config, datasets, placement, str(out), name, max_failures, spec.progress)
         try:
             checkpoint = ray.get(launched)
