@@ -9,6 +9,7 @@ from ..metrics import INCEPTION_ENV, LPIPS_ENV
 from ..pipeline.store import LATENT_DTYPES
 from ..text import TEMPLATE_SETS
 from .args import add_model_args, add_pipeline_args, add_replica_args, pipeline_spec, replica_fields
+from .probe import add_probe_args, eval_defaults, run_probe, task_defaults
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,9 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"LPIPS state dict: VGG16 (upstream's) or AlexNet trunk + lin0..4 heads (env {LPIPS_ENV})",
     )  # fmt: skip
     p.add_argument(
-        "--task", choices=("reconstruction", "zero-shot"), default="reconstruction",
+        "--task", choices=("reconstruction", "zero-shot", "linear-probe"), default="reconstruction",
         help="reconstruction quality, or CLIP zero-shot accuracy over an ImageFolder tree (class = sorted directory) "
-        "or shards / parquet image bytes (class = the sample's integer label: cls member or label column)",
+        "or shards / parquet image bytes (class = the sample's integer label: cls member or label column), or "
+        "linear probing on Ray Train (--train / --val, see below)",
     )  # fmt: skip
     p.add_argument(
         "--classnames", metavar="FILE",
@@ -116,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template-set", choices=TEMPLATE_SETS, default="imagenet",
                    help="zero-shot prompt templates: imagenet (OpenAI's 80, as upstream) or default (one)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report (or the comparison) as JSON")
-    p.set_defaults(func=cmd_eval)
+    add_probe_args(p)
+    p.set_defaults(func=cmd_eval, **eval_defaults())  # the probe's differ: probe.task_defaults
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -172,6 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             print_comparison(result)
         return 0
+    task_defaults(args)
+    if args.task == "linear-probe":
+        return run_probe(args)
     if not args.inputs or not args.output or not args.model:
         raise ValueError("eval needs INPUT..., --output DIR and --model (or env VTP_MODEL), or --compare A B")
     if args.task == "zero-shot":

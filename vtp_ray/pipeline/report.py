@@ -116,6 +116,8 @@ def compare_reports(a: str | os.PathLike[str], b: str | os.PathLike[str], *, top
     tasks = {r.get("task", "reconstruction") for r in (report_a, report_b)}
     if tasks == {"zero-shot"}:
         return {**result, **_compare_predictions(dir_a, dir_b)}
+    if tasks == {"linear-probe"}:
+        return {**result, **_compare_heads(report_a, report_b)}
     if len(tasks) > 1:
         raise ValueError(f"cannot compare reports of different tasks: {' and '.join(sorted(tasks))}")
     columns = ["path", "psnr", "ssim"]
@@ -157,6 +159,23 @@ def _compare_predictions(dir_a: Path, dir_b: Path) -> dict[str, Any]:
     }
 
 
+def _compare_heads(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Linear probe runs: every head's top-1, joined on (blocks, base learning rate) since the head names carry the
+    scaled rate, which follows the global batch."""
+
+    def heads(report: Mapping[str, Any]) -> dict[str, float | None]:
+        return {f"n={h['n_last_blocks']} lr={h['base_lr']:g}": h["top1"] for h in report["heads"].values()}
+
+    ha, hb = heads(a), heads(b)
+    joined = {
+        key: {"a": ha[key], "b": hb[key], "diff": hb[key] - ha[key] if None not in (ha[key], hb[key]) else None}
+        for key in ha
+        if key in hb
+    }
+    modes = {"a": a.get("mode"), "b": b.get("mode")}
+    return {"heads": joined, "only_a": len(ha) - len(joined), "only_b": len(hb) - len(joined), "modes": modes}
+
+
 def _headline(value: Any) -> float | None:
     if isinstance(value, Mapping):
         value = value.get("mean")
@@ -183,6 +202,15 @@ def print_comparison(result: Mapping[str, Any], file: TextIO | None = None) -> N
     for name, m in result["metrics"].items():
         diff = "n/a" if m["diff"] is None else f"{m['diff']:+.6g}"
         print(f"{name:<8} {_fmt_g(m['a']):>12} {_fmt_g(m['b']):>12} {diff:>12}", file=file)
+    if "heads" in result:
+        if result["modes"]["a"] != result["modes"]["b"]:
+            print(f"modes differ: A {result['modes']['a']}, B {result['modes']['b']}", file=file)
+        print(f"heads (top-1): {len(result['heads'])} in both, {result['only_a']} only in A, "
+              f"{result['only_b']} only in B", file=file)  # fmt: skip
+        for name, h in result["heads"].items():
+            diff = "n/a" if h["diff"] is None else f"{h['diff']:+.4g}"
+            print(f"  {name:<16} {_fmt_g(h['a']):>12} {_fmt_g(h['b']):>12} {diff:>12}", file=file)
+        return
     print(
         f"per image: {result['common_images']} in both, {result['only_a']} only in A, {result['only_b']} only in B",
         file=file,
@@ -210,6 +238,14 @@ def summary_line(report: Mapping[str, Any]) -> str:
     c, m = report["counts"], report["metrics"]
     parts = [f"{name} {_fmt(_headline(m[name]))}" for name in (*PER_IMAGE_METRICS, "rfid", "top1", "top5") if name in m]
     random = " (RANDOM weights: the metrics are meaningless)" if report["random_weights"] else ""
+    if report.get("task") == "linear-probe":
+        fast = "" if report["mode"] == "protocol" else " (fast mode: NOT upstream's protocol)"
+        return (
+            f"linear probe {_label(report)}: {plural(c['evaluated'], 'val image')}, {plural(c['errors'], 'error')}; "
+            f"top1 {_fmt(m['top1'], 2)} (best head {report['best_head']}, epoch {report['best_epoch']}); "
+            f"{c['images_seen']} training images at {report['images_per_s']:.3g} images/s; "
+            f"{report['seconds']:.1f}s" + random + fast
+        )
     return (
         f"eval {_label(report)}: {plural(c['evaluated'], 'image')}, {plural(c['errors'], 'error')}; "
         + ", ".join(parts) + f"; {report['seconds']:.1f}s ({report['images_per_s']:.3g} images/s)" + random
