@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -30,7 +30,9 @@ from .state import IngressState, install
 
 INGRESS_NAME = "VTPIngress"
 
-app = FastAPI(
+# FastAPIOffline: /docs serves Swagger UI's files from the package itself (FastAPI's loads them from a CDN, and the
+# page stays blank on machines without internet).
+app = FastAPIOffline(
     title="VTP visual tokenizer",
     version=__version__,
     description="Image in; reconstruction, latents or CLIP embedding out. Errors are JSON {'error': ...}.",

@@ -150,6 +150,16 @@ def test_the_page_in_a_browser(base_url: str, client: httpx.Client, tmp_path: Pa
             assert "model;dur=" in page.text_content("#timings")
             assert errors == []
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            # The OpenAPI page works without internet: every request it makes goes to this server, and it shows
+            # the API's operations.
+            hosts: set[str] = set()
+            page.on("request", lambda request: hosts.add(request.url.split("/")[2]))
+            page.goto(base_url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+            paths = page.eval_on_selector_all(".opblock-summary-path", "es => es.map(e => e.textContent)")
+            assert "/v1/reconstruct" in paths and "/v2/models/{oip_model}/infer" in paths
+            assert hosts == {base_url.split("/")[2]}, hosts
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 0
