@@ -1,4 +1,5 @@
-"""Latency and throughput of the replica's verbs, plus the model's FLOP count to put them against."""
+"""Latency and throughput of the replica's verbs, plus the model's FLOP count to put them against; with ``compile``,
+eager and compiled replicas side by side."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class BenchRow:
     seconds: float
     flops_per_image: float
     random_weights: bool = False
+    compiled: bool = False
+    speedup: float | None = None  # a compiled row: the eager row's time over this one's
 
     @property
     def ms_per_batch(self) -> float:
@@ -97,15 +100,37 @@ def bench(
     verbs: Sequence[str] = VERBS,
     warmup: int = 3,
     runs: int = 5,
+    compile: str = "off",
+    compile_cache: str | None = None,
 ) -> list[BenchRow]:
-    """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images."""
+    """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images; with ``compile``
+    ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled)."""
     if unknown := [verb for verb in verbs if verb not in VERBS]:
         raise ValueError(f"unknown verbs {unknown}: choose from {', '.join(VERBS)}")
     rows: list[BenchRow] = []
     for precision in precisions:
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
+        eager = [row for batch in batch_sizes for row in _bench_batch(replica, batch, size, verbs, warmup, runs)]
+        rows += eager
+        del replica
+        if compile == "off":
+            continue
+        replica = VTPReplica(
+            model,
+            device=device,
+            precision=precision,
+            warmup_size=size,
+            compile=compile,
+            compile_cache=compile_cache,
+            compile_max_batch=max(batch_sizes),
+        )
+        if not replica.compile_status().compiled:
+            continue  # eager (the replica logged why): the rows above are its rows
+        replica.wait_compiled()
         for batch in batch_sizes:
-            rows += _bench_batch(replica, batch, size, verbs, warmup, runs)
+            for row in _bench_batch(replica, batch, size, verbs, warmup, runs):
+                before = next(r for r in eager if (r.batch, r.verb) == (row.batch, row.verb))
+                rows.append(dataclasses.replace(row, compiled=True, speedup=before.seconds / row.seconds))
     return rows
 
 
@@ -131,12 +156,15 @@ def _bench_batch(
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
     header = (
-        f"{'precision':<10}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}{'GFLOP/s':>9}"
+        f"{'precision':<10}{'mode':<9}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}"
+        f"{'GFLOP/s':>9}{'speedup':>9}"
     )
     lines = [header]
     for r in rows:
+        speedup = f"{r.speedup:>8.2f}x" if r.speedup else " " * 9
         lines.append(
-            f"{r.precision:<10}{r.batch:>6}  {r.verb:<12}{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}"
-            f"{r.images_per_s:>10.2f}{r.gflops:>9.0f}" + ("  (random weights)" if r.random_weights else "")
+            f"{r.precision:<10}{'compiled' if r.compiled else 'eager':<9}{r.batch:>6}  {r.verb:<12}"
+            f"{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}{r.images_per_s:>10.2f}{r.gflops:>9.0f}{speedup}"
+            + ("  (random weights)" if r.random_weights else "")
         )
     return "\n".join(lines)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["IDENTITY_KEYS", "Encoded", "ReplicaInfo", "ZeroShot", "model_identity"]
+__all__ = ["IDENTITY_KEYS", "CompileStatus", "Encoded", "ReplicaInfo", "ZeroShot", "model_identity"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,33 @@ class Encoded:
         """The results of some of the images (``encoded[i]`` keeps the batch dimension out)."""
         clip = None if self.clip_embedding is None else self.clip_embedding[index]
         return Encoded(self.latents[index], clip)
+
+
+@dataclass(frozen=True)
+class CompileStatus:
+    """Whether a replica's image verbs run compiled, and how far compiling got (``vtp_ray.compiled``)."""
+
+    mode: str  # what was asked: off | on | auto
+    compiled: bool  # whether the image verbs run compiled graphs (once their shapes are compiled)
+    backend: str | None  # inductor, inductor+cudagraphs (CUDA), torchair (Ascend); None: eager
+    reason: str  # what auto chose, or why compiling cannot work here
+    ready: bool  # the warm-up size's graphs are compiled (or failed, or compiling is off): serve without 503s
+    graphs: tuple[str, ...] = ()  # compiled graphs, e.g. "encoder 2-8x3x256x256" (batch 2..8 of 3x256x256)
+    pending: tuple[str, ...] = ()  # queued or compiling
+    failed: dict[str, str] = field(default_factory=dict)  # graph -> why it stays eager
+    over_cap: tuple[str, ...] = ()  # shapes refused past max_graphs: eager for good
+    max_graphs: int = 0
+    max_batch: int = 0  # larger batches run in chunks of this many
+    compiled_calls: int = 0  # graph calls that ran compiled code
+    eager_calls: dict[str, int] = field(default_factory=dict)  # by reason: compiling, over_cap, failed, guard_miss
+    compile_seconds: float = 0.0  # spent compiling, in the background
+    compiles_on_calling_path: int = 0  # compiles outside the compile thread: always 0 (a defect otherwise)
+    cache_hits: int = 0  # graphs loaded from the compile cache
+    cache_misses: int = 0  # graphs compiled cold (and written to the cache)
+    cache_dir: str | None = None  # the persistent compile cache of this machine class
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,7 @@ class ReplicaInfo:
     vtp_ray_version: str
     text_context_length: int | None = None  # token ids per text; None without a text tower
     zero_shot_activation: str | None = None  # "softmax" (CLIP: no logit bias) or "sigmoid" (SigLIP: a logit bias)
+    compile: CompileStatus | None = None  # how the image verbs run: compiled or eager, and why (a fresh snapshot)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

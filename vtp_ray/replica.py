@@ -11,6 +11,7 @@ is both, ``embed`` is the CLIP image embedding alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -20,15 +21,17 @@ import torch
 
 from . import __version__
 from .arrays import as_image_batch, as_latent_batch
+from .compile_plan import plan_compile, use_compile_cache
+from .compiled import MAX_GRAPHS, CompiledModel, eager_status, eager_units
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
 from .normalize import denormalize_to_uint8, normalize
-from .outputs import Encoded, ReplicaInfo, ZeroShot
+from .outputs import CompileStatus, Encoded, ReplicaInfo, ZeroShot
 from .text.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Encoded", "ReplicaInfo", "VTPReplica", "ZeroShot"]
+__all__ = ["CompileStatus", "Encoded", "ReplicaInfo", "VTPReplica", "ZeroShot"]
 
 
 class VTPReplica:
@@ -43,6 +46,13 @@ class VTPReplica:
         warmup_size: side of the square image used to warm up; 0 skips the warm-up.
         cpu_threads: torch's intra-op threads when running on the CPU (default: torch's choice,
             which inside a Ray actor follows the actor's ``num_cpus`` through OMP_NUM_THREADS).
+        compile: ``off``, ``on`` or ``auto`` (where it is known to pay): the image verbs through ``torch.compile``
+            (``vtp_ray.compiled``). Graphs compile in a background thread, the ``warmup_size`` ones first; until a
+            shape's graph is ready its calls run eagerly. ``compile_status()`` and ``info.compile`` say how it runs.
+        compile_cache: directory of the persistent compile cache (default: env ``VTP_COMPILE_CACHE``, else
+            inductor's own under /tmp); a second process with a filled cache compiles in seconds.
+        compile_max_batch: the largest batch of one compiled call; larger batches run in chunks of this many.
+        compile_max_graphs: the most graphs this replica compiles (two per batch kind and image size).
     """
 
     def __init__(
@@ -53,6 +63,10 @@ class VTPReplica:
         rope_dtype: str = "float32",
         warmup_size: int = 256,
         cpu_threads: int | None = None,
+        compile: str = "off",
+        compile_cache: str | None = None,
+        compile_max_batch: int = 8,
+        compile_max_graphs: int = MAX_GRAPHS,
     ) -> None:
         started = time.perf_counter()
         self.device = resolve_device(device)
@@ -66,10 +80,25 @@ class VTPReplica:
                 precision,
                 self.dtype,
             )
+        plan = plan_compile(compile, self.device, self.dtype)
         loaded = load_model(model, rope_dtype=rope_dtype, device=self.device)
         self.model = loaded.model.to_precision(self.dtype)
+        self._compiled: CompiledModel | None = None
+        self._eager_status = eager_status(plan)
+        units = eager_units(self.model)
+        if plan.enabled:
+            cache = use_compile_cache(compile_cache, self.device)
+            self._compiled = CompiledModel(
+                self.model, self.device, plan, compile_max_batch, compile_max_graphs, cache_dir=cache
+            )
+            units = {"encoder": self._compiled.encoder, "decoder": self._compiled.decoder}
+            log.info("%s: %s, cache %s", plan.reason, plan.backend, cache or "inductor's default")
+        elif compile != "off":
+            (log.warning if compile == "on" else log.info)("compile=%s: %s", compile, plan.reason)
+        self._encoder, self._decoder = units["encoder"], units["decoder"]
+        self._eager = eager_units(self.model)
         cfg = self.model.config
-        self.info = ReplicaInfo(
+        self._info = ReplicaInfo(
             model=loaded.name,
             model_spec=loaded.spec,
             random_weights=loaded.random_weights,
@@ -92,39 +121,71 @@ class VTPReplica:
         )
         if warmup_size:
             self.warmup(warmup_size)
-        log.info("VTPReplica ready in %.1fs: %s", time.perf_counter() - started, self.info)
+        log.info("VTPReplica ready in %.1fs: %s", time.perf_counter() - started, self._info)
 
     def warmup(self, size: int = 256) -> None:
-        """Run every verb once so that kernels are selected and allocators primed before traffic."""
-        self.reconstruct(np.zeros((1, size, size, 3), np.uint8))
+        """Run the image verbs once eagerly, so that kernels are selected and allocators primed before traffic; a
+        compiling replica then queues the graphs of ``size`` x ``size`` images (``compile_ready`` says when)."""
+        with torch.inference_mode():
+            latents, _ = self._eager["encoder"](self._images_in(np.zeros((1, size, size, 3), np.uint8)))
+            self._eager["decoder"](latents)
         synchronize(self.device)
+        if self._compiled is not None:
+            self._compiled.warm(size)
+
+    # ---------------------------------------------------------------------------------- compiling
+
+    @property
+    def info(self) -> ReplicaInfo:
+        """What this replica serves and how, with a fresh snapshot of ``compile_status()``."""
+        return dataclasses.replace(self._info, compile=self.compile_status())
+
+    @info.setter
+    def info(self, value: ReplicaInfo) -> None:
+        self._info = value
+
+    def compile_status(self) -> CompileStatus:
+        """Whether the image verbs run compiled, which graphs are ready, and how many calls ran eagerly and why."""
+        return self._eager_status if self._compiled is None else self._compiled.status(self._eager_status.mode)
+
+    @property
+    def compile_ready(self) -> bool:
+        """False while the warm-up size's graphs are still compiling (a server answers 503 meanwhile)."""
+        return self._compiled is None or self._compiled.ready
+
+    def wait_compiled(self, timeout: float | None = None, all_shapes: bool = False) -> bool:
+        """Block until ``compile_ready`` (with ``all_shapes``: until nothing is queued or compiling), or ``timeout``
+        seconds; returns whether that happened."""
+        if self._compiled is None:
+            return True
+        return self._compiled.wait_idle(timeout) if all_shapes else self._compiled.wait_ready(timeout)
 
     # ------------------------------------------------------------------------------------- verbs
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray | list[np.ndarray]) -> Encoded:
         """One trunk pass: latents ``(N, C, h, w)`` and the normalized CLIP embedding ``(N, D)``, float32."""
-        out = self.model.encode(self._images_in(images))
-        clip = None if out.clip_image_feature is None else self._out(out.clip_image_feature)
-        return Encoded(self._out(out.latents), clip)
+        latents, clip = self._encoder(self._images_in(images))
+        return Encoded(self._out(latents), None if clip is None else self._out(clip))
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents ``(N, C, h, w)`` (any float dtype) -> uint8 images ``(N, 16h, 16w, 3)``."""
-        latents = as_latent_batch(latents, self.info.latent_channels)
-        return self._images_out(self.model.decode(torch.from_numpy(latents).to(self.device)))
+        latents = as_latent_batch(latents, self._info.latent_channels)
+        return self._images_out(self._decoder(torch.from_numpy(latents).to(self.device)))
 
     @torch.inference_mode()
     def reconstruct(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Encode and decode: uint8 ``(N, H, W, 3)`` -> uint8 ``(N, H, W, 3)``."""
-        latents = self.model.get_reconstruction_latents(self._images_in(images))
-        return self._images_out(self.model.decode(latents))
+        latents, _ = self._encoder(self._images_in(images))
+        return self._images_out(self._decoder(latents))
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Normalized CLIP image embeddings ``(N, D)``."""
         self._require_clip()
-        return self._out(self.model.get_clip_image_feature(self._images_in(images)))
+        _, clip = self._encoder(self._images_in(images))
+        return self._out(clip)
 
     @torch.inference_mode()
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -132,14 +193,14 @@ class VTPReplica:
         from .text.tokenizer import tokenize
 
         self._require_clip()
-        if self.info.text_context_length is None:
+        if self._info.text_context_length is None:
             raise ValueError(
                 f"this model's text tower has {self.model.config.text_vocab_size} token ids, not the {VOCAB_SIZE} of "
                 "CLIP's BPE vocabulary: it cannot embed text"
             )
         if not len(texts):
-            return np.zeros((0, self.info.embedding_dim), np.float32)
-        ids = tokenize(texts, self.info.text_context_length)
+            return np.zeros((0, self._info.embedding_dim), np.float32)
+        ids = tokenize(texts, self._info.text_context_length)
         cfg = self.model.config
         if not cfg.text_no_causal_mask and cfg.text_pool_type == "argmax":
             # Causal attention pooled at the end token: the padding after the longest text changes nothing.
@@ -156,8 +217,9 @@ class VTPReplica:
             torch.from_numpy(np.asarray(a, np.float32)).to(self.device) for a in (image_embeddings, class_embeddings)
         )
         logits = self.model.clip_logits(images, classes)
-        probabilities = logits.sigmoid() if self.info.zero_shot_activation == "sigmoid" else logits.softmax(dim=-1)
-        return ZeroShot(self._out(logits), self._out(probabilities), self.info.zero_shot_activation)
+        activation = self._info.zero_shot_activation
+        probabilities = logits.sigmoid() if activation == "sigmoid" else logits.softmax(dim=-1)
+        return ZeroShot(self._out(logits), self._out(probabilities), activation)
 
     def classify(self, images: np.ndarray | list[np.ndarray], class_embeddings: np.ndarray) -> ZeroShot:
         """Zero-shot classification of uint8 images ``(N, H, W, 3)`` against class embeddings ``(C, D)``."""
@@ -169,11 +231,11 @@ class VTPReplica:
     # ------------------------------------------------------------------------------------ helpers
 
     def _require_clip(self) -> None:
-        if self.info.embedding_dim is None:
+        if self._info.embedding_dim is None:
             raise ValueError("this model has no CLIP head (train_clip is false)")
 
     def _images_in(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(as_image_batch(images, self.info.patch_size))
+        batch = torch.from_numpy(as_image_batch(images, self._info.patch_size))
         return normalize(batch.to(self.device, non_blocking=True))
 
     def _images_out(self, images: torch.Tensor) -> np.ndarray:

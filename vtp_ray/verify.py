@@ -8,6 +8,9 @@ CLIP image feature, the latents and the reconstruction we report
 - and, for the reconstruction (de-normalized to [0, 1]), the PSNR of the target against the reference.
 
 A check passes when every normalized max error is below its threshold (1% by default).
+
+With ``compile`` the target runs its compiled graphs (``vtp_ray.compiled``), and the report adds the compiled
+outputs against the eager ones of the same device and precision: the error compiling itself adds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compile_plan import plan_compile, use_compile_cache
+from .compiled import CompiledModel, eager_units
 from .device import cpu_has_fast_low_precision, resolve_device, resolve_precision, seed_everything, synchronize
 from .metrics import psnr
 from .model import load_model
@@ -45,14 +50,17 @@ class VerifyReport:
     target: str
     reference: str = "cpu fp32"
     measures: list[Measure] = field(default_factory=list)
+    compile: str | None = None  # how the target ran: compiled graphs, or eager and why
+    compile_failed: bool = False  # compiling was on, but not every graph ran compiled
 
     @property
     def passed(self) -> bool:
-        return all(m.passed for m in self.measures)
+        return all(m.passed for m in self.measures) and not self.compile_failed
 
     def format(self) -> str:
         lines = [
             f"verify {self.target} against {self.reference}",
+            *([f"compile: {self.compile}"] if self.compile else []),
             f"{'output':<16}{'max err':>10}{'mean err':>10}{'limit':>8}{'PSNR dB':>9}  result",
         ]
         for m in self.measures:
@@ -72,13 +80,14 @@ def _compare(name: str, target: torch.Tensor, ref: torch.Tensor, threshold: floa
 
 
 @torch.inference_mode()
-def _run(model, images_u8: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def _run(units, images_u8: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The outputs of ``units`` (the encoder and decoder graphs, eager or compiled) on ``images_u8``."""
     x = normalize(images_u8.to(device))
-    out = model.encode(x)
-    decoded = model.decode(out.latents)
+    latents, clip = units["encoder"](x)
+    decoded = units["decoder"](latents)
     synchronize(device)
     image = denormalize_to_unit(decoded)  # before uint8 rounding, so PSNR is not capped by it
-    return {"img_feat": out.clip_image_feature, "latents": out.latents, "reconstruction": image}
+    return {"img_feat": clip, "latents": latents, "reconstruction": image}
 
 
 def verify(
@@ -90,8 +99,11 @@ def verify(
     size: int = 256,
     seed: int = 0,
     thresholds: dict[str, float] | None = None,
+    compile: str = "off",
+    compile_cache: str | None = None,
 ) -> VerifyReport:
-    """Run seeded images on the target and on cpu fp32; compare img_feat, latents and reconstruction."""
+    """Run seeded images on the target and on cpu fp32; compare img_feat, latents and reconstruction (and, when the
+    target compiles, its compiled outputs against its eager ones)."""
     limits = {name: 0.01 for name in OUTPUTS} | (thresholds or {})
     target_device = resolve_device(device)
     dtype = resolve_precision(precision)
@@ -105,18 +117,47 @@ def verify(
     seed_everything(seed)
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
 
+    plan = plan_compile(compile, target_device, dtype)
     reference = load_model(model, rope_dtype=rope_dtype, device="cpu").model
-    ref = _run(reference, images, torch.device("cpu"))
+    ref = _run(eager_units(reference), images, torch.device("cpu"))
     del reference
     target_model = load_model(model, rope_dtype=rope_dtype, device=target_device).model
     target_model.to_precision(dtype)
-    out = _run(target_model, images, target_device)
+    eager = _run(eager_units(target_model), images, target_device)
+    out, compiled = eager, None
+    if plan.enabled:
+        cache = use_compile_cache(compile_cache, target_device)
+        compiled = CompiledModel(target_model, target_device, plan, max_batch=batch, cache_dir=cache)
+        compiled.warm(size)
+        log.info("compiling the target's graphs for %dx%d px (a cold cache takes minutes)", size, size)
+        compiled.wait_ready()
+        out = _run({"encoder": compiled.encoder, "decoder": compiled.decoder}, images, target_device)
 
-    report = VerifyReport(target=f"{target_device} {precision} (rope {rope_dtype}, {batch}x{size}px, seed {seed})")
+    mode = "compiled" if compiled else "eager"
+    report = VerifyReport(
+        target=f"{target_device} {precision} {mode} (rope {rope_dtype}, {batch}x{size}px, seed {seed})"
+    )
     for name in OUTPUTS:
         if out[name] is None:
             continue
         report.measures.append(_compare(name, out[name], ref[name], limits[name]))
     recon = out["reconstruction"].float().cpu().reshape(1, -1).numpy()
     report.measures[-1].psnr_db = float(psnr(ref["reconstruction"].reshape(1, -1).numpy(), recon, peak=1.0)[0])
+    if compiled is None:
+        report.compile = None if compile == "off" else plan.reason
+        report.compile_failed = compile == "on"
+        return report
+    status = compiled.status(compile)
+    compiled.close()
+    report.compile_failed = bool(status.failed) or status.compiled_calls < 2 or bool(status.eager_calls)
+    report.compile = (
+        f"{status.backend}, {len(status.graphs)} graphs in {status.compile_seconds:.1f}s, "
+        f"{status.compiled_calls} compiled calls, eager calls {status.eager_calls or 0}"
+        + (f", failed: {status.failed}" if status.failed else "")
+    )
+    for name in OUTPUTS:
+        if out[name] is not None:
+            measure = _compare(name, out[name], eager[name], limits[name])
+            measure.name = f"{name} vs eager"
+            report.measures.append(measure)
     return report

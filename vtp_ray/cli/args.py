@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..images import ImageLimits
-from ..options import CROPS, PRECISIONS, ROPE_DTYPES
+from ..options import COMPILE_MODES, CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec, Preprocessing, SampleOptions
 from ..pipeline.served import ServeTarget
 
@@ -19,8 +19,10 @@ def csv(kind: type) -> Callable[[str], list]:
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
-def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True) -> None:
-    """The flags every model-running command shares."""
+def add_model_args(
+    parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True, compile: bool = False
+) -> None:
+    """The flags every model-running command shares (``compile``: with ``--compile`` and ``--compile-cache``)."""
     parser.add_argument(
         "--model",
         default=os.environ.get("VTP_MODEL"),
@@ -34,6 +36,16 @@ def add_model_args(parser: argparse.ArgumentParser, precision: str = "fp32", req
     )
     parser.add_argument("--precision", default=precision, choices=PRECISIONS)
     parser.add_argument("--rope-dtype", default="float32", choices=ROPE_DTYPES)
+    if compile:
+        parser.add_argument(
+            "--compile", default="off", choices=COMPILE_MODES,
+            help="run the image verbs through torch.compile: off, on, or auto (where it is known to pay: bf16/fp16 "
+            "on an accelerator or on a CPU with native bf16 matmuls)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--compile-cache", default=None, metavar="DIR",
+            help="persistent compile cache (default: env VTP_COMPILE_CACHE, else inductor's under /tmp)",
+        )  # fmt: skip
 
 
 def replicas_arg(text: str) -> int | tuple[int, int]:

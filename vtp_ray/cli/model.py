@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="encode and decode image files; write PNGs")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output directory")
-    add_model_args(p)
+    add_model_args(p, compile=True)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--crop", choices=CROPS, default="center")
     p.add_argument("--batch-size", type=int, default=8)
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("verify", help="accuracy of a device/precision against cpu fp32 on seeded inputs")
-    add_model_args(p)
+    add_model_args(p, compile=True)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="latency and throughput of encode/decode/reconstruct/embed")
-    add_model_args(p)
+    add_model_args(p, compile=True)
     p.add_argument("--precisions", type=csv(str), default=["fp32"], help="comma list, e.g. fp32,bf16")
     p.add_argument("--batch-sizes", type=csv(int), default=[1, 8], help="comma list, e.g. 1,8,32")
     p.add_argument("--verbs", type=csv(str), help="comma list of encode,decode,reconstruct,embed (default: all)")
@@ -113,7 +113,19 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from ..metrics import psnr
     from ..replica import VTPReplica
 
-    replica = VTPReplica(args.model, args.device, args.precision, args.rope_dtype, warmup_size=0)
+    replica = VTPReplica(
+        args.model,
+        args.device,
+        args.precision,
+        args.rope_dtype,
+        warmup_size=args.size if args.compile != "off" else 0,
+        compile=args.compile,
+        compile_cache=args.compile_cache,
+        compile_max_batch=args.batch_size,
+    )
+    if not replica.compile_ready:
+        print(f"compiling for {args.size} px images (the first time takes minutes; cached)", file=sys.stderr)
+        replica.wait_compiled()
     note = f"  ({RANDOM_NOTE})" if replica.info.random_weights else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +154,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     thresholds = {"img_feat": args.max_error, "latents": args.max_error, "reconstruction": args.max_error}
     report = verify(
-        args.model, args.device, args.precision, args.rope_dtype, args.batch, args.size, args.seed, thresholds
+        args.model,
+        args.device,
+        args.precision,
+        args.rope_dtype,
+        args.batch,
+        args.size,
+        args.seed,
+        thresholds,
+        compile=args.compile,
+        compile_cache=args.compile_cache,
     )
     print(report.format())
     return 0 if report.passed else 1
@@ -152,7 +173,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import VERBS, bench, format_rows
 
     verbs = args.verbs or VERBS
-    rows = bench(args.model, args.device, args.precisions, args.batch_sizes, args.size, verbs, args.warmup, args.runs)
+    rows = bench(
+        args.model,
+        args.device,
+        args.precisions,
+        args.batch_sizes,
+        args.size,
+        verbs,
+        args.warmup,
+        args.runs,
+        compile=args.compile,
+        compile_cache=args.compile_cache,
+    )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
     else:

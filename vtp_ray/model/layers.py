@@ -136,6 +136,10 @@ class AxialRoPE(nn.Module):
 
     def sincos(self, h: int, w: int, prefix: int = 0) -> tuple[Tensor, Tensor]:
         """(signed sin, cos) of shape (prefix + h*w, head_dim) in ``self.dtype``, cached per grid."""
+        if torch.compiler.is_compiling():
+            # Computed inside a compiled graph (a few thousand sin/cos): guards on the cache dict would fail, and
+            # force recompiles, whenever an eager call of another grid size adds to it.
+            return self._compute(h, w, prefix)
         key = (h, w, prefix, self.dtype, self.periods.device)
         if key not in self._cache:
             # Normal tensors even when first asked for under inference_mode, so that a later call with
