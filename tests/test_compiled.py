@@ -232,3 +232,44 @@ def test_without_a_cpp_compiler_the_replica_says_so_and_runs_eagerly(tiny_dir, t
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert status["compiled"] is False and "needs a C++ compiler" in status["reason"], status
     assert "needs a C++ compiler" in out.stderr  # the one log line
+
+
+def _cli(*args: str, cache: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VTP_COMPILE_CACHE": cache}
+    command = [sys.executable, "-m", "vtp_ray.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_verify_compile_checks_the_compiled_graphs_against_eager_and_cpu_fp32(compiled, compile_cache, tiny_dir):
+    result = _cli("verify", "--model", str(tiny_dir), "--size", "64", "--compile", "on", cache=compile_cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("verify cpu fp32 compiled") and lines[1].startswith("compile: inductor, 2 graphs")
+    assert "eager calls 0" in lines[1] and lines[-1] == "PASS"
+    assert {line.split()[0] + " " + line.split()[1] for line in lines if " vs eager " in f" {line} "} == {
+        "img_feat vs", "latents vs", "reconstruction vs"
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bench_compile_puts_compiled_rows_beside_the_eager_ones(compiled, compile_cache, tiny_dir):
+    result = _cli(
+        "bench", "--model", str(tiny_dir), "--size", "64", "--batch-sizes", "1,4", "--verbs", "encode,reconstruct",
+        "--warmup", "1", "--runs", "1", "--compile", "on", "--json", cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    keys = {(r["compiled"], r["batch"], r["verb"]) for r in rows}
+    assert keys == {(c, b, v) for c in (False, True) for b in (1, 4) for v in ("encode", "reconstruct")}
+    assert all((r["speedup"] is not None) == r["compiled"] and r["seconds"] > 0 for r in rows)
+
+
+def test_only_the_model_commands_take_the_compile_flags():
+    from vtp_ray.cli import build_parser
+
+    args = build_parser().parse_args(["verify", "--model", "m", "--compile", "auto", "--compile-cache", "/c"])
+    assert (args.compile, args.compile_cache) == ("auto", "/c")
+    assert build_parser().parse_args(["bench", "--model", "m"]).compile == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tokenize", "in", "-o", "out", "--model", "m", "--compile", "on"])
