@@ -338,7 +338,8 @@ class CompiledModel:
                         "torch._dynamo warnings)"
                     )
         except Exception as e:  # the graph stays eager; the status says why
-            if type(e).__name__ == "FailOnRecompileLimitHit":  # torch >= 2.6 with fullgraph=True
+            # torch >= 2.6 raises FailOnRecompileLimitHit with fullgraph=True; older ones an error naming the limit
+            if type(e).__name__ == "FailOnRecompileLimitHit" or "cache_size_limit" in str(e):
                 return f"past dynamo's recompile limit ({self.recompile_limit} graphs of this function)"
             first_line = next(iter(str(e).strip().splitlines()), "")
             return f"{type(e).__name__}: {first_line}"
