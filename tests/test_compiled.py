@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,6 +218,9 @@ def test_the_cache_directory_is_named_for_this_machine_class(tmp_path, monkeypat
     assert path == tmp_path / key and path.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
     monkeypatch.setenv("VTP_COMPILE_CACHE", str(tmp_path / "env"))
     assert use_compile_cache(None, torch.device("cpu")) == tmp_path / "env" / key
+    monkeypatch.delenv("VTP_COMPILE_CACHE")
+    default = Path(tempfile.gettempdir(), f"vtp-ray-compile-{os.getuid()}")  # never inductor's unpartitioned one
+    assert use_compile_cache(None, torch.device("cpu")) == default / key
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +147,10 @@ def cache_key(device: torch.device) -> str:
 _CPU_FLAGS = (("bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported"))
 
 
-def use_compile_cache(root: str | os.PathLike | None, device: torch.device) -> Path | None:
-    """Point inductor's cache at ``root/<cache_key>`` (``root``: the option, else env ``VTP_COMPILE_CACHE``); None
-    leaves inductor's default (``/tmp/torchinductor_<user>``, or ``TORCHINDUCTOR_CACHE_DIR`` if set)."""
-    root = root or os.environ.get(COMPILE_CACHE_ENV)
-    if not root:
-        return None
+def use_compile_cache(root: str | os.PathLike | None, device: torch.device) -> Path:
+    """Point inductor's cache (process-wide) at ``root/<cache_key>``; ``root``: the option, else env
+    ``VTP_COMPILE_CACHE``, else ``<tmp>/vtp-ray-compile-<uid>`` (the machine's own, kept until /tmp is cleared)."""
+    root = root or os.environ.get(COMPILE_CACHE_ENV) or Path(tempfile.gettempdir(), f"vtp-ray-compile-{os.getuid()}")
     path = Path(root).expanduser().resolve() / cache_key(device)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by inductor at each compile

@@ -50,7 +50,7 @@ class VTPReplica:
             (``vtp_ray.compiled``). Graphs compile in a background thread, the ``warmup_size`` ones first; until a
             shape's graph is ready its calls run eagerly. ``compile_status()`` and ``info.compile`` say how it runs.
         compile_cache: directory of the persistent compile cache (default: env ``VTP_COMPILE_CACHE``, else
-            inductor's own under /tmp); a second process with a filled cache compiles in seconds.
+            ``/tmp/vtp-ray-compile-<uid>``); a second process with a filled cache compiles in seconds.
         compile_max_batch: the largest batch of one compiled call; larger batches run in chunks of this many.
         compile_max_graphs: the most graphs this replica compiles (two per batch kind and image size).
     """
@@ -92,7 +92,7 @@ class VTPReplica:
                 self.model, self.device, plan, compile_max_batch, compile_max_graphs, cache_dir=cache
             )
             units = {"encoder": self._compiled.encoder, "decoder": self._compiled.decoder}
-            log.info("%s: %s, cache %s", plan.reason, plan.backend, cache or "inductor's default")
+            log.info("%s: %s, cache %s", plan.reason, plan.backend, cache)
         elif compile != "off":
             (log.warning if compile == "on" else log.info)("compile=%s: %s", compile, plan.reason)
         self._encoder, self._decoder = units["encoder"], units["decoder"]

@@ -44,7 +44,7 @@ def add_model_args(
         )  # fmt: skip
         parser.add_argument(
             "--compile-cache", default=None, metavar="DIR",
-            help="persistent compile cache (default: env VTP_COMPILE_CACHE, else inductor's under /tmp)",
+            help="persistent compile cache (default: env VTP_COMPILE_CACHE, else /tmp/vtp-ray-compile-<uid>)",
         )  # fmt: skip
 
 
