@@ -40,7 +40,7 @@ def add_model_args(
         parser.add_argument(
             "--compile", default="off", choices=COMPILE_MODES,
             help="run the image verbs through torch.compile: off, on, or auto (where it is known to pay: bf16/fp16 "
-            "on an accelerator or on a CPU with native bf16 matmuls)",
+            "on an accelerator or on a CPU with AMX)",
         )  # fmt: skip
         parser.add_argument(
             "--compile-cache", default=None, metavar="DIR",
