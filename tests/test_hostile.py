@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import SIZE, TINY, png_bytes, random_image
+from helpers import SIZE, TINY, UNLIMITED, png_bytes, random_image
 from hostile_clients import (
     HostileMix,
     post_request,
@@ -86,6 +86,7 @@ def port(serve_instance: ServeInstance) -> int:
         body_timeout_s=BODY_TIMEOUT_S,
         max_uploads_per_client=CAP,
         upload_refusal_delay_s=REFUSAL_DELAY_S,
+        rate_limits=UNLIMITED,  # the upload limits alone (test_ratelimits.py has the rate limits)
     )
     deploy(compose_app(args), "vtp", "/")
     return serve_instance.http_port

@@ -32,8 +32,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import metrics
+from ..callers import client_address
 from ..errors import ApiError
 from ..state import installed
+
+__all__ = ["BodyTimeout", "UploadGuard", "client_address", "has_body"]
 
 _CLOSE = (b"connection", b"close")
 
@@ -48,16 +51,6 @@ class BodyTimeout(ApiError):
             f"the request body did not arrive within {timeout_s:g} s (body_timeout_s); send it faster or retry",
             headers={"Connection": "close"},
         )
-
-
-def client_address(scope: Scope, header: str | None) -> str:
-    """The client's address: the last entry of ``header`` (what a trusted load balancer appended), else the peer."""
-    if header:
-        value = Headers(scope=scope).get(header)
-        if value:
-            return value.rsplit(",", 1)[-1].strip()
-    client = scope.get("client")
-    return client[0] if client else "unknown"
 
 
 def has_body(scope: Scope) -> bool:

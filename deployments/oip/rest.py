@@ -23,7 +23,7 @@ _STATE = Depends(ingress_state)
 
 
 def _authorized(request: Request, state: IngressState = _STATE) -> IngressState:
-    state.authorize(request.headers.get("authorization"))
+    state.authorize(state.http_caller(request.scope))
     return state
 
 
