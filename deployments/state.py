@@ -154,8 +154,12 @@ def installed() -> IngressState | None:
     return _installed
 
 
-def ingress_state() -> IngressState:
-    """The serving ingress's state (503 while the ingress starts): a FastAPI dependency of every route."""
+async def ingress_state() -> IngressState:
+    """The serving ingress's state (503 while the ingress starts): a FastAPI dependency of every route.
+
+    Every dependency of the routes is ``async`` (none blocks): FastAPI runs a plain ``def`` one in a worker thread,
+    and anyio's hand-off looks at every task of the event loop, so with hundreds of requests in flight (stalled
+    uploads, paused refusals) each hop cost more than the request's own work (py-spy, benchmarks/hostile_load.py)."""
     if _installed is None:
         raise ApiError(503, "not_ready", "the ingress is starting")
     return _installed

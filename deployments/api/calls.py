@@ -72,7 +72,7 @@ class Call:
 STATE = Depends(ingress_state)
 
 
-def model_call(
+async def model_call(
     request: Request,
     state: IngressState = STATE,
     model: str | None = openapi.MODEL,
@@ -85,7 +85,7 @@ def model_call(
     return Call(state, name, caller)
 
 
-def preprocess_mode(
+async def preprocess_mode(
     preprocess: openapi.PreprocessMode | None = openapi.PREPROCESS,
     decode: openapi.PreprocessMode | None = openapi.DECODE,
 ) -> openapi.PreprocessMode | None:

@@ -22,7 +22,7 @@ __all__ = ["attach_router", "router"]
 _STATE = Depends(ingress_state)
 
 
-def _authorized(request: Request, state: IngressState = _STATE) -> IngressState:
+async def _authorized(request: Request, state: IngressState = _STATE) -> IngressState:
     state.authorize(state.http_caller(request.scope))
     return state
 
