@@ -27,7 +27,8 @@ class SoakReport:
 
     good_ms: list[float] = field(default_factory=list)  # latency of each good request answered 200
     good_failures: list[str] = field(default_factory=list)  # every good request not answered 200, and why
-    stalled: Counter[str] = field(default_factory=Counter)  # how each stalled upload ended: 408, 429, ...
+    stalled: Counter[str] = field(default_factory=Counter)  # how each stalled upload ended: 408, 429 (upload cap),
+    # "429 rate" (a rate limit), ...
     stalled_longest_s: float = 0.0  # the longest any stalled upload was held before the server let it go
     stalled_open_at_end: int = 0  # stalled uploads the server still held when the soak ended (longer than allowed)
     slow_readers: Counter[str] = field(default_factory=Counter)  # sent, refused
@@ -108,8 +109,8 @@ async def stalled_upload(port: int, source: str, end: float, head: bytes, allowe
         started = loop.time()
         try:
             writer.write(head)
-            status, _ = await _answer(reader, max(end - loop.time(), 0.01))
-            report.stalled[status] += 1
+            status, data = await _answer(reader, max(end - loop.time(), 0.01))
+            report.stalled["429 rate" if status == "429" and b"rate limit" in data else status] += 1
             report.stalled_longest_s = max(report.stalled_longest_s, loop.time() - started)
             if status == "429":
                 await asyncio.sleep(0.5)  # refused at once: come back soon, as a patient attacker would

@@ -120,14 +120,23 @@ class IngressState:
             metrics.requests().inc(tags={**tags, "outcome": "admitted"})
             return
         metrics.requests().inc(tags={**tags, "outcome": "rate_limited"})
-        waiting = self.clients.pending(identity)
-        if self.clients.hold(identity, policy.max_pending_refusals):
-            try:
-                await asyncio.sleep(min(policy.refusal_delay_s * (waiting + 1), policy.max_refusal_delay_s))
-            finally:
-                self.clients.release(identity)
+        await self.pause_refusal(identity, policy.refusal_delay_s)
         wait = self.clients.wait_s(identity, kind, budget.rate, budget.burst, asyncio.get_running_loop().time())
         raise RateLimited(caller, kind, budget, retry_after_s(wait))
+
+    async def pause_refusal(self, identity: str, delay_s: float) -> None:
+        """Wait before refusing a request of ``identity`` (a rate limit, the upload cap): ``delay_s`` times one more
+        than the refusals it already has waiting, at most ``rate_limits.max_refusal_delay_s`` (or ``delay_s``,
+        whichever is longer); no wait once it has ``rate_limits.max_pending_refusals`` waiting (each holds an
+        ingress slot meanwhile)."""
+        policy = self.config.rate_limits
+        waiting = self.clients.pending(identity)
+        if not self.clients.hold(identity, policy.max_pending_refusals):
+            return
+        try:
+            await asyncio.sleep(min(delay_s * (waiting + 1), max(delay_s, policy.max_refusal_delay_s)))
+        finally:
+            self.clients.release(identity)
 
     def authorize(self, caller: Caller) -> None:
         """401 unless no API key is configured or ``caller`` sent a valid one (``KeyRing.identify``)."""

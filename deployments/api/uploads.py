@@ -8,8 +8,11 @@ announces a body and stalls keeps that slot forever, and a few hundred such clie
 - **deadline**: a body must arrive whole within ``body_timeout_s`` of the request reaching the ingress, or the
   read fails with ``BodyTimeout`` (``408`` through the ingress's ``ApiError`` handler);
 - **per-client uploads**: one client address may be sending at most ``max_uploads_per_client`` bodies at once;
-  the next one is answered ``429`` after ``refusal_delay_s`` (a pause that costs no CPU, so that a client
-  reconnecting as soon as it is refused cannot make the server spin), before anything of it is read;
+  the next one is answered ``429`` after a pause that costs no CPU, so that a client reconnecting as soon as it is
+  refused cannot make the server spin: ``refusal_delay_s`` times one more than the refusals the client already has
+  waiting (``IngressState.pause_refusal``, shared with the rate limits: at most ``rate_limits.max_refusal_delay_s``
+  or ``refusal_delay_s``, whichever is longer, and at once past ``rate_limits.max_pending_refusals``), before
+  anything of it is read;
 - a response that starts before its request's body was read whole (any early refusal: 401, 408, 413, 415, 429)
   carries ``Connection: close``, so the proxy drops the connection instead of reading the rest of the body.
 
@@ -80,7 +83,7 @@ class UploadGuard:
         if cap and self._uploading[client] >= cap:
             # A pause before the 429 (no CPU: the request only waits): a client that reconnects as soon as it is
             # refused otherwise makes the proxy and the ingress answer hundreds of 429s a second.
-            await asyncio.sleep(policy.refusal_delay_s)
+            await state.pause_refusal(f"address:{client}", policy.refusal_delay_s)
             await _too_many_uploads(cap, policy.refusal_delay_s)(scope, receive, send)
             return
         with self._slot(client) as release:
