@@ -28,6 +28,11 @@ def write_images(
     return paths
 
 
+#: ``rate_limits`` of the apps that measure throughput: every client of a benchmark comes from one address, which
+#: the default budgets (README, "Rate limits and API keys") would hold to 5 model requests a second.
+NO_RATE_LIMITS = {"model": {"rate": 0}, "cheap": {"rate": 0}}
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     with socket.socket() as s:

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-GOOD_ADDRESS = "127.0.0.1"
-
 
 @dataclass
 class SoakReport:
@@ -29,7 +27,8 @@ class SoakReport:
 
     good_ms: list[float] = field(default_factory=list)  # latency of each good request answered 200
     good_failures: list[str] = field(default_factory=list)  # every good request not answered 200, and why
-    stalled: Counter[str] = field(default_factory=Counter)  # how each stalled upload ended: 408, 429, ...
+    stalled: Counter[str] = field(default_factory=Counter)  # how each stalled upload ended: 408, 429 (upload cap),
+    # "429 rate" (a rate limit), ...
     stalled_longest_s: float = 0.0  # the longest any stalled upload was held before the server let it go
     stalled_open_at_end: int = 0  # stalled uploads the server still held when the soak ended (longer than allowed)
     slow_readers: Counter[str] = field(default_factory=Counter)  # sent, refused
@@ -52,6 +51,7 @@ class HostileMix:
     stalled_addresses: int = 1
     slow_readers: int = 0  # connections that send pipelined requests for 8 API schemas and never read the answers
     garbage: int = 0  # loops of malformed requests, each answered before the next
+    garbage_addresses: int = 1
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -109,8 +109,8 @@ async def stalled_upload(port: int, source: str, end: float, head: bytes, allowe
         started = loop.time()
         try:
             writer.write(head)
-            status, _ = await _answer(reader, max(end - loop.time(), 0.01))
-            report.stalled[status] += 1
+            status, data = await _answer(reader, max(end - loop.time(), 0.01))
+            report.stalled["429 rate" if status == "429" and b"rate limit" in data else status] += 1
             report.stalled_longest_s = max(report.stalled_longest_s, loop.time() - started)
             if status == "429":
                 await asyncio.sleep(0.5)  # refused at once: come back soon, as a patient attacker would
@@ -213,8 +213,9 @@ async def soak(
     allowed_s: float,
     headers: dict[str, str] | None = None,
 ) -> SoakReport:
-    """Good clients on 127.0.0.1 for ``duration_s`` while ``mix`` runs from other loopback addresses; every
-    request (hostile ones too) carries ``headers`` (e.g. the API key)."""
+    """Good clients, each on a loopback address of its own (127.0.0.1, .2, ...), for ``duration_s`` while ``mix``
+    runs from other loopback addresses (stalled uploads 127.0.1.x, slow readers 127.0.2.1, garbage 127.0.3.x);
+    every request (hostile ones too) carries ``headers`` (e.g. the API key)."""
     loop = asyncio.get_running_loop()
     headers = headers or {}
     extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -229,14 +230,46 @@ async def soak(
         for i in range(mix.stalled)
     ]
     tasks += [slow_reader(port, "127.0.2.1", end, big_answer, report) for _ in range(mix.slow_readers)]
-    tasks += [garbage(port, "127.0.3.1", end, garbage_requests(png, extra), report) for _ in range(mix.garbage)]
-    limits = httpx.Limits(max_connections=good_clients, max_keepalive_connections=good_clients)
-    transport = httpx.AsyncHTTPTransport(local_address=GOOD_ADDRESS, limits=limits)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, transport=transport) as client:
-        good = (good_client(client, png, end, headers, report) for _ in range(good_clients))
-        await asyncio.gather(*tasks, *good)
+    tasks += [
+        garbage(port, f"127.0.3.{1 + i % mix.garbage_addresses}", end, garbage_requests(png, extra), report)
+        for i in range(mix.garbage)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}",
+                    timeout=60,
+                    transport=httpx.AsyncHTTPTransport(local_address=f"127.0.0.{1 + i}"),
+                )
+            )
+            for i in range(good_clients)
+        ]
+        await asyncio.gather(*tasks, *(good_client(client, png, end, headers, report) for client in clients))
     report.elapsed_s = loop.time() - started
     return report
+
+
+async def address_flood(port: int, count: int, header: str, concurrency: int = 32) -> Counter[str]:
+    """``count`` GET /healthz requests, each from another client address as a load balancer would say it (the
+    last entry of ``header``: 10.x.y.z), over ``concurrency`` keep-alive connections from 127.0.5.1. Returns the
+    answers' statuses."""
+    statuses: Counter[str] = Counter()
+    queue = iter(range(count))
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.5.1")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, transport=transport) as client:
+
+        async def worker() -> None:
+            for i in queue:
+                address = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+                try:
+                    response = await client.get("/healthz", headers={header: f"192.0.2.1, {address}"})
+                    statuses[str(response.status_code)] += 1
+                except httpx.HTTPError as e:
+                    statuses[type(e).__name__] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
 
 
 def server_connections(port: int) -> int:
@@ -260,15 +293,46 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
     raise ValueError(f"no {field_name} for process {pid}")
 
 
-def serve_pids(app_name: str, deployment: str) -> dict[str, int]:
-    """The process ids of this node's Serve proxy and of ``deployment``'s replicas (Ray's own actor registry)."""
+def serve_pids(app_name: str, *deployments: str) -> dict[str, int]:
+    """The process ids of this node's Serve proxy and of each of ``deployments``' replicas (Ray's own actor
+    registry), by kind: ``proxy`` and the deployment names (one replica each)."""
     import ray
 
     pids = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         name = actor["name"]
-        if name.startswith("SERVE_PROXY_ACTOR") or name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#"):
+        kind = "proxy" if name.startswith("SERVE_PROXY_ACTOR") else None
+        for deployment in deployments:
+            if name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#"):
+                kind = deployment
+        if kind is not None:
             handle = ray.get_actor(name, namespace=actor["namespace"])
-            kind = "proxy" if name.startswith("SERVE_PROXY_ACTOR") else deployment
             pids[kind] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
     return pids
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each of ``pids`` (by kind), by this process (``load generator``:
+    the clients, and Ray's driver threads) and by every other process this one started (``other Ray``: GCS,
+    raylet, Serve's controller, idle workers)."""
+    import psutil
+
+    me = psutil.Process()
+    used = {kind: sum(psutil.Process(pid).cpu_times()[:2]) for kind, pid in pids.items()}
+    used["load generator"] = sum(me.cpu_times()[:2])
+    known = set(pids.values())
+    other = 0.0
+    for child in me.children(recursive=True):
+        if child.pid not in known:
+            with contextlib.suppress(psutil.Error):
+                other += sum(child.cpu_times()[:2])
+    used["other Ray"] = other
+    return used
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of this machine have been busy since boot (every process, ours or not; /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")

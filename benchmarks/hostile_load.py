@@ -1,17 +1,25 @@
 """The hostile-clients soak as a benchmark: good clients with and without hostile load, side by side in one run.
 
-One local Ray runs the Serve application (``body_timeout_s`` and ``max_uploads_per_client`` as given). Good
-clients on 127.0.0.1 POST ``/v1/embed`` one request at a time, first alone (clean), then while hundreds of stalled
-uploads (from several loopback addresses, reconnecting whenever answered), slow readers (a large answer, never
-read) and garbage requests run (hostile). It prints good-request throughput, p50 / p99 and failures for both
-phases and their ratios (goals: throughput >= 0.8 of clean, p99 within 2x), how the stalled uploads ended and the
-connections the server still held afterwards (goal 0), and the peak RSS of the proxy and the ingress. The clean
-phase runs before and after the hostile one and the two are pooled (the machine's background load drifts).
+One local Ray (2 CPUs) runs the Serve application with ``body_timeout_s`` and ``max_uploads_per_client`` as given
+and the rate limits at their defaults (``--rate-limits off``: none, as before they existed). Good clients, each on
+a loopback address of its own (127.0.0.1, .2, ...), POST ``/v1/embed`` one request at a time, first alone (clean),
+then while hundreds of stalled uploads (from 8 loopback addresses, reconnecting whenever answered), slow readers
+(a large answer, never read) and garbage requests run, each kind of attacker from addresses of its own (hostile).
+It prints good-request throughput, p50 / p99 and failures for both phases and their ratios (goals: throughput >=
+0.8 of clean, p99 within 2x), how the stalled uploads ended, what the garbage got, the connections the server still
+held afterwards (goal 0), the CPU each process used in each phase (the proxy, the ingress, the model replica, this
+load generator, the rest of Ray, and the whole machine: where the good clients' throughput went) and the peak RSS
+of the proxy and the ingress. The clean phase runs before and after the hostile one and the two are pooled (the
+machine's background load drifts).
 
-Then it measures what the body deadline costs legitimate uploads on slow links: large images uploaded at
-throttled rates around ``size / body_timeout_s`` (all at once), each with its transfer time, answer and latency.
+Then a flood of ``--flood`` distinct client addresses (``x-forwarded-for``, the app's ``client_address_header``)
+asks ``/healthz`` once each: the ingress's RSS after each half (goal: flat; the clients it remembers are capped at
+``rate_limits.max_clients``). Last, what the body deadline costs legitimate uploads on slow links: large images
+uploaded at throttled rates around ``size / body_timeout_s`` (all at once), each with its transfer time, answer and
+latency.
 
     PYTHONPATH=. python benchmarks/hostile_load.py                        # random:vtp-small, 256 px
+    PYTHONPATH=. python benchmarks/hostile_load.py --rate-limits off      # the same without rate limits
     PYTHONPATH=. python benchmarks/hostile_load.py --model tests/fixtures/vtp-tiny --size 64 --seconds 20
 """
 
@@ -22,14 +30,59 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 import ray
-from _common import free_port, png_bytes
-from hostile_clients import HostileMix, SoakReport, raise_fd_limit, rss_mb, serve_pids, server_connections, soak
+from _common import NO_RATE_LIMITS, free_port, png_bytes
+from hostile_clients import (
+    HostileMix,
+    SoakReport,
+    address_flood,
+    cpu_seconds,
+    machine_busy_seconds,
+    raise_fd_limit,
+    rss_mb,
+    serve_pids,
+    server_connections,
+    soak,
+)
 from ray import serve
 
 from deployments import AppSettings, compose_app
+from deployments.settings import RateLimits
+
+FLOOD_HEADER = "x-forwarded-for"
+
+
+class _Phases:
+    """Runs soak phases and keeps the CPU each process used in each (seconds), and the machine's busy seconds."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.cpu: dict[str, dict[str, float]] = {}
+
+    def run(self, name: str, *soak_args: object) -> SoakReport:
+        before, busy = cpu_seconds(self.pids), machine_busy_seconds()
+        report = asyncio.run(soak(*soak_args))
+        after = cpu_seconds(self.pids)
+        self.cpu[name] = {kind: after[kind] - before[kind] for kind in after}
+        self.cpu[name]["machine (all processes)"] = machine_busy_seconds() - busy
+        self.cpu[name]["seconds"] = report.elapsed_s
+        return report
+
+    def table(self, names: list[str], good: dict[str, int]) -> str:
+        """CPU by process: cores used (CPU s per s) in each phase, and CPU ms per good request."""
+        kinds = [k for k in self.cpu[names[0]] if k != "seconds"]
+        head = f"{'CPU: cores used (ms per good request)':40s}" + "".join(f"{n:>22s}" for n in names)
+        rows = [head]
+        for kind in kinds:
+            cells = []
+            for n in names:
+                used, seconds = self.cpu[n][kind], self.cpu[n]["seconds"]
+                cells.append(f"{used / seconds:8.2f} ({1000 * used / max(good[n], 1):7.0f} ms)")
+            rows.append(f"{kind:40s}" + "".join(f"{c:>22s}" for c in cells))
+        return "\n".join(rows)
 
 
 def _line(name: str, report: SoakReport) -> str:
@@ -82,6 +135,11 @@ def main() -> None:
     parser.add_argument("--stalled-addresses", type=int, default=8)
     parser.add_argument("--slow-readers", type=int, default=100)
     parser.add_argument("--garbage", type=int, default=4, help="loops sending malformed requests")
+    parser.add_argument("--garbage-addresses", type=int, default=1, help="loopback addresses the loops share")
+    parser.add_argument(
+        "--rate-limits", choices=("default", "off"), default="default", help="the app's rate_limits (off: as before)"
+    )
+    parser.add_argument("--flood", type=int, default=10_000, help="distinct client addresses of the flood (0: none)")
     parser.add_argument("--body-timeout", type=float, default=10.0, help="body_timeout_s (shorter than a phase)")
     parser.add_argument("--max-uploads-per-client", type=int, default=32)
     parser.add_argument("--upload-mb", type=float, default=1.0, help="image size of the slow-link uploads")
@@ -97,29 +155,46 @@ def main() -> None:
         placement="cpu",
         body_timeout_s=args.body_timeout,
         max_uploads_per_client=args.max_uploads_per_client,
+        client_address_header=FLOOD_HEADER,  # the flood's addresses; the other clients send none: their peer counts
+        rate_limits=RateLimits() if args.rate_limits == "default" else NO_RATE_LIMITS,
     )
     serve.run(compose_app(app_args), name="vtp", route_prefix="/")
     png = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
-    pids = serve_pids("vtp", "VTPIngress")
+    pids = serve_pids("vtp", "VTPIngress", "VTPReplica")
+    phases = _Phases(pids)
     rss_start = {kind: rss_mb(pid) for kind, pid in pids.items()}
-    mix = HostileMix(args.stalled, args.stalled_addresses, args.slow_readers, args.garbage)
+    mix = HostileMix(args.stalled, args.stalled_addresses, args.slow_readers, args.garbage, args.garbage_addresses)
     allowed = args.body_timeout + 10
 
     asyncio.run(soak(port, png, HostileMix(), 3, args.good_clients, allowed))  # warm-up
     # clean, hostile, clean: the hostile phase is compared with the mean of the clean phases around it, so that a
     # change in the machine's background load shifts both sides alike
-    before = asyncio.run(soak(port, png, HostileMix(), args.seconds, args.good_clients, allowed))
+    before = phases.run("clean 1", port, png, HostileMix(), args.seconds, args.good_clients, allowed)
     peak_clean = {kind: rss_mb(pid, "VmHWM") for kind, pid in pids.items()}
-    hostile = asyncio.run(soak(port, png, mix, args.seconds, args.good_clients, allowed))
+    hostile = phases.run("hostile", port, png, mix, args.seconds, args.good_clients, allowed)
     peak_hostile = {kind: rss_mb(pid, "VmHWM") for kind, pid in pids.items()}
     time.sleep(3)
     held_after = server_connections(port)
-    after = asyncio.run(soak(port, png, HostileMix(), args.seconds, args.good_clients, allowed))
+    after = phases.run("clean 2", port, png, HostileMix(), args.seconds, args.good_clients, allowed)
     clean = SoakReport(good_ms=before.good_ms + after.good_ms, elapsed_s=before.elapsed_s + after.elapsed_s)
     clean.good_failures = before.good_failures + after.good_failures
+    flood: list[tuple[int, float, Counter[str]]] = []  # (addresses so far, ingress RSS MB, statuses)
+    if args.flood:
+        ingress = pids["VTPIngress"]
+        flood.append((0, rss_mb(ingress), Counter()))
+        for _ in range(2):  # two halves: the growth of the second shows whether memory stays flat
+            statuses = asyncio.run(address_flood(port, args.flood // 2, FLOOD_HEADER))
+            flood.append((flood[-1][0] + args.flood // 2, rss_mb(ingress), statuses))
+    limits = app_args.rate_limits
 
     print(f"\nmodel {args.model} at {args.size} px, body_timeout_s {args.body_timeout:g}, ", end="")
     print(f"max_uploads_per_client {args.max_uploads_per_client}, {args.good_clients} good clients, {args.seconds:g} s")
+    budgets = "off" if not limits.model.rate else f"model {limits.model.rate:g}/s (burst {limits.model.burst}), "
+    if limits.model.rate:
+        budgets += f"cheap {limits.cheap.rate:g}/s (burst {limits.cheap.burst}), refusal_delay_s "
+        budgets += f"{limits.refusal_delay_s:g} (at most {limits.max_refusal_delay_s:g}), "
+        budgets += f"max_pending_refusals {limits.max_pending_refusals}"
+    print(f"rate limits per client: {budgets}")
     print(f"hostile: {mix}")
     print(f"\n{'phase':8s} {'good':>6s} {'failed':>6s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
     print(_line("clean 1", before))
@@ -135,6 +210,8 @@ def main() -> None:
     print(f"held past the deadline at the end {hostile.stalled_open_at_end} (goal 0)")
     print(f"slow readers: {dict(hostile.slow_readers)}; garbage answers: {dict(hostile.garbage)}")
     print(f"server connections held 3 s after the clients left: {held_after} (goal 0)")
+    good = {"clean 1": len(before.good_ms), "hostile": len(hostile.good_ms), "clean 2": len(after.good_ms)}
+    print("\n" + phases.table(["clean 1", "hostile", "clean 2"], good) + "\n")
     for kind in pids:
         print(
             f"RSS {kind}: {rss_start[kind]:.0f} MB at start, peak {peak_clean[kind]:.0f} MB after clean 1, "
@@ -152,6 +229,12 @@ def main() -> None:
     for fraction, (transfer, status, answered) in zip(fractions, results, strict=True):
         rate = needed / fraction * 8 / 1e6
         print(f"{rate:12.2f} {transfer:11.1f} {status:>7s} {answered:11.1f} {(answered - transfer) * 1000:14.0f}")
+    if flood:
+        print(f"\nflood of distinct client addresses ({FLOOD_HEADER}, GET /healthz), max_clients {limits.max_clients}:")
+        for count, rss, statuses in flood:
+            print(f"  after {count:6d} addresses: ingress RSS {rss:.1f} MB {dict(statuses) if statuses else ''}")
+        growth = [flood[i + 1][1] - flood[i][1] for i in range(len(flood) - 1)]
+        print(f"  growth per half: {', '.join(f'{g:+.1f} MB' for g in growth)} (goal: flat)")
     serve.shutdown()
     ray.shutdown()
 

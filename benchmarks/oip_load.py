@@ -26,6 +26,7 @@ import numpy as np
 import ray
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from _common import NO_RATE_LIMITS
 from PIL import Image
 from ray import serve
 
@@ -94,7 +95,9 @@ def main() -> None:
         http_options={"host": "127.0.0.1", "port": port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
     )
-    app = AppSettings(model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu")
+    app = AppSettings(
+        model=args.model, image_size=args.size, max_batch_size=args.batch, placement="cpu", rate_limits=NO_RATE_LIMITS
+    )
     serve.run(compose_app(app), name="vtp", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=600)

@@ -37,6 +37,7 @@ from dataclasses import astuple, dataclass, field
 import httpx
 import numpy as np
 import ray
+from _common import NO_RATE_LIMITS
 from PIL import Image
 from ray import serve
 
@@ -265,6 +266,7 @@ def start_app(args: argparse.Namespace) -> str:
         placement={"num_cpus": args.cpus},  # same torch threads as the direct run (Ray sets OMP_NUM_THREADS)
         image_size=args.image_size,
         preprocess={"fast": args.fast_preprocess},
+        rate_limits=NO_RATE_LIMITS,
     )
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     serve.run(compose_app(app_args, user_config=batching), name="vtp", route_prefix="/")

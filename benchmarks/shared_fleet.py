@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 import ray
-from _common import free_port, png_bytes, write_images
+from _common import NO_RATE_LIMITS, free_port, png_bytes, write_images
 from ray import serve
 
 from deployments import AppSettings, compose_app
@@ -116,6 +116,7 @@ def main() -> None:
         image_size=args.size,
         placement={"num_cpus": cpus},
         batching={"max_batch_size": args.max_batch_size},
+        rate_limits=NO_RATE_LIMITS,
     )
     serve.run(compose_app(settings), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import ray
-from _common import write_images
+from _common import NO_RATE_LIMITS, write_images
 from ray import serve
 
 from deployments import AppSettings, compose_app
@@ -76,7 +76,9 @@ def serve_part(args: argparse.Namespace) -> None:
         address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = AppSettings(model=args.model, placement="cpu", image_size=64, max_batch_size=args.max_batch_size)
+    app = AppSettings(
+        model=args.model, placement="cpu", image_size=64, max_batch_size=args.max_batch_size, rate_limits=NO_RATE_LIMITS
+    )
     serve.run(compose_app(app, ray_actor_options={"num_cpus": os.cpu_count()}), name="text-bench", route_prefix="/")
     before = direct_rate(replica, args)
     served, mean_batch = asyncio.run(http_rate(f"http://127.0.0.1:{port}", args))

@@ -5,8 +5,9 @@ Requests are checked here (API key, content type, byte and pixel limits, image l
 a model deployment's batch queue, so a bad request never fails its batch-mates; loading and PNG encoding run in
 threads, so the event loop keeps accepting requests meanwhile. The ingress never imports torch.
 
-Its live settings (``settings.IngressConfig``: limits, text, uploads, preprocess) are its ``user_config``: a
-``serve deploy`` that changes only them reconfigures the running ingress replicas, and no model replica restarts.
+Its live settings (``settings.IngressConfig``: limits, text, uploads, preprocess, rate_limits, keys) are its
+``user_config``: a ``serve deploy`` that changes only them reconfigures the running ingress replicas (a new key set
+included), and no model replica restarts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from vtp_ray import __version__
 
 from .api import attach_routers
+from .api.admission import Admission
 from .api.uploads import UploadGuard
 from .errors import install_error_handlers
 from .model.selection import ModelSet
@@ -38,6 +40,7 @@ app = FastAPIOffline(
     description="Image in; reconstruction, latents or CLIP embedding out. Errors are JSON {'error': ...}.",
 )
 app.add_middleware(UploadGuard)
+app.add_middleware(Admission)  # the outermost: rate limits before the upload guard takes a slot
 install_error_handlers(app)
 attach_routers(app)
 attach_router(app)

@@ -55,3 +55,14 @@ def errors() -> Counter:
         description="Failed requests by kind of error.",
         tag_keys=("kind",),
     )
+
+
+@functools.cache
+def requests() -> Counter:
+    """Requests by caller (the API key's name, ``anonymous`` without one: never an address), kind of route (``model``,
+    ``cheap``) and outcome (``admitted``, ``rate_limited``)."""
+    return Counter(
+        "vtp_requests",
+        description="Requests by caller (API key name or anonymous), kind of route and rate-limit outcome.",
+        tag_keys=("caller", "route", "outcome"),
+    )

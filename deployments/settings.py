@@ -12,6 +12,8 @@ deployment's ``user_config`` changes apply live, through ``reconfigure``. The tr
 | ``text`` | texts, labels, templates per request | the ingress's ``user_config`` | live |
 | ``uploads`` | body deadline, per-client upload cap | the ingress's ``user_config`` | live |
 | ``preprocess`` | ``fast`` (JPEG draft mode) | the ingress's ``user_config`` | live |
+| ``rate_limits`` | per-client budgets (model and cheap routes) | the ingress's ``user_config`` | live |
+| ``keys`` | named API keys (SHA-256 digests, a key file) | the ingress's ``user_config`` | live |
 
 The groups given in ``args`` are the initial values the builder puts into each deployment's ``user_config``; a
 config's ``deployments: [{name: VTPIngress, user_config: {limits: {...}}}]`` (or ``VTPReplica``'s ``batching``
@@ -38,9 +40,13 @@ __all__ = [
     "FLAT_KEYS",
     "AppSettings",
     "Batching",
+    "Budget",
     "IngressConfig",
+    "Keys",
     "Limits",
+    "NamedKey",
     "Preprocess",
+    "RateLimits",
     "TextLimits",
     "Uploads",
 ]
@@ -133,6 +139,104 @@ class Preprocess(_Group):
     )
 
 
+class Budget(_Group):
+    """A token bucket: a client may send ``burst`` requests at once and ``rate`` a second on average."""
+
+    rate: float = Field(ge=0, le=1_000_000, description="requests a second a client may send on average; 0: no limit")
+    burst: int = Field(ge=1, le=1_000_000, description="requests a client may send at once (the bucket's size)")
+
+
+# Where the defaults come from (README, "Rate limits"): a request on a model route costs the ingress and the proxy
+# 20-35 ms of CPU (loading and cropping a 500x375 JPEG, the PNG or JSON out, Serve's own work; measured with
+# benchmarks/serve_load.py), a cheap one 5-12 ms (benchmarks/hostile_load.py). One ingress replica's event loop is
+# one core: about 30-50 model requests a second. A client address gets at most an eighth of that core: 5 model
+# requests a second and 10 cheap ones. A model burst of 16 is one model replica's max_ongoing_requests (a client may
+# fill one replica's slots at once); a cheap burst of 20 is two seconds of its rate.
+MODEL_BUDGET = {"rate": 5.0, "burst": 16}
+CHEAP_BUDGET = {"rate": 10.0, "burst": 20}
+
+
+class RateLimits(_Group):
+    """How often one client (an address, or an API key's name) may ask (``api.admission``, ``oip.grpc_service``)."""
+
+    model: Budget = Field(
+        default_factory=lambda: Budget(**MODEL_BUDGET),
+        description="model routes: /v1's image and text verbs, the OIP's infer (REST and gRPC)",
+    )
+    cheap: Budget = Field(
+        default_factory=lambda: Budget(**CHEAP_BUDGET),
+        description="every other route: health, readiness, metadata, the page, the docs",
+    )
+    refusal_delay_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="a request past its budget is answered 429 after this pause (no CPU spent), times one more than "
+        "the refusals its client already has waiting",
+    )
+    max_refusal_delay_s: float = Field(10.0, ge=0, le=600, description="the longest pause before a 429")
+    max_pending_refusals: int = Field(
+        32, ge=0, le=100_000, description="refusals one client may have waiting out their pause; more: 429 at once"
+    )
+    max_clients: int = Field(
+        4096, ge=1, le=1_000_000, description="clients whose budgets an ingress replica remembers (least recent go)"
+    )
+
+
+#: A key's SHA-256 digest: 64 hex digits (``printf %s "$KEY" | sha256sum``).
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class NamedKey(_Group):
+    """One API key: the SHA-256 digests that are valid for it (two while it is rotated) and its own budgets."""
+
+    sha256: list[str] = Field(min_length=1, description="hex SHA-256 digests of the valid keys of this name")
+    model: Budget | None = Field(None, description="this key's model-route budget (default rate_limits.model)")
+    cheap: Budget | None = Field(None, description="this key's cheap-route budget (default rate_limits.cheap)")
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: list[str]) -> list[str]:
+        digests = [digest.strip().lower() for digest in value]
+        for digest in digests:
+            if not SHA256_HEX.fullmatch(digest):
+                raise ValueError(
+                    'sha256: 64 hex digits, the key\'s SHA-256 digest (printf %s "$KEY" | sha256sum); never the key'
+                )
+        return digests
+
+
+class Keys(_Group):
+    """Named API keys (``callers.KeyRing``): hashes here (``serve config`` and the dashboard show them), and more
+    in ``file`` (a mounted secret, same form), read on every reconfigure and when it changes."""
+
+    named: dict[str, NamedKey] = Field(default_factory=dict, description="key name -> its digests and budgets")
+    file: str | None = Field(None, description="a YAML or JSON file of more named keys, in the form of `named`")
+
+    @field_validator("named")
+    @classmethod
+    def _valid_names(cls, value: dict[str, NamedKey]) -> dict[str, NamedKey]:
+        for name in value:
+            check_key_name(name)
+        return value
+
+
+#: Key names: what logs and metrics show (letters, digits, ``_``, ``-``, ``.``).
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def check_key_name(name: str) -> str:
+    """``name`` when it is a valid key name, else ValueError."""
+    if not KEY_NAME.fullmatch(name):
+        raise ValueError(f"key name {name!r}: use letters, digits, '_', '-' and '.' (at most 63)")
+    return name
+
+
 class IngressConfig(_Group):
     """The ingress deployment's ``user_config``: everything the HTTP and gRPC routes enforce, read by every route
     from this one object (``api``, ``oip``), so that no route can drift from another."""
@@ -141,6 +245,8 @@ class IngressConfig(_Group):
     text: TextLimits = Field(default_factory=TextLimits)
     uploads: Uploads = Field(default_factory=Uploads)
     preprocess: Preprocess = Field(default_factory=Preprocess)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    keys: Keys = Field(default_factory=Keys)
 
     def merged(self, changes: Mapping[str, Any] | None) -> IngressConfig:
         """This config with ``changes`` (a ``user_config``: some groups, some keys of each) applied over it."""
@@ -187,6 +293,8 @@ class AppSettings(BaseModel):
     text: TextLimits = Field(default_factory=TextLimits)
     uploads: Uploads = Field(default_factory=Uploads)
     preprocess: Preprocess = Field(default_factory=Preprocess)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    keys: Keys = Field(default_factory=Keys)
 
     @model_validator(mode="before")
     @classmethod
@@ -199,7 +307,9 @@ class AppSettings(BaseModel):
         for name in _GROUPS:
             nested = data.get(name)
             if isinstance(nested, Mapping):
-                groups[name] = dict(nested)
+                # key by key over the group's defaults, at every depth (rate_limits: {model: {rate: 20}} keeps the
+                # model burst), as a user_config applies
+                groups[name] = _deep_merge(cls.model_fields[name].default_factory().model_dump(), nested)
                 given.update({(name, key): f"args.{name}.{key}" for key in nested})
         for flat, (group, key) in FLAT_KEYS.items():
             if flat not in data:
@@ -250,7 +360,14 @@ class AppSettings(BaseModel):
 
     def ingress_config(self) -> IngressConfig:
         """The ingress deployment's part: its initial ``user_config``."""
-        return IngressConfig(limits=self.limits, text=self.text, uploads=self.uploads, preprocess=self.preprocess)
+        return IngressConfig(
+            limits=self.limits,
+            text=self.text,
+            uploads=self.uploads,
+            preprocess=self.preprocess,
+            rate_limits=self.rate_limits,
+            keys=self.keys,
+        )
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ) -> AppSettings:
@@ -263,7 +380,7 @@ class AppSettings(BaseModel):
 
 
 #: The live groups (each one a ``user_config`` part).
-_GROUPS = ("batching", "limits", "text", "uploads", "preprocess")
+_GROUPS = ("batching", "limits", "text", "uploads", "preprocess", "rate_limits", "keys")
 
 
 def merge_batching(base: Batching, changes: Mapping[str, Any] | None) -> Batching:
@@ -276,13 +393,18 @@ def _merge(base: BaseModel, changes: Mapping[str, Any] | None, what: str) -> Any
         return base
     if not isinstance(changes, Mapping):
         raise ValueError(f"{what} must be a mapping, got {type(changes).__name__}")
-    values = base.model_dump()
+    return type(base).model_validate(_deep_merge(base.model_dump(), changes))
+
+
+def _deep_merge(values: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``changes`` applied key by key, at every depth (a mapping replaces only what it names)."""
+    merged = dict(values)
     for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
         else:
-            values[key] = value
-    return type(base).model_validate(values)
+            merged[key] = value
+    return merged
 
 
 def _check_patch_multiple(name: str, value: int) -> int:

@@ -184,3 +184,8 @@ def write_shards(root: Path, images: dict[str, bytes]) -> dict[str, str | None]:
         pq.write_table(pa.table({"key": chunk, "status": ["success"] * len(chunk)}), root / f"{shard:05d}.parquet")
         (root / f"{shard:05d}_stats.json").write_text("{}")
     return expected
+
+
+#: ``rate_limits`` for apps whose tests send many requests from one address and are not about rate limits
+#: (tests/test_ratelimits.py is): no budget on either kind of route.
+UNLIMITED = {"model": {"rate": 0}, "cheap": {"rate": 0}}

@@ -28,6 +28,7 @@ from helpers import (
     ROOT,
     SIZE,
     TINY,
+    UNLIMITED,
     model_inputs,
     png_array,
     png_bytes,
@@ -66,9 +67,10 @@ def base_url(serve_instance: ServeInstance) -> str:
         placement="cpu",
         max_decode_batch=MAX_DECODE_BATCH,
         max_decode_pixels=MAX_DECODE_BATCH * SIZE * SIZE,
+        rate_limits=UNLIMITED,
     )
     url = deploy(compose_app(args), "vtp", "/", wait=False)
-    npu = AppSettings(model=TINY, image_size=SIZE, api_key=KEY, device="cpu")  # declared NPUs, computed on the CPU
+    npu = AppSettings(model=TINY, image_size=SIZE, api_key=KEY, device="cpu", rate_limits=UNLIMITED)  # declared NPUs
     pinned = compose_app(npu, num_replicas=2, ray_actor_options={"num_cpus": 0.5, "resources": {"NPU": 1}})
     deploy(pinned, "vtp-npu", "/npu", wait=False)
     wait_running("vtp", "vtp-npu")

@@ -9,6 +9,7 @@ second ``serve deploy`` with a new ``user_config`` changes the good one's batchi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -182,6 +183,48 @@ def test_a_new_ingress_user_config_changes_limits_without_touching_the_models(de
     )
     assert _actor_ids("VTPIngress") == ingress_before  # reconfigured in place
     ingress["user_config"]["limits"]["max_body_bytes"] = 16 * 2**20  # as shipped, for the next push
+
+
+def test_a_key_rotates_on_the_running_ingress(deployed) -> None:
+    """Named keys are the ingress's user_config (names and SHA-256 digests): `serve deploy` with a new key set
+    applies to the running ingress replica (same actor), so a key rotates with the old and the new one valid side
+    by side, then the old one revoked."""
+    config, address = deployed["config"], deployed["address"]
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPIngress"]
+    ingress_before = _actor_ids("VTPIngress")
+    old, new = "old-key-3f9a1c", "new-key-7b2e44"
+
+    def push(*keys: str) -> None:
+        ingress["user_config"]["keys"] = {"named": {"team-a": {"sha256": [_sha256(k) for k in keys]}}} if keys else {}
+        path = deployed["tmp"] / f"serve_config_keys_{len(keys)}_{keys[-1] if keys else 'none'}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
+
+    def statuses(client: httpx.Client) -> dict[str, int]:
+        sent = {"old": {"authorization": f"Bearer {old}"}, "new": {"authorization": f"Bearer {new}"}, "none": {}}
+        return {name: client.get("/v1/model", headers=headers).status_code for name, headers in sent.items()}
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        wait_until(lambda: client.get("/v1/model").status_code == 200, 120, "the good app to answer")
+        for keys, expected in [
+            ((old,), {"old": 200, "new": 401, "none": 401}),
+            ((old, new), {"old": 200, "new": 200, "none": 401}),  # the overlap: clients move over
+            ((new,), {"old": 401, "new": 200, "none": 401}),  # the old key revoked
+        ]:
+            push(*keys)
+            wait_until(lambda expected=expected: statuses(client) == expected, 60, f"keys {len(keys)} to apply")
+        caller = client.get("/v1/model", headers={"authorization": f"Bearer {new}"}).json()["caller"]
+        assert caller["key"] == "team-a" and caller["model"] == {"rate": 5.0, "burst": 16}
+        push()  # no keys again, for the next push
+        wait_until(lambda: client.get("/v1/model").status_code == 200, 60, "the keys to go")
+    assert _actor_ids("VTPIngress") == ingress_before  # reconfigured in place, never restarted
+    logged = "".join(p.read_text(errors="replace") for p in (deployed["logs"] / "serve").glob("replica_vtp_*.log"))
+    assert "caller team-a client 127.0.0.1 GET /v1/model 200" in logged and old not in logged and new not in logged
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _actor_ids(deployment: str) -> set[str]:

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from helpers import SIZE, TINY, TINYTEXT, model_inputs, png_bytes, random_image, wait_until
+from helpers import SIZE, TINY, TINYTEXT, UNLIMITED, model_inputs, png_bytes, random_image, wait_until
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, InferResponse, RESTConfig
 from safetensors.torch import save_file
 from serving import ServeInstance, deploy
@@ -77,7 +77,7 @@ def grpc_port(serve_instance: ServeInstance) -> int:
 
 @pytest.fixture(scope="module")
 def base_url(serve_instance: ServeInstance, wide_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu"}
+    common = {"image_size": SIZE, "max_image_size": 256, "placement": "cpu", "rate_limits": UNLIMITED}
     missing = str(tmp_path_factory.mktemp("nothing") / "no-such-checkpoint")
     deploy(
         compose_app(AppSettings(model=missing, model_wait_s=WAIT_S, **common), **QUICK_STOP),

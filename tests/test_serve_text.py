@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from helpers import SIZE, TINYTEXT, png_bytes, post_concurrently, random_image
+from helpers import SIZE, TINYTEXT, UNLIMITED, png_bytes, post_concurrently, random_image
 from serving import ServeInstance, deploy
 
 from deployments import AppSettings, compose_app
@@ -34,6 +34,7 @@ def base_url(serve_instance: ServeInstance) -> str:
         max_texts=5,
         max_labels=6,
         label_cache_size=2,
+        rate_limits=UNLIMITED,
     )
     return deploy(compose_app(args), "vtp-text", "/")
 

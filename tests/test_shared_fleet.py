@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
-from helpers import SIZE, TINY, TINYTEXT, png_bytes, random_image, wait_until
+from helpers import SIZE, TINY, TINYTEXT, UNLIMITED, png_bytes, random_image, wait_until
 from serving import ServeInstance, deploy
 
 from deployments import AppSettings, compose_app
@@ -35,7 +35,7 @@ def app_settings() -> AppSettings:
     # batch_min_share 0: online requests strictly first, so that the replica's own count of batch calls started
     # while an online request waited must stay 0.
     batching = {"max_batch_size": 4, "batch_min_share": 0.0}
-    return AppSettings(model=TINYTEXT, image_size=SIZE, placement="cpu", batching=batching)
+    return AppSettings(model=TINYTEXT, image_size=SIZE, placement="cpu", batching=batching, rate_limits=UNLIMITED)
 
 
 def batch_items(base_url: str) -> int:

@@ -12,6 +12,7 @@ from fastapi import Depends, Header, Request
 
 from vtp_ray.images import CropMode
 
+from ..callers import Caller
 from ..errors import ApiError, unsupported
 from ..model.protocol import Outcome, Verb
 from ..model.selection import MODEL_HEADER, requested_model
@@ -23,10 +24,12 @@ from .responses import timed
 
 @dataclass
 class Call:
-    """One ``/v1`` request: its ingress state, the served model it picked, and its Server-Timing stages (ms)."""
+    """One ``/v1`` request: its ingress state, the served model it picked, who asked, and its Server-Timing stages
+    (ms)."""
 
     state: IngressState
     model: str
+    caller: Caller
     timings: dict[str, float] = field(default_factory=dict)
 
     async def info(self) -> dict[str, Any]:
@@ -69,18 +72,20 @@ class Call:
 STATE = Depends(ingress_state)
 
 
-def model_call(
+async def model_call(
     request: Request,
     state: IngressState = STATE,
     model: str | None = openapi.MODEL,
     x_vtp_model: str | None = Header(None, description=f"the model to use, as ?model= ({MODEL_HEADER})"),
 ) -> Call:
     """A FastAPI dependency: the API key checked, the requested model resolved (``?model=`` wins over the header)."""
-    state.authorize(request.headers.get("authorization"))
-    return Call(state, state.models.resolve(requested_model({"model": model or ""}, {MODEL_HEADER: x_vtp_model or ""})))
+    caller = state.http_caller(request.scope)
+    state.authorize(caller)
+    name = state.models.resolve(requested_model({"model": model or ""}, {MODEL_HEADER: x_vtp_model or ""}))
+    return Call(state, name, caller)
 
 
-def preprocess_mode(
+async def preprocess_mode(
     preprocess: openapi.PreprocessMode | None = openapi.PREPROCESS,
     decode: openapi.PreprocessMode | None = openapi.DECODE,
 ) -> openapi.PreprocessMode | None:

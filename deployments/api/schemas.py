@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from ..settings import Batching, Limits
+from ..settings import Batching, Budget, Limits
 
 _Dim = Annotated[int, Field(ge=1, le=65536)]
 
@@ -102,6 +102,15 @@ class ReplicaProcess(BaseModel):
     )
 
 
+class CallerInfo(BaseModel):
+    """Who the API took the request for (``/v1/model``'s ``caller``), and the budgets its requests are charged to."""
+
+    key: str | None = Field(description="the name of the API key the request sent; null without a valid one")
+    client: str = Field(description="the client address (the last entry of client_address_header, when set)")
+    model: Budget = Field(description="this caller's budget of model requests (rate: 0 means no limit)")
+    cheap: Budget = Field(description="this caller's budget of other requests")
+
+
 class ModelInfo(BaseModel):
     """``/v1/model``: what the replica that answered serves, and how."""
 
@@ -118,3 +127,4 @@ class ModelInfo(BaseModel):
     batching: Batching
     replica: ReplicaProcess
     limits: RequestLimits
+    caller: CallerInfo

@@ -9,7 +9,7 @@ from ..model.health import readiness
 from ..state import IngressState, ingress_state
 from . import openapi
 from .calls import MODEL_CALL, Call
-from .schemas import ErrorResponse, Health, ModelInfo, RequestLimits
+from .schemas import CallerInfo, ErrorResponse, Health, ModelInfo, RequestLimits
 
 router = APIRouter()
 
@@ -33,7 +33,7 @@ async def readyz(state: IngressState = _STATE) -> JSONResponse:
 @router.get("/v1/models", responses=openapi.ERRORS)
 async def models(request: Request, state: IngressState = _STATE) -> JSONResponse:
     """The served models by name (``?model=`` / ``x-vtp-model`` values), the default, and their readiness."""
-    state.authorize(request.headers.get("authorization"))
+    state.authorize(state.http_caller(request.scope))
     _, body = readiness(await state.models.readiness.statuses())
     return JSONResponse({"default": state.models.default, "models": body["models"]})
 
@@ -46,6 +46,12 @@ async def model(call: Call = MODEL_CALL) -> ModelInfo:
     limits = RequestLimits(
         **state.config.limits.model_dump(),
         image_size=state.settings.image_size,
-        api_key_required=state.settings.api_key is not None,
+        api_key_required=state.keys.required,
     )
-    return ModelInfo(**info, limits=limits, name=call.model, models=state.models.names)
+    caller = CallerInfo(
+        key=call.caller.key,
+        client=call.caller.client,
+        model=state.budget(call.caller, "model"),
+        cheap=state.budget(call.caller, "cheap"),
+    )
+    return ModelInfo(**info, limits=limits, caller=caller, name=call.model, models=state.models.names)

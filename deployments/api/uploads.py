@@ -8,8 +8,11 @@ announces a body and stalls keeps that slot forever, and a few hundred such clie
 - **deadline**: a body must arrive whole within ``body_timeout_s`` of the request reaching the ingress, or the
   read fails with ``BodyTimeout`` (``408`` through the ingress's ``ApiError`` handler);
 - **per-client uploads**: one client address may be sending at most ``max_uploads_per_client`` bodies at once;
-  the next one is answered ``429`` after ``refusal_delay_s`` (a pause that costs no CPU, so that a client
-  reconnecting as soon as it is refused cannot make the server spin), before anything of it is read;
+  the next one is answered ``429`` after a pause that costs no CPU, so that a client reconnecting as soon as it is
+  refused cannot make the server spin: ``refusal_delay_s`` times one more than the refusals the client already has
+  waiting (``IngressState.pause_refusal``, shared with the rate limits: at most ``rate_limits.max_refusal_delay_s``
+  or ``refusal_delay_s``, whichever is longer, and at once past ``rate_limits.max_pending_refusals``), before
+  anything of it is read;
 - a response that starts before its request's body was read whole (any early refusal: 401, 408, 413, 415, 429)
   carries ``Connection: close``, so the proxy drops the connection instead of reading the rest of the body.
 
@@ -32,8 +35,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import metrics
+from ..callers import client_address
 from ..errors import ApiError
 from ..state import installed
+
+__all__ = ["BodyTimeout", "UploadGuard", "client_address", "has_body"]
 
 _CLOSE = (b"connection", b"close")
 
@@ -48,16 +54,6 @@ class BodyTimeout(ApiError):
             f"the request body did not arrive within {timeout_s:g} s (body_timeout_s); send it faster or retry",
             headers={"Connection": "close"},
         )
-
-
-def client_address(scope: Scope, header: str | None) -> str:
-    """The client's address: the last entry of ``header`` (what a trusted load balancer appended), else the peer."""
-    if header:
-        value = Headers(scope=scope).get(header)
-        if value:
-            return value.rsplit(",", 1)[-1].strip()
-    client = scope.get("client")
-    return client[0] if client else "unknown"
 
 
 def has_body(scope: Scope) -> bool:
@@ -87,7 +83,7 @@ class UploadGuard:
         if cap and self._uploading[client] >= cap:
             # A pause before the 429 (no CPU: the request only waits): a client that reconnects as soon as it is
             # refused otherwise makes the proxy and the ingress answer hundreds of 429s a second.
-            await asyncio.sleep(policy.refusal_delay_s)
+            await state.pause_refusal(f"address:{client}", policy.refusal_delay_s)
             await _too_many_uploads(cap, policy.refusal_delay_s)(scope, receive, send)
             return
         with self._slot(client) as release:

@@ -6,6 +6,10 @@ The ingress is up long before (and regardless of whether) a model replica is: li
 waiting for resources) or failed with the loader's message. A background task polls ``serve.status()``; requests
 wait on its result for a bounded time instead of queueing on a handle that may never get a replica.
 
+Readiness is public (``/readyz`` needs no key), so its reasons say what failed, never how: one line, the error's
+type and message (``FileNotFoundError: model path '...' does not exist.``), and where to look. Serve's message
+holds the whole traceback, with the server's paths: that goes to the ingress's log, once per change.
+
 A replica that Ray cannot place anywhere (its ``ray_actor_options`` ask for a resource no node has, e.g.
 ``{resources: {NPU: 1}}`` on a cluster without NPUs) is reported within a poll or two from Ray's own "infeasible"
 verdict (``placement.pending_actors``), in ``unplaceable`` and the reason, and logged once: not left DEPLOYING in
@@ -17,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray import serve
@@ -28,8 +33,11 @@ from vtp_ray.placement import PendingActor, pending_actors
 
 log = logging.getLogger("ray.serve")
 
-#: The longest loader message a readiness answer repeats (the tail: where Python puts the exception).
-_MAX_REASON_CHARS = 1500
+#: The longest error a readiness answer repeats.
+_MAX_CAUSE_CHARS = 300
+#: A line that names a Python exception and its message (``CheckpointError: ...``, ``pkg.mod.SomeError: ...``).
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (\S.*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,13 @@ class ModelStatus:
     running_replicas: int
     reason: str  # why not ready; empty when ready
     unplaceable: str = ""  # replicas Ray cannot place on any node, and what to change; empty when none
+    detail: str = field(default="", repr=False)  # Serve's whole message (a traceback): for the logs only
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The public fields (never ``detail``)."""
+        public = asdict(self)
+        del public["detail"]
+        return public
 
 
 def readiness(statuses: Mapping[str, ModelStatus]) -> tuple[bool, dict[str, Any]]:
@@ -82,7 +94,7 @@ def read_statuses(app_name: str, deployments: Mapping[str, str]) -> dict[str, Mo
                 pending = pending_actors(f"{REPLICA_ACTOR_PREFIX}{app_name}#")
             unplaceable = _unplaceable(name, dep, [a for a in pending if a.name.split("#")[1:2] == [dep]])
         reason = "" if running else unplaceable or _reason(name, state, overview.message, overview.replica_states)
-        statuses[name] = ModelStatus(name, dep, running > 0, state, running, reason, unplaceable)
+        statuses[name] = ModelStatus(name, dep, running > 0, state, running, reason, unplaceable, overview.message)
     return statuses
 
 
@@ -108,15 +120,27 @@ def _unknown(name: str, deployment: str, reason: str) -> ModelStatus:
 
 
 def _reason(name: str, state: str, message: str, replicas: Mapping[Any, int]) -> str:
+    cause = summarize_error(message)
     if state == "DEPLOY_FAILED":
-        what = f"model {name!r} failed to start"
-    else:
-        counts = ", ".join(f"{getattr(k, 'value', k)}: {v}" for k, v in replicas.items() if v) or "none yet"
-        what = f"model {name!r} has no running replica yet ({state}; replicas {counts})"
-    message = message.strip()
-    if len(message) > _MAX_REASON_CHARS:
-        message = "..." + message[-_MAX_REASON_CHARS:]
-    return f"{what}: {message}" if message else what
+        return f"model {name!r} failed to start: {cause or 'no reason given'} (details: the Serve logs, serve status)"
+    counts = ", ".join(f"{getattr(k, 'value', k)}: {v}" for k, v in replicas.items() if v) or "none yet"
+    what = f"model {name!r} has no running replica yet ({state}; replicas {counts})"
+    return f"{what}: {cause}" if cause else what
+
+
+def summarize_error(message: str) -> str:
+    """One line of a Serve status message: the last exception it names (type and first line of its message), else
+    its first line; at most ``_MAX_CAUSE_CHARS``. Tracebacks, paths of the server's code and Ray's actor details
+    stay out."""
+    lines = [line.rstrip() for line in _ANSI.sub("", message).splitlines() if line.strip()]
+    cause = ""
+    for line in lines:
+        match = _EXCEPTION_LINE.fullmatch(line)
+        if match and not match.group(2).startswith("Traceback ("):
+            cause = f"{match.group(1)}: {match.group(2)}"
+    if not cause and lines:
+        cause = lines[0].strip()
+    return cause if len(cause) <= _MAX_CAUSE_CHARS else cause[: _MAX_CAUSE_CHARS - 3] + "..."
 
 
 class ReadinessMonitor:
@@ -181,6 +205,8 @@ class ReadinessMonitor:
             statuses = await asyncio.to_thread(read_statuses, self._app_name, self._deployments)
             for name, status in statuses.items():
                 before = self._statuses.get(name)
+                if status.reason and status.detail and (before is None or before.reason != status.reason):
+                    log.warning("%s\nServe's message:\n%s", status.reason, status.detail)
                 if status.unplaceable and (before is None or before.unplaceable != status.unplaceable):
                     log.warning("%s", status.unplaceable)
                 elif before is not None and before.unplaceable and not status.unplaceable:

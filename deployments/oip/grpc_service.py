@@ -14,9 +14,15 @@ parses them) and are parsed in the ingress with the protocol's generated code as
 ``grpc_service.proto`` is a superset of KServe's ``grpc_predict_v2.proto`` with the same package, service, messages
 and field numbers, so tritonclient.grpc, KServe's ``InferenceGRPCClient`` and any other OIP gRPC client talk to it.
 
-Models, tensors, batching, limits and the API key (metadata ``authorization: Bearer <key>``) are those of the REST
-routes: both adapt ``dataplane`` and read the ingress's one ``IngressState``; a refused request ends with the gRPC
-status of its HTTP one (``INVALID_ARGUMENT`` for 400...) and the same message. Inputs come as
+Models, tensors, batching, limits, rate limits and the API key (metadata ``authorization: Bearer <key>``) are those
+of the REST routes: both adapt ``dataplane`` and read the ingress's one ``IngressState``; a refused request ends
+with the gRPC status of its HTTP one (``INVALID_ARGUMENT`` for 400, ``RESOURCE_EXHAUSTED`` for 429 with the
+trailing metadata ``retry-after``...) and the same message. ``ModelInfer`` is charged to the caller's model
+budget, the other RPCs to its cheap one; the client is the peer Serve's gRPC proxy saw (or the last entry of the
+metadata ``uploads.client_address_header`` behind a load balancer). Serve's gRPC proxy receives the whole message
+before the ingress sees any of it (up to ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` bytes, 2 GiB unless set where Ray
+starts): the key, the rate limit and ``max_body_bytes`` are checked after that, so lower that cap where clients
+are not trusted. Inputs come as
 ``raw_input_contents`` (what the clients send) or typed ``contents``; outputs always go back as
 ``raw_output_contents``.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,12 +42,14 @@ from google.protobuf.message import DecodeError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from .. import metrics
+from ..callers import grpc_client_address
 from ..errors import ApiError
 from ..state import IngressState
 from . import dataplane
 from .tensors import check_outputs, datatype_of, tensor_from_raw, tensor_from_values, tensor_to_raw
 
 logger = logging.getLogger(__name__)
+access_log = logging.getLogger("ray.serve")  # Serve's replica log, where its own access lines go
 
 SERVICE = "inference.GRPCInferenceService"
 SERVICER_FUNCTION = "deployments.oip.add_inference_service"
@@ -95,18 +104,25 @@ def add_inference_service(servicer: Any, server: grpc.Server) -> None:
 
 
 def _rpc(*, key: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-    """An RPC of the service: parses the request, checks the API key (unless ``key`` is False) and turns a refusal
-    into the gRPC status of its HTTP one, answering an empty response message."""
+    """An RPC of the service: charges the caller's budget (``ModelInfer`` its model one), checks the API key (unless
+    ``key`` is False), parses the request and turns a refusal into the gRPC status of its HTTP one, answering an
+    empty response message."""
 
     def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         request_type, response_type = f"{method.__name__}Request", f"{method.__name__}Response"
+        kind = "model" if method.__name__ == "ModelInfer" else "cheap"
 
         @functools.wraps(method)
         async def rpc(self: Any, raw: bytes, grpc_context: RayServegRPCContext) -> Any:
+            state: IngressState = self.state
+            started = time.perf_counter()
+            metadata = dict(grpc_context.invocation_metadata())
+            client = grpc_client_address(grpc_context.peer(), metadata, state.config.uploads.client_address_header)
+            caller = state.identify(metadata.get("authorization"), client)
             try:
-                state: IngressState = self.state
+                await state.admit(caller, kind)
                 if key:
-                    state.authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+                    state.authorize(caller)
                 limit = state.config.limits.max_body_bytes
                 if len(raw) > limit:  # REST's body limit (the proxy itself takes up to 2 GiB)
                     raise ApiError(413, "too_large", f"{len(raw)} bytes, over max_body_bytes {limit}")
@@ -114,14 +130,29 @@ def _rpc(*, key: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Calla
                     request = getattr(messages(), request_type).FromString(raw)
                 except DecodeError as e:
                     raise ApiError(400, "bad_grpc_message", f"not a {request_type}: {e}") from e
-                return await method(self, state, request, grpc_context)
+                response = await method(self, state, request, grpc_context)
+                code, details = grpc.StatusCode.OK, ""
             except ApiError as e:
                 metrics.errors().inc(tags={"kind": e.kind})
                 code, details = STATUS_CODES.get(e.status, grpc.StatusCode.UNKNOWN), e.message
+                if e.headers and "Retry-After" in e.headers:
+                    grpc_context.set_trailing_metadata([("retry-after", e.headers["Retry-After"])])
             except Exception as e:  # a bug: the client gets its type and message, the log the traceback
                 logger.exception("gRPC %s failed", method.__name__)
                 metrics.errors().inc(tags={"kind": "internal"})
                 code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            if caller.key is not None:  # which key asked, by name (Serve's access line has no caller)
+                access_log.info(
+                    "caller %s client %s gRPC %s %s %.1fms",
+                    caller.key,
+                    caller.client,
+                    method.__name__,
+                    code.name,
+                    (time.perf_counter() - started) * 1000,
+                    extra={"serve_access_log": True},
+                )
+            if code == grpc.StatusCode.OK:
+                return response
             grpc_context.set_code(code)
             grpc_context.set_details(details)
             return getattr(messages(), response_type)()

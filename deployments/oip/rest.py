@@ -22,8 +22,8 @@ __all__ = ["attach_router", "router"]
 _STATE = Depends(ingress_state)
 
 
-def _authorized(request: Request, state: IngressState = _STATE) -> IngressState:
-    state.authorize(request.headers.get("authorization"))
+async def _authorized(request: Request, state: IngressState = _STATE) -> IngressState:
+    state.authorize(state.http_caller(request.scope))
     return state
 
 

@@ -19,6 +19,11 @@
 #   CANN_ENV=/usr/local/Ascend/ascend-toolkit/set_env.sh   the CANN environment to source (Ascend nodes)
 #   RAY_PORT=6379, DASHBOARD_PORT=8265   the head's GCS and dashboard ports
 #   RAY_START_ARGS="..."            more `ray start` flags (e.g. --node-ip-address, --num-cpus, --temp-dir)
+#   RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=67108864   the largest gRPC message Serve's gRPC proxy takes or sends (64 MiB
+#                                   here; Ray's own default is 2 GiB). The proxy reads a whole message before the
+#                                   app sees it (and checks the API key, the rate limit, max_body_bytes), so keep it
+#                                   near the app's limits: above max_body_bytes (16 MiB) for requests and above the
+#                                   largest answer (a decode of max_decode_pixels: 48 MiB of uint8).
 set -euo pipefail
 
 cann_env="${CANN_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}"
@@ -26,6 +31,7 @@ if [[ -f "$cann_env" ]]; then
   # shellcheck disable=SC1090
   source "$cann_env"
 fi
+export RAY_SERVE_GRPC_MAX_MESSAGE_SIZE="${RAY_SERVE_GRPC_MAX_MESSAGE_SIZE:-67108864}"
 # Say the mode explicitly, so that this script, `ray start` and `ray status` agree on it.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 if [[ "$RAY_AUTH_MODE" == token && $# -eq 0 && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
