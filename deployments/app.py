@@ -63,6 +63,8 @@ def compose_app(settings: AppSettings, **model_options: Any) -> Application:
             warmup_size=settings.image_size,
             label_cache_size=settings.label_cache_size,
             batching=settings.batching,
+            compile=settings.compile,
+            compile_cache=settings.compile_cache,
         )
         for name, checkpoint in settings.checkpoints().items()
     }

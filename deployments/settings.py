@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from vtp_ray.images import PATCH_SIZE
-from vtp_ray.options import PRECISIONS
+from vtp_ray.options import COMPILE_MODES, PRECISIONS
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -287,6 +287,12 @@ class AppSettings(BaseModel):
         description="more checkpoints served beside `model`, by name: one model deployment each (VTPReplica-<name>)",
     )
     label_cache_size: int = Field(64, ge=1, le=100_000, description="label sets whose text embeddings a replica keeps")
+    compile: Literal[COMPILE_MODES] = Field(
+        "auto",
+        description="the image verbs through torch.compile: off, on, or auto (bf16/fp16 on an accelerator or an AMX "
+        "CPU); a replica becomes ready once the graphs of image_size are compiled",
+    )
+    compile_cache: str | None = Field(None, description="persistent compile cache directory (default: per machine)")
 
     batching: Batching = Field(default_factory=Batching)
     limits: Limits = Field(default_factory=Limits)

@@ -270,11 +270,39 @@ def test_bench_compile_puts_compiled_rows_beside_the_eager_ones(compiled, compil
     assert all((r["speedup"] is not None) == r["compiled"] and r["seconds"] > 0 for r in rows)
 
 
-def test_only_the_model_commands_take_the_compile_flags():
+def test_every_model_command_takes_the_compile_flags():
+    """The one-process commands default to eager (what they measure is eager unless asked); the jobs and the Serve
+    app to auto."""
     from vtp_ray.cli import build_parser
+    from vtp_ray.cli.args import pipeline_spec
 
     args = build_parser().parse_args(["verify", "--model", "m", "--compile", "auto", "--compile-cache", "/c"])
     assert (args.compile, args.compile_cache) == ("auto", "/c")
     assert build_parser().parse_args(["bench", "--model", "m"]).compile == "off"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["tokenize", "in", "-o", "out", "--model", "m", "--compile", "on"])
+    job = build_parser().parse_args(["tokenize", "in", "-o", "out", "--model", "m", "--compile", "on"])
+    assert pipeline_spec(job).compile == "on"
+    assert build_parser().parse_args(["eval", "x", "-o", "y", "--model", "m"]).compile == "auto"
+
+
+@pytest.mark.slow
+def test_a_compiled_serve_replica_serves_only_once_its_graphs_are_ready(compiled, serve_instance, compile_cache):
+    """The Serve app with compile on: its model replica compiles the graphs of image_size for every batch up to
+    max_batch_size before Serve routes to it (from this session's cache: the graphs ``compiled`` made), so no request
+    waits for a compile; /v1/model says it runs compiled; a job refuses it unless it asks for the same mode."""
+    import httpx
+    from serving import deploy
+
+    from deployments import AppSettings, compose_app
+
+    settings = AppSettings(
+        model=str(compiled.info.model_spec), image_size=64, placement={"num_cpus": 2}, compile="on",
+        compile_cache=compile_cache, batching={"max_batch_size": 4},
+    )  # fmt: skip
+    url = deploy(compose_app(settings), "compiled", "/compiled")
+    png = __import__("helpers").png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    answer = httpx.post(f"{url}/v1/reconstruct", content=png, headers={"content-type": "image/png"}, timeout=60)
+    assert answer.status_code == 200
+    status = httpx.get(f"{url}/v1/model", timeout=30).json()["compile"]
+    assert status["mode"] == "on" and status["compiled"] and status["ready"]
+    assert status["compiled_calls"] >= 2 and status["eager_calls"] == {} and status["compiles_on_calling_path"] == 0
+    assert status["cache_hits"] >= 1  # a second process with the filled cache

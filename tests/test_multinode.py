@@ -24,6 +24,7 @@ import ray
 from helpers import (
     SIZE,
     TINY,
+    UNLIMITED,
     free_port,
     png_bytes,
     post_concurrently,
@@ -91,7 +92,9 @@ def serve_url(cluster) -> Iterator[str]:
     # One proxy: every raylet here shares the loopback address, so per-node proxies would fight over the port.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
-        args = AppSettings(model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu")
+        args = AppSettings(
+            model=TINY, image_size=SIZE, placement={"resources": NPU}, device="cpu", rate_limits=UNLIMITED
+        )
         # health_check_period_s: notice a killed replica within a second rather than ten.
         serve.run(compose_app(args, num_replicas=2, health_check_period_s=1), name="vtp", route_prefix="/")
         yield f"http://127.0.0.1:{port}"

@@ -334,15 +334,15 @@ def test_the_model_stage_passes_error_rows_through_untouched(ray_runtime, tree, 
         pa.table({"path": [bad, good], "label": ["dog", "cat"]}), preprocessing=PREPROCESSING, filesystem=None
     )
     kwargs = {"spec": _spec(tiny_dir), "device": "cpu", "flip": False, "latent_dtype": "float32"}
-    worker = TokenizeWorker(**kwargs, expected_digest=replica.info.config_digest)
+    worker = TokenizeWorker(**kwargs, expected=replica.info.identity())
     out = worker(batch)
     assert out.column("latents").is_null().to_pylist() == [True, False]
     image, (width, _) = preprocess_with_info(good, SIZE)
     assert out.column("width").to_pylist()[1] == width
     latents = np.asarray(out.column("latents")[1].as_py(), np.float32).reshape(1, *SHAPE)
     np.testing.assert_array_equal(latents, replica.encode(image[None]).latents)  # the same call: bit for bit
-    with pytest.raises(RuntimeError, match="config digest"):
-        TokenizeWorker(**kwargs, expected_digest="0000")
+    with pytest.raises(RuntimeError, match=r"config_digest: .* served, '0000' asked for"):
+        TokenizeWorker(**kwargs, expected={**replica.info.identity(), "config_digest": "0000"})
 
 
 class _BatchRecorder(TokenizeWorker):
@@ -360,7 +360,7 @@ def test_a_block_is_split_into_model_batches_in_order(ray_runtime, tree, tiny_di
     )
     spec = _spec(tiny_dir, batch_size=4)
     kwargs = {"spec": spec, "device": "cpu", "flip": False, "latent_dtype": "float32"}
-    worker = _BatchRecorder(**kwargs, expected_digest=replica.info.config_digest)
+    worker = _BatchRecorder(**kwargs, expected=replica.info.identity())
     out = worker(batch)
     valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
     per_batch = [int(valid[i : i + 4].sum()) for i in range(0, len(paths), 4)]

@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IDENTITY_KEYS", "CompileStatus", "Encoded", "ReplicaInfo", "ZeroShot", "model_identity"]
+__all__ = [
+    "IDENTITY_KEYS",
+    "CompileStatus",
+    "Encoded",
+    "ReplicaInfo",
+    "ZeroShot",
+    "identity_differences",
+    "model_identity",
+]
 
 
 @dataclass(frozen=True)
@@ -79,22 +87,44 @@ class ReplicaInfo:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """What two replicas must share for their outputs to mix: the checkpoint and how it runs."""
-        return {key: getattr(self, key) for key in IDENTITY_KEYS}
+        """What two replicas must share for their outputs to mix: the checkpoint and how it runs (whether compiled:
+        compiled and eager outputs agree within the stated tolerances, not bit for bit)."""
+        compiled = bool(self.compile is not None and self.compile.compiled)
+        return {**{key: getattr(self, key) for key in IDENTITY_KEYS[:-1]}, "compiled": compiled}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ReplicaInfo:
         """A ``ReplicaInfo`` from its dict (more keys, such as ``/v1/model``'s, are left out)."""
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+        fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        if isinstance(fields.get("compile"), Mapping):
+            status = fields["compile"]
+            fields["compile"] = CompileStatus(
+                **{k: status[k] for k in CompileStatus.__dataclass_fields__ if k in status}
+            )
+        return cls(**fields)
 
 
 #: The fields of ``ReplicaInfo`` that identify the model a replica serves (``ReplicaInfo.identity``).
-IDENTITY_KEYS = ("config_digest", "random_weights", "precision", "rope_dtype")
+IDENTITY_KEYS = ("config_digest", "random_weights", "precision", "rope_dtype", "compiled")
 
 
-def model_identity(config_digest: str, random_weights: bool, precision: str, rope_dtype: str) -> dict[str, Any]:
-    """The identity (``ReplicaInfo.identity``) a job expects of the replicas it runs on."""
-    return dict(zip(IDENTITY_KEYS, (config_digest, random_weights, precision, rope_dtype), strict=True))
+def model_identity(
+    config_digest: str, random_weights: bool, precision: str, rope_dtype: str, compile: str = "off"
+) -> dict[str, Any]:
+    """The identity (``ReplicaInfo.identity``) a job expects of the replicas it runs on. ``compile``: ``on`` wants
+    them compiled, ``off`` eager, ``auto`` either (``auto`` is the replicas' own choice; None: any)."""
+    compiled = {"on": True, "off": False}.get(compile)
+    values = (config_digest, random_weights, precision, rope_dtype, compiled)
+    return dict(zip(IDENTITY_KEYS, values, strict=True))
+
+
+def identity_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """What of ``actual`` (a replica's identity) differs from ``expected`` (a job's; None: any), one line each."""
+    return [
+        f"{key}: {actual.get(key)!r} served, {value!r} asked for"
+        for key, value in expected.items()
+        if value is not None and actual.get(key) != value
+    ]
 
 
 @dataclass(frozen=True)

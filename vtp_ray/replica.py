@@ -214,7 +214,7 @@ class VTPReplica:
         model was trained SigLIP-style."""
         self._require_clip()
         images, classes = (
-            torch.from_numpy(np.asarray(a, np.float32)).to(self.device) for a in (image_embeddings, class_embeddings)
+            torch.from_numpy(np.array(a, np.float32)).to(self.device) for a in (image_embeddings, class_embeddings)
         )
         logits = self.model.clip_logits(images, classes)
         activation = self._info.zero_shot_activation

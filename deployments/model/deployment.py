@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from vtp_ray.outputs import identity_differences
 from vtp_ray.placement import OPENMP_WAIT_VARS, assigned_device, brief_openmp_waits
 from vtp_ray.text import expand
 from vtp_ray.text.classifier import average_templates
@@ -67,6 +68,10 @@ class ModelDeployment:
         warmup_size: side of the square image used to warm up.
         label_cache_size: label sets whose class embeddings ``classify`` keeps (least recently used goes first).
         batching: the app's batching; a ``user_config`` applies over it (``reconfigure``).
+        compile, compile_cache: as ``VTPReplica``'s. A compiling replica returns from its constructor (so Serve marks
+            it RUNNING and routes to it) only once the graphs of ``warmup_size`` images at every batch up to
+            ``max_batch_size`` are compiled: until then readiness says it is starting, and no request ever waits
+            for a compile. Other shapes compile in the background and run eagerly meanwhile.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class ModelDeployment:
         warmup_size: int = 256,
         label_cache_size: int = 64,
         batching: Batching | None = None,
+        compile: str = "off",
+        compile_cache: str | None = None,
     ) -> None:
         device = device or assigned_device()
         brief_openmp_waits(device)
@@ -86,25 +93,34 @@ class ModelDeployment:
         # switches per batch-1 VTP-Small call).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         started = time.perf_counter()
-        self._replica = self._torch.submit(self._load, model, device, precision, warmup_size).result()
+        self._base_batching = batching or Batching()
+        load = (model, device, precision, warmup_size, compile, compile_cache, self._base_batching.max_batch_size)
+        self._replica = self._torch.submit(self._load, *load).result()
+        if not self._replica.compile_ready:
+            log.info("VTPReplica %s: compiling the graphs of %d px before serving", model, warmup_size)
+            self._replica.wait_compiled()
         info = self._replica.info
         # Through Serve's logger: the replica's log file, and the `serve run` console (the line the README names).
         log.info(
-            "VTPReplica ready: %s on %s %s in %.1fs", info.model, info.device, info.precision,
-            time.perf_counter() - started,
+            "VTPReplica ready: %s on %s %s in %.1fs (%s)", info.model, info.device, info.precision,
+            time.perf_counter() - started, info.compile.reason if info.compile else "eager",
         )  # fmt: skip
         self._identity = self._replica.info.identity()
         self._label_cache: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
         self._label_cache_size = label_cache_size
-        self._base_batching = batching or Batching()
         self._scheduler = BatchScheduler(self._model_call, self._base_batching, on_call=_record)
         self._loaded_at = time.time()
 
     @staticmethod
-    def _load(model: str, device: str, precision: str, warmup_size: int) -> VTPReplica:
+    def _load(
+        model: str, device: str, precision: str, warmup_size: int, compile: str, cache: str | None, max_batch: int
+    ) -> VTPReplica:
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
-        replica = VTPReplica(model, device=device, precision=precision, warmup_size=warmup_size)
+        replica = VTPReplica(
+            model, device=device, precision=precision, warmup_size=warmup_size, compile=compile,
+            compile_cache=cache, compile_max_batch=max_batch,
+        )  # fmt: skip
         if warmup_size and replica.info.text_context_length and text_available():
             replica.embed_text(["warm-up"])  # loads the tokenizer before traffic
         return replica
@@ -160,7 +176,7 @@ class ModelDeployment:
         up to ``max_batch_size`` that run only while no online request waits. ``expected`` (the model identity the
         job asked for) must be what this replica serves, else ``ModelMismatch`` before anything runs: rows of two
         models never mix."""
-        if expected is not None and dict(expected) != {k: self._identity.get(k) for k in expected}:
+        if expected is not None and identity_differences(expected, self._identity):
             raise ModelMismatch(expected, self._identity)
         done = await asyncio.gather(*(self._scheduler.submit(group_of(verb, x), (verb, x), "batch") for x in inputs))
         return Block([d.value for d in done], self._identity, serve.get_replica_context().replica_id.unique_id)

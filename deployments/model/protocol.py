@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from vtp_ray.outputs import identity_differences
+
 #: The model deployment's Serve name (``VTPReplica``: configs name it under ``deployments:``).
 DEPLOYMENT_NAME = "VTPReplica"
 
@@ -67,12 +69,7 @@ class ModelMismatch(ValueError):
 
     def __init__(self, expected: Mapping[str, Any], served: Mapping[str, Any]) -> None:
         self.expected, self.served = dict(expected), dict(served)
-        differences = ", ".join(
-            f"{key} {self.served.get(key)!r} (the job asked for {value!r})"
-            for key, value in self.expected.items()
-            if self.served.get(key) != value
-        )
-        super().__init__(f"the app serves another model: {differences}")
+        super().__init__(f"the app serves another model: {'; '.join(identity_differences(expected, served))}")
 
     def __reduce__(self) -> tuple[type[ModelMismatch], tuple[dict[str, Any], dict[str, Any]]]:
         return (type(self), (self.expected, self.served))

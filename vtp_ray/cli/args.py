@@ -20,9 +20,10 @@ def csv(kind: type) -> Callable[[str], list]:
 
 
 def add_model_args(
-    parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True, compile: bool = False
+    parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True, compile: str = "off"
 ) -> None:
-    """The flags every model-running command shares (``compile``: with ``--compile`` and ``--compile-cache``)."""
+    """The flags every model-running command shares, ``--compile`` (default ``compile``) and ``--compile-cache``
+    among them."""
     parser.add_argument(
         "--model",
         default=os.environ.get("VTP_MODEL"),
@@ -36,16 +37,15 @@ def add_model_args(
     )
     parser.add_argument("--precision", default=precision, choices=PRECISIONS)
     parser.add_argument("--rope-dtype", default="float32", choices=ROPE_DTYPES)
-    if compile:
-        parser.add_argument(
-            "--compile", default="off", choices=COMPILE_MODES,
-            help="run the image verbs through torch.compile: off, on, or auto (where it is known to pay: bf16/fp16 "
-            "on an accelerator or on a CPU with AMX)",
-        )  # fmt: skip
-        parser.add_argument(
-            "--compile-cache", default=None, metavar="DIR",
-            help="persistent compile cache (default: env VTP_COMPILE_CACHE, else /tmp/vtp-ray-compile-<uid>)",
-        )  # fmt: skip
+    parser.add_argument(
+        "--compile", default=compile, choices=COMPILE_MODES,
+        help=f"run the image verbs through torch.compile: off, on, or auto (where it is known to pay: bf16/fp16 on "
+        f"an accelerator or on a CPU with AMX); default {compile}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="persistent compile cache (default: env VTP_COMPILE_CACHE, else /tmp/vtp-ray-compile-<uid>)",
+    )  # fmt: skip
 
 
 def replicas_arg(text: str) -> int | tuple[int, int]:
@@ -95,6 +95,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 _REPLICA_FIELDS = (
     *("model", "precision", "device", "rope_dtype", "batch_size"),
     *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard", "preprocess_concurrency"),
+    *("compile", "compile_cache"),
 )
 
 

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "directories, globs); local or any pyarrow URI (s3://...)",
     )  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (local or URI)")
-    add_model_args(p)
+    add_model_args(p, compile="auto")
     add_pipeline_args(p)
     p.add_argument("--flip", action="store_true", help="also store latents_flip (horizontally flipped image)")
     p.add_argument("--dtype", dest="latent_dtype", choices=list(LATENT_DTYPES), default="float32",
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="array to decode: latents (default), latents_flip, or an .npz key (default arr_0)")
     p.add_argument("--stats", metavar="FILE", help="de-normalize first, x * std + mean: latents_stats.pt or stats.json")
     p.add_argument("--npz", action="store_true", help="write one samples.npz instead of PNGs")
-    add_model_args(p)
+    add_model_args(p, compile="auto")
     p.add_argument("--batch-size", type=int, default=32, help="latents per model call")
     add_replica_args(p)
     p.set_defaults(func=cmd_decode)
@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two eval runs (DIR or DIR/report.json)")
-    add_model_args(p, required=False)  # --compare needs no model: cmd_eval checks it for a run
+    add_model_args(p, required=False, compile="auto")  # --compare needs no model: cmd_eval checks it for a run
     add_pipeline_args(p)
     p.add_argument(
         "--save-images", type=int, default=0, metavar="N",

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="encode and decode image files; write PNGs")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output directory")
-    add_model_args(p, compile=True)
+    add_model_args(p)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--crop", choices=CROPS, default="center")
     p.add_argument("--batch-size", type=int, default=8)
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("verify", help="accuracy of a device/precision against cpu fp32 on seeded inputs")
-    add_model_args(p, compile=True)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="latency and throughput of encode/decode/reconstruct/embed")
-    add_model_args(p, compile=True)
+    add_model_args(p)
     p.add_argument("--precisions", type=csv(str), default=["fp32"], help="comma list, e.g. fp32,bf16")
     p.add_argument("--batch-sizes", type=csv(int), default=[1, 8], help="comma list, e.g. 1,8,32")
     p.add_argument("--verbs", type=csv(str), help="comma list of encode,decode,reconstruct,embed (default: all)")

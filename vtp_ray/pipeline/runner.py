@@ -300,6 +300,7 @@ class ReplicaUsage:
         self.processed = 0
         self.rows: Counter[str] = Counter()  # rows (not errors) per replica
         self.busy: Counter[str] = Counter()  # seconds in the model per replica
+        self.compiled = 0  # rows whose model calls all ran compiled graphs
         self._first_output: tuple[float, int] | None = None  # (time, inputs) of the first batch
 
     def add(self, batch: pa.Table) -> None:
@@ -308,6 +309,7 @@ class ReplicaUsage:
         self.processed += batch.num_rows
         ok = batch.filter(batch.column("error").is_null())
         self.rows.update(ok.column("replica").to_pylist())
+        self.compiled += ok.filter(ok.column("compiled")).num_rows if "compiled" in ok.column_names else 0
         for row in batch.group_by("replica").aggregate([("model_seconds", "sum")]).to_pylist():
             self.busy[row["replica"]] += row["model_seconds_sum"]
 
@@ -318,6 +320,9 @@ class ReplicaUsage:
             "replicas": dict(self.rows),
             # Against the run's seconds: a replica mostly idle is starved of input (preprocessing, storage).
             "replica_model_s": {name: round(seconds, 3) for name, seconds in self.busy.items()},
+            # never a silent fallback: how many rows ran compiled graphs, how many eagerly (compiling, over the cap)
+            "compiled_rows": self.compiled,
+            "eager_rows": sum(self.rows.values()) - self.compiled,
         }
         if self._first_output and self.processed > self._first_output[1]:
             warm_s = time.perf_counter() - self._first_output[0]

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..outputs import Encoded, ReplicaInfo, ZeroShot
+from ..outputs import Encoded, ReplicaInfo, ZeroShot, identity_differences
 
 __all__ = ["ServeTarget", "ServedApp", "ServedModelChanged", "ServedReplica", "connect"]
 
@@ -108,7 +108,7 @@ def connect(target: ServeTarget, expected: Mapping[str, Any]) -> ServedApp:
         raise ValueError(f"{target.app}/{deployment} has no running replica ({app.deployments[deployment].status})")
     info = _call(serve.get_deployment_handle(deployment, target.app), "info")
     served = ReplicaInfo.from_dict(info).identity()
-    differences = [f"{k}: {served[k]!r} served, {v!r} asked for" for k, v in expected.items() if served.get(k) != v]
+    differences = identity_differences(expected, served)
     if differences:
         raise ValueError(
             f"application {target.app!r} serves {info.get('model')} ({'; '.join(differences)}): run the job with "
@@ -135,6 +135,8 @@ class ServedReplica:
         self._app = served.target.app
         self.info = ReplicaInfo.from_dict(served.info)
         self.label = f"serve {self._app}/{served.deployment}"
+        # What the app's replicas said when the job started: they compile their shapes before serving them.
+        self.runs_compiled = bool(self.info.compile and self.info.compile.compiled)
 
     # ------------------------------------------------------------------------------------------ verbs
 

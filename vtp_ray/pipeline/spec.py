@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from ..images import PATCH_SIZE, CropMode, ImageLimits, ImageSource, preprocess_with_info
-from ..options import CROPS, ROPE_DTYPES, check_precision
+from ..options import CROPS, ROPE_DTYPES, check_compile_mode, check_precision
 from ..outputs import model_identity
 from .served import ServeTarget
 
@@ -104,6 +104,8 @@ class PipelineSpec:
         samples: how samples in webdataset shards and parquet files with image bytes are read (``sources``).
         serve: run the model work on this running Serve app's model replicas, at batch priority, instead of
             replicas of the job's own (``served``).
+        compile, compile_cache: as ``VTPReplica``'s (``off``, ``on``, ``auto``); on a Serve app, what the app must
+            serve. Until a shape's graph is compiled (in the background) its batches run eagerly.
         preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
             ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
     """
@@ -127,6 +129,8 @@ class PipelineSpec:
     block_size: int | None = None
     serve: ServeTarget | None = None
     preprocess_concurrency: int | None = None
+    compile: str = "auto"
+    compile_cache: str | None = None
 
     def __post_init__(self) -> None:
         replicas = self.replicas
@@ -146,6 +150,7 @@ class PipelineSpec:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.preprocess_cpus <= 0:
             raise ValueError(f"preprocess_cpus must be > 0, got {self.preprocess_cpus}")
+        check_compile_mode(self.compile)
         if self.preprocess_concurrency is not None and self.preprocess_concurrency < 1:
             raise ValueError(f"preprocess_concurrency must be >= 1, got {self.preprocess_concurrency}")
 
@@ -194,4 +199,4 @@ class ModelFacts:
 
     def identity(self, spec: PipelineSpec) -> dict[str, Any]:
         """The identity (``ReplicaInfo.identity``) of the replicas ``spec`` runs this model on."""
-        return model_identity(self.config_digest, self.random_weights, spec.precision, spec.rope_dtype)
+        return model_identity(self.config_digest, self.random_weights, spec.precision, spec.rope_dtype, spec.compile)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..outputs import identity_differences
 from ..placement import brief_openmp_waits
 from .served import ServedApp, ServedReplica
 from .spec import PipelineSpec
@@ -57,10 +58,13 @@ class ModelStage:
             spec.rope_dtype,
             warmup_size=spec.preprocessing.size,
             cpu_threads=replica_cpu_threads(spec.cpu_threads, device),
+            compile=spec.compile,
+            compile_cache=spec.compile_cache,
+            compile_max_batch=spec.batch_size,
         )
-        identity = self.replica.info.identity()
-        if identity != expected:
-            raise RuntimeError(f"model {spec.model!r} is {identity} here, not {expected}")
+        differences = identity_differences(expected, self.replica.info.identity())
+        if differences:
+            raise RuntimeError(f"model {spec.model!r} differs here from what the driver read: {'; '.join(differences)}")
         self._label = replica_label(self.replica.info.device)
 
     @property
@@ -88,14 +92,25 @@ class ModelStage:
     def _batch(self, batch: pa.Table) -> pa.Table:
         valid = valid_rows(batch)
         started = time.perf_counter()
+        calls_before = self._compiled_and_eager_calls()
         result = None
         if valid.any():
             rows = batch if valid.all() else batch.filter(pa.array(valid))
             result = self.process(self.inputs(rows), rows)
         seconds = time.perf_counter() - started
+        compiled, eager = (a - b for a, b in zip(self._compiled_and_eager_calls(), calls_before, strict=True))
+        ran_compiled = self.replica.runs_compiled if self._label is None else bool(compiled and not eager)
         out = self.columns(batch, valid, result)
         out = out.append_column("replica", pa.repeat(pa.scalar(self.label), batch.num_rows))
+        out = out.append_column("compiled", pa.repeat(pa.scalar(ran_compiled), batch.num_rows))
         return out.append_column("model_seconds", pa.array(np.where(valid, seconds / max(valid.sum(), 1), 0.0)))
+
+    def _compiled_and_eager_calls(self) -> tuple[int, int]:
+        """This replica's graph calls so far that ran compiled and eagerly (a Serve app's: what its info says)."""
+        status = self.replica.info.compile
+        if status is None:
+            return 0, 0
+        return status.compiled_calls, sum(status.eager_calls.values())
 
 
 def replica_label(device: str) -> str:

@@ -273,6 +273,7 @@ def evaluate_dataset(
         "errors": sorted(collector.errors, key=lambda e: order(e["path"])),
         "replicas": usage["replicas"],
         "replica_model_s": usage["replica_model_s"],
+        "compile": {"mode": spec.compile, "compiled_rows": usage["compiled_rows"], "eager_rows": usage["eager_rows"]},
         "seconds": round(seconds, 3),
         "images_per_s": round(usage["processed"] / seconds, 3),
     }

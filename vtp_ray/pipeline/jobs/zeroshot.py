@@ -261,6 +261,11 @@ def zero_shot_dataset(
         "errors": sorted(errors, key=lambda e: order(e["path"])),
         "replicas": usage.stats()["replicas"],
         "replica_model_s": usage.stats()["replica_model_s"],
+        "compile": {
+            "mode": spec.compile,
+            "compiled_rows": usage.stats()["compiled_rows"],
+            "eager_rows": usage.stats()["eager_rows"],
+        },
         "seconds": round(seconds, 3),
         "images_per_s": round(usage.stats()["processed"] / seconds, 3),
     }
