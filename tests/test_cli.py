@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,11 +145,23 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
         "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)  # stdout holds the JSON alone: the progress goes to stderr
     assert {(r["batch"], r["verb"]) for r in rows} == {
         (b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")
     }
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("bench")]
+    assert re.fullmatch(
+        r"bench: about \d+ (s|min): 1 precision x 2 batch sizes x 4 verbs x 1 call \(0 warm-up \+ 1 timed\) at 64 px on "
+        r"\S+ \(from a first encode of batch 1: \d+\.\d\d s\)",
+        progress[0],
+    ), progress[0]
+    steps = [line.split(";")[0] for line in progress[1:-1]]
+    assert steps == [f"bench {i}/8: fp32 eager batch {b} {v}" for i, (b, v) in enumerate(
+        [(b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")], 1
+    )]  # fmt: skip
+    assert all(" so far, about " in line and line.endswith(" left") for line in progress[1:-1])
+    assert progress[-1].startswith("bench: 8 measurements in ")
 
 
 @slow

@@ -18,6 +18,7 @@ from .model import VTPConfig
 from .replica import VTPReplica
 
 VERBS = ("encode", "decode", "reconstruct", "embed")
+MODES = ("eager", "compiled")
 
 
 def _ffn_macs(kind: str, dim: int, ratio: float) -> int:
@@ -58,6 +59,121 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` the way a person says it: ``40 s``, ``7 min``, ``1 h 5 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+class BenchProgress:
+    """What ``bench`` tells while it runs, through ``write``: the plan and its estimated time once the first call is
+    timed, then before each measurement (a precision, mode, batch size and verb) ``i/n`` and about how long is left.
+
+    A measurement's time is taken as its FLOPs (``calls`` calls of the verb on the batch) times the seconds per FLOP
+    seen so far at its precision and mode (else at the same precision eager, else the latest seen): a verb's time
+    follows its FLOPs closely enough for an estimate, and the estimate is refreshed after every measurement."""
+
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        precisions: Sequence[str],
+        modes: Sequence[str],
+        batch_sizes: Sequence[int],
+        verbs: Sequence[str],
+        warmup: int,
+        runs: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.write, self.calls, self.warmup, self.clock = write, warmup + runs, warmup, clock
+        self.shape = (len(precisions), len(modes), len(batch_sizes), len(verbs))
+        self.left = [(p, m, b, v) for p in precisions for m in modes for b in batch_sizes for v in verbs]
+        self.total, self.index = len(self.left), 0
+        self.flops: dict[str, float] | None = None
+        self.device = ""
+        self.seen: dict[tuple[str, str], list[float]] = {}  # (precision, mode) -> [seconds, flops]
+        self.latest: float | None = None  # seconds per FLOP, last seen
+        self.size = 0
+        self.started = self.measure_start = clock()
+        self.estimated = False
+
+    def plan(self, flops: dict[str, float], device: str, size: int) -> None:
+        """A replica is loaded: its model's FLOPs per image (``model_flops``), its device and the image size."""
+        self.flops = {
+            "encode": flops["encode"],
+            "decode": flops["decode"],
+            "reconstruct": flops["encode"] + flops["decode"],
+            "embed": flops["encode"],
+        }
+        self.device, self.size = device, size
+
+    def first_call(self, mode: tuple[str, str], batch: int, seconds: float) -> None:
+        """The encode that makes a batch's latents took ``seconds`` at ``mode`` (precision, eager or compiled): a
+        first speed, and with the first one the plan's estimate."""
+        self._add(mode, seconds, batch * self.flops["encode"])
+        if self.estimated:
+            return
+        self.estimated = True
+        precisions, modes, batches, verbs = self.shape
+        plan = [_count(precisions, "precision")] + ["2 modes (eager, compiled)"] * (modes > 1)
+        plan += [_count(batches, "batch size"), _count(verbs, "verb")]
+        plan.append(f"{_count(self.calls, 'call')} ({self.warmup} warm-up + {self.calls - self.warmup} timed)")
+        line = (
+            f"bench: about {duration(self._left())}: {' x '.join(plan)} at {self.size} px on {self.device} "
+            f"(from a first encode of batch {batch}: {seconds:.2f} s)"
+        )
+        if self._left() > 120:
+            line += "; fewer --batch-sizes, --precisions or --verbs, or smaller --warmup, --runs or --size are quicker"
+        self.write(line)
+
+    def start(self, key: tuple[str, str, int, str]) -> None:
+        """Measurement ``key`` (precision, mode, batch, verb) begins."""
+        self.index += 1
+        self.measure_start = self.clock()
+        precision, mode, batch, verb = key
+        self.write(
+            f"bench {self.index}/{self.total}: {precision} {mode} batch {batch} {verb}; "
+            f"{duration(self.measure_start - self.started)} so far, about {duration(self._left())} left"
+        )
+
+    def done(self, key: tuple[str, str, int, str]) -> None:
+        """Measurement ``key`` ended."""
+        self.left.remove(key)
+        self._add(key[:2], self.clock() - self.measure_start, self._flops(key))
+
+    def skip(self, precision: str, mode: str) -> None:
+        """The measurements of ``precision`` and ``mode`` will not run (a replica that stayed eager)."""
+        kept = [key for key in self.left if key[:2] != (precision, mode)]
+        self.total -= len(self.left) - len(kept)
+        self.left = kept
+
+    def finish(self) -> None:
+        self.write(f"bench: {self.index} measurements in {duration(self.clock() - self.started)}")
+
+    def _flops(self, key: tuple[str, str, int, str]) -> float:
+        return key[2] * self.flops[key[3]] * self.calls
+
+    def _add(self, mode: tuple[str, str], seconds: float, flops: float) -> None:
+        seen = self.seen.setdefault(mode, [0.0, 0.0])
+        seen[0] += seconds
+        seen[1] += flops
+        self.latest = seen[0] / seen[1]
+
+    def _rate(self, mode: tuple[str, str]) -> float:
+        for known in (mode, (mode[0], "eager")):
+            if known in self.seen:
+                return self.seen[known][0] / self.seen[known][1]
+        return self.latest or 0.0
+
+    def _left(self) -> float:
+        return sum(self._flops(key) * self._rate(key[:2]) for key in self.left)
 
 
 @dataclass
@@ -102,19 +218,29 @@ def bench(
     runs: int = 5,
     compile: str = "off",
     compile_cache: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images; with ``compile``
-    ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled)."""
+    ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled).
+
+    ``progress`` is given lines to show (the CLI writes them to stderr): the plan with an estimate of its time after
+    the first call, then before each measurement which one it is and about how long is left (``BenchProgress``)."""
     if unknown := [verb for verb in verbs if verb not in VERBS]:
         raise ValueError(f"unknown verbs {unknown}: choose from {', '.join(VERBS)}")
+    modes = MODES if compile != "off" else MODES[:1]
+    tracker = BenchProgress(progress or (lambda line: None), precisions, modes, batch_sizes, verbs, warmup, runs)
     rows: list[BenchRow] = []
     for precision in precisions:
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
-        eager = [row for batch in batch_sizes for row in _bench_batch(replica, batch, size, verbs, warmup, runs)]
+        tracker.plan(model_flops(replica.model.config, size, size), str(replica.device), size)
+        eager = [
+            row for batch in batch_sizes for row in _bench_batch(replica, batch, size, verbs, warmup, runs, tracker)
+        ]
         rows += eager
         del replica
         if compile == "off":
             continue
+        tracker.write(f"bench: compiling a {precision} replica's graphs (not in the estimate)")
         replica = VTPReplica(
             model,
             device=device,
@@ -125,21 +251,32 @@ def bench(
             compile_max_batch=max(batch_sizes),
         )
         if not replica.compile_status().compiled:
+            tracker.skip(precision, "compiled")
             continue  # eager (the replica logged why): the rows above are its rows
         replica.wait_compiled()
         for batch in batch_sizes:
-            for row in _bench_batch(replica, batch, size, verbs, warmup, runs):
+            for row in _bench_batch(replica, batch, size, verbs, warmup, runs, tracker, mode="compiled"):
                 before = next(r for r in eager if (r.batch, r.verb) == (row.batch, row.verb))
                 rows.append(dataclasses.replace(row, compiled=True, speedup=before.seconds / row.seconds))
+    tracker.finish()
     return rows
 
 
 def _bench_batch(
-    replica: VTPReplica, batch: int, size: int, verbs: Sequence[str], warmup: int, runs: int
+    replica: VTPReplica,
+    batch: int,
+    size: int,
+    verbs: Sequence[str],
+    warmup: int,
+    runs: int,
+    tracker: BenchProgress,
+    mode: str = "eager",
 ) -> list[BenchRow]:
     flops = model_flops(replica.model.config, size, size)
     images = np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    start = time.monotonic()
     latents = replica.encode(images).latents
+    tracker.first_call((replica.info.precision, mode), batch, time.monotonic() - start)
     calls = {
         "encode": (lambda: replica.encode(images), flops["encode"]),
         "decode": (lambda: replica.decode(latents), flops["decode"]),
@@ -149,7 +286,10 @@ def _bench_batch(
     rows = []
     for verb in verbs:
         call, verb_flops = calls[verb]
+        key = (replica.info.precision, mode, batch, verb)
+        tracker.start(key)
         seconds = time_call(call, replica.device, warmup, runs)
+        tracker.done(key)
         rows.append(BenchRow(replica.info.precision, batch, verb, seconds, verb_flops, replica.info.random_weights))
     return rows
 

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print rows as JSON")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no plan, estimate or progress lines on stderr"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -184,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.runs,
         compile=args.compile,
         compile_cache=args.compile_cache,
+        progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
