@@ -190,7 +190,8 @@ def test_the_documented_pandas_reader_exits_cleanly_in_fresh_interpreters(job, t
     scripts = [snippet + f"np.save({str(saved)!r}, x)\n"] + [snippet] * (FRESH_RUNS - 1)
 
     def run(script: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # an abort then shows every thread's Python stack
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, scripts))

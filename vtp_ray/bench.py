@@ -74,12 +74,14 @@ def _count(n: int, what: str) -> str:
 
 
 class BenchProgress:
-    """What ``bench`` tells while it runs, through ``write``: the plan and its estimated time once the first call is
-    timed, then before each measurement (a precision, mode, batch size and verb) ``i/n`` and about how long is left.
+    """What ``bench`` tells while it runs, through ``write``: the plan when the first replica is loaded, an estimate
+    of the whole once the first measurement (a precision, mode, batch size and verb) is timed, then before each
+    measurement ``i/n`` and about how long is left.
 
     A measurement's time is taken as its FLOPs (``calls`` calls of the verb on the batch) times the seconds per FLOP
-    seen so far at its precision and mode (else at the same precision eager, else the latest seen): a verb's time
-    follows its FLOPs closely enough for an estimate, and the estimate is refreshed after every measurement."""
+    seen so far at its precision and mode (else at the same precision eager, else the latest seen). Only whole
+    measurements count: their warm-up calls make them representative, while a replica's very first call can take
+    ten times a warm one. The estimate is refreshed after every measurement."""
 
     def __init__(
         self,
@@ -96,57 +98,59 @@ class BenchProgress:
         self.shape = (len(precisions), len(modes), len(batch_sizes), len(verbs))
         self.left = [(p, m, b, v) for p in precisions for m in modes for b in batch_sizes for v in verbs]
         self.total, self.index = len(self.left), 0
-        self.flops: dict[str, float] | None = None
-        self.device = ""
+        self.flops: dict[str, float] = {}
         self.seen: dict[tuple[str, str], list[float]] = {}  # (precision, mode) -> [seconds, flops]
         self.latest: float | None = None  # seconds per FLOP, last seen
-        self.size = 0
         self.started = self.measure_start = clock()
-        self.estimated = False
 
     def plan(self, flops: dict[str, float], device: str, size: int) -> None:
         """A replica is loaded: its model's FLOPs per image (``model_flops``), its device and the image size."""
+        first = not self.flops
         self.flops = {
             "encode": flops["encode"],
             "decode": flops["decode"],
             "reconstruct": flops["encode"] + flops["decode"],
             "embed": flops["encode"],
         }
-        self.device, self.size = device, size
-
-    def first_call(self, mode: tuple[str, str], batch: int, seconds: float) -> None:
-        """The encode that makes a batch's latents took ``seconds`` at ``mode`` (precision, eager or compiled): a
-        first speed, and with the first one the plan's estimate."""
-        self._add(mode, seconds, batch * self.flops["encode"])
-        if self.estimated:
+        if not first:
             return
-        self.estimated = True
         precisions, modes, batches, verbs = self.shape
         plan = [_count(precisions, "precision")] + ["2 modes (eager, compiled)"] * (modes > 1)
         plan += [_count(batches, "batch size"), _count(verbs, "verb")]
         plan.append(f"{_count(self.calls, 'call')} ({self.warmup} warm-up + {self.calls - self.warmup} timed)")
-        line = (
-            f"bench: about {duration(self._left())}: {' x '.join(plan)} at {self.size} px on {self.device} "
-            f"(from a first encode of batch {batch}: {seconds:.2f} s)"
+        self.write(
+            f"bench: {_count(self.total, 'measurement')}: {' x '.join(plan)} at {size} px on {device}; "
+            "an estimate of the time follows the first"
         )
-        if self._left() > 120:
-            line += "; fewer --batch-sizes, --precisions or --verbs, or smaller --warmup, --runs or --size are quicker"
-        self.write(line)
 
     def start(self, key: tuple[str, str, int, str]) -> None:
         """Measurement ``key`` (precision, mode, batch, verb) begins."""
         self.index += 1
         self.measure_start = self.clock()
         precision, mode, batch, verb = key
-        self.write(
-            f"bench {self.index}/{self.total}: {precision} {mode} batch {batch} {verb}; "
-            f"{duration(self.measure_start - self.started)} so far, about {duration(self._left())} left"
-        )
+        line = f"bench {self.index}/{self.total}: {precision} {mode} batch {batch} {verb}"
+        if self.latest is not None:
+            line += f"; {duration(self.measure_start - self.started)} so far, about {duration(self._left())} left"
+        self.write(line)
 
     def done(self, key: tuple[str, str, int, str]) -> None:
         """Measurement ``key`` ended."""
+        now = self.clock()
+        first = self.latest is None
         self.left.remove(key)
-        self._add(key[:2], self.clock() - self.measure_start, self._flops(key))
+        seen = self.seen.setdefault(key[:2], [0.0, 0.0])
+        seen[0] += now - self.measure_start
+        seen[1] += self._flops(key)
+        self.latest = seen[0] / seen[1]
+        if first and self.left:
+            whole = now - self.started + self._left()
+            line = (
+                f"bench: about {duration(whole)} in all (the first measurement, {_count(self.calls, 'call')}, "
+                f"took {now - self.measure_start:.1f} s)"
+            )
+            if whole > 120:
+                line += "; quicker: fewer --batch-sizes, --precisions or --verbs, or smaller --warmup, --runs or --size"
+            self.write(line)
 
     def skip(self, precision: str, mode: str) -> None:
         """The measurements of ``precision`` and ``mode`` will not run (a replica that stayed eager)."""
@@ -155,16 +159,10 @@ class BenchProgress:
         self.left = kept
 
     def finish(self) -> None:
-        self.write(f"bench: {self.index} measurements in {duration(self.clock() - self.started)}")
+        self.write(f"bench: {_count(self.index, 'measurement')} in {duration(self.clock() - self.started)}")
 
     def _flops(self, key: tuple[str, str, int, str]) -> float:
         return key[2] * self.flops[key[3]] * self.calls
-
-    def _add(self, mode: tuple[str, str], seconds: float, flops: float) -> None:
-        seen = self.seen.setdefault(mode, [0.0, 0.0])
-        seen[0] += seconds
-        seen[1] += flops
-        self.latest = seen[0] / seen[1]
 
     def _rate(self, mode: tuple[str, str]) -> float:
         for known in (mode, (mode[0], "eager")):
@@ -223,8 +221,9 @@ def bench(
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images; with ``compile``
     ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled).
 
-    ``progress`` is given lines to show (the CLI writes them to stderr): the plan with an estimate of its time after
-    the first call, then before each measurement which one it is and about how long is left (``BenchProgress``)."""
+    ``progress`` is given lines to show (the CLI writes them to stderr): the plan, an estimate of its time once the
+    first measurement is timed, and before each measurement which one it is and about how long is left
+    (``BenchProgress``)."""
     if unknown := [verb for verb in verbs if verb not in VERBS]:
         raise ValueError(f"unknown verbs {unknown}: choose from {', '.join(VERBS)}")
     modes = MODES if compile != "off" else MODES[:1]
@@ -240,7 +239,7 @@ def bench(
         del replica
         if compile == "off":
             continue
-        tracker.write(f"bench: compiling a {precision} replica's graphs (not in the estimate)")
+        tracker.write(f"bench: building the compiled {precision} replica (its compile time is not in the estimate)")
         replica = VTPReplica(
             model,
             device=device,
@@ -274,9 +273,7 @@ def _bench_batch(
 ) -> list[BenchRow]:
     flops = model_flops(replica.model.config, size, size)
     images = np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    start = time.monotonic()
     latents = replica.encode(images).latents
-    tracker.first_call((replica.info.precision, mode), batch, time.monotonic() - start)
     calls = {
         "encode": (lambda: replica.encode(images), flops["encode"]),
         "decode": (lambda: replica.decode(latents), flops["decode"]),
