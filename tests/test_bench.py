@@ -20,7 +20,7 @@ def test_the_estimate_follows_the_flops_left_at_each_precisions_own_speed():
     tracker.plan({"encode": 1e9, "decode": 3e9}, "cpu", 256)
     assert lines == [
         "bench: 8 measurements: 2 precisions x 2 batch sizes x 2 verbs x 4 calls (1 warm-up + 3 timed) at 256 px on "
-        "cpu; an estimate of the time follows the first"
+        "cpu; time estimates follow the first measurement"
     ]
     keys = [(p, "eager", b, v) for p in ("fp32", "bf16") for b in (1, 8) for v in ("encode", "reconstruct")]
     # 4 calls x GFLOP: 4, 16 at batch 1 and 32, 128 at batch 8, 180 per precision; fp32 at 0.5 s per GFLOP
@@ -57,9 +57,24 @@ def test_a_mode_that_will_not_run_leaves_the_count_and_the_estimate():
         "bench: 4 measurements: 1 precision x 2 modes (eager, compiled) x 1 batch size x 2 verbs"
     )
     tracker.start(("fp32", "eager", 2, "decode"))
-    now[0] += 2.0
+    now[0] += 5.0
     tracker.done(("fp32", "eager", 2, "decode"))
-    assert lines[-1] == "bench: about 8 s in all (the first measurement, 1 call, took 2.0 s)"  # compiled: as eager
+    assert lines[-1] == "bench: about 20 s in all (the first measurement, 1 call, took 5.0 s)"  # compiled: as eager
     tracker.skip("fp32", "compiled")
     tracker.start(("fp32", "eager", 2, "embed"))
-    assert lines[-1] == "bench 2/2: fp32 eager batch 2 embed; 2 s so far, about 2 s left"
+    assert lines[-1] == "bench 2/2: fp32 eager batch 2 embed; 5 s so far, about 5 s left"
+
+
+def test_a_short_bench_gives_no_estimate_of_the_whole_and_no_zero_seconds():
+    lines: list[str] = []
+    now = [0.0]
+    tracker = BenchProgress(lines.append, ["fp32"], ["eager"], [1], ["encode", "decode"], 0, 1, clock=lambda: now[0])
+    tracker.plan({"encode": 1e9, "decode": 1e9}, "cpu", 64)
+    tracker.start(("fp32", "eager", 1, "encode"))
+    now[0] += 0.2
+    tracker.done(("fp32", "eager", 1, "encode"))
+    tracker.start(("fp32", "eager", 1, "decode"))
+    assert lines[1:] == [
+        "bench 1/2: fp32 eager batch 1 encode",
+        "bench 2/2: fp32 eager batch 1 decode; 0 s so far, under a second left",
+    ]

@@ -153,18 +153,16 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
     progress = [line for line in result.stderr.splitlines() if line.startswith("bench")]
     assert re.fullmatch(
         r"bench: 8 measurements: 1 precision x 2 batch sizes x 4 verbs x 1 call \(0 warm-up \+ 1 timed\) at 64 px "
-        r"on \S+; an estimate of the time follows the first",
+        r"on \S+; time estimates follow the first measurement",
         progress[0],
     ), progress[0]
     assert progress[1] == "bench 1/8: fp32 eager batch 1 encode"
-    assert re.fullmatch(
-        r"bench: about \d+ (s|min) in all \(the first measurement, 1 call, took \d+\.\d s\)", progress[2]
-    )
-    steps = [line.split(";")[0] for line in progress[3:-1]]
-    assert steps == [f"bench {i}/8: fp32 eager batch {b} {v}" for i, (b, v) in enumerate(
-        [(b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")][1:], 2
-    )]  # fmt: skip
-    assert all(re.search(r"; \d+ s so far, about \d+ (s|min) left$", line) for line in progress[3:-1])
+    # the whole estimate shows when the bench is long, which this tiny one is only on a busy machine
+    steps = [line for line in progress[2:-1] if not line.startswith("bench: about ")]
+    measurements = [(b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")]
+    expected = [f"bench {i}/8: fp32 eager batch {b} {v}" for i, (b, v) in enumerate(measurements[1:], 2)]
+    assert [line.split(";")[0] for line in steps] == expected
+    assert all(re.search(r"; \d+ s so far, (about \d+ (s|min)|under a second) left$", line) for line in steps)
     assert progress[-1].startswith("bench: 8 measurements in ")
 
 

@@ -19,6 +19,7 @@ from .replica import VTPReplica
 
 VERBS = ("encode", "decode", "reconstruct", "embed")
 MODES = ("eager", "compiled")
+LONG_S = 10.0  # a bench estimated to take this long or longer says so once its first measurement is timed
 
 
 def _ffn_macs(kind: str, dim: int, ratio: float) -> int:
@@ -75,8 +76,8 @@ def _count(n: int, what: str) -> str:
 
 class BenchProgress:
     """What ``bench`` tells while it runs, through ``write``: the plan when the first replica is loaded, an estimate
-    of the whole once the first measurement (a precision, mode, batch size and verb) is timed, then before each
-    measurement ``i/n`` and about how long is left.
+    of the whole once the first measurement (a precision, mode, batch size and verb) is timed (if ``LONG_S`` or
+    more), then before each measurement ``i/n`` and about how long is left.
 
     A measurement's time is taken as its FLOPs (``calls`` calls of the verb on the batch) times the seconds per FLOP
     seen so far at its precision and mode (else at the same precision eager, else the latest seen). Only whole
@@ -120,7 +121,7 @@ class BenchProgress:
         plan.append(f"{_count(self.calls, 'call')} ({self.warmup} warm-up + {self.calls - self.warmup} timed)")
         self.write(
             f"bench: {_count(self.total, 'measurement')}: {' x '.join(plan)} at {size} px on {device}; "
-            "an estimate of the time follows the first"
+            "time estimates follow the first measurement"
         )
 
     def start(self, key: tuple[str, str, int, str]) -> None:
@@ -130,7 +131,9 @@ class BenchProgress:
         precision, mode, batch, verb = key
         line = f"bench {self.index}/{self.total}: {precision} {mode} batch {batch} {verb}"
         if self.latest is not None:
-            line += f"; {duration(self.measure_start - self.started)} so far, about {duration(self._left())} left"
+            left = self._left()
+            line += f"; {duration(self.measure_start - self.started)} so far, "
+            line += f"about {duration(left)} left" if left >= 1 else "under a second left"
         self.write(line)
 
     def done(self, key: tuple[str, str, int, str]) -> None:
@@ -142,13 +145,13 @@ class BenchProgress:
         seen[0] += now - self.measure_start
         seen[1] += self._flops(key)
         self.latest = seen[0] / seen[1]
-        if first and self.left:
-            whole = now - self.started + self._left()
+        whole = now - self.started + self._left()
+        if first and whole >= LONG_S:
             line = (
                 f"bench: about {duration(whole)} in all (the first measurement, {_count(self.calls, 'call')}, "
                 f"took {now - self.measure_start:.1f} s)"
             )
-            if whole > 120:
+            if whole >= 120:
                 line += "; quicker: fewer --batch-sizes, --precisions or --verbs, or smaller --warmup, --runs or --size"
             self.write(line)
 
