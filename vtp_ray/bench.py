@@ -76,8 +76,8 @@ def _count(n: int, what: str) -> str:
 
 class BenchProgress:
     """What ``bench`` tells while it runs, through ``write``: the plan when the first replica is loaded, an estimate
-    of the whole once the first measurement (a precision, mode, batch size and verb) is timed (if ``LONG_S`` or
-    more), then before each measurement ``i/n`` and about how long is left.
+    of the whole once the first measurement (a precision, mode, batch size and verb) is timed (when that is
+    ``LONG_S`` or longer), then before each measurement ``i/n`` and about how long is left.
 
     A measurement's time is taken as its FLOPs (``calls`` calls of the verb on the batch) times the seconds per FLOP
     seen so far at its precision and mode (else at the same precision eager, else the latest seen). Only whole
@@ -145,8 +145,8 @@ class BenchProgress:
         seen[0] += now - self.measure_start
         seen[1] += self._flops(key)
         self.latest = seen[0] / seen[1]
-        whole = now - self.started + self._left()
-        if first and whole >= LONG_S:
+        whole = now - self.started + self._left() if first else 0.0
+        if whole >= LONG_S:
             line = (
                 f"bench: about {duration(whole)} in all (the first measurement, {_count(self.calls, 'call')}, "
                 f"took {now - self.measure_start:.1f} s)"
