@@ -29,7 +29,7 @@ def write_images(
 
 
 #: ``rate_limits`` of the apps that measure throughput: every client of a benchmark comes from one address, which
-#: the default budgets (README, "Rate limits and API keys") would hold to 5 model requests a second.
+#: the default budgets (docs/operations.md, "Rate limits") would hold to 5 model requests a second.
 NO_RATE_LIMITS = {"model": {"rate": 0}, "cheap": {"rate": 0}}
 
 

@@ -146,7 +146,7 @@ class Budget(_Group):
     burst: int = Field(ge=1, le=1_000_000, description="requests a client may send at once (the bucket's size)")
 
 
-# Where the defaults come from (README, "Rate limits"): a request on a model route costs the ingress and the proxy
+# Where the defaults come from (docs/operations.md): a request on a model route costs the ingress and the proxy
 # 20-35 ms of CPU (loading and cropping a 500x375 JPEG, the PNG or JSON out, Serve's own work; measured with
 # benchmarks/serve_load.py), a cheap one 5-12 ms (benchmarks/hostile_load.py). One ingress replica's event loop is
 # one core: about 30-50 model requests a second. A client address gets at most an eighth of that core: 5 model

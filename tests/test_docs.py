@@ -184,6 +184,20 @@ def test_every_file_the_docs_name_exists() -> None:
     assert not missing, missing
 
 
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub (and MyST's ``myst_heading_anchors``) gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_anchor_the_readme_links_to_exists() -> None:
+    # Sphinx checks the docs pages' anchors (tests/test_docs_build.py); the README is GitHub's alone.
+    links = re.findall(r"\]\(([^)#:]+\.md)#([^)]+)\)", (ROOT / "README.md").read_text())
+    assert links
+    for path, anchor in links:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+        assert anchor in {github_anchor(h) for h in headings}, f"README links to {path}#{anchor}: no such heading"
+
+
 def test_nothing_in_the_repository_points_outside_it() -> None:
     outside = "../" + "shared"  # spelled apart, so that this file does not name it
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

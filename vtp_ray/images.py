@@ -340,7 +340,7 @@ def preprocess(
 
     ``draft=True`` (center crop, JPEG bytes or paths only) decodes the JPEG at the largest reduced scale (1/2,
     1/4, 1/8, libjpeg's DCT scaling) whose short side stays >= ``2 * size``, instead of decoding every pixel and
-    box-halving: several times faster on large photos, but not the exact ADM pixels (see the README for the
+    box-halving: several times faster on large photos, but not the exact ADM pixels (docs/results.md has the
     measured difference). The default is the exact ADM path the published numbers use.
     """
     return preprocess_with_info(src, size, crop, limits, draft)[0]

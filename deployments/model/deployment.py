@@ -100,7 +100,7 @@ class ModelDeployment:
             log.info("VTPReplica %s: compiling the graphs of %d px before serving", model, warmup_size)
             self._replica.wait_compiled()
         info = self._replica.info
-        # Through Serve's logger: the replica's log file, and the `serve run` console (the line the README names).
+        # Through Serve's logger: the replica's log file, and the `serve run` console (the line docs/serving.md names).
         log.info(
             "VTPReplica ready: %s on %s %s in %.1fs (%s)", info.model, info.device, info.precision,
             time.perf_counter() - started, info.compile.reason if info.compile else "eager",

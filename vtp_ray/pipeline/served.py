@@ -16,7 +16,7 @@ of that block, never a lost or repeated row.
 
 Pool size: one in-flight block per running model replica (``ServeTarget.calls`` to change it), so the job never
 holds more than one of a replica's ``max_ongoing_requests`` and adds at most 1 to each replica's ongoing count,
-which Serve's autoscaler reads (see README, "Jobs on a running app").
+which Serve's autoscaler reads (see docs/shared-fleet.md).
 """
 
 from __future__ import annotations
