@@ -112,14 +112,15 @@ EXAMPLE_BLOCKS = [b for b in BLOCKS if b.language in EXAMPLES]
 RUNNABLE = [b for b in EXAMPLE_BLOCKS if b.skip is None]
 
 
+def logical_lines(code: str) -> list[str]:
+    """The lines of a bash block as the shell reads them: continuation lines joined, comments dropped."""
+    lines = (line.split(" #")[0].strip() for line in code.replace("\\\n", " ").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def shell_commands(code: str) -> list[str]:
-    """The commands of a bash block: continuation lines joined, comments dropped, ``&&`` / ``||`` / ``|`` split."""
-    commands = []
-    for line in code.replace("\\\n", " ").splitlines():
-        line = line.split(" #")[0].strip()
-        if line and not line.startswith("#"):
-            commands += [part.strip() for part in re.split(r"\s*(?:&&|\|\||\|)\s*", line) if part.strip()]
-    return commands
+    """The commands of a bash block: its logical lines, split at ``&&`` / ``||`` / ``|``."""
+    return [part.strip() for line in logical_lines(code) for part in re.split(r"\s*(?:&&|\|\||\|)\s*", line)]
 
 
 def vtp_ray_commands(blocks: list[Block]) -> list[str]:
@@ -401,56 +402,50 @@ def _python_by_page(blocks: list[Block]) -> list[list[Block]]:
     return list(pages.values())
 
 
-def run_plain(sandbox: Path) -> list[Ran]:
-    """The blocks that need neither Ray nor the app: one-process commands, Python of the model and the replica."""
-    env = _env()
-    bash = [run_bash(b, sandbox, env) for b in RUNNABLE if b.language == "bash" and not _is_job(b)]
-    bash = [r for r in bash if not _talks_to_the_app(r.block)]
-    python = [
-        b for b in RUNNABLE if b.language == "python" and not _talks_to_the_app(b) and b.page != "docs/datasets.md"
-    ]
-    return bash + [run_python(page, sandbox, env) for page in _python_by_page(python)]
-
-
-#: Runs the jobs' commands in one interpreter joined to the shared Ray, as ``vtp-ray`` itself would (``main``): the
-#: jobs then share one Python start-up, one import of Ray and one connection (the jobs' own code uses the Ray its
-#: process is connected to), which is most of what a job of six images costs besides its replicas.
-JOB_DRIVER = """
+#: Runs steps in one interpreter: ``vtp-ray`` commands through ``main`` (what the ``vtp-ray`` script calls) and
+#: Python blocks through ``exec``, each page in a namespace of its own. The steps then share one Python start-up, one
+#: import of torch and Ray, and (jobs) one connection to the shared Ray, which the jobs' own code uses: most of what
+#: a command on the tiny checkpoint costs. A marker line before and after each step frames its output.
+DRIVER = """
 import json, logging, os, sys, time, traceback
-import ray
+if os.environ.get("RAY_ADDRESS"):
+    import ray
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
 from vtp_ray.cli import main
 
-ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
-for index, argv in enumerate(json.loads(sys.argv[1])):
+for index, (kind, step) in enumerate(json.loads(sys.argv[1])):
     print(f"\\n@@@ start {index}", flush=True)
     started = time.perf_counter()
     try:
-        code = main(argv)
+        if kind == "argv":
+            code = main(step)
+        else:
+            exec(compile(step, f"<step {index}>", "exec"), {"__name__": "__main__"})
+            code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         traceback.print_exc()
         code = 1
+    sys.stdout.flush()
     sys.stderr.flush()
     print(f"\\n@@@ end {index} {code} {time.perf_counter() - started:.1f}", flush=True)
 """
 
 
-def run_jobs(sandbox: Path, ray_address: str) -> list[Ran]:
-    """The Ray jobs, in page order (a page may read what an earlier one wrote; a command that is the same as an
-    earlier one after the substitutions runs once), then the datasets page's Python, which reads tokenize's output."""
-    env = _env(ray_address)
-    blocks = [b for b in RUNNABLE if _is_job(b)]
-    commands: list[str] = []
-    of_block: list[list[int]] = []
-    for block in blocks:
-        lines = shell_commands(substitute(block.code, sandbox))
-        assert all(line.startswith("vtp-ray ") for line in lines), f"{block.name}: a job block holds only vtp-ray lines"
-        commands += [line for line in lines if line not in commands]
-        of_block.append([commands.index(line) for line in lines])
-    argv = json.dumps([shlex.split(c)[1:] for c in commands])
+Step = tuple[str, object]  # ("argv", [...]) or ("python", code)
+
+
+def in_one_interpreter(steps: list[tuple[Block, list[Step]]], sandbox: Path, env: dict[str, str]) -> list[Ran]:
+    """Each block's steps (``("argv", [...])`` or ``("python", code)``) in one interpreter (``DRIVER``); a step the
+    same as an earlier one (the same command after the substitutions) runs once."""
+    unique: list[Step] = []
+    of_block = []
+    for _, block_steps in steps:
+        unique += [step for step in block_steps if step not in unique]
+        of_block.append([unique.index(step) for step in block_steps])
     result = subprocess.run(
-        [sys.executable, "-c", JOB_DRIVER, argv],
+        [sys.executable, "-c", DRIVER, json.dumps(unique)],
         cwd=sandbox,
         env=env,
         stdout=subprocess.PIPE,
@@ -458,7 +453,6 @@ def run_jobs(sandbox: Path, ray_address: str) -> list[Ran]:
         text=True,
         timeout=900,
     )
-    # Each command's output lies between its markers; its code and seconds are on the end marker.
     outputs: dict[int, str] = {}
     ends: dict[int, tuple[int, float]] = {}
     parts = re.split(r"^@@@ (start|end) (\d+)(.*)\n", result.stdout, flags=re.M)
@@ -469,22 +463,62 @@ def run_jobs(sandbox: Path, ray_address: str) -> list[Ran]:
             code, took = rest.split()
             ends[int(index)] = (int(code), float(took))
     ran = []
-    for block, indices in zip(blocks, of_block, strict=True):
-        codes = [ends.get(i, (1, 0.0))[0] for i in indices]  # no end marker: the driver died (its output says why)
-        failed = next((c for c in codes if c != 0), 0)
+    for (block, _), indices in zip(steps, of_block, strict=True):
+        codes = [ends.get(i, (1, 0.0))[0] for i in indices]  # no end marker: the interpreter died (its output says why)
         output = "".join(outputs.get(i, "") for i in indices) or result.stdout[-5000:]
-        ran.append(Ran(block, failed, output, sum(ends.get(i, (0, 0.0))[1] for i in set(indices))))
+        seconds = sum(ends.get(i, (0, 0.0))[1] for i in set(indices))
+        ran.append(Ran(block, next((c for c in codes if c != 0), 0), output, seconds))
+    return ran
+
+
+def cli_steps(block: Block, sandbox: Path) -> list[Step] | None:
+    """A bash block of ``vtp-ray`` commands alone as ``main`` steps; None for a block that needs the shell."""
+    lines = logical_lines(substitute(block.code, sandbox))
+    if any(not line.startswith("vtp-ray ") or re.search(r"[|&;$<>`]", line) for line in lines):
+        return None
+    return [("argv", shlex.split(line)[1:]) for line in lines]
+
+
+def run_plain(sandbox: Path) -> list[Ran]:
+    """The blocks that need neither Ray nor the app: one-process commands, the shell's examples, and the Python of
+    the model and the replica (a page's blocks in order, in one namespace)."""
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    bash = [b for b in RUNNABLE if b.language == "bash" and not _is_job(b) and not _talks_to_the_app(b)]
+    python = [b for b in RUNNABLE if b.language == "python" and not _talks_to_the_app(b)]
+    python = [b for b in python if b.page != "docs/datasets.md"]
+    shell = [run_bash(b, sandbox, env) for b in bash if cli_steps(b, sandbox) is None]
+    steps = [(b, cli_steps(b, sandbox) or []) for b in bash if cli_steps(b, sandbox) is not None]
+    for page in _python_by_page(python):
+        steps.append((page[0], [("python", "\n".join(substitute(b.code, sandbox) for b in page))]))
+    return shell + in_one_interpreter(steps, sandbox, env)
+
+
+#: The jobs of these pages read nothing the others write, so they run beside the rest, in a second interpreter.
+INDEPENDENT_JOBS = ("docs/evaluation.md",)
+
+
+def run_jobs(sandbox: Path, ray_address: str, pages: tuple[str, ...], *, exclude: bool = False) -> list[Ran]:
+    """The Ray jobs of ``pages`` (or of every other page), in page order: a page may read what an earlier one wrote.
+    Then, if the datasets page is among them, its Python, which reads tokenize's output, in a fresh interpreter as
+    a reader would run it."""
+    blocks = [b for b in RUNNABLE if _is_job(b) and (b.page in pages) != exclude]
+    steps = [(b, cli_steps(b, sandbox)) for b in blocks]
+    assert all(s for _, s in steps), "a job block holds vtp-ray commands alone"
+    env = _env(ray_address)
+    ran = in_one_interpreter(steps, sandbox, env)  # type: ignore[arg-type]
     reading = [b for b in RUNNABLE if b.language == "python" and b.page == "docs/datasets.md"]
-    return [*ran, run_python(reading, sandbox, env)]
+    return [*ran, run_python(reading, sandbox, env)] if any(b.page == "docs/datasets.md" for b in blocks) else ran
 
 
 @pytest.fixture(scope="module")
 def background(sandbox: Path, ray_runtime: str) -> Iterator[dict[str, Future[list[Ran]]]]:
-    """The plain blocks and the jobs, started at once in two threads; the app's clients run in the test's own."""
-    with ThreadPoolExecutor(2, thread_name_prefix="docs-examples") as pool:
+    """The plain blocks and the jobs (two independent chains: the shared Ray has CPUs for two jobs beside the app),
+    started at once in threads of their own; the app's clients run in the test's thread."""
+    with ThreadPoolExecutor(3, thread_name_prefix="docs-examples") as pool:
         yield {
             "plain": pool.submit(run_plain, sandbox),
-            "jobs": pool.submit(run_jobs, sandbox, ray_address=ray_runtime),
+            "jobs": pool.submit(run_jobs, sandbox, ray_runtime, INDEPENDENT_JOBS, exclude=True),
+            "more jobs": pool.submit(run_jobs, sandbox, ray_runtime, INDEPENDENT_JOBS),
         }
 
 
@@ -536,8 +570,8 @@ def test_the_one_process_examples_run(background: dict, sandbox: Path) -> None:
 
 @pytest.mark.slow
 def test_the_job_examples_run(background: dict, sandbox: Path) -> None:
-    ran = background["jobs"].result()
+    ran = background["jobs"].result() + background["more jobs"].result()
     check(ran)
     assert (sandbox / "data" / "latents" / "in1k-256" / "stats.json").is_file()
     assert (sandbox / "data" / "latents" / "vtp-s-256" / "latents_stats.pt").is_file()
-    assert (sandbox / "runs" / "flowers-resize" / "report.json").is_file()
+    assert (sandbox / "runs" / "flowers" / "report.json").is_file()
