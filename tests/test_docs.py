@@ -290,6 +290,7 @@ def substitute(code: str, sandbox: Path, ports: dict[str, str] | None = None) ->
     for model in MODELS:
         code = code.replace(model, TINYTEXT)
     code = code.replace("/data/", f"{sandbox}/data/").replace("/tmp/latents", "tmp-latents")
+    code = code.replace('"OUT/', f'"{sandbox}/data/latents/in1k-256/')  # the datasets page's tokenize output
     for name, port in (ports or {}).items():
         code = code.replace(name, port)
     lines = []
