@@ -13,6 +13,7 @@ protocol's heads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -86,15 +87,19 @@ def wait_for(predicate: Any, what: str, timeout_s: float = 240) -> None:
         time.sleep(0.05)
 
 
-def kill_a_train_worker() -> int:
-    """SIGKILL one live Ray Train worker of this session's cluster; returns its pid."""
+def train_worker_pids() -> list[int]:
+    """The pids of this session's live Ray Train workers."""
     from ray._private import state
 
     workers = [a for a in state.actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == "RayTrainWorker"]
-    assert workers, "no live Ray Train worker to kill"
-    pid = workers[-1]["Pid"]
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    assert workers, "no live Ray Train worker"
+    return [w["Pid"] for w in workers]
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,17 +126,25 @@ def protocol(ray_runtime: str, sets: dict[str, Path], tmp_path_factory: pytest.T
     registered, the command interrupted once the second's is, then run again."""
     out = tmp_path_factory.mktemp("protocol")
     args = probe_args(sets, out, ray_runtime, "--replicas", "2", "--precision", "fp32")
+    paused: list[int] = []
     first = subprocess.Popen([sys.executable, "-m", "vtp_ray.cli", *args], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     run = out / "linear-probe"
     try:
         wait_for(lambda: snapshot_holds(run, 1) or first.poll() is not None, "the first checkpoint")
-        killed = kill_a_train_worker() if first.poll() is None else None
+        killed = train_worker_pids()[-1] if first.poll() is None else None
+        signal_all([killed] if killed else [], signal.SIGKILL)
         wait_for(lambda: snapshot_holds(run, 2) or first.poll() is not None, "the second checkpoint")
+        # The last epochs take a fraction of a second each, less than the interrupt takes to stop the workers: they
+        # are paused first, so that the command is interrupted with epochs left to train, and killed once it is gone
+        # (a paused process does not answer Ray's request to exit).
+        paused = train_worker_pids() if first.poll() is None else []
+        signal_all(paused, signal.SIGSTOP)
         first.send_signal(signal.SIGINT)
         first.wait(timeout=60)
     finally:
         first.kill()
+        signal_all(paused, signal.SIGKILL)
     assert killed, "the run ended before a worker could be killed"
     assert first.returncode != 0, "the run ended before it could be interrupted"
     assert not (out / "report.json").exists()
@@ -153,8 +166,8 @@ def fast(ray_runtime: str, sets: dict[str, Path], tmp_path_factory: pytest.TempP
 
 def test_the_protocol_continues_from_its_checkpoints_after_a_killed_worker_and_an_interrupt(protocol: dict) -> None:
     report = protocol["report"]
-    # Ray Train's restart after epoch 1; the command's re-run after epoch 2 (or 3, when the workers finished it while
-    # the interrupted command stopped them)
+    # Ray Train's restart after epoch 1; the command's re-run after epoch 2 (or 3, when the workers had saved it by
+    # the time they were paused)
     assert report["resumed_from"][0] == 1 and report["resumed_from"][1] in (2, 3) and len(report["resumed_from"]) == 2
     assert [h["epoch"] for h in report["history"]] == [1, 2, 3, 4]  # every epoch trained once
     assert report["counts"]["iterations"] == 4 * 8 and report["counts"]["images_seen"] == 4 * 8 * 16
