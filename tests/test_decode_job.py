@@ -43,7 +43,7 @@ def test_npy_to_pngs_in_order_with_bad_rows_reported(ray_runtime, tmp_path, late
     assert [(e["index"], e["reason"]) for e in errors] == [(2, "bad_latents")]
 
 
-def test_normalized_shards_with_stats_to_adm_npz(ray_runtime, tmp_path, latents_and_expected) -> None:
+def test_normalized_shards_with_stats_to_adm_npz(ray_runtime, tmp_path, latents_and_expected, monkeypatch) -> None:
     latents, expected = latents_and_expected
     mean = latents.mean(axis=(0, 2, 3), keepdims=True)
     std = latents.std(axis=(0, 2, 3), keepdims=True)
@@ -59,7 +59,9 @@ def test_normalized_shards_with_stats_to_adm_npz(ray_runtime, tmp_path, latents_
         save_file(tensors, str(shards / f"latents_rank00_shard{i:03d}.safetensors"))
     torch.save({"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}, shards / "latents_stats.pt")
     out = tmp_path / "out"
-    summary = decode_latents([str(shards)], str(out), spec(), stats=str(shards / "latents_stats.pt"), npz=True)
+    # paths relative to the driver's directory, which is not that of Ray's workers (started in the repository)
+    monkeypatch.chdir(tmp_path)
+    summary = decode_latents(["shards"], "out", spec(), stats="shards/latents_stats.pt", npz=True)
     assert (summary.images, summary.errors) == (5, 0)
     with np.load(out / "samples.npz") as archive:
         assert archive.files == ["arr_0"]

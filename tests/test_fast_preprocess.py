@@ -62,7 +62,7 @@ def test_a_draft_decode_is_close_to_the_exact_adm_pixels_and_reports_the_full_si
     difference = np.abs(drafted.astype(np.int16) - exact)
     assert info == (800, 600)  # the file's size, not the reduced decode's
     assert difference.any()  # a 1/4-scale decode (short side 150 >= 2 x 64), not the exact path
-    # Measured on photo-like images (README, benchmarks/fast_preprocess.py): mean under 3 levels of 255.
+    # Measured on photo-like images (docs/results.md, benchmarks/fast_preprocess.py): mean under 3 levels of 255.
     assert difference.mean() < 3.0 and difference.max() <= 40
 
 

@@ -57,6 +57,8 @@ def test_probes_point_at_routes_the_ingress_serves():
     assert len(probes) == 4
     for probe in probes:
         assert (probe["path"], "GET") in routes and probe["port"] == 8000
+    # readiness follows the models (a pod whose models are down gets no traffic); liveness only the process
+    assert [p["path"] for p in probes] == ["/readyz", "/healthz"] * 2
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayjob-tokenize.yaml"])

@@ -2,8 +2,8 @@
 
 A temporary copy of the shipped config moves the port to a free one, enables gRPC with the config's own commented
 ``grpc_options`` block, and makes the model deployment tiny (2 requests in flight, 1 queued) so that a burst of
-requests gets Serve's back-pressure answer, 503. Serve's direct ingress is on, as the README's low-latency recipe
-has it, so the ingress replica's own HTTP port answers too, next to the proxy's.
+requests gets Serve's back-pressure answer, 503. Serve's direct ingress is on, as docs/performance.md's recipe has it,
+so the ingress replica's own HTTP port answers too, next to the proxy's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DIRECT_PORT = free_port()  # the first of the direct-ingress port range: the one
 
 
 def _commented_grpc_options(config_text: str) -> dict:
-    """The config's commented-out ``grpc_options`` block, uncommented, as the README tells operators to do."""
+    """The config's commented-out ``grpc_options`` block, uncommented, as docs/serving.md tells operators to do."""
     lines = config_text.splitlines()
     start = lines.index("# grpc_options:")
     block = [lines[start], *itertools.takewhile(lambda line: line.startswith("#   "), lines[start + 1 :])]

@@ -135,7 +135,8 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert summary.rows == IMAGES and summary.errors == 1 and summary.missing == 0
     assert summary.stats["last_run"]["serve_app"]["app"] == APP  # the report says where it ran
     # One block in flight per model replica: a job adds at most 1 to each replica's ongoing requests, the count
-    # Serve's autoscaler reads (README: with target_ongoing_requests >= 2 a job alone never scales the app up).
+    # Serve's autoscaler reads (docs/shared-fleet.md: with target_ongoing_requests >= 2 a job alone never scales the
+    # app up).
     assert summary.stats["last_run"]["replica_pool"] == summary.stats["last_run"]["serve_app"]["replicas"] == 1
     assert answered_during_job > 0 and set(online.codes) == {200}
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import start_tokenize_cli, wait_for_parts
+from helpers import ROOT, start_tokenize_cli, wait_for_parts
 from PIL import Image
 
 from vtp_ray import VTPReplica
@@ -160,7 +160,7 @@ def test_plain_pandas_rows_become_numpy_arrays_of_the_right_shape(job, tree):
     root, _ = tree
     df = pd.read_parquet(output / "data")
     row = df.iloc[0]
-    latents = np.asarray(row["latents"], dtype=np.float32).reshape(SHAPE)  # the README's one-liner
+    latents = np.asarray(row["latents"], dtype=np.float32).reshape(SHAPE)  # docs/datasets.md's one-liner
     assert latents.shape == SHAPE and np.isfinite(latents).all()
     labels = dict(zip(df["path"], df["label"], strict=True))
     assert labels[str(root / "cat/nested/deep/gray.png")] == "cat" and labels[str(root / "dog/wide.jpg")] == "dog"
@@ -169,16 +169,11 @@ def test_plain_pandas_rows_become_numpy_arrays_of_the_right_shape(job, tree):
     assert sizes[str(root / "dog/wide.jpg")] == (200, 90) and sizes[str(root / "dog/small.bmp")] == (20, 30)
 
 
-# README.md, "Reading it for training", word for word (OUT stands for the output directory). A newcomer saw this block
-# end in "terminate called without an active exception" (rc 134) at interpreter exit in 6 of 20 runs, with pandas
-# 2.3.3 and pyarrow 26: it must exit cleanly every time, so it runs in fresh interpreters, many times.
-READING_FOR_TRAINING = """\
-import json, numpy as np, pandas as pd
-
-df = pd.read_parquet("OUT/data")
-shape = json.load(open("OUT/manifest.json"))["columns"]["latents"]["shape"]  # [64, 16, 16]
-x = np.asarray(df["latents"].iloc[0], np.float32).reshape(shape)  # one row -> (64, 16, 16)
-"""
+# docs/datasets.md, "Reading it for training": its first block, word for word (OUT stands for the output directory). A
+# newcomer saw it end in "terminate called without an active exception" (rc 134) at interpreter exit in 6 of 20 runs,
+# with pandas 2.3.3 and pyarrow 26: it must exit cleanly every time, so it runs in fresh interpreters, many times.
+_SECTION = (ROOT / "docs" / "datasets.md").read_text().split("## Reading it for training", 1)[1]
+READING_FOR_TRAINING = _SECTION.split("```python\n", 1)[1].split("```", 1)[0]
 FRESH_RUNS = 24
 
 

@@ -83,7 +83,7 @@ def find_latents(inputs: Sequence[str], key: str | None = None) -> list[LatentFi
     ``latents``; ``.npz``: ``latents`` if present, else ``arr_0``)."""
     sources: list[LatentFile] = []
     for name in inputs:
-        path = Path(name)
+        path = Path(name).expanduser().absolute()  # Ray's workers on a cluster joined run in another directory
         if path.is_dir() and (path / "manifest.json").exists() and (path / "data").is_dir():
             manifest = json.loads((path / "manifest.json").read_text())
             column = key or "latents"
