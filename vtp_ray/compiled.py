@@ -170,7 +170,7 @@ class CompiledModel:
         # Dynamo compiles a function at most recompile_limit times, then runs it eagerly with only a warning (with
         # fullgraph=True: an error, reported as the graph's failure). Each replica has its own functions, so its
         # cap fits; the compile thread applies it (torch >= 2.10 keeps config overrides per thread).
-        self.recompile_limit = recompile_limit or max(max_graphs, getattr(torch._dynamo.config, _LIMIT))
+        self.recompile_limit = recompile_limit or max(max_graphs, getattr(torch._dynamo.config, _limit_name()))
         tag = f"{id(self):x}"
         self._eager = eager_units(model)
         compiled = {
@@ -326,7 +326,7 @@ class CompiledModel:
         """Compile ``key``'s graph by calling it once on zeros shaped like the calls (``None``, or the error)."""
         n = 1 if key.batch == "1" else 2
         try:
-            with torch._dynamo.config.patch(**{_LIMIT: self.recompile_limit}), torch.inference_mode():
+            with torch._dynamo.config.patch(**{_limit_name(): self.recompile_limit}), torch.inference_mode():
                 x = torch.zeros((n, *key.shape), dtype=torch.float32, device=self.device)
                 if key.batch != "1" and self.max_batch > 2:
                     torch._dynamo.mark_dynamic(x, 0, min=2, max=self.max_batch)
@@ -422,5 +422,8 @@ def eager_status(plan: CompilePlan) -> CompileStatus:
     return CompileStatus(mode=plan.mode, compiled=False, backend=None, reason=plan.reason, ready=True)
 
 
-#: Dynamo's per-function compile limit (``cache_size_limit`` before torch 2.6).
-_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+@functools.cache
+def _limit_name() -> str:
+    """Dynamo's per-function compile limit (``cache_size_limit`` before torch 2.6). Read when a replica compiles:
+    touching ``torch._dynamo`` imports it, a second on a CPU, which eager replicas never need."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
