@@ -5,6 +5,7 @@ Serve's controller and proxies again, and none finds another's routes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,8 +82,13 @@ def delete_apps() -> None:
     """Delete every application (the controller and the proxies stay, for the next module)."""
     if not _serve_running():
         return
-    for name in list(serve.status().applications):
-        serve.delete(name)
+    names = list(serve.status().applications)
+    for name in names:  # all at once: each waits for its replicas' graceful shutdown (seconds) in parallel
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 120
+    while serve.status().applications:
+        assert time.monotonic() < deadline, f"applications still there after 120 s: {list(serve.status().applications)}"
+        time.sleep(0.1)
 
 
 @contextmanager
