@@ -110,7 +110,10 @@ def test_serve_deploy_and_status_with_the_token_and_refused_without(cluster: dic
         status = yaml.safe_load(_serve(["status", "-a", dashboard], env).stdout)
         return status["applications"].get("vtp", {}).get("status") == "RUNNING"
 
-    wait_until(running, 180, "the app to run on the token-protected cluster", interval_s=2)
+    # the app's readiness first (a `serve status` per poll would cost a process start each time), then the CLI
+    ready = f"http://127.0.0.1:{http_port}/readyz"
+    wait_until(lambda: httpx.get(ready, timeout=30).status_code == 200, 180, "the app to be ready", interval_s=1)
+    wait_until(running, 60, "the app to run on the token-protected cluster", interval_s=1)
     info = httpx.get(f"http://127.0.0.1:{http_port}/v1/model", timeout=30).json()
     assert info["replica"]["accelerator_ids"] == {"NPU": ["0"]}  # placed on the worker's declared NPU
 
