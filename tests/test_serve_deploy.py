@@ -98,15 +98,12 @@ def serve_status(address: str) -> dict[str, Any]:
 def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed, app: str, reason: str) -> None:
     address, deployed_at, logs = deployed["address"], deployed["at"], deployed["logs"]
 
-    def failed() -> bool:
-        # the dashboard's REST answer that `serve status` prints (polling the CLI costs a process start each time)
-        details = httpx.get(f"{address}/api/serve/applications/", timeout=30).json()["applications"]
-        return app in details and details[app]["status"] == "DEPLOY_FAILED"
+    def failed() -> dict[str, Any] | None:
+        status = serve_status(address)["applications"][app]
+        return status if status["status"] == "DEPLOY_FAILED" else None
 
-    wait_until(failed, FAIL_WITHIN_S, f"{app} to end DEPLOY_FAILED", interval_s=1)
+    status = wait_until(failed, FAIL_WITHIN_S, f"{app} to end DEPLOY_FAILED", interval_s=2)
     assert time.monotonic() - deployed_at < FAIL_WITHIN_S
-    status = serve_status(address)["applications"][app]
-    assert status["status"] == "DEPLOY_FAILED"
     model = status["deployments"]["VTPReplica"]
     assert model["status"] == "DEPLOY_FAILED"
     assert reason in model["message"], model["message"]
