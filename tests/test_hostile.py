@@ -180,6 +180,7 @@ RSS_GROWTH_BOUND_MB = 300
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_soak_good_clients_are_served_while_hostile_clients_run(port: int, png: bytes) -> None:
     raise_fd_limit(4096)
     pids = serve_pids("vtp", "VTPIngress")

@@ -61,6 +61,7 @@ def _parts(fs: pafs.S3FileSystem, directory: str) -> list[pafs.FileInfo]:
     return [i for i in info if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
 
 
+@pytest.mark.soak
 def test_s3_shards_to_s3_output_killed_and_resumed_lose_and_repeat_nothing(ray_runtime, s3, tmp_path):
     local = tmp_path / "shards"
     expected = write_shards(local, sample_images(10))

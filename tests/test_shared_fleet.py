@@ -217,6 +217,7 @@ def test_a_replica_serving_another_model_refuses_the_block(base_url: str) -> Non
         replica.encode(np.zeros((2, SIZE, SIZE, 3), np.uint8))
 
 
+@pytest.mark.soak
 def test_a_model_replica_killed_mid_job_costs_a_retry_not_a_row(base_url: str, images: Path, tmp_path: Path) -> None:
     output = tmp_path / "killed"
     result: dict[str, Any] = {}

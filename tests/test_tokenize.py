@@ -284,6 +284,7 @@ def _replica_pids(gcs_address: str) -> set[int]:
     return {pid for pid, raylet in workers.items() if raylet in raylets}
 
 
+@pytest.mark.soak
 def test_a_replica_and_then_the_whole_job_killed_mid_way_lose_and_repeat_nothing(ray_runtime, tiny_dir, tmp_path):
     root = tmp_path / "many"
     rng = np.random.default_rng(1)
