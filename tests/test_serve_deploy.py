@@ -1,10 +1,11 @@
 """``serve deploy serve_config.yaml`` to a running Ray, as on a cluster: ``serve status`` when a model cannot load,
 and batching changed live.
 
-The shipped config with three applications: the tiny model, a model path that does not exist and a checkpoint
-whose safetensors file is cut short. Each broken one ends DEPLOY_FAILED after a bounded number of constructor
-attempts, with the loader's reason in ``serve status`` and in the Serve logs, and no replica left restarting. A
-second ``serve deploy`` with a new ``user_config`` changes the good one's batching without reloading its weights.
+The shipped config (the tiny model) beside the last release's. A second ``serve deploy`` with a new ``user_config``
+changes the good one's batching without reloading its weights. The soak tier adds two applications whose model
+cannot load (a path that does not exist, a checkpoint whose safetensors file is cut short): each ends DEPLOY_FAILED
+after a bounded number of constructor attempts, with the loader's reason in ``serve status`` and in the Serve logs,
+and no replica left restarting.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     good = config["applications"][0]
     good["args"].update(model=TINY, image_size=SIZE)
     broken = {"missing": MISSING, "corrupt": str(_corrupt_checkpoint(tmp / "corrupt"))}
-    for name, model in broken.items():
-        app = {**good, "name": name, "route_prefix": f"/{name}", "args": {**good["args"], "model": model}}
-        config["applications"].append(app)
+    broken_apps = [
+        {**good, "name": name, "route_prefix": f"/{name}", "args": {**good["args"], "model": model}}
+        for name, model in broken.items()
+    ]
     # The application of the last release's serve_config.yaml (flat args), as it was: only its name, route and
     # model differ, to run beside the others.
     (old,) = yaml.safe_load((FIXTURES / "releases" / "serve_config-0.1.0.yaml").read_text())["applications"]
@@ -76,9 +78,8 @@ def deployed(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     address = f"http://127.0.0.1:{dashboard_port}"
-    deployed_at = time.monotonic()
     subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], cwd=tmp, check=True, capture_output=True)
-    yield {"address": address, "at": deployed_at, "logs": logs, "config": config, "tmp": tmp}
+    yield {"address": address, "logs": logs, "config": config, "tmp": tmp, "broken": broken_apps}
     # own_ray's successor (or the session end) stops this Ray
 
 
@@ -95,8 +96,16 @@ def serve_status(address: str) -> dict[str, Any]:
         ("corrupt", "CheckpointError"),
     ],
 )
+@pytest.mark.soak  # six replica starts that fail, on 2 cores; tests/test_serve_ops.py checks the reasons in /readyz
 def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed, app: str, reason: str) -> None:
-    address, deployed_at, logs = deployed["address"], deployed["at"], deployed["logs"]
+    address, logs = deployed["address"], deployed["logs"]
+    if "broken_at" not in deployed:  # the config with the two broken applications beside the others, once
+        config = {**deployed["config"], "applications": [*deployed["config"]["applications"], *deployed["broken"]]}
+        path = deployed["tmp"] / "serve_config_broken.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        deployed["broken_at"] = time.monotonic()
+        subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
+    deployed_at = deployed["broken_at"]
 
     def failed() -> dict[str, Any] | None:
         status = serve_status(address)["applications"][app]
