@@ -177,6 +177,7 @@ READING_FOR_TRAINING = _SECTION.split("```python\n", 1)[1].split("```", 1)[0]
 FRESH_RUNS = 24
 
 
+@pytest.mark.soak  # 24 interpreters; tests/test_docs.py runs the block once in CI
 def test_the_documented_pandas_reader_exits_cleanly_in_fresh_interpreters(job, tmp_path):
     output, _ = job
     snippet = READING_FOR_TRAINING.replace("OUT", str(output))
