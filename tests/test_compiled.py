@@ -179,6 +179,7 @@ def test_bf16_compiled_matches_eager(tiny_dir, compile_cache, images):
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # a fresh process importing and compiling: CI's budget
 def test_a_second_process_compiles_from_the_cache(compiled, compile_cache, tiny_dir):
     """A new replica process with the filled cache loads every graph from it (inductor's FX graph / AOTAutograd
     caches) instead of compiling cold."""
@@ -258,6 +259,7 @@ def test_verify_compile_checks_the_compiled_graphs_against_eager_and_cpu_fp32(co
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # a fresh process importing and compiling: CI's budget
 def test_bench_compile_puts_compiled_rows_beside_the_eager_ones(compiled, compile_cache, tiny_dir):
     result = _cli(
         "bench", "--model", str(tiny_dir), "--size", "64", "--batch-sizes", "1,4", "--verbs", "encode,reconstruct",

@@ -23,7 +23,8 @@ import pytest
 import yaml
 from helpers import ROOT, TINY, free_port, png_array, png_bytes, post_concurrently, random_image, wait_until
 
-pytestmark = pytest.mark.slow
+# The soak tier: an embedded Ray of its own (tests/test_cluster_scripts.py deploys the shipped config in CI).
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 STARTUP_TIMEOUT_S = 150
 GRPC_PORT = free_port()
 DIRECT_PORT = free_port()  # the first of the direct-ingress port range: the one ingress replica's
