@@ -16,6 +16,7 @@ import torch
 from .device import synchronize
 from .model import VTPConfig
 from .replica import VTPReplica
+from .words import plural
 
 VERBS = ("encode", "decode", "reconstruct", "embed")
 MODES = ("eager", "compiled")
@@ -70,10 +71,6 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'s' * (n != 1)}"
-
-
 class BenchProgress:
     """What ``bench`` tells while it runs, through ``write``: the plan when the first replica is loaded, an estimate
     of the whole once the first measurement (a precision, mode, batch size and verb) is timed (when that is
@@ -116,11 +113,11 @@ class BenchProgress:
         if not first:
             return
         precisions, modes, batches, verbs = self.shape
-        plan = [_count(precisions, "precision")] + ["2 modes (eager, compiled)"] * (modes > 1)
-        plan += [_count(batches, "batch size"), _count(verbs, "verb")]
-        plan.append(f"{_count(self.calls, 'call')} ({self.warmup} warm-up + {self.calls - self.warmup} timed)")
+        plan = [plural(precisions, "precision")] + ["2 modes (eager, compiled)"] * (modes > 1)
+        plan += [plural(batches, "batch size"), plural(verbs, "verb")]
+        plan.append(f"{plural(self.calls, 'call')} ({self.warmup} warm-up + {self.calls - self.warmup} timed)")
         self.write(
-            f"bench: {_count(self.total, 'measurement')}: {' x '.join(plan)} at {size} px on {device}; "
+            f"bench: {plural(self.total, 'measurement')}: {' x '.join(plan)} at {size} px on {device}; "
             "time estimates follow the first measurement"
         )
 
@@ -148,7 +145,7 @@ class BenchProgress:
         whole = now - self.started + self._left() if first else 0.0
         if whole >= LONG_S:
             line = (
-                f"bench: about {duration(whole)} in all (the first measurement, {_count(self.calls, 'call')}, "
+                f"bench: about {duration(whole)} in all (the first measurement, {plural(self.calls, 'call')}, "
                 f"took {now - self.measure_start:.1f} s)"
             )
             if whole >= 120:
@@ -162,7 +159,7 @@ class BenchProgress:
         self.left = kept
 
     def finish(self) -> None:
-        self.write(f"bench: {_count(self.index, 'measurement')} in {duration(self.clock() - self.started)}")
+        self.write(f"bench: {plural(self.index, 'measurement')} in {duration(self.clock() - self.started)}")
 
     def _flops(self, key: tuple[str, str, int, str]) -> float:
         return key[2] * self.flops[key[3]] * self.calls

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
+from ..words import plural
 from .runner import Placement
 from .sources import Inputs
 from .spec import ModelFacts, PipelineSpec
@@ -79,12 +80,6 @@ def sort_by_path(table: pa.Table, order: Callable[[str], Any]) -> pa.Table:
     """The rows of ``table`` sorted by ``order(path)``: the input position of a file, or a sample's (file, key)."""
     paths = table.column("path").to_pylist()
     return table.take(pa.array(sorted(range(len(paths)), key=lambda i: order(paths[i])), pa.int64()))
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 error``, ``2 errors``, ``3 classes``."""
-    ending = "es" if noun.endswith(("s", "x", "ch", "sh")) else "s"
-    return f"{count} {noun}{'' if count == 1 else ending}"
 
 
 def load_report(location: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..report import plural
+from ...words import plural
 from ..runner import ReplicaUsage, run_pipeline
 from ..spec import ModelFacts, PipelineSpec
 from ..worker import ModelStage

@@ -38,8 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import save as save_safetensors
 
+from ...words import plural
 from ..latent_stats import ChannelStats
-from ..report import plural
 from ..sources import resolve_location
 from ..store import FORMAT as STORE_FORMAT
 from ..store import (

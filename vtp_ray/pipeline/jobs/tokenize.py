@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from ... import __version__
 from ...images import NORMALIZATIONS
-from ..report import plural
+from ...words import plural
 from ..runner import ReplicaUsage, run_pipeline
 from ..sources import SampleSource, find_source
 from ..spec import ModelFacts, PipelineSpec
