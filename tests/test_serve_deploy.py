@@ -130,7 +130,7 @@ def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(deployed,
 def test_the_last_release_config_runs_unchanged(deployed) -> None:
     url = f"http://127.0.0.1:{deployed['config']['http_options']['port']}"
     with httpx.Client(base_url=url, timeout=30) as client:
-        info = wait_until(lambda: client.get("/old/v1/model").json(), 120, "the old config's app to answer")
+        info = wait_until(lambda: _answered(client, "/old/v1/model"), 120, "the old config's app to answer")
         assert info["limits"]["max_body_bytes"] == 16777216 and info["limits"]["max_pixels"] == 40_000_000
         assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "batch_min_share": 0.05}
         answer = client.post("/old/v1/reconstruct", content=_png(), headers={"content-type": "image/png"})
@@ -141,7 +141,7 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
     config, address = deployed["config"], deployed["address"]
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     with httpx.Client(base_url=url, timeout=30) as client:
-        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        before = wait_until(lambda: _answered(client, "/v1/model"), 120, "the good app to answer")
         assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "batch_min_share": 0.05}
 
         (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
@@ -169,7 +169,7 @@ def test_a_new_ingress_user_config_changes_limits_without_touching_the_models(de
     config, address = deployed["config"], deployed["address"]
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     with httpx.Client(base_url=url, timeout=30) as client:
-        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        before = wait_until(lambda: _answered(client, "/v1/model"), 120, "the good app to answer")
         ingress_before = _actor_ids("VTPIngress")
         (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPIngress"]
         ingress["user_config"]["limits"]["max_body_bytes"] = 4096
@@ -252,7 +252,7 @@ def test_a_push_no_node_can_place_leaves_the_old_replica_serving(deployed) -> No
     config, address = deployed["config"], deployed["address"]
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     with httpx.Client(base_url=url, timeout=30) as client:
-        before = wait_until(lambda: client.get("/v1/model").json(), 120, "the good app to answer")
+        before = wait_until(lambda: _answered(client, "/v1/model"), 120, "the good app to answer")
         (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
         replica["ray_actor_options"] = {"resources": {"NPU": 1}}
         path = deployed["tmp"] / "serve_config_npu.yaml"
@@ -278,3 +278,9 @@ def _png() -> bytes:
     from helpers import png_bytes, random_image
 
     return png_bytes(random_image(SIZE, SIZE))
+
+
+def _answered(client: httpx.Client, path: str) -> dict[str, Any] | None:
+    """The route's JSON once its own app answers it: until the proxy knows a prefix, another app's 404 comes back."""
+    response = client.get(path)
+    return response.json() if response.status_code == 200 else None
