@@ -5,6 +5,7 @@ each job's output is compared with what one in-process replica computes from the
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,42 @@ def latents_by_path(output: Path) -> dict[str, np.ndarray]:
     return {p: np.asarray(v, np.float32) for p, v in zip(rows["path"], rows["latents"], strict=True)}
 
 
+def idle_ray_threads() -> set[str]:
+    """The threads of this machine's Ray worker processes under ``SCHED_IDLE``: ``"<process title> / main"`` (the
+    process's main thread) or ``"<process title> / thread"`` (another), from ``/proc``."""
+    found = set()
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        try:
+            title = (task.parent.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            policy = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])  # field 41 of proc(5)'s stat
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+        if policy == os.SCHED_IDLE and title.startswith("ray::"):
+            found.add(f"{title} / {'main' if task.name == task.parent.parent.name else 'thread'}")
+    return found
+
+
+class Sampler:
+    """Calls ``sample`` every 50 ms in a thread until the block ends; ``seen``: the union of its answers."""
+
+    def __init__(self, sample: Any) -> None:
+        self.sample, self.seen = sample, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.seen.update(self.sample())
+
+
 class OnlineLoad:
     """A client posting /v1/encode requests one after another until stopped; keeps every status and Server-Timing."""
 
@@ -124,7 +161,7 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     base_url: str, images: Path, replica: VTPReplica, tmp_path: Path
 ) -> None:
     result: dict[str, Any] = {}
-    with OnlineLoad(base_url) as online:
+    with OnlineLoad(base_url) as online, Sampler(idle_ray_threads) as idle:
         job = threading.Thread(
             target=lambda: result.update(summary=tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app()))
         )
@@ -144,6 +181,14 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     # app up).
     assert summary.stats["last_run"]["replica_pool"] == summary.stats["last_run"]["serve_app"]["replicas"] == 1
     assert answered_during_job > 0 and set(online.codes) == {200}
+    # The job's own work ran at the OS's idle priority (--cpu-priority idle, the default on an app): its
+    # preprocessing in an idle thread of the Ray workers, its model-stage actor whole; none of the app's processes.
+    # (a preprocess worker's title names its task while it runs one, ray::IDLE between tasks)
+    preprocess = {k for k in idle.seen if k.startswith(("ray::MapBatches(preprocess_block)", "ray::IDLE"))}
+    assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, idle.seen  # never a main thread
+    assert preprocess, idle.seen
+    assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in idle.seen, idle.seen
+    assert not [k for k in idle.seen if "ServeReplica" in k or "ProxyActor" in k or "ServeController" in k]
 
     # What a standalone job writes is what one replica computes from the preprocessed images (tests/test_tokenize.py):
     # the app's rows are compared with such a replica. fp32, other batch compositions: a stated tolerance.

@@ -95,7 +95,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 _REPLICA_FIELDS = (
     *("model", "precision", "device", "rope_dtype", "batch_size"),
     *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard", "preprocess_concurrency"),
-    *("compile", "compile_cache"),
+    *("compile", "compile_cache", "cpu_priority"),
 )
 
 
@@ -128,6 +128,12 @@ def add_replica_args(p: argparse.ArgumentParser) -> None:
         "job's own; the app must serve --model at --precision and --rope-dtype",
     )  # fmt: skip
     g.add_argument("--serve-model", metavar="NAME", help="which of the app's models (default: its default model)")
+    p.add_argument(
+        "--cpu-priority", choices=["idle", "normal"],
+        help="idle: the job's preprocessing and model-stage actors take the CPU only when other work leaves it "
+        "(Linux SCHED_IDLE); default: idle with --serve-app, so that the app's processes get the cores first; else "
+        "normal",
+    )  # fmt: skip
     g.add_argument(
         "--serve-calls", type=int, metavar="N",
         help="blocks in flight at once (default: one per running model replica of the app)",

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 from ..images import PATCH_SIZE, CropMode, ImageLimits, ImageSource, preprocess_with_info
 from ..options import CROPS, ROPE_DTYPES, check_compile_mode, check_precision
 from ..outputs import model_identity
+from .priority import CPU_PRIORITIES, CpuPriority
 from .served import ServeTarget
 
 __all__ = ["ModelFacts", "PipelineSpec", "Preprocessing", "SampleOptions"]
@@ -108,6 +109,9 @@ class PipelineSpec:
             serve. Until a shape's graph is compiled (in the background) its batches run eagerly.
         preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
             ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
+        cpu_priority: ``idle`` runs the job's preprocessing and model-stage actors at the OS's idle priority
+            (``priority``), ``normal`` as Ray runs them; default (None): ``idle`` with ``serve``, so that the app's
+            own processes get the cores first, else ``normal``.
     """
 
     model: str
@@ -131,6 +135,7 @@ class PipelineSpec:
     preprocess_concurrency: int | None = None
     compile: str = "auto"
     compile_cache: str | None = None
+    cpu_priority: CpuPriority | None = None
 
     def __post_init__(self) -> None:
         replicas = self.replicas
@@ -153,6 +158,13 @@ class PipelineSpec:
         check_compile_mode(self.compile)
         if self.preprocess_concurrency is not None and self.preprocess_concurrency < 1:
             raise ValueError(f"preprocess_concurrency must be >= 1, got {self.preprocess_concurrency}")
+        if self.cpu_priority is not None and self.cpu_priority not in CPU_PRIORITIES:
+            raise ValueError(f"cpu_priority must be one of {list(CPU_PRIORITIES)}, got {self.cpu_priority!r}")
+
+    @property
+    def job_cpu_priority(self) -> CpuPriority:
+        """The CPU priority of the job's own work: ``cpu_priority``, else ``idle`` on a Serve app, else ``normal``."""
+        return self.cpu_priority or ("idle" if self.serve is not None else "normal")
 
     def preprocess_tasks(self, cpus: float) -> dict[str, Any]:
         """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, and

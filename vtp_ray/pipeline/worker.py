@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from ..outputs import identity_differences
 from ..placement import brief_openmp_waits
+from .priority import lower_this_thread
 from .served import ServedApp, ServedReplica
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
@@ -46,6 +47,8 @@ class ModelStage:
         brief_openmp_waits(device)
         self.spec = spec
         if served is not None:
+            if spec.job_cpu_priority == "idle":
+                lower_this_thread()  # the actor's own process, which ends with the job
             self.replica: Any = ServedReplica(served, expected)
             self._label = None
             return

@@ -31,6 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..priority import job_priority
 from ..spec import PipelineSpec, Preprocessing
 from ..stages import block_rows, preprocess_images
 from .locations import (
@@ -103,6 +104,7 @@ class Inputs:
                 "block_rows": rows,
                 "preprocessing": spec.preprocessing,
                 "filesystem": spec.filesystem,
+                "priority": spec.job_cpu_priority,
             },
             **spec.preprocess_tasks(cpus),
         )
@@ -248,6 +250,7 @@ def preprocess_rows(batch: pa.Table, *, preprocessing: Preprocessing, filesystem
     )
 
 
+@job_priority
 def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
     """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
     import ray

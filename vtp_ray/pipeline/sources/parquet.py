@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..priority import job_priority
 from ..spec import PipelineSpec, Preprocessing, SampleOptions
 from ..stages import block_rows
 from .locations import InputError
@@ -59,6 +60,7 @@ class ParquetSource(SampleSource):
                 "options": self.options,
                 "done": [ray.put(self.done)],
                 "preprocessing": spec.preprocessing,
+                "priority": spec.job_cpu_priority,
             },
             **spec.preprocess_tasks(cpus),
         )
@@ -128,6 +130,7 @@ def parquet_source(found: list[tuple[str, str]], fs: pafs.FileSystem, options: S
 # ------------------------------------------------------------------------------------------- the stage
 
 
+@job_priority
 def read_parquet_files(
     task: pa.Table,
     *,

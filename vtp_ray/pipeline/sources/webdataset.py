@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from ..priority import job_priority
 from ..spec import PipelineSpec, Preprocessing, SampleOptions
 from .samples import SampleSource, preprocess_samples
 
@@ -67,6 +68,7 @@ class ShardSource(SampleSource):
                 "options": self.options,
                 "done": [ray.put(self.done)],
                 "preprocessing": spec.preprocessing,
+                "priority": spec.job_cpu_priority,
             },
             **spec.preprocess_tasks(cpus),
         )
@@ -84,6 +86,7 @@ class ShardSource(SampleSource):
         return list(keys)
 
 
+@job_priority
 def preprocess_tar(
     batch: pd.DataFrame,
     *,

@@ -1,0 +1,63 @@
+"""``vtp_ray.pipeline.priority``: a job's work at the OS's idle priority, in a thread of its own (Linux keeps the
+scheduling policy per thread), while the calling thread keeps its own."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from vtp_ray.pipeline.priority import job_priority
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+
+
+def policy() -> int:
+    return os.sched_getscheduler(threading.get_native_id())
+
+
+@job_priority
+def work(x: int, *, fail: bool = False) -> tuple[int, int]:
+    if fail:
+        raise ValueError(f"bad input {x}")
+    return x * 2, policy()
+
+
+@job_priority
+def blocks(n: int) -> Iterator[tuple[int, int]]:
+    for i in range(n):
+        yield i, policy()
+
+
+def test_work_runs_at_idle_priority_and_the_caller_keeps_its_own() -> None:
+    mine = policy()
+    assert mine != os.SCHED_IDLE
+    assert work(3, priority="idle") == (6, os.SCHED_IDLE)
+    assert work(4) == (8, mine)  # normal (a standalone job): the work runs where it is called
+    assert policy() == mine
+
+
+def test_a_generators_items_are_made_at_idle_priority_in_order_and_errors_come_through() -> None:
+    mine = policy()
+    assert list(blocks(3, priority="idle")) == [(0, os.SCHED_IDLE), (1, os.SCHED_IDLE), (2, os.SCHED_IDLE)]
+    assert list(blocks(2, priority="normal")) == [(0, mine), (1, mine)]
+    with pytest.raises(ValueError, match="bad input 5"):
+        work(5, fail=True, priority="idle")
+    assert policy() == mine
+
+
+def test_a_job_on_an_app_runs_idle_unless_told_and_the_flag_says_so() -> None:
+    from vtp_ray.cli import build_parser
+    from vtp_ray.cli.args import pipeline_spec
+    from vtp_ray.pipeline import PipelineSpec
+    from vtp_ray.pipeline.served import ServeTarget
+
+    assert PipelineSpec("m").job_cpu_priority == "normal"
+    assert PipelineSpec("m", serve=ServeTarget("vtp")).job_cpu_priority == "idle"
+    assert PipelineSpec("m", serve=ServeTarget("vtp"), cpu_priority="normal").job_cpu_priority == "normal"
+    with pytest.raises(ValueError, match="cpu_priority must be one of"):
+        PipelineSpec("m", cpu_priority="low")  # type: ignore[arg-type]
+    argv = ["tokenize", "in", "-o", "o", "--model", "m", "--serve-app", "vtp", "--cpu-priority", "normal"]
+    assert pipeline_spec(build_parser().parse_args(argv)).job_cpu_priority == "normal"
