@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.5, help="online rate, as a fraction of the capacity")
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the capacity phase")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-work-size", type=int, help="the job's model calls at most (default: max batch size)")
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 2
@@ -140,7 +141,7 @@ def main() -> None:
         model=args.model,
         image_size=args.size,
         placement={"num_cpus": cpus},
-        batching={"max_batch_size": args.max_batch_size},
+        batching={"max_batch_size": args.max_batch_size, "batch_work_size": args.batch_work_size},
         rate_limits=NO_RATE_LIMITS,
         uploads={"max_uploads_per_client": 0},  # every client of the benchmark is one address
     )

@@ -81,6 +81,23 @@ class Batching(_Group):
         description="the share of model time batch work (jobs on the app) gets while online requests saturate the "
         "replica; online requests go first otherwise",
     )
+    batch_work_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="inputs per model call of batch work (jobs on the app) at most; none: max_batch_size. An online "
+        "request that arrives waits for at most one such call: smaller shortens that wait, larger fills the device "
+        "better while online requests are rare",
+    )
+
+    def call_size(self, batch_work: bool) -> int:
+        """The most inputs one model call of online requests (or, ``batch_work``, of a job's inputs) takes."""
+        return (self.batch_work_size or self.max_batch_size) if batch_work else self.max_batch_size
+
+    @property
+    def largest_call(self) -> int:
+        """The most inputs any model call takes (what a compiling replica compiles for)."""
+        return max(self.max_batch_size, self.batch_work_size or 0)
 
 
 class Limits(_Group):

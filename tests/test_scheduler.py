@@ -139,3 +139,22 @@ def test_batch_work_gets_its_minimum_share_under_a_saturating_online_load(share:
         assert batch_s == 0  # online first, always
     else:
         assert share * 0.6 <= fraction <= share * 1.5, fraction
+
+
+def test_batch_work_takes_calls_of_batch_work_size_and_online_ones_keep_max_batch_size() -> None:
+    async def run() -> Model:
+        model = Model(seconds=0.02)
+        scheduler = BatchScheduler(model, batching(batch_work_size=6))
+        first = asyncio.create_task(scheduler.submit("g", "b0", "batch"))
+        await model.running.wait()
+        batch = [asyncio.create_task(scheduler.submit("g", f"b{i}", "batch")) for i in range(1, 9)]
+        online = [asyncio.create_task(scheduler.submit("g", f"o{i}", "online")) for i in range(6)]
+        await asyncio.gather(first, *batch, *online)
+        scheduler.configure(batching(batch_work_size=2))  # live, from the next call on
+        await asyncio.gather(*(scheduler.submit("g", f"c{i}", "batch") for i in range(3)))
+        return model
+
+    sizes = [len(payloads) for _, payloads in asyncio.run(run()).calls]
+    assert sizes == [1, 4, 2, 6, 2, 2, 1]  # b0; online 4 + 2 (max_batch_size 4); batch 6 + 2; then batch by 2
+    assert Batching(max_batch_size=4, batch_work_size=16).largest_call == 16  # what a compiling replica compiles
+    assert Batching(max_batch_size=4).call_size(batch_work=True) == 4

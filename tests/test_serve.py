@@ -137,7 +137,12 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     ours = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ}
     assert info["replica"]["openmp_waits"] == (ours or OPENMP_WAITS)
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
-    assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1, "batch_min_share": 0.05}
+    assert info["batching"] == {
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.1,
+        "batch_min_share": 0.05,
+        "batch_work_size": None,
+    }
     assert info["limits"]["image_size"] == SIZE and info["limits"]["api_key_required"] is False
 
 

@@ -132,7 +132,12 @@ def test_the_last_release_config_runs_unchanged(deployed) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         info = wait_until(lambda: _answered(client, "/old/v1/model"), 120, "the old config's app to answer")
         assert info["limits"]["max_body_bytes"] == 16777216 and info["limits"]["max_pixels"] == 40_000_000
-        assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "batch_min_share": 0.05}
+        assert info["batching"] == {
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.0,
+            "batch_min_share": 0.05,
+            "batch_work_size": None,
+        }
         answer = client.post("/old/v1/reconstruct", content=_png(), headers={"content-type": "image/png"})
         assert answer.status_code == 200, answer.text
 
@@ -142,10 +147,15 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     with httpx.Client(base_url=url, timeout=30) as client:
         before = wait_until(lambda: _answered(client, "/v1/model"), 120, "the good app to answer")
-        assert before["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "batch_min_share": 0.05}
+        assert before["batching"] == {
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.0,
+            "batch_min_share": 0.05,
+            "batch_work_size": None,
+        }
 
         (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
-        replica["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002}
+        replica["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002, "batch_work_size": 5}
         path = deployed["tmp"] / "serve_config_2.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         subprocess.run([_cli("serve"), "deploy", str(path), "-a", address], check=True, capture_output=True)
@@ -155,7 +165,12 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
             return info if info["batching"]["max_batch_size"] == 3 else None
 
         after = wait_until(reconfigured, 60, "the new batching to apply")
-    assert after["batching"] == {"max_batch_size": 3, "batch_wait_timeout_s": 0.002, "batch_min_share": 0.05}
+    assert after["batching"] == {
+        "max_batch_size": 3,
+        "batch_wait_timeout_s": 0.002,
+        "batch_min_share": 0.05,
+        "batch_work_size": 5,
+    }
     # The same replica, loaded once: reconfigure ran on it, the weights were not loaded again.
     assert (after["replica"]["id"], after["replica"]["loaded_at"]) == (
         before["replica"]["id"],

@@ -4,8 +4,8 @@ Every input is an item of one of two priorities: ``online`` (an HTTP or OIP requ
 job's block, ``ModelDeployment.run_block``). One loop forms the model calls, one at a time: up to
 ``max_batch_size`` items of one group (same verb and input shape; all texts of ``embed_text``), taken from the
 online queue whenever an online item waits (the first one waits up to ``batch_wait_timeout_s`` for company), from
-the batch queue only when none does. Items that arrive during a model call wait for the next one together, so
-batches fill under load with no timeout at all.
+the batch queue (up to ``batch_work_size`` items, by default ``max_batch_size`` too) only when none does. Items that
+arrive during a model call wait for the next one together, so batches fill under load with no timeout at all.
 
 So a waiting online request never waits behind more than the model call already running, whatever a job has
 queued. Batch work never starves either: while batch items wait beside a saturating online load, they are owed
@@ -70,7 +70,8 @@ class BatchScheduler:
 
     Args:
         call: one model call on a group's payloads (awaited on the event loop; it should run the model elsewhere).
-        batching: ``max_batch_size``, ``batch_wait_timeout_s``, ``batch_min_share`` (``configure`` changes them).
+        batching: ``max_batch_size``, ``batch_wait_timeout_s``, ``batch_min_share``, ``batch_work_size``
+            (``configure`` changes them).
         on_call: told of every model call: ``(group, priority, items, model seconds, queue waits in seconds)``.
     """
 
@@ -121,7 +122,8 @@ class BatchScheduler:
                 await self._wait_for_company()
                 if not self._queues["online"]:  # every waiting request was cancelled meanwhile
                     continue
-            await self._serve(priority, self._take(self._queues[priority]))
+            most = self.batching.call_size(batch_work=priority == "batch")
+            await self._serve(priority, self._take(self._queues[priority], most))
 
     def _next_priority(self) -> Priority:
         online, batch = self._queues["online"], self._queues["batch"]
@@ -148,13 +150,13 @@ class BatchScheduler:
                 return
             self._drop_cancelled()
 
-    def _take(self, queue: deque[_Item]) -> list[_Item]:
-        """Up to ``max_batch_size`` items of the head item's group, in order; the others keep their places."""
+    def _take(self, queue: deque[_Item], most: int) -> list[_Item]:
+        """Up to ``most`` items of the head item's group, in order; the others keep their places."""
         group = queue[0].group
         taken: list[_Item] = []
         kept: list[_Item] = []
         for item in queue:
-            if item.group == group and len(taken) < self.batching.max_batch_size:
+            if item.group == group and len(taken) < most:
                 taken.append(item)
             else:
                 kept.append(item)

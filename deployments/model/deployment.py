@@ -7,9 +7,9 @@ learns the size of the call it ran in. Inputs arrive already validated (by the i
 stage); if a model call fails anyway, only the inputs of that call fail.
 
 Batching is the deployment's ``user_config`` (``settings.Batching``: ``max_batch_size``, ``batch_wait_timeout_s``,
-``batch_min_share``), its one home: ``serve deploy`` with new values calls ``reconfigure`` on the running replicas,
-without reloading the weights; keys a ``user_config`` leaves out keep the app's values. Placement is Serve's
-``ray_actor_options``; the replica's device follows the accelerator Ray actually assigned to it.
+``batch_min_share``, ``batch_work_size``), its one home: ``serve deploy`` with new values calls ``reconfigure`` on
+the running replicas, without reloading the weights; keys a ``user_config`` leaves out keep the app's values.
+Placement is Serve's ``ray_actor_options``; the replica's device follows the accelerator Ray actually assigned to it.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ class ModelDeployment:
         label_cache_size: label sets whose class embeddings ``classify`` keeps (least recently used goes first).
         batching: the app's batching; a ``user_config`` applies over it (``reconfigure``).
         compile, compile_cache: as ``VTPReplica``'s. A compiling replica returns from its constructor (so Serve marks
-            it RUNNING and routes to it) only once the graphs of ``warmup_size`` images at every batch up to
-            ``max_batch_size`` are compiled: until then readiness says it is starting, and no request ever waits
-            for a compile. Other shapes compile in the background and run eagerly meanwhile.
+            it RUNNING and routes to it) only once the graphs of ``warmup_size`` images at every batch up to its
+            largest model call (``max_batch_size``, or ``batch_work_size`` if larger) are compiled: until then
+            readiness says it is starting, and no request ever waits for a compile. Other shapes compile in the
+            background and run eagerly meanwhile.
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class ModelDeployment:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         started = time.perf_counter()
         self._base_batching = batching or Batching()
-        load = (model, device, precision, warmup_size, compile, compile_cache, self._base_batching.max_batch_size)
+        load = (model, device, precision, warmup_size, compile, compile_cache, self._base_batching.largest_call)
         self._replica = self._torch.submit(self._load, *load).result()
         if not self._replica.compile_ready:
             log.info("VTPReplica %s: compiling the graphs of %d px before serving", model, warmup_size)
