@@ -99,19 +99,38 @@ def idle_ray_threads() -> set[str]:
     """The threads of this machine's Ray worker processes under ``SCHED_IDLE``: ``"<process title> / main"`` (the
     process's main thread) or ``"<process title> / thread"`` (another), from ``/proc``."""
     found = set()
-    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+    for process in Path("/proc").glob("[0-9]*"):
         try:
-            title = (task.parent.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            policy = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])  # field 41 of proc(5)'s stat
+            title = (process / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith("ray::") or title.startswith(("ray::Serve", "ray::Proxy")):
+                continue  # the app's own processes are checked once, below
+            for task in (process / "task").iterdir():
+                if _policy(task) == os.SCHED_IDLE:
+                    found.add(f"{title} / {'main' if task.name == process.name else 'thread'}")
         except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-        if policy == os.SCHED_IDLE and title.startswith("ray::"):
-            found.add(f"{title} / {'main' if task.name == task.parent.parent.name else 'thread'}")
+            continue  # a process or thread that ended meanwhile
     return found
 
 
+def app_processes_policies() -> dict[str, set[int]]:
+    """The scheduling policies of the threads of this machine's Serve processes (controller, proxy, replicas)."""
+    policies: dict[str, set[int]] = {}
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (process / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if title.startswith(("ray::Serve", "ray::Proxy")):
+                policies.setdefault(title, set()).update(_policy(task) for task in (process / "task").iterdir())
+        except (OSError, ValueError, IndexError):
+            continue
+    return policies
+
+
+def _policy(task: Path) -> int:
+    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])  # field 41 of proc(5)'s stat
+
+
 class Sampler:
-    """Calls ``sample`` every 50 ms in a thread until the block ends; ``seen``: the union of its answers."""
+    """Calls ``sample`` every 200 ms in a thread until the block ends; ``seen``: the union of its answers."""
 
     def __init__(self, sample: Any) -> None:
         self.sample, self.seen = sample, set()
@@ -127,7 +146,7 @@ class Sampler:
         self._thread.join(10)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.2):
             self.seen.update(self.sample())
 
 
@@ -184,11 +203,13 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     # The job's own work ran at the OS's idle priority (--cpu-priority idle, the default on an app): its
     # preprocessing in an idle thread of the Ray workers, its model-stage actor whole; none of the app's processes.
     # (a preprocess worker's title names its task while it runs one, ray::IDLE between tasks)
-    preprocess = {k for k in idle.seen if k.startswith(("ray::MapBatches(preprocess_block)", "ray::IDLE"))}
+    titles = ("ray::ReadRange", "ray::MapBatches(preprocess_block)", "ray::IDLE")
+    preprocess = {k for k in idle.seen if k.startswith(titles)}
     assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, idle.seen  # never a main thread
     assert preprocess, idle.seen
     assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in idle.seen, idle.seen
-    assert not [k for k in idle.seen if "ServeReplica" in k or "ProxyActor" in k or "ServeController" in k]
+    app = app_processes_policies()
+    assert app and os.SCHED_IDLE not in set().union(*app.values()), app
 
     # What a standalone job writes is what one replica computes from the preprocessed images (tests/test_tokenize.py):
     # the app's rows are compared with such a replica. fp32, other batch compositions: a stated tolerance.
