@@ -112,6 +112,18 @@ def idle_ray_threads() -> set[str]:
     return found
 
 
+def idle_threads_here() -> set[str]:
+    """This process's Python threads under ``SCHED_IDLE``, by name (without the ``-<id>`` suffix)."""
+    found = set()
+    for thread in threading.enumerate():
+        try:
+            if thread.native_id and os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE:
+                found.add(thread.name.split("-")[0])
+        except OSError:
+            continue  # it ended meanwhile
+    return found
+
+
 def app_processes_policies() -> dict[str, set[int]]:
     """The scheduling policies of the threads of this machine's Serve processes (controller, proxy, replicas)."""
     policies: dict[str, set[int]] = {}
@@ -180,7 +192,7 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     base_url: str, images: Path, replica: VTPReplica, tmp_path: Path
 ) -> None:
     result: dict[str, Any] = {}
-    with OnlineLoad(base_url) as online, Sampler(idle_ray_threads) as idle:
+    with OnlineLoad(base_url) as online, Sampler(idle_ray_threads) as idle, Sampler(idle_threads_here) as driver:
         job = threading.Thread(
             target=lambda: result.update(summary=tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app()))
         )
@@ -208,6 +220,7 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, idle.seen  # never a main thread
     assert preprocess, idle.seen
     assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in idle.seen, idle.seen
+    assert "StreamingExecutor" in driver.seen, driver.seen  # Ray Data's executor on the driver, too
     app = app_processes_policies()
     assert app and os.SCHED_IDLE not in set().union(*app.values()), app
 

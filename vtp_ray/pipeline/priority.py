@@ -10,7 +10,9 @@ leaves 4 levels (a 2.4:1 weight) below it; ``SCHED_IDLE`` weighs 3 against a nic
 
 Linux keeps the policy per thread, and an unprivileged thread cannot leave ``SCHED_IDLE``. So a task's work runs in a
 thread of its own (``job_priority``) while the Ray worker's main thread keeps its policy: the worker serves any later
-task unchanged, and the job needs no worker processes of its own (which would add to its start-up).
+task unchanged, and the job needs no worker processes of its own (which would add to its start-up). On the driver,
+Ray Data's executor is started from that thread too (``each_at_idle_priority``): a driver started from a shell runs
+at niceness 0, which would outrank every Ray worker, the app's included. The driver's own thread keeps its priority.
 """
 
 from __future__ import annotations
@@ -18,18 +20,17 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from concurrent.futures import Future
+from typing import Any, Literal, TypeVar
 
-__all__ = ["CPU_PRIORITIES", "CpuPriority", "job_priority", "lower_this_thread"]
+__all__ = ["CPU_PRIORITIES", "CpuPriority", "each_at_idle_priority", "job_priority", "lower_this_thread"]
 
+T = TypeVar("T")
 CpuPriority = Literal["idle", "normal"]
 CPU_PRIORITIES: tuple[CpuPriority, ...] = ("idle", "normal")
-
-_idle_thread: ThreadPoolExecutor | None = None
-_lock = threading.Lock()
 
 
 def lower_this_thread() -> None:
@@ -51,12 +52,7 @@ def job_priority(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def each_at_priority(*args: Any, priority: CpuPriority = "normal", **kwargs: Any) -> Iterator[Any]:
             items = fn(*args, **kwargs)
-            if priority == "normal":
-                yield from items
-                return
-            done = object()
-            while (item := _idle().submit(next, items, done).result()) is not done:
-                yield item
+            yield from items if priority == "normal" else each_at_idle_priority(items)
 
         return each_at_priority
 
@@ -67,9 +63,39 @@ def job_priority(fn: Callable[..., Any]) -> Callable[..., Any]:
     return at_priority
 
 
-def _idle() -> ThreadPoolExecutor:
-    global _idle_thread
-    with _lock:
-        if _idle_thread is None:
-            _idle_thread = ThreadPoolExecutor(1, "vtp-idle", initializer=lower_this_thread)
-        return _idle_thread
+def each_at_idle_priority(items: Iterator[T]) -> Iterator[T]:
+    """``items``, each one made in this process's idle-priority thread (so are the threads its first ``next``
+    starts: Ray Data's executor, when ``items`` is a dataset's iterator)."""
+    done = object()
+    while (item := _idle().submit(next, items, done).result()) is not done:
+        yield item  # type: ignore[misc]
+
+
+class _IdleThread:
+    """One daemon thread under ``SCHED_IDLE`` that runs what is submitted, in order. A daemon, unlike a
+    ``ThreadPoolExecutor``'s workers (joined at exit): an interrupted job's process exits without waiting for it."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]]
+        self._work = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="vtp-idle", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._work.put((fn, args, kwargs, future))
+        return future
+
+    def _run(self) -> None:
+        lower_this_thread()
+        while True:
+            fn, args, kwargs, future = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the caller, whatever it is
+                    future.set_exception(e)
+
+
+@functools.cache
+def _idle() -> _IdleThread:
+    return _IdleThread()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
+from .priority import CpuPriority, each_at_idle_priority
 from .served import ServedApp, ServedModelChanged, connect
 from .spec import ModelFacts, PipelineSpec
 
@@ -258,12 +259,14 @@ def run_pipeline(
         kwargs = {**(worker_kwargs or {}), **(prepare(placement) if prepare else {})}
         preprocessed = source.read(spec, ray.cluster_resources().get("CPU", 1))
         dataset = replica_stage(preprocessed, spec, placement, worker, kwargs, expected)
-        yield placement, _outputs(dataset)
+        yield placement, _outputs(dataset, spec.job_cpu_priority)
 
 
-def _outputs(dataset: Dataset) -> Iterator[pa.Table]:
+def _outputs(dataset: Dataset, priority: CpuPriority) -> Iterator[pa.Table]:
+    # At idle priority, Ray Data's executor on the driver is too: its threads start in the idle thread.
+    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
-        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+        yield from batches if priority == "normal" else each_at_idle_priority(batches)
     except Exception as e:
         if (changed := _cause(e, ServedModelChanged)) is not None:
             raise ServedModelChanged(str(changed)) from e
