@@ -6,7 +6,7 @@ One local Ray runs the app (one model replica with every core). In one run, side
 2. online alone: requests at a fixed rate, ``--load`` (0.5) of that capacity, for ``--seconds``: p50 / p99;
 3. online with a job: the same while ``vtp-ray tokenize --serve-app`` runs on the app over ``--images`` images;
    the job's images/s against the capacity the online load leaves ((1 - load) x the job's rate on an idle app);
-   once with the job's own work at the OS's idle priority (``--cpu-priority``'s default on an app), once normal;
+   with the job's own work at each CPU priority (``--cpu-priority``: low, the default on an app; idle; normal);
 4. the job on the idle app, two sizes (``--images`` and half of it), which gives its fixed cost on a warm app
    (the difference cancels the per-image part; a small job before them starts the driver's Ray workers) and its
    rate once warm, against the same job with replicas of its own (a standalone run, warm rate);
@@ -191,8 +191,8 @@ def main() -> None:
             result["batch_calls"] = after["work"]["batch"]["calls"] - before["work"]["batch"]["calls"]
             return result
 
-        shared = beside(on_app, "out-shared", "open")
-        not_idle = beside(replace(on_app, cpu_priority="normal"), "out-normal", "open")
+        shared = beside(on_app, "out-shared", "open")  # the default on an app: low
+        others = {p: beside(replace(on_app, cpu_priority=p), f"out-{p}", "open") for p in ("idle", "normal")}
         saturated = beside(on_app, "out-saturated", "closed")
         batch_min_share = httpx.get(f"{url}/v1/model").json()["batching"]["batch_min_share"]
         load.shutdown()
@@ -207,8 +207,9 @@ def main() -> None:
         f"{'alone':44} {p50:8.1f} {p99:8.1f}{'   failed: ' if alone_run['failed'] else ''}{alone_run['failed'] or ''}"
     )
     for name, run in (
-        ("with the job (its CPU priority idle)", shared),
-        ("with the job, CPU priority normal", not_idle),
+        ("with the job (CPU priority low, the default)", shared),
+        ("with the job, CPU priority idle", others["idle"]),
+        ("with the job, CPU priority normal", others["normal"]),
     ):
         q50, q99 = percentile(run["online"]["latencies"], 50), percentile(run["online"]["latencies"], 99)
         failed = f"   failed: {run['online']['failed']}" if run["online"]["failed"] else ""
@@ -217,9 +218,10 @@ def main() -> None:
         verdict = " / ".join("met" if q <= a else "missed" for q, a in zip((q50, q99), allowed, strict=True))
         print(f"{'  goal: 1.3x + one batch call':44} {allowed[0]:8.1f} {allowed[1]:8.1f} {verdict:>11}"
               f"   (a batch model call: {run['batch_call_ms']:.1f} ms)")  # fmt: skip
-    print(f"\njob beside the online load: {shared['images_per_s']:.1f} images/s (CPU priority normal: "
-          f"{not_idle['images_per_s']:.1f}); capacity left {leftover:.1f}/s: {shared['images_per_s'] / leftover:.2f}x "
-          "(goal >= 0.8)")  # fmt: skip
+    rates = {p: run["images_per_s"] for p, run in others.items()}
+    print(f"\njob beside the online load: {shared['images_per_s']:.1f} images/s (idle {rates['idle']:.1f},"
+          f" normal {rates['normal']:.1f}); capacity left {leftover:.1f}/s: "
+          f"{shared['images_per_s'] / leftover:.2f}x (goal >= 0.8)")  # fmt: skip
     print(f"job on the idle app: {idle_full['warm']:.1f} images/s warm; with its own replicas {own['warm']:.1f}: "
           f"{idle_full['warm'] / own['warm']:.2f}x (goal >= 0.9)")  # fmt: skip
     print(f"job's fixed cost on a warm app: {fixed_s:.2f} s (goal <= 3; {idle_half['images']} and "

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vtp_ray.pipeline.priority import job_priority
+from vtp_ray.pipeline.priority import LOW_NICENESS, job_priority
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
 
@@ -39,6 +39,24 @@ def test_work_runs_at_idle_priority_and_the_caller_keeps_its_own() -> None:
     assert policy() == mine
 
 
+def niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_low_priority_is_the_lowest_niceness_in_its_own_thread() -> None:
+    mine = niceness()
+    assert work(1, priority="low") == (2, policy())  # the policy stays; the niceness goes to 19
+    assert _nice_of_low_thread() == LOW_NICENESS and niceness() == mine
+
+
+def _nice_of_low_thread() -> int:
+    @job_priority
+    def nice_here() -> int:
+        return niceness()
+
+    return nice_here(priority="low")
+
+
 def test_a_generators_items_are_made_at_idle_priority_in_order_and_errors_come_through() -> None:
     mine = policy()
     assert list(blocks(3, priority="idle")) == [(0, os.SCHED_IDLE), (1, os.SCHED_IDLE), (2, os.SCHED_IDLE)]
@@ -48,16 +66,16 @@ def test_a_generators_items_are_made_at_idle_priority_in_order_and_errors_come_t
     assert policy() == mine
 
 
-def test_a_job_on_an_app_runs_idle_unless_told_and_the_flag_says_so() -> None:
+def test_a_job_on_an_app_runs_low_unless_told_and_the_flag_says_so() -> None:
     from vtp_ray.cli import build_parser
     from vtp_ray.cli.args import pipeline_spec
     from vtp_ray.pipeline import PipelineSpec
     from vtp_ray.pipeline.served import ServeTarget
 
     assert PipelineSpec("m").job_cpu_priority == "normal"
-    assert PipelineSpec("m", serve=ServeTarget("vtp")).job_cpu_priority == "idle"
+    assert PipelineSpec("m", serve=ServeTarget("vtp")).job_cpu_priority == "low"
     assert PipelineSpec("m", serve=ServeTarget("vtp"), cpu_priority="normal").job_cpu_priority == "normal"
     with pytest.raises(ValueError, match="cpu_priority must be one of"):
-        PipelineSpec("m", cpu_priority="low")  # type: ignore[arg-type]
+        PipelineSpec("m", cpu_priority="lowest")  # type: ignore[arg-type]
     argv = ["tokenize", "in", "-o", "o", "--model", "m", "--serve-app", "vtp", "--cpu-priority", "normal"]
     assert pipeline_spec(build_parser().parse_args(argv)).job_cpu_priority == "normal"

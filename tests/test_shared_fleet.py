@@ -29,6 +29,7 @@ from vtp_ray.pipeline.jobs.decode import decode_latents
 from vtp_ray.pipeline.jobs.evaluate import evaluate_dataset
 from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 from vtp_ray.pipeline.jobs.zeroshot import zero_shot_dataset
+from vtp_ray.pipeline.priority import LOW_NICENESS
 from vtp_ray.pipeline.served import ServedModelChanged, ServedReplica, ServeTarget, connect
 from vtp_ray.text.classifier import class_embeddings
 from vtp_ray.text.imagenet import resolve_template_set
@@ -95,9 +96,9 @@ def latents_by_path(output: Path) -> dict[str, np.ndarray]:
     return {p: np.asarray(v, np.float32) for p, v in zip(rows["path"], rows["latents"], strict=True)}
 
 
-def idle_ray_threads() -> set[str]:
-    """The threads of this machine's Ray worker processes under ``SCHED_IDLE``: ``"<process title> / main"`` (the
-    process's main thread) or ``"<process title> / thread"`` (another), from ``/proc``."""
+def lowered_ray_threads() -> set[str]:
+    """The threads of this machine's Ray worker processes at a job's ``low`` priority (niceness 19):
+    ``"<process title> / main"`` (the process's main thread) or ``"<process title> / thread"``, from ``/proc``."""
     found = set()
     for process in Path("/proc").glob("[0-9]*"):
         try:
@@ -105,78 +106,79 @@ def idle_ray_threads() -> set[str]:
             if not title.startswith("ray::") or title.startswith(("ray::Serve", "ray::Proxy")):
                 continue  # the app's own processes are checked once, below
             for task in (process / "task").iterdir():
-                if _policy(task) == os.SCHED_IDLE:
+                if _niceness(task) == LOW_NICENESS:
                     found.add(f"{title} / {'main' if task.name == process.name else 'thread'}")
         except (OSError, ValueError, IndexError):
             continue  # a process or thread that ended meanwhile
     return found
 
 
-def idle_threads_here() -> set[str]:
-    """This process's Python threads under ``SCHED_IDLE``, by name (without the ``-<id>`` suffix)."""
+def lowered_threads_here() -> set[str]:
+    """This process's Python threads at niceness 19, by name (without the ``-<id>`` suffix)."""
     found = set()
     for thread in threading.enumerate():
         try:
-            if thread.native_id and os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE:
+            if thread.native_id and os.getpriority(os.PRIO_PROCESS, thread.native_id) == LOW_NICENESS:
                 found.add(thread.name.split("-")[0])
         except OSError:
             continue  # it ended meanwhile
     return found
 
 
-def app_processes_policies() -> dict[str, set[int]]:
-    """The scheduling policies of the threads of this machine's Serve processes (controller, proxy, replicas)."""
+def app_processes_niceness() -> dict[str, set[int]]:
+    """The niceness of the threads of this machine's Serve processes (controller, proxy, replicas)."""
     policies: dict[str, set[int]] = {}
     for process in Path("/proc").glob("[0-9]*"):
         try:
             title = (process / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             if title.startswith(("ray::Serve", "ray::Proxy")):
-                policies.setdefault(title, set()).update(_policy(task) for task in (process / "task").iterdir())
+                policies.setdefault(title, set()).update(_niceness(task) for task in (process / "task").iterdir())
         except (OSError, ValueError, IndexError):
             continue
     return policies
 
 
-def _policy(task: Path) -> int:
-    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])  # field 41 of proc(5)'s stat
+def _niceness(task: Path) -> int:
+    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)'s stat
 
 
-class Sampler:
-    """Calls ``sample`` every 200 ms in a thread until the block ends; ``seen``: the union of its answers."""
+class Background:
+    """A thread that runs ``_run`` from the block's start until its end (``_stop`` tells it to end)."""
 
-    def __init__(self, sample: Any) -> None:
-        self.sample, self.seen = sample, set()
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.seen.update(self.sample())
-
-
-class OnlineLoad:
-    """A client posting /v1/encode requests one after another until stopped; keeps every status and Server-Timing."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.codes, self.stages = url, [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> OnlineLoad:
+    def __enter__(self) -> Background:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(60)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Sampler(Background):
+    """Calls ``sample`` every 200 ms; ``seen``: the union of its answers."""
+
+    def __init__(self, sample: Any) -> None:
+        super().__init__()
+        self.sample, self.seen = sample, set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.seen.update(self.sample())
+
+
+class OnlineLoad(Background):
+    """A client posting /v1/encode requests one after another; keeps every status and Server-Timing."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url, self.codes, self.stages = url, [], []
 
     def _run(self) -> None:
         body = png_bytes(random_image(64, 64, seed=99))
@@ -192,7 +194,7 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     base_url: str, images: Path, replica: VTPReplica, tmp_path: Path
 ) -> None:
     result: dict[str, Any] = {}
-    with OnlineLoad(base_url) as online, Sampler(idle_ray_threads) as idle, Sampler(idle_threads_here) as driver:
+    with OnlineLoad(base_url) as online, Sampler(lowered_ray_threads) as low, Sampler(lowered_threads_here) as driver:
         job = threading.Thread(
             target=lambda: result.update(summary=tokenize_dataset([str(images)], str(tmp_path / "on-app"), on_app()))
         )
@@ -212,17 +214,18 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     # app up).
     assert summary.stats["last_run"]["replica_pool"] == summary.stats["last_run"]["serve_app"]["replicas"] == 1
     assert answered_during_job > 0 and set(online.codes) == {200}
-    # The job's own work ran at the OS's idle priority (--cpu-priority idle, the default on an app): its
-    # preprocessing in an idle thread of the Ray workers, its model-stage actor whole; none of the app's processes.
+    # The job's own work ran below the app on the CPU (--cpu-priority low, the default on an app: niceness 19, Ray's
+    # workers run at 15): its preprocessing in a thread of its own in the Ray workers, its model-stage actor whole,
+    # Ray Data's executor on this driver; none of the app's processes.
     # (a preprocess worker's title names its task while it runs one, ray::IDLE between tasks)
     titles = ("ray::ReadRange", "ray::MapBatches(preprocess_block)", "ray::IDLE")
-    preprocess = {k for k in idle.seen if k.startswith(titles)}
-    assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, idle.seen  # never a main thread
-    assert preprocess, idle.seen
-    assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in idle.seen, idle.seen
+    preprocess = {k for k in low.seen if k.startswith(titles)}
+    assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, low.seen  # never a main thread
+    assert preprocess, low.seen
+    assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in low.seen, low.seen
     assert "StreamingExecutor" in driver.seen, driver.seen  # Ray Data's executor on the driver, too
-    app = app_processes_policies()
-    assert app and os.SCHED_IDLE not in set().union(*app.values()), app
+    app = app_processes_niceness()
+    assert app and LOW_NICENESS not in set().union(*app.values()), app
 
     # What a standalone job writes is what one replica computes from the preprocessed images (tests/test_tokenize.py):
     # the app's rows are compared with such a replica. fp32, other batch compositions: a stated tolerance.

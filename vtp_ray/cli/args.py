@@ -129,10 +129,10 @@ def add_replica_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--serve-model", metavar="NAME", help="which of the app's models (default: its default model)")
     p.add_argument(
-        "--cpu-priority", choices=["idle", "normal"],
-        help="idle: the job's preprocessing and model-stage actors take the CPU only when other work leaves it "
-        "(Linux SCHED_IDLE); default: idle with --serve-app, so that the app's processes get the cores first; else "
-        "normal",
+        "--cpu-priority", choices=["idle", "low", "normal"],
+        help="the OS priority of the job's own work: low (niceness 19; Ray runs its workers at 15), idle (Linux "
+        "SCHED_IDLE: only the CPU other work leaves) or normal; default: low with --serve-app, so that the app's "
+        "processes get the cores first; else normal",
     )  # fmt: skip
     g.add_argument(
         "--serve-calls", type=int, metavar="N",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from .priority import CpuPriority, each_at_idle_priority
+from .priority import CpuPriority, each_at_priority
 from .served import ServedApp, ServedModelChanged, connect
 from .spec import ModelFacts, PipelineSpec
 
@@ -263,10 +263,10 @@ def run_pipeline(
 
 
 def _outputs(dataset: Dataset, priority: CpuPriority) -> Iterator[pa.Table]:
-    # At idle priority, Ray Data's executor on the driver is too: its threads start in the idle thread.
+    # At a lowered priority, Ray Data's executor on the driver is too: its threads start in the lowered thread.
     batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
-        yield from batches if priority == "normal" else each_at_idle_priority(batches)
+        yield from each_at_priority(batches, priority)
     except Exception as e:
         if (changed := _cause(e, ServedModelChanged)) is not None:
             raise ServedModelChanged(str(changed)) from e

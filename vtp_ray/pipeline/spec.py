@@ -109,9 +109,10 @@ class PipelineSpec:
             serve. Until a shape's graph is compiled (in the background) its batches run eagerly.
         preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
             ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
-        cpu_priority: ``idle`` runs the job's preprocessing and model-stage actors at the OS's idle priority
-            (``priority``), ``normal`` as Ray runs them; default (None): ``idle`` with ``serve``, so that the app's
-            own processes get the cores first, else ``normal``.
+        cpu_priority: the OS priority of the job's own work (preprocessing, model-stage actors, Ray Data's executor
+            on the driver; ``priority``): ``low`` (niceness 19), ``idle`` (``SCHED_IDLE``: only what the app leaves),
+            ``normal`` (as Ray runs them). Default (None): ``low`` with ``serve``, so that the app's own processes
+            get the cores first, else ``normal``.
     """
 
     model: str
@@ -163,8 +164,8 @@ class PipelineSpec:
 
     @property
     def job_cpu_priority(self) -> CpuPriority:
-        """The CPU priority of the job's own work: ``cpu_priority``, else ``idle`` on a Serve app, else ``normal``."""
-        return self.cpu_priority or ("idle" if self.serve is not None else "normal")
+        """The CPU priority of the job's own work: ``cpu_priority``, else ``low`` on a Serve app, else ``normal``."""
+        return self.cpu_priority or ("low" if self.serve is not None else "normal")
 
     def preprocess_tasks(self, cpus: float) -> dict[str, Any]:
         """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, and

@@ -47,8 +47,7 @@ class ModelStage:
         brief_openmp_waits(device)
         self.spec = spec
         if served is not None:
-            if spec.job_cpu_priority == "idle":
-                lower_this_thread()  # the actor's own process, which ends with the job
+            lower_this_thread(spec.job_cpu_priority)  # the actor's own process, which ends with the job
             self.replica: Any = ServedReplica(served, expected)
             self._label = None
             return
