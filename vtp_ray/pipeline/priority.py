@@ -49,9 +49,9 @@ def lower_this_thread(priority: CpuPriority = "idle") -> None:
 
 
 def job_priority(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Ray Data ``map_batches`` function (or generator): called with ``priority="idle"`` (``fn_kwargs``;
-    ``normal``: as it is), its work runs in this process's idle-priority thread, and it returns, yields or raises
-    what ``fn`` does."""
+    """Wrap a Ray Data ``map_batches`` function (or generator): called with ``priority="low"`` or ``"idle"``
+    (``fn_kwargs``; ``normal``: as it is), its work runs in this process's thread at that priority, and it returns,
+    yields or raises what ``fn`` does."""
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...words import plural
+from ..priority import job_priority
 from ..runner import ReplicaUsage, run_pipeline
 from ..spec import ModelFacts, PipelineSpec
 from ..worker import ModelStage
@@ -182,11 +183,17 @@ class LatentChunks:
             read_latents_block,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={"chunks": self.chunks, "files": self.files, "stats": self.stats},
+            fn_kwargs={
+                "chunks": self.chunks,
+                "files": self.files,
+                "stats": self.stats,
+                "priority": spec.job_cpu_priority,
+            },
             **spec.preprocess_tasks(cpus),
         )
 
 
+@job_priority
 def read_latents_block(
     block: pa.Table,
     *,
