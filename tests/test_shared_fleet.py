@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +97,32 @@ def latents_by_path(output: Path) -> dict[str, np.ndarray]:
     return {p: np.asarray(v, np.float32) for p, v in zip(rows["path"], rows["latents"], strict=True)}
 
 
-def lowered_ray_threads() -> set[str]:
-    """The threads of this machine's Ray worker processes at a job's ``low`` priority (niceness 19):
-    ``"<process title> / main"`` (the process's main thread) or ``"<process title> / thread"``, from ``/proc``."""
-    found = set()
+def ray_threads() -> Iterator[tuple[str, bool, int]]:
+    """Each thread of this machine's Ray worker processes, from ``/proc``: ``(process title, main thread?,
+    niceness)``."""
     for process in Path("/proc").glob("[0-9]*"):
         try:
             title = (process / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if not title.startswith("ray::") or title.startswith(("ray::Serve", "ray::Proxy")):
-                continue  # the app's own processes are checked once, below
-            for task in (process / "task").iterdir():
-                if _niceness(task) == LOW_NICENESS:
-                    found.add(f"{title} / {'main' if task.name == process.name else 'thread'}")
+            if title.startswith("ray::"):
+                for task in list((process / "task").iterdir()):
+                    nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
+                    yield title, task.name == process.name, nice
         except (OSError, ValueError, IndexError):
             continue  # a process or thread that ended meanwhile
-    return found
+
+
+def is_app(title: str) -> bool:
+    return title.startswith(("ray::Serve", "ray::Proxy"))
+
+
+def lowered_ray_threads() -> set[str]:
+    """The job's threads at its ``low`` priority (niceness 19), outside the app's processes:
+    ``"<process title> / main"`` (the process's main thread) or ``"<process title> / thread"``."""
+    return {
+        f"{title} / {'main' if main else 'thread'}"
+        for title, main, nice in ray_threads()
+        if nice == LOW_NICENESS and not is_app(title)
+    }
 
 
 def lowered_threads_here() -> set[str]:
@@ -123,23 +135,6 @@ def lowered_threads_here() -> set[str]:
         except OSError:
             continue  # it ended meanwhile
     return found
-
-
-def app_processes_niceness() -> dict[str, set[int]]:
-    """The niceness of the threads of this machine's Serve processes (controller, proxy, replicas)."""
-    policies: dict[str, set[int]] = {}
-    for process in Path("/proc").glob("[0-9]*"):
-        try:
-            title = (process / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if title.startswith(("ray::Serve", "ray::Proxy")):
-                policies.setdefault(title, set()).update(_niceness(task) for task in (process / "task").iterdir())
-        except (OSError, ValueError, IndexError):
-            continue
-    return policies
-
-
-def _niceness(task: Path) -> int:
-    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)'s stat
 
 
 class Background:
@@ -224,8 +219,8 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert preprocess, low.seen
     assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in low.seen, low.seen
     assert "StreamingExecutor" in driver.seen, driver.seen  # Ray Data's executor on the driver, too
-    app = app_processes_niceness()
-    assert app and LOW_NICENESS not in set().union(*app.values()), app
+    app = {(title, nice) for title, _, nice in ray_threads() if is_app(title)}
+    assert app and LOW_NICENESS not in {nice for _, nice in app}, app
 
     # What a standalone job writes is what one replica computes from the preprocessed images (tests/test_tokenize.py):
     # the app's rows are compared with such a replica. fp32, other batch compositions: a stated tolerance.

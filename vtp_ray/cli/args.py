@@ -11,6 +11,7 @@ from typing import Any
 from ..images import ImageLimits
 from ..options import COMPILE_MODES, CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec, Preprocessing, SampleOptions
+from ..pipeline.priority import CPU_PRIORITIES
 from ..pipeline.served import ServeTarget
 
 
@@ -129,7 +130,7 @@ def add_replica_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--serve-model", metavar="NAME", help="which of the app's models (default: its default model)")
     p.add_argument(
-        "--cpu-priority", choices=["idle", "low", "normal"],
+        "--cpu-priority", choices=CPU_PRIORITIES,
         help="the OS priority of the job's own work: low (niceness 19; Ray runs its workers at 15), idle (Linux "
         "SCHED_IDLE: only the CPU other work leaves) or normal; default: low with --serve-app, so that the app's "
         "processes get the cores first; else normal",

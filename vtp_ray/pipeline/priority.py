@@ -27,18 +27,18 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 __all__ = ["CPU_PRIORITIES", "LOW_NICENESS", "CpuPriority", "each_at_priority", "job_priority", "lower_this_thread"]
 
 T = TypeVar("T")
 CpuPriority = Literal["idle", "low", "normal"]
-CPU_PRIORITIES: tuple[CpuPriority, ...] = ("idle", "low", "normal")
+CPU_PRIORITIES: tuple[CpuPriority, ...] = get_args(CpuPriority)
 #: ``low``'s niceness: Ray starts its workers at 15 (``RAY_worker_niceness``), a 2.4:1 weight above this.
 LOW_NICENESS = 19
 
 
-def lower_this_thread(priority: CpuPriority = "idle") -> None:
+def lower_this_thread(priority: CpuPriority) -> None:
     """Run the calling thread (and the threads it starts from now on) at ``priority``: ``idle`` is ``SCHED_IDLE``
     (where the platform has no such policy, ``low``), ``low`` niceness ``LOW_NICENESS``, ``normal`` unchanged."""
     tid = threading.get_native_id()

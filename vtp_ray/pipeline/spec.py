@@ -167,13 +167,20 @@ class PipelineSpec:
         """The CPU priority of the job's own work: ``cpu_priority``, else ``low`` on a Serve app, else ``normal``."""
         return self.cpu_priority or ("low" if self.serve is not None else "normal")
 
-    def preprocess_tasks(self, cpus: float) -> dict[str, Any]:
-        """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, and
-        how many run at once (on a running app's cluster, a quarter of its CPUs unless told)."""
+    def preprocess_tasks(self, cpus: float, fn_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, how
+        many run at once (on a running app's cluster, a quarter of its CPUs unless told), and with ``fn_kwargs``
+        the function's keyword arguments plus ``priority`` (the job's CPU priority: wrap the function in
+        ``priority.job_priority``)."""
         concurrency = self.preprocess_concurrency
         if concurrency is None and self.serve is not None:
             concurrency = max(1, int(cpus // 4))
-        return {"num_cpus": self.preprocess_cpus, **({"concurrency": concurrency} if concurrency else {})}
+        options: dict[str, Any] = {"num_cpus": self.preprocess_cpus}
+        if concurrency:
+            options["concurrency"] = concurrency
+        if fn_kwargs is not None:
+            options["fn_kwargs"] = {**fn_kwargs, "priority": self.job_cpu_priority}
+        return options
 
 
 @dataclass(frozen=True)

@@ -183,13 +183,7 @@ class LatentChunks:
             read_latents_block,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={
-                "chunks": self.chunks,
-                "files": self.files,
-                "stats": self.stats,
-                "priority": spec.job_cpu_priority,
-            },
-            **spec.preprocess_tasks(cpus),
+            **spec.preprocess_tasks(cpus, fn_kwargs={"chunks": self.chunks, "files": self.files, "stats": self.stats}),
         )
 
 

@@ -99,14 +99,15 @@ class Inputs:
             preprocess_block,
             batch_format="pyarrow",
             batch_size=None,  # one block number per task
-            fn_kwargs={
-                "inputs": [ray.put(self.table)],
-                "block_rows": rows,
-                "preprocessing": spec.preprocessing,
-                "filesystem": spec.filesystem,
-                "priority": spec.job_cpu_priority,
-            },
-            **spec.preprocess_tasks(cpus),
+            **spec.preprocess_tasks(
+                cpus,
+                fn_kwargs={
+                    "inputs": [ray.put(self.table)],
+                    "block_rows": rows,
+                    "preprocessing": spec.preprocessing,
+                    "filesystem": spec.filesystem,
+                },
+            ),
         )
 
 

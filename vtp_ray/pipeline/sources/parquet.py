@@ -51,18 +51,19 @@ class ParquetSource(SampleSource):
             read_parquet_files,
             batch_format="pyarrow",
             batch_size=None,  # one file per task
-            fn_kwargs={
-                "files": list(zip(self.files, self.inner, strict=True)),
-                "filesystem": self.filesystem,
-                "columns": [self.image_column, *self._columns()],
-                "block_rows": block_rows(spec, sys.maxsize, cpus),  # streamed, never counted up front
-                "image_column": self.image_column,
-                "options": self.options,
-                "done": [ray.put(self.done)],
-                "preprocessing": spec.preprocessing,
-                "priority": spec.job_cpu_priority,
-            },
-            **spec.preprocess_tasks(cpus),
+            **spec.preprocess_tasks(
+                cpus,
+                fn_kwargs={
+                    "files": list(zip(self.files, self.inner, strict=True)),
+                    "filesystem": self.filesystem,
+                    "columns": [self.image_column, *self._columns()],
+                    "block_rows": block_rows(spec, sys.maxsize, cpus),  # streamed, never counted up front
+                    "image_column": self.image_column,
+                    "options": self.options,
+                    "done": [ray.put(self.done)],
+                    "preprocessing": spec.preprocessing,
+                },
+            ),
         )
 
     def first_keys(self, inner: str, n: int) -> list[str]:

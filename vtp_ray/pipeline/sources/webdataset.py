@@ -63,14 +63,15 @@ class ShardSource(SampleSource):
             preprocess_tar,
             batch_format="pandas",
             batch_size=None,
-            fn_kwargs={
-                "ids": dict(zip(self.inner, self.files, strict=True)),
-                "options": self.options,
-                "done": [ray.put(self.done)],
-                "preprocessing": spec.preprocessing,
-                "priority": spec.job_cpu_priority,
-            },
-            **spec.preprocess_tasks(cpus),
+            **spec.preprocess_tasks(
+                cpus,
+                fn_kwargs={
+                    "ids": dict(zip(self.inner, self.files, strict=True)),
+                    "options": self.options,
+                    "done": [ray.put(self.done)],
+                    "preprocessing": spec.preprocessing,
+                },
+            ),
         )
 
     def first_keys(self, inner: str, n: int) -> list[str]:
