@@ -19,7 +19,7 @@ from vtp_ray.placement import PlacementError
 from vtp_ray.probe import ProbeSettings
 from vtp_ray.probe.data import epoch_plan
 from vtp_ray.probe.heads import LinearHeads, make_optimizer, make_schedule, probe_features, train_step
-from vtp_ray.probe.job import worker_placement
+from vtp_ray.probe.placement import worker_placement
 from vtp_ray.probe.settings import cosine_factor
 from vtp_ray.probe.transforms import random_crop_box, random_resized_crop, resize_center_crop
 

@@ -27,20 +27,21 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..pipeline.report import REPORT, run_header
 from ..pipeline.runner import Placement, ray_session
 from ..pipeline.spec import ModelFacts, PipelineSpec
-from ..placement import PlacementError, cluster_nodes, resolve_placement
+from ..placement import cluster_nodes
 from .data import ProbeSet, block_rows_for, epoch_dataset, find_probe_sets, validation_dataset
+from .placement import WorkerPlacement, worker_placement
 from .settings import ProbeSettings
 from .worker import STATE
 
-__all__ = ["RESULTS", "RUN_FILE", "TASK", "WorkerPlacement", "linear_probe", "worker_placement"]
+__all__ = ["RESULTS", "RUN_FILE", "TASK", "linear_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -49,97 +50,12 @@ TASK = "linear-probe"
 RESULTS = "linear_probing_results.json"
 #: What identifies a run in its storage: a re-run must match it to resume.
 RUN_FILE = "probe_run.json"
-#: Ray CPUs of a CPU worker: a fraction, so that the read and augmentation tasks always find CPUs (workers that
-#: take whole CPUs leave Ray Data none on a small machine, and the run waits forever).
-CPU_WORKER_CPUS = 0.5
-#: Ray CPUs beside an accelerator worker's accelerator (its Python thread feeding the device).
-ACCELERATOR_WORKER_CPUS = 1.0
-
 PROTOCOLS = {
     "protocol": "upstream VTP's linear probe (tools/test_linear_probing_hf.py, DINOv2-style): a trunk pass per "
     "augmented training image",
     "fast": "NOT upstream's protocol: fast mode, features extracted once per image without augmentation (resize + "
     "center crop), heads trained on the stored features",
 }
-
-
-@dataclass(frozen=True)
-class WorkerPlacement:
-    """The Ray Train workers: how many, what each reserves, the process group backend, the device kind."""
-
-    workers: int
-    resources: dict[str, float]
-    use_gpu: bool
-    backend: str
-    device_kind: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "resources_per_worker": self.resources, "use_gpu": self.use_gpu,
-                "backend": self.backend, "device_kind": self.device_kind}  # fmt: skip
-
-
-def worker_placement(
-    resources: str | Mapping[str, Any],
-    replicas: int | None,
-    nodes: Sequence[Mapping[str, float]],
-    preprocess_cpus: float,
-) -> WorkerPlacement:
-    """One worker per accelerator. ``auto``: NPUs (``{"NPU": 1}``, HCCL) if the cluster has them, else GPUs (NCCL),
-    else CPU workers (gloo) that ask for a fraction of a CPU; ``npu``, ``gpu``, ``cpu``, or Ray resources per worker
-    such as ``{"NPU": 1, "CPU": 4}``. Fails at once when the workers could never start, or would leave no CPU for
-    reading the images.
-
-    Ray Train chooses NCCL for ``use_gpu`` and gloo otherwise; a custom resource such as ``NPU`` needs its backend
-    named (``TorchConfig(backend="hccl")``; Ray registers torch_npu's HCCL then).
-    """
-    cluster: dict[str, float] = {}
-    for node in nodes:
-        for name, amount in node.items():
-            cluster[name] = cluster.get(name, 0) + amount
-    if isinstance(resources, str):
-        kind = resources.lower()
-        if kind == "auto":
-            kind = "npu" if cluster.get("NPU", 0) >= 1 else "gpu" if cluster.get("GPU", 0) >= 1 else "cpu"
-        shortcuts = {
-            "npu": {"NPU": 1.0, "CPU": ACCELERATOR_WORKER_CPUS},
-            "gpu": {"GPU": 1.0, "CPU": ACCELERATOR_WORKER_CPUS},
-            "cuda": {"GPU": 1.0, "CPU": ACCELERATOR_WORKER_CPUS},
-            "cpu": {"CPU": CPU_WORKER_CPUS},
-        }
-        if kind not in shortcuts:
-            raise PlacementError(f"--resources={resources!r}: use auto, npu, gpu, cpu or Ray resources per worker")
-        wanted = shortcuts[kind]
-    else:
-        wanted = {str(k): float(v) for k, v in resources.items()}
-        wanted.setdefault("CPU", CPU_WORKER_CPUS if not {"NPU", "GPU"} & set(wanted) else ACCELERATOR_WORKER_CPUS)
-    if wanted.get("NPU"):
-        device_kind, backend, accelerator = "npu", "hccl", "NPU"
-    elif wanted.get("GPU"):
-        device_kind, backend, accelerator = "cuda", "nccl", "GPU"
-    else:
-        device_kind, backend, accelerator = "cpu", "gloo", None
-    # The same checks as a replica's: a worker that fits on no node could never start.
-    options: dict[str, Any] = {"num_cpus": wanted["CPU"]}
-    custom = {k: v for k, v in wanted.items() if k not in ("CPU", "GPU")}
-    if custom:
-        options["resources"] = custom
-    if wanted.get("GPU"):
-        options["num_gpus"] = wanted["GPU"]
-    resolve_placement(options, nodes, setting="--resources")
-    if replicas is None:
-        replicas = max(1, int(cluster.get(accelerator, 0) // wanted[accelerator])) if accelerator else 1
-    short = {k: v * replicas for k, v in wanted.items() if v * replicas > cluster.get(k, 0)}
-    if short:
-        raise PlacementError(f"{replicas} workers with {wanted} need {short}; the cluster has "
-                             f"{ {k: cluster.get(k, 0) for k in short} }: lower --replicas")  # fmt: skip
-    if replicas * wanted["CPU"] + preprocess_cpus > cluster.get("CPU", 0):
-        raise PlacementError(
-            f"{replicas} workers with {wanted['CPU']:g} CPU each leave no CPU for reading the images "
-            f"({preprocess_cpus:g} per task) in a cluster of {cluster.get('CPU', 0):g} CPUs: the run would wait "
-            "forever. Ask for less per worker (--resources '{\"CPU\": 0.5}'), fewer workers, or more logical CPUs "
-            "(ray start --num-cpus N)"
-        )
-    return WorkerPlacement(replicas, wanted, bool(wanted.get("GPU")), backend, device_kind)
 
 
 def linear_probe(
