@@ -142,6 +142,9 @@ def linear_probe(
         fit = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env={"env_vars": env})
         launched = fit.remote(loop_config, datasets, placement, str(out), name, max_failures, spec.progress)
         try:
+            # Waited on in steps, not one blocking get: Ctrl-C then always reaches this driver within a second.
+            while not ray.wait([launched], timeout=1.0)[0]:
+                pass
             checkpoint = ray.get(launched)
         except KeyboardInterrupt:
             # Stop the training now (its controller and workers go with the task), not when Ray notices that this
