@@ -4,6 +4,7 @@ tests' helpers (``tests/`` is the test suite's own)."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 from pathlib import Path
 
@@ -38,6 +39,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def enable_direct_ingress() -> int:
+    """Serve's direct ingress, for the Ray this process starts next: each ingress replica also serves HTTP on a port
+    of its own, from the range set here (with one ingress replica, the first). Returns that port."""
+    port = free_port()
+    os.environ.update(
+        RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 100),
+        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1",  # no load balancer to tell: a quick stop (default 30 s)
+    )
+    return port
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -20,6 +20,7 @@ latency.
 
     PYTHONPATH=. python benchmarks/hostile_load.py                        # random:vtp-small, 256 px
     PYTHONPATH=. python benchmarks/hostile_load.py --rate-limits off      # the same without rate limits
+    PYTHONPATH=. python benchmarks/hostile_load.py --direct-ingress       # every client past the proxy
     PYTHONPATH=. python benchmarks/hostile_load.py --model tests/fixtures/vtp-tiny --size 64 --seconds 20
 """
 
@@ -34,7 +35,7 @@ from collections import Counter
 
 import numpy as np
 import ray
-from _common import NO_RATE_LIMITS, free_port, png_bytes
+from _common import NO_RATE_LIMITS, enable_direct_ingress, free_port, png_bytes
 from hostile_clients import (
     HostileMix,
     SoakReport,
@@ -125,6 +126,20 @@ async def _slow_links(port: int, body: bytes, rates: list[float]) -> list[tuple[
     return await asyncio.gather(*(_throttled_upload(port, body, rate) for rate in rates))
 
 
+def _wait_answering(port: int, timeout_s: float = 60) -> None:
+    """Until the app answers ``/healthz`` on ``port`` (a direct-ingress port opens a moment after ``serve.run``)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing answers /healthz on port {port} after {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:vtp-small")
@@ -143,12 +158,18 @@ def main() -> None:
     parser.add_argument("--body-timeout", type=float, default=10.0, help="body_timeout_s (shorter than a phase)")
     parser.add_argument("--max-uploads-per-client", type=int, default=32)
     parser.add_argument("--upload-mb", type=float, default=1.0, help="image size of the slow-link uploads")
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="every client (good and hostile) on the ingress replica's own port: no Serve proxy in the path",
+    )
     args = parser.parse_args()
 
     raise_fd_limit(4 * (args.stalled + args.slow_readers) + 1024)
+    direct_port = enable_direct_ingress() if args.direct_ingress else None
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    proxy_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port, "request_timeout_s": 120})
     app_args = AppSettings(
         model=args.model,
         image_size=args.size,
@@ -159,6 +180,8 @@ def main() -> None:
         rate_limits=RateLimits() if args.rate_limits == "default" else NO_RATE_LIMITS,
     )
     serve.run(compose_app(app_args), name="vtp", route_prefix="/")
+    port = direct_port or proxy_port
+    _wait_answering(port)
     png = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     pids = serve_pids("vtp", "VTPIngress", "VTPReplica")
     phases = _Phases(pids)
@@ -189,6 +212,7 @@ def main() -> None:
 
     print(f"\nmodel {args.model} at {args.size} px, body_timeout_s {args.body_timeout:g}, ", end="")
     print(f"max_uploads_per_client {args.max_uploads_per_client}, {args.good_clients} good clients, {args.seconds:g} s")
+    print("path: " + ("the ingress replica's own port (direct ingress)" if direct_port else "Serve's proxy"))
     budgets = "off" if not limits.model.rate else f"model {limits.model.rate:g}/s (burst {limits.model.burst}), "
     if limits.model.rate:
         budgets += f"cheap {limits.cheap.rate:g}/s (burst {limits.cheap.burst}), refusal_delay_s "

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from dataclasses import astuple, dataclass, field
 import httpx
 import numpy as np
 import ray
-from _common import NO_RATE_LIMITS
+from _common import NO_RATE_LIMITS, enable_direct_ingress, free_port
 from PIL import Image
 from ray import serve
 
@@ -239,24 +238,6 @@ def direct_timer(args: argparse.Namespace, data: bytes) -> Callable[[], Direct]:
     return lambda: ray.get(actor.measure.remote())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def enable_direct_ingress() -> str:
-    """Serve's direct ingress, for the Ray started next: each ingress replica also serves HTTP on a port of its own
-    (from the range set here: the first one, with one replica). Returns that port's URL."""
-    port = free_port()
-    os.environ.update(
-        RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
-        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
-        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 100),
-    )
-    return f"http://127.0.0.1:{port}"
-
-
 def start_app(args: argparse.Namespace) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -323,7 +304,7 @@ def main() -> None:
     )
     openmp = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ} or "the replicas' default"
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), f"| OpenMP waits: {openmp}")
-    direct_url = enable_direct_ingress() if args.direct_ingress else None
+    direct_url = f"http://127.0.0.1:{enable_direct_ingress()}" if args.direct_ingress else None
     # Logical CPUs for both the Serve replica and the direct one: they take turns on the same cores.
     ray.init(address="local", num_cpus=2 * args.cpus + 1, include_dashboard=False, log_to_driver=False)
     measure_direct = direct_timer(args, data)

@@ -164,3 +164,21 @@ def test_direct_ingress_answers_like_the_proxy(base_url: str) -> None:
     assert direct_answer.shape == (256, 256, 3) and abs(proxied - direct_answer).max() <= 1  # uint8 rounding
     stages = [entry.split(";")[0] for entry in answers[1].headers["server-timing"].split(", ")]
     assert stages == ["read", "preprocess", "hop", "queue", "model", "output"]
+
+
+def test_the_direct_port_keeps_each_clients_budget_by_its_own_address(base_url: str) -> None:
+    """Past the proxy the app's rate limits still hold, and per client: the direct port sees each peer's own address
+    (the config's cheap budget: 10 a second, burst 20)."""
+    direct = f"http://127.0.0.1:{DIRECT_PORT}"
+    wait_until(lambda: httpx.get(f"{direct}/healthz", timeout=5).status_code == 200, 60, "the direct port to answer")
+    clients = {
+        a: httpx.Client(transport=httpx.HTTPTransport(local_address=a), timeout=30) for a in ("127.0.5.1", "127.0.5.2")
+    }
+    with clients["127.0.5.1"] as greedy, clients["127.0.5.2"] as other:
+        answers = []
+        while len(answers) < 200 and (not answers or answers[-1].status_code == 200):
+            answers.append(greedy.get(f"{direct}/healthz"))
+        refused = answers[-1]
+        assert refused.status_code == 429 and len(answers) > 20, [a.status_code for a in answers]
+        assert int(refused.headers["retry-after"]) >= 1 and "rate limit" in refused.json()["error"]
+        assert other.get(f"{direct}/healthz").status_code == 200  # another address: its own budget
