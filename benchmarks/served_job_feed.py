@@ -1,6 +1,6 @@
 """What feeds a job on an idle Serve app: blocks in flight and preprocess tasks, side by side in one run.
 
-One local Ray runs the app (one model replica with every core, as ``shared_fleet.py`` does). A ``tokenize`` job on
+One local Ray runs the app as ``shared_fleet.py`` starts it (one model replica with every core). A ``tokenize`` job on
 the app runs over ``--images`` images with each setting in turn: the blocks it keeps in flight
 (``ServeTarget.calls``, ``--serve-calls``; default one per replica) and its preprocess tasks at once
 (``preprocess_concurrency``, ``--preprocess-concurrency``; default on an app: a quarter of the cluster's CPUs). For
@@ -14,8 +14,6 @@ flight, the job is fed by its preprocessing, not held back by the app::
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -23,10 +21,10 @@ from pathlib import Path
 
 import httpx
 import ray
-from _common import NO_RATE_LIMITS, free_port, write_images
+from _common import write_images
 from ray import serve
+from shared_fleet import start_app
 
-from deployments import AppSettings, compose_app
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 from vtp_ray.pipeline.served import ServeTarget
@@ -46,19 +44,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4", help="preprocess tasks to compare (blocks: default)")
     args = parser.parse_args()
 
-    cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus + 2, include_dashboard=False, logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = AppSettings(
-        model=args.model,
-        image_size=args.size,
-        placement={"num_cpus": cpus},
-        batching={"max_batch_size": args.max_batch_size, "batch_work_size": args.batch_work_size},
-        rate_limits=NO_RATE_LIMITS,
-    )
-    serve.run(compose_app(settings), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = start_app(args.model, args.size, args.max_batch_size, args.batch_work_size, APP)
     base = PipelineSpec(model=args.model, preprocessing=Preprocessing(size=args.size), progress=False,
                         serve=ServeTarget(APP))  # fmt: skip
     runs = [

@@ -121,6 +121,25 @@ def job(images: Path, output: Path, spec: PipelineSpec) -> dict[str, Any]:
     return {"images": summary.processed, "seconds": seconds, "images_per_s": summary.processed / seconds, "warm": warm}
 
 
+def start_app(model: str, size: int, max_batch_size: int, batch_work_size: int | None, name: str = APP) -> str:
+    """A local Ray with the app ``name`` on it (one model replica with every core, and two CPUs more for a job's
+    own work); its URL."""
+    cpus = os.cpu_count() or 2
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = AppSettings(
+        model=model,
+        image_size=size,
+        placement={"num_cpus": cpus},
+        batching={"max_batch_size": max_batch_size, "batch_work_size": batch_work_size},
+        rate_limits=NO_RATE_LIMITS,
+        uploads={"max_uploads_per_client": 0},  # every client of the benchmark is one address
+    )
+    serve.run(compose_app(settings), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "vtp-tiny"))
@@ -134,19 +153,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus + 2, include_dashboard=False, logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = AppSettings(
-        model=args.model,
-        image_size=args.size,
-        placement={"num_cpus": cpus},
-        batching={"max_batch_size": args.max_batch_size, "batch_work_size": args.batch_work_size},
-        rate_limits=NO_RATE_LIMITS,
-        uploads={"max_uploads_per_client": 0},  # every client of the benchmark is one address
-    )
-    serve.run(compose_app(settings), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = start_app(args.model, args.size, args.max_batch_size, args.batch_work_size)
     body = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     spec_args = {"model": args.model, "preprocessing": Preprocessing(size=args.size), "progress": False}
     on_app = PipelineSpec(**spec_args, serve=ServeTarget(APP))
