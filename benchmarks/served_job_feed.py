@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import httpx
 import ray
 from _common import write_images
 from ray import serve
-from shared_fleet import start_app
+from shared_fleet import batch_call_ms, job, start_app
 
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
-from vtp_ray.pipeline.jobs.tokenize import tokenize_dataset
 from vtp_ray.pipeline.served import ServeTarget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,26 +52,23 @@ def main() -> None:
         (f"preprocess tasks {c}", replace(base, preprocess_concurrency=int(c))) for c in args.concurrency.split(",")
     ]
 
-    def batch_work() -> dict:
-        return httpx.get(f"{url}/v1/model", timeout=30).json()["work"]["batch"]
+    def model_info() -> dict:
+        return httpx.get(f"{url}/v1/model", timeout=30).json()
 
     with tempfile.TemporaryDirectory() as tmp:
         images, few = Path(tmp) / "images", Path(tmp) / "few"
         write_images(images, args.images, sides=(args.size, args.size * 3 // 2))
         write_images(few, 200, seed=2, sides=(args.size, args.size * 3 // 2))
-        tokenize_dataset([str(few)], str(Path(tmp) / "warm-up"), base, overwrite=True)  # the driver's Ray workers
+        job(few, Path(tmp) / "warm-up", base)  # starts the driver's Ray workers
         print(f"\n{args.model} at {args.size} px, {args.images} images, batch_work_size {args.batch_work_size}")
         print(f"{'setting':22s} {'img/s':>7s} {'warm':>7s} {'batch calls':>11s} {'ms each':>8s}")
         for name, spec in runs:
-            before = batch_work()
-            started = time.perf_counter()
-            summary = tokenize_dataset([str(images)], str(Path(tmp) / "out"), spec, overwrite=True)
-            rate = summary.processed / (time.perf_counter() - started)
-            warm = summary.stats["last_run"].get("warm_images_per_s", rate)
-            after = batch_work()
-            calls = after["calls"] - before["calls"]
-            each = (after["model_s"] - before["model_s"]) / max(calls, 1) * 1000
-            print(f"{name:22s} {rate:7.0f} {warm:7.0f} {calls:11d} {each:8.1f}", flush=True)
+            before = model_info()
+            run = job(images, Path(tmp) / "out", spec)
+            after = model_info()
+            calls = after["work"]["batch"]["calls"] - before["work"]["batch"]["calls"]
+            each = batch_call_ms(before, after)
+            print(f"{name:22s} {run['images_per_s']:7.0f} {run['warm']:7.0f} {calls:11d} {each:8.1f}", flush=True)
     serve.shutdown()
     ray.shutdown()
 
