@@ -60,7 +60,7 @@ def model_inputs(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
     return np.stack([preprocess(png_bytes(random_image(seed=seed + i)), size=size) for i in range(n)])
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -5,12 +5,14 @@ Serve's controller and proxies again, and none finds another's routes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
+import ray
 from helpers import free_port
 from ray import serve
 from ray.serve import Application
@@ -83,8 +85,12 @@ def delete_apps() -> None:
     if not _serve_running():
         return
     names = list(serve.status().applications)
-    for name in names:  # all at once: each waits for its replicas' graceful shutdown (seconds) in parallel
+    for name in names:
         serve.delete(name, _blocking=False)
+    # The replicas are killed rather than left to Serve's graceful stop (which waits for in-flight requests, seconds
+    # per module): a module that ends has nothing in flight worth waiting for.
+    for replica in _replica_actors(names):
+        ray.kill(replica, no_restart=True)
     deadline = time.monotonic() + 120
     while serve.status().applications:
         assert time.monotonic() < deadline, f"applications still there after 120 s: {list(serve.status().applications)}"
@@ -96,6 +102,19 @@ def client(base_url: str, timeout: float = 60) -> Iterator[httpx.Client]:
     """An HTTP client for a deployed app."""
     with httpx.Client(base_url=base_url, timeout=timeout) as c:
         yield c
+
+
+def _replica_actors(apps: list[str]) -> list[ray.actor.ActorHandle]:
+    """The replica actors of the applications ``apps`` (Serve names them ``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    prefixes = tuple(f"SERVE_REPLICA::{app}#" for app in apps)
+    handles = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(prefixes):
+            with contextlib.suppress(ValueError):  # already gone
+                handles.append(ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE))
+    return handles
 
 
 def _serve_running() -> bool:

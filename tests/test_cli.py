@@ -1,5 +1,5 @@
-"""The vtp-ray command: its flags parsed in-process (fast), then run as a user runs it, a real subprocess on real
-files (slow)."""
+"""The vtp-ray command: its flags parsed in-process (fast), its user errors in-process (fast: they come before
+anything loads), then run as a user runs it, a real subprocess on real files (slow)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from helpers import free_port
 from PIL import Image
 
-from vtp_ray.cli import build_parser
+from vtp_ray.cli import build_parser, main
 from vtp_ray.cli.args import pipeline_spec, replicas_arg, resources_arg
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.runner import actor_options
@@ -166,18 +166,17 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
     assert progress[-1].startswith("bench: 8 measurements in ")
 
 
-@slow
-def test_bench_refuses_an_unknown_verb_before_loading_anything(tiny_dir):
-    result = vtp_ray("bench", "--model", str(tiny_dir), "--verbs", "encode,fly")
-    assert result.returncode == 2
-    assert "unknown verbs ['fly']: choose from encode, decode, reconstruct, embed" in result.stderr
+# User errors found before anything loads: in-process (main's exit code and stderr are what the command has).
 
 
-@slow
+def test_bench_refuses_an_unknown_verb_before_loading_anything(tiny_dir, capsys):
+    assert main(["bench", "--model", str(tiny_dir), "--verbs", "encode,fly"]) == 2
+    assert "unknown verbs ['fly']: choose from encode, decode, reconstruct, embed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["verify", "bench", "reconstruct"])
-def test_a_missing_model_path_says_how_to_get_weights(tmp_path, command):
+def test_a_missing_model_path_says_how_to_get_weights(tmp_path, command, capsys):
     extra = [str(tmp_path / "x.png"), "--out", str(tmp_path)] if command == "reconstruct" else []
-    result = vtp_ray(command, *extra, "--model", str(tmp_path / "VTP-Small-f16d64"))
-    assert result.returncode == 2
-    assert "does not exist" in result.stderr and "random:vtp-small" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main([command, *extra, "--model", str(tmp_path / "VTP-Small-f16d64")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "random:vtp-small" in err and "Traceback" not in err

@@ -76,7 +76,7 @@ def cluster(own_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             seen = subprocess.run(status, env={**worker_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
             return "1.0 NPU" in seen.stdout
 
-        wait_until(npu_joined, 60, "the worker's NPU in `ray status`", interval_s=2)
+        wait_until(npu_joined, 60, "the worker's NPU in `ray status`", interval_s=0.5)
         client_env = {**base, "HOME": str(tmp / "client-home"), "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token"}
         yield {
             "dashboard": f"http://127.0.0.1:{dashboard_port}",

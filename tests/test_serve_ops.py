@@ -102,7 +102,7 @@ def base_url(serve_instance: ServeInstance, wide_dir: Path, tmp_path_factory: py
         model_name="tiny",
         models={"wide": str(wide_dir), "text": TINYTEXT},
         max_batch_size=4,
-        batch_wait_timeout_s=0.3,
+        batch_wait_timeout_s=0.1,  # the entries of one request arrive together: they share calls within 0.1 s
         max_decode_batch=DECODE_BATCH,
         max_decode_pixels=DECODE_PIXELS,
         **common,
