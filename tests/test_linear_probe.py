@@ -210,3 +210,20 @@ def test_the_drivers_and_the_read_tasks_modules_do_not_import_torch() -> None:
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "False"
+
+
+def test_a_ctrl_c_while_the_driver_waits_sets_a_flag_and_the_handler_comes_back():
+    """The driver's wait for the training takes SIGINT as a flag it polls (Ray's blocking calls can drop a
+    KeyboardInterrupt raised inside them); outside the wait Python's handler is back."""
+    import signal
+
+    from vtp_ray.probe.job import interrupt_flag
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_flag() as interrupted:
+        assert not interrupted.is_set()
+        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt here
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
