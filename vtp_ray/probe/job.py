@@ -180,7 +180,8 @@ def interrupt_flag() -> Iterator[threading.Event]:
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: the handler was not set from Python and cannot be put back; Python's default then.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 @contextlib.contextmanager
