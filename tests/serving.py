@@ -89,7 +89,7 @@ def delete_apps() -> None:
         serve.delete(name, _blocking=False)
     # The replicas are killed rather than left to Serve's graceful stop (which waits for in-flight requests, seconds
     # per module): a module that ends has nothing in flight worth waiting for.
-    for replica in _replica_actors(names):
+    for replica in replica_actors(*names):
         ray.kill(replica, no_restart=True)
     deadline = time.monotonic() + 120
     while serve.status().applications:
@@ -104,11 +104,12 @@ def client(base_url: str, timeout: float = 60) -> Iterator[httpx.Client]:
         yield c
 
 
-def _replica_actors(apps: list[str]) -> list[ray.actor.ActorHandle]:
-    """The replica actors of the applications ``apps`` (Serve names them ``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
+def replica_actors(*apps: str, deployment: str = "") -> list[ray.actor.ActorHandle]:
+    """The live replica actors of the applications ``apps`` (of their ``deployment`` only, when given): Serve names
+    them ``SERVE_REPLICA::<app>#<deployment>#<id>``."""
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    prefixes = tuple(f"SERVE_REPLICA::{app}#" for app in apps)
+    prefixes = tuple(f"SERVE_REPLICA::{app}#{deployment}{'#' if deployment else ''}" for app in apps)
     handles = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(prefixes):

@@ -218,7 +218,7 @@ def test_the_protocol_continues_from_its_checkpoints_after_a_killed_worker_and_a
 
 def heads_of(out: Path) -> dict[str, torch.Tensor]:
     """The heads a probe run saved after its last epoch."""
-    return torch.load(out / "linear-probe" / "epoch-0004" / "heads.pt", weights_only=True)["heads"]
+    return torch.load(out / "linear-probe" / f"epoch-{SETTINGS['epochs']:04d}" / "heads.pt", weights_only=True)["heads"]
 
 
 def test_the_report_holds_every_head_the_best_and_every_error(protocol: dict[str, Any]) -> None:

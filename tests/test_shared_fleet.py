@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from helpers import SIZE, TINY, TINYTEXT, UNLIMITED, png_bytes, random_image, wait_until
-from serving import ServeInstance, deploy
+from serving import ServeInstance, deploy, replica_actors
 
 from deployments import AppSettings, compose_app
 from vtp_ray import VTPReplica
@@ -301,8 +301,8 @@ def test_a_model_replica_killed_mid_job_costs_a_retry_not_a_row(base_url: str, i
     job = threading.Thread(target=lambda: result.update(summary=tokenize_dataset([str(images)], str(output), on_app())))
     job.start()
     wait_until(lambda: batch_items(base_url) > 0, 60, "the job to start")
-    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#VTPReplica#" in a["name"]]
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    (replica,) = replica_actors(APP, deployment="VTPReplica")
+    ray.kill(replica, no_restart=False)
     job.join(240)
     summary = result["summary"]
     assert summary.rows + summary.errors == IMAGES + 1 and summary.missing == 0
