@@ -108,6 +108,10 @@ def test_a_new_shape_runs_eagerly_and_compiles_off_the_calling_path(compiled, ea
 
     if handler is not None:
         handler.register_start_callback(record)
+    # A thread alive meanwhile takes the stack of the compile worker that exited, so the next worker gets another
+    # ident: what counts as the calling path must not go by a thread's ident.
+    parked = threading.Event()
+    threading.Thread(target=parked.wait, daemon=True).start()
     try:
         wide = images[:, :48]  # 48x64: no graph yet
         before = compiled.compile_status()
@@ -120,6 +124,7 @@ def test_a_new_shape_runs_eagerly_and_compiles_off_the_calling_path(compiled, ea
         assert compiled.wait_compiled(timeout=600, all_shapes=True)
         after = compiled.encode(wide)
     finally:
+        parked.set()
         if handler is not None:
             handler.remove_start_callback(record)
     status = compiled.compile_status()

@@ -103,7 +103,10 @@ class _Backend:
     def __init__(self, plan: CompilePlan, cpu_threads: int) -> None:
         self.plan = plan
         self.ran = threading.local()  # .n: compiled graphs run by this thread
-        self.compile_threads: Counter[int] = Counter()
+        # .worker: this thread is a compile worker. A flag, not the worker's ident: each worker thread exits when
+        # its queue is empty, and the next one may get another ident.
+        self.thread = threading.local()
+        self.compiles_on_calling_path = 0
         if plan.backend == "torchair":
             config = torchair().CompilerConfig()
             self._inner = torchair().get_npu_backend(compiler_config=config)
@@ -122,7 +125,8 @@ class _Backend:
             self._inner = functools.partial(compile_fx, config_patches=patches)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        self.compile_threads[threading.get_ident()] += 1
+        if not getattr(self.thread, "worker", False):
+            self.compiles_on_calling_path += 1
         compiled = self._inner(gm, example_inputs)
         ran = self.ran
 
@@ -188,7 +192,6 @@ class CompiledModel:
         self._queue: deque[GraphKey] = deque()
         self._warm: set[GraphKey] = set()
         self._worker: threading.Thread | None = None
-        self._worker_ident: int | None = None
         self._closed = False
         self._over_cap: set[GraphKey] = set()
         self._missed: set[GraphKey] = set()
@@ -295,7 +298,7 @@ class CompiledModel:
             self._worker.start()
 
     def _work(self) -> None:
-        self._worker_ident = threading.get_ident()
+        self._backend.thread.worker = True
         while True:
             with self._lock:
                 if not self._queue or self._closed:
@@ -383,7 +386,6 @@ class CompiledModel:
     def status(self, mode: str) -> CompileStatus:
         with self._lock:
             by_state = {state: sorted(str(k) for k, s in self._states.items() if s == state) for state in _STATES}
-            others = sum(n for ident, n in self._backend.compile_threads.items() if ident != self._worker_ident)
             return CompileStatus(
                 mode=mode,
                 compiled=True,
@@ -399,7 +401,7 @@ class CompiledModel:
                 compiled_calls=self._compiled_calls,
                 eager_calls=dict(self._eager_calls),
                 compile_seconds=round(self._compile_seconds, 3),
-                compiles_on_calling_path=others,
+                compiles_on_calling_path=self._backend.compiles_on_calling_path,
                 cache_hits=self._cache_hits,
                 cache_misses=self._cache_misses,
                 cache_dir=None if self.cache_dir is None else str(self.cache_dir),
