@@ -20,7 +20,8 @@ import pytest
 import yaml
 from helpers import ROOT, SIZE, TINY, free_port, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
+# The soak tier: a cluster of its own (a head and a worker started by the script), 35-55 s of CI's 15 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.own_ray]
 
 SCRIPT = ROOT / "examples" / "cluster" / "start_node.sh"
 
