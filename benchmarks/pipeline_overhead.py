@@ -12,7 +12,9 @@ calls, Arrow <-> numpy copies, the driver's iteration and part writing. Over ``-
 
 - marginal and fixed: from the two runs of different sizes (``--rss-at`` and ``--images``), the rate once running
   (their difference cancels the start-up) and the fixed cost (start + stop, what the first run has beyond its
-  images at that rate).
+  images at that rate);
+- Ray's floor: a Python process that imports Ray, starts a local Ray as the CLI does (no dashboard), imports torch
+  and stops, measured in the same run: what any standalone job pays before its own start-up.
 
 Goals (issue 24): marginal >= 0.8 x the loops, fixed <= 6 s::
 
@@ -97,6 +99,24 @@ def run_tokenize(inputs: list[str], output: Path, extra: list[str], code: Path =
     return seconds, peak[0]
 
 
+#: What every standalone job pays whatever it does: the CLI's own ``ray_session`` start and stop, and torch.
+FLOOR = (
+    "import logging, ray, torch\n"
+    "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING)\n"
+    "ray.shutdown()\n"
+)
+
+
+def ray_floor(runs: int = 2) -> float:
+    """Seconds of the fastest of ``runs`` processes that start and stop a local Ray (``FLOOR``)."""
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", FLOOR], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
@@ -134,6 +154,7 @@ def main() -> None:
         if args.baseline:
             base_s, base_rss = run_tokenize([str(everything)], Path(tmp) / "out-base", extra, args.baseline)
             print(f"baseline : {len(paths)} inputs in {base_s:.1f}s, driver peak RSS {base_rss:.0f} MB")
+        floor = ray_floor()
         after = loop_rates(paths[: args.loop_images], args.batch_size)
         loop = {k: (before[k] + after[k]) / 2 for k in before}
         print(
@@ -156,6 +177,10 @@ def main() -> None:
         print(
             f"marginal : {marginal:6.0f} images/s once running = {ratio:.3f} of the loops (goal >= {GOAL}); fixed "
             f"start + stop {fixed:.1f} s (goal <= {FIXED_GOAL_S:g})"
+        )
+        print(
+            f"floor    : {floor:6.1f} s for a process that only starts and stops a local Ray and imports torch; the "
+            f"job's fixed cost beyond it {fixed - floor:.1f} s"
         )
         print(f"(flags {extra or 'default'}; load average {os.getloadavg()[0]:.1f})")
 

@@ -294,6 +294,27 @@ def test_a_replica_serving_another_model_refuses_the_block(base_url: str) -> Non
         replica.encode(np.zeros((2, SIZE, SIZE, 3), np.uint8))
 
 
+def test_each_served_verb_answers_a_block_as_the_replica_does(base_url: str, replica: VTPReplica) -> None:
+    """A block comes back as the verb's batch result (one array, or one ``Encoded``; not one object per input), equal
+    to the in-process replica's within float tolerance (the app forms model calls of its own sizes)."""
+    from vtp_ray.pipeline.spec import ModelFacts
+
+    expected = ModelFacts.of(spec().model).identity(spec())
+    served = ServedReplica(connect(ServeTarget(APP), expected), expected)
+    images = np.stack([random_image(SIZE, SIZE, seed=100 + i) for i in range(5)])
+    encoded, local = served.encode(images), replica.encode(images)
+    assert isinstance(encoded.latents, np.ndarray) and encoded.latents.shape == local.latents.shape
+    np.testing.assert_allclose(encoded.latents, local.latents, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(encoded.clip_embedding, local.clip_embedding, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served.embed(images), replica.embed(images), rtol=1e-4, atol=1e-5)
+    for verb, inputs in (("decode", local.latents), ("reconstruct", images)):
+        ours, theirs = getattr(served, verb)(inputs), getattr(replica, verb)(inputs)
+        assert ours.shape == theirs.shape and ours.dtype == np.uint8, verb
+        assert np.abs(ours.astype(int) - theirs).max() <= 1, verb  # a float rounding away from a level, at most
+    texts = [f"a photo of a {word}" for word in ("cat", "dog", "bird")]
+    np.testing.assert_allclose(served.embed_text(texts, chunk=2), replica.embed_text(texts), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.soak
 def test_a_model_replica_killed_mid_job_costs_a_retry_not_a_row(base_url: str, images: Path, tmp_path: Path) -> None:
     output = tmp_path / "killed"

@@ -36,7 +36,7 @@ from vtp_ray.text.tokenizer import available as text_available
 from .. import metrics
 from ..settings import Batching, merge_batching
 from .batching import BatchScheduler, Done, Priority
-from .protocol import DEPLOYMENT_NAME, Block, ClassScores, ModelMismatch, Outcome, Verb
+from .protocol import DEPLOYMENT_NAME, Block, ClassScores, ModelMismatch, Outcome, Verb, stacked
 
 if TYPE_CHECKING:
     from vtp_ray.replica import VTPReplica
@@ -180,7 +180,8 @@ class ModelDeployment:
         if expected is not None and identity_differences(expected, self._identity):
             raise ModelMismatch(expected, self._identity)
         done = await asyncio.gather(*(self._scheduler.submit(group_of(verb, x), (verb, x), "batch") for x in inputs))
-        return Block([d.value for d in done], self._identity, serve.get_replica_context().replica_id.unique_id)
+        values = stacked(verb, [d.value for d in done])
+        return Block(values, self._identity, serve.get_replica_context().replica_id.unique_id)
 
     async def zero_shot(self, image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> Any:
         """``VTPReplica.zero_shot`` (a small matmul with the checkpoint's logit scale, outside the queue)."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vtp_ray.outputs import identity_differences
+from vtp_ray.outputs import Encoded, identity_differences
 
 #: The model deployment's Serve name (``VTPReplica``: configs name it under ``deployments:``).
 DEPLOYMENT_NAME = "VTPReplica"
@@ -56,12 +56,24 @@ class ClassScores:
 
 @dataclass(frozen=True)
 class Block:
-    """A job's block computed at batch priority (``ModelDeployment.run_block``): one value per input, in order, and
-    which model and which Serve replica computed them."""
+    """A job's block computed at batch priority (``ModelDeployment.run_block``): the values of its inputs in order,
+    stacked as the verb's batch result (``stacked``), and which model and which Serve replica computed them."""
 
-    values: list[Any]
+    values: Any
     identity: dict[str, Any]
     replica: str
+
+
+def stacked(verb: Verb, values: list[Any]) -> Any:
+    """One result per input -> the verb's batch result: ``Encoded`` of N images, an ``(N, ...)`` array, or for
+    ``embed_text`` the inputs' text embeddings concatenated. One array travels back to the job instead of one
+    object per input (Ray serializes each array of a list on its own)."""
+    if verb == "embed_text":
+        return np.concatenate(values)
+    if verb == "encode":
+        clip = None if values[0].clip_embedding is None else np.stack([v.clip_embedding for v in values])
+        return Encoded(np.stack([v.latents for v in values]), clip)
+    return np.stack(values)
 
 
 class ModelMismatch(ValueError):

@@ -142,26 +142,23 @@ class ServedReplica:
 
     def encode(self, images: np.ndarray) -> Encoded:
         """As ``VTPReplica.encode``: latents ``(N, C, h, w)`` and CLIP embeddings ``(N, D)``."""
-        values = self._block("encode", images)
-        clip = None if values[0].clip_embedding is None else np.stack([v.clip_embedding for v in values])
-        return Encoded(np.stack([v.latents for v in values]), clip)
+        return self._block("encode", images)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """As ``VTPReplica.decode``: uint8 ``(N, H, W, 3)``."""
-        return np.stack(self._block("decode", np.ascontiguousarray(latents, np.float32)))
+        return self._block("decode", np.ascontiguousarray(latents, np.float32))
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """As ``VTPReplica.reconstruct``."""
-        return np.stack(self._block("reconstruct", images))
+        return self._block("reconstruct", images)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """As ``VTPReplica.embed``: normalized CLIP image embeddings ``(N, D)``."""
-        return np.stack(self._block("embed", images))
+        return self._block("embed", images)
 
     def embed_text(self, texts: Sequence[str], chunk: int = 256) -> np.ndarray:
         """As ``VTPReplica.embed_text``; the texts travel as inputs of ``chunk`` texts."""
-        chunks = [tuple(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-        return np.concatenate(self._block("embed_text", chunks))
+        return self._block("embed_text", [tuple(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
 
     def zero_shot(self, image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> ZeroShot:
         """As ``VTPReplica.zero_shot`` (the checkpoint's logit scale lives on the app's replicas)."""
@@ -173,7 +170,7 @@ class ServedReplica:
 
     # ---------------------------------------------------------------------------------------- helpers
 
-    def _block(self, verb: str, inputs: Any) -> list[Any]:
+    def _block(self, verb: str, inputs: Any) -> Any:
         block = self._retried(lambda: self._handle.run_block.remote(verb, inputs, self._expected).result())
         self.label = f"serve {self._app} replica {block.replica}"
         return block.values
