@@ -172,6 +172,7 @@ def test_dynamos_recompile_limit_is_reported_not_silent(tiny_dir, compile_cache)
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # bf16 graphs of their own, cold: 10-25 s of CI's 15 minutes (bf16 GEMMs crawl without AVX-512 BF16)
 def test_bf16_compiled_matches_eager(tiny_dir, compile_cache, images):
     eager = VTPReplica(str(tiny_dir), device="cpu", precision="bf16", warmup_size=0)
     compiled = VTPReplica(

@@ -235,6 +235,7 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert work["batch_calls_ahead_of_online"] == 0  # no online request ever waited for a batch call to start
 
 
+@pytest.mark.soak  # three jobs, 18-38 s of CI's 15 minutes; CI checks each served verb against the replica (below)
 def test_eval_decode_and_zero_shot_run_on_the_app(
     base_url: str, images: Path, replica: VTPReplica, tmp_path: Path
 ) -> None:
