@@ -35,6 +35,12 @@ class Encoded:
         clip = None if self.clip_embedding is None else self.clip_embedding[index]
         return Encoded(self.latents[index], clip)
 
+    @classmethod
+    def stack(cls, parts: list[Encoded]) -> Encoded:
+        """The inverse of indexing: one ``Encoded`` of the images of ``parts`` (each of one image), in order."""
+        clip = None if parts[0].clip_embedding is None else np.stack([p.clip_embedding for p in parts])
+        return cls(np.stack([p.latents for p in parts]), clip)
+
 
 @dataclass(frozen=True)
 class CompileStatus:

@@ -71,8 +71,7 @@ def stacked(verb: Verb, values: list[Any]) -> Any:
     if verb == "embed_text":
         return np.concatenate(values)
     if verb == "encode":
-        clip = None if values[0].clip_embedding is None else np.stack([v.clip_embedding for v in values])
-        return Encoded(np.stack([v.latents for v in values]), clip)
+        return Encoded.stack(values)
     return np.stack(values)
 
 
