@@ -210,14 +210,15 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert summary.stats["last_run"]["replica_pool"] == summary.stats["last_run"]["serve_app"]["replicas"] == 1
     assert answered_during_job > 0 and set(online.codes) == {200}
     # The job's own work ran below the app on the CPU (--cpu-priority low, the default on an app: niceness 19, Ray's
-    # workers run at 15): its preprocessing in a thread of its own in the Ray workers, its model-stage actor whole,
-    # Ray Data's executor on this driver; none of the app's processes.
-    # (a preprocess worker's title names its task while it runs one, ray::IDLE between tasks)
-    titles = ("ray::ReadRange", "ray::MapBatches(preprocess_block)", "ray::IDLE")
-    preprocess = {k for k in low.seen if k.startswith(titles)}
-    assert preprocess == {k.split(" / ")[0] + " / thread" for k in preprocess}, low.seen  # never a main thread
-    assert preprocess, low.seen
-    assert "ray::MapWorker(MapBatches(TokenizeWorkerOnServeApp)) / main" in low.seen, low.seen
+    # workers run at 15): its preprocessing and its model stage (tasks, on an app) in a thread of their own in the
+    # Ray workers, Ray Data's executor on this driver; none of the app's processes.
+    # (a task's worker title names its task while it runs one, ray::IDLE between tasks)
+    stage = "ray::MapBatches(TokenizeWorkerOnServeApp)"
+    titles = ("ray::ReadRange", "ray::MapBatches(preprocess_block)", stage, "ray::IDLE")
+    tasks = {k for k in low.seen if k.startswith(titles)}
+    assert tasks == {k.split(" / ")[0] + " / thread" for k in tasks}, low.seen  # never a main thread
+    assert f"{stage} / thread" in tasks and "ray::MapBatches(preprocess_block) / thread" in tasks, low.seen
+    assert not any("MapWorker" in k for k in low.seen), low.seen  # no model-stage actor
     assert "StreamingExecutor" in driver.seen, driver.seen  # Ray Data's executor on the driver, too
     app = {(title, nice) for title, _, nice in ray_threads() if is_app(title)}
     assert app and LOW_NICENESS not in {nice for _, nice in app}, app

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pyarrow as pa
 from .priority import CpuPriority, each_at_priority
 from .served import ServedApp, ServedModelChanged, connect
 from .spec import ModelFacts, PipelineSpec
+from .worker import served_stage
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -45,7 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ACTOR_OPTION_KEYS = frozenset({"resources", "num_gpus", "num_cpus", "memory", "accelerator_type"})
-#: Ray CPUs of each actor that sends blocks to a Serve app: it mostly waits for the app's answers.
+#: Ray CPUs of each task (or actor) that sends blocks to a Serve app: it mostly waits for the app's answers.
 SERVED_STAGE_CPUS = 0.25
 
 
@@ -75,7 +77,7 @@ class Placement:
 
     @classmethod
     def on_app(cls, spec: PipelineSpec, served: ServedApp) -> Placement:
-        """One small CPU actor per block in flight: one per running model replica of the app, unless told."""
+        """One small CPU task (or actor) per block in flight: one per running model replica of the app, unless told."""
         options = {"num_cpus": SERVED_STAGE_CPUS}
         if _canonical(options) == _canonical({"num_cpus": spec.preprocess_cpus}):
             options = {"num_cpus": SERVED_STAGE_CPUS / 2}  # never fused into the preprocess tasks
@@ -200,9 +202,31 @@ def replica_stage(
 ) -> Dataset:
     """The model stage of every job: a pool of ``worker`` actors (a ``worker.ModelStage`` subclass, built with
     ``spec``, the placement's device, the ``expected`` model identity, the Serve app if any, and ``worker_kwargs``)
-    that take whole blocks of ``preprocessed`` and split them into model batches."""
+    that take whole blocks of ``preprocessed`` and split them into model batches. On a Serve app, a stage that
+    allows it (``served_in_tasks``) runs in a pool of tasks instead, one per block in flight (``served_stage``)."""
     import ray
 
+    constructor_kwargs = {
+        "spec": spec,
+        "device": placement.device,
+        "expected": dict(expected),
+        "served": placement.served,
+        **worker_kwargs,
+    }
+    if placement.served is not None and worker.served_in_tasks:
+        return preprocessed.map_batches(
+            served_stage(worker),
+            batch_format="pyarrow",
+            batch_size=None,
+            compute=ray.data.TaskPoolStrategy(size=placement.replicas),
+            fn_kwargs={
+                "stage": worker,
+                "key": uuid.uuid4().hex,
+                "stage_kwargs": constructor_kwargs,
+                "priority": spec.job_cpu_priority,
+            },
+            **placement.options,
+        )
     if placement.served is not None:  # the progress bar names the stage after the class: say it runs on the app
         worker = type(f"{worker.__name__}OnServeApp", (worker,), {"__module__": worker.__module__})
 
@@ -217,13 +241,7 @@ def replica_stage(
         batch_format="pyarrow",
         batch_size=None,  # whole blocks: the worker splits them into model batches
         compute=pool,
-        fn_constructor_kwargs={
-            "spec": spec,
-            "device": placement.device,
-            "expected": dict(expected),
-            "served": placement.served,
-            **worker_kwargs,
-        },
+        fn_constructor_kwargs=constructor_kwargs,
         **placement.options,
     )
 

@@ -1,11 +1,12 @@
 """Jobs on a running Serve app: the app's model replicas do the model work, at batch priority.
 
 With ``PipelineSpec.serve`` (``--serve-app NAME``), a job starts no replicas of its own: its model stage is a pool
-of small CPU actors whose ``ServedReplica`` stands in for a ``VTPReplica``, sending each block to the app's model
-deployment (``ModelDeployment.run_block``, through Serve's deployment handle). There every input is an item of the
-replica's batch queue, run only while no online request waits (``deployments/model/batching.py``). The job's
-preprocess stage, outputs, resume and reports are those of a standalone run; metrics that need networks of their
-own (SSIM, LPIPS, rFID features) run in the job's actors on what the app returns.
+of small CPU tasks (``worker.served_stage``; an eval job's, which builds metric networks, small CPU actors) whose
+``ServedReplica`` stands in for a ``VTPReplica``, sending each block to the app's model deployment
+(``ModelDeployment.run_block``, through Serve's deployment handle). There every input is an item of the replica's
+batch queue, run only while no online request waits (``deployments/model/batching.py``). The job's preprocess stage,
+outputs, resume and reports are those of a standalone run; metrics that need networks of their own (SSIM, LPIPS,
+rFID features) run in the job's actors on what the app returns.
 
 The job gets exactly the model it asks for or nothing: before it reads anything, ``connect`` compares the app's
 model identity (config digest, random weights, precision, RoPE dtype) with the job's and refuses a difference,
@@ -14,7 +15,7 @@ model (the app was redeployed mid-job) refuses it, which ends the job with ``Ser
 parts stay; re-run against a matching app to resume). A replica that dies or is replaced mid-block costs a retry
 of that block, never a lost or repeated row.
 
-Pool size: one in-flight block per running model replica (``ServeTarget.calls`` to change it), so the job never
+Pool size: one block in flight per running model replica (``ServeTarget.calls`` to change it), so the job never
 holds more than one of a replica's ``max_ongoing_requests`` and adds at most 1 to each replica's ongoing count,
 which Serve's autoscaler reads (see docs/shared-fleet.md).
 """

@@ -1,6 +1,11 @@
-"""``ModelStage``: the Ray Data actor class every job's model stage (its "worker") derives from.
+"""``ModelStage``: the class every job's model stage (its "worker") derives from, run as Ray Data actors.
 
-It holds one replica: a ``VTPReplica`` (built once per actor, checked against the model identity the driver read),
+On a Serve app a light stage (``served_in_tasks``) runs in Ray Data tasks instead (``served_stage``): it holds no
+model, and a task's worker process outlives the job, so the next job on the app finds it started and Ray Serve's
+client imported, where a new actor takes 1.5-2.5 s to start before the first block can go (the most of a small job's
+fixed cost on a warm app).
+
+A stage holds one replica: a ``VTPReplica`` (built once per actor, checked against the model identity the driver read),
 or, when the job runs on a Serve app, a ``served.ServedReplica`` with the same verbs. It splits each block it is
 called with into model batches of ``spec.batch_size`` rows (on an app, the whole block is one call: the app's
 replicas form their own model calls), hands the valid rows of each batch to the job's ``process`` as one array
@@ -14,19 +19,20 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from ..outputs import identity_differences
 from ..placement import brief_openmp_waits
-from .priority import lower_this_thread
+from .priority import job_priority, lower_this_thread
 from .served import ServedApp, ServedReplica
 from .spec import PipelineSpec
 from .stages import pixels, valid_rows
 
-__all__ = ["ModelStage", "replica_cpu_threads", "replica_label"]
+__all__ = ["ModelStage", "replica_cpu_threads", "replica_label", "served_stage"]
 
 
 class ModelStage:
@@ -41,13 +47,18 @@ class ModelStage:
         served: the Serve app to run on (``served.connect``'s answer), or None for a replica of the actor's own.
     """
 
+    #: On a Serve app, run in Ray Data tasks (``served_stage``), not actors: for stages whose own state is cheap to
+    #: build and small to keep (a task's process keeps it until its next job on an app).
+    served_in_tasks: ClassVar[bool] = True
+
     def __init__(
         self, spec: PipelineSpec, device: str, expected: dict[str, Any], served: ServedApp | None = None
     ) -> None:
         brief_openmp_waits(device)
         self.spec = spec
         if served is not None:
-            lower_this_thread(spec.job_cpu_priority)  # the actor's own process, which ends with the job
+            # An actor's thread (its process ends with the job), or a task's already lowered one (``served_stage``)
+            lower_this_thread(spec.job_cpu_priority)
             self.replica: Any = ServedReplica(served, expected)
             self._label = None
             return
@@ -113,6 +124,32 @@ class ModelStage:
         if status is None:
             return 0, 0
         return status.compiled_calls, sum(status.eager_calls.values())
+
+
+#: This process's model stage of the job on a Serve app it last ran a block of: ``{job key: stage}``.
+_SERVED_STAGES: dict[str, ModelStage] = {}
+
+
+@job_priority
+def _served_block(block: pa.Table, *, stage: type[ModelStage], key: str, stage_kwargs: dict[str, Any]) -> pa.Table:
+    worker = _SERVED_STAGES.get(key)
+    if worker is None:
+        _SERVED_STAGES.clear()  # another job's: it has ended, or runs its blocks in other processes
+        worker = _SERVED_STAGES[key] = stage(**stage_kwargs)
+    return worker(block)
+
+
+def served_stage(stage: type[ModelStage]) -> Callable[..., pa.Table]:
+    """The Ray Data task function of ``stage`` on a Serve app: called with ``stage``, a key of the job, its
+    ``stage_kwargs`` and the job's CPU ``priority``, it builds the stage once per process and job (in the thread at
+    that priority, as it runs each block), and returns the block's output rows. Named ``<stage>OnServeApp``: the
+    progress bar names the stage after it."""
+
+    def run(block: pa.Table, **kwargs: Any) -> pa.Table:
+        return _served_block(block, **kwargs)
+
+    run.__name__ = run.__qualname__ = f"{stage.__name__}OnServeApp"
+    return run
 
 
 def replica_label(device: str) -> str:

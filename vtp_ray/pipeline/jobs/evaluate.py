@@ -62,6 +62,10 @@ class EvalWorker(ModelStage):
     whose path is in ``save_paths``.
     """
 
+    # Actors on a Serve app too: a task's process would keep the metric networks (LPIPS's VGG, Inception) after the
+    # job, and each new process of the pool would build them again.
+    served_in_tasks = False
+
     def __init__(
         self, *, inception_weights: str | None, lpips_weights: str | None, save_paths: frozenset[str], **base: Any
     ) -> None:
