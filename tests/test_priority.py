@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 
@@ -79,3 +80,29 @@ def test_a_job_on_an_app_runs_low_unless_told_and_the_flag_says_so() -> None:
         PipelineSpec("m", cpu_priority="lowest")  # type: ignore[arg-type]
     argv = ["tokenize", "in", "-o", "o", "--model", "m", "--serve-app", "vtp", "--cpu-priority", "normal"]
     assert pipeline_spec(build_parser().parse_args(argv)).job_cpu_priority == "normal"
+
+
+class Stage:
+    """A model stage as ``worker.served_stage`` runs it: built once per process and job, then called per block."""
+
+    built: ClassVar[list[tuple[str, int]]] = []
+
+    def __init__(self, *, job: str) -> None:
+        Stage.built.append((job, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+    def __call__(self, block: list[int]) -> tuple[list[int], int]:
+        return block, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_a_served_stage_is_built_once_per_job_at_its_priority_and_the_last_jobs_is_dropped() -> None:
+    from vtp_ray.pipeline import worker
+
+    run = worker.served_stage(Stage)  # type: ignore[arg-type]
+    assert run.__name__ == "StageOnServeApp"  # what the progress bar and the process title show
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for block in ([1], [2]):
+        assert run(block, stage=Stage, key="job-a", stage_kwargs={"job": "a"}, priority="low") == (block, LOW_NICENESS)
+    assert run([3], stage=Stage, key="job-b", stage_kwargs={"job": "b"}, priority="normal") == ([3], mine)
+    assert Stage.built == [("a", LOW_NICENESS), ("b", mine)]
+    assert list(worker._SERVED_STAGES) == ["job-b"]  # a process keeps one job's stage, never every job's
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from .priority import CpuPriority, each_at_priority
 from .served import ServedApp, ServedModelChanged, connect
-from .spec import ModelFacts, PipelineSpec
+from .spec import ModelFacts, PipelineSpec, task_pool
 from .worker import served_stage
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def replica_stage(
             served_stage(worker),
             batch_format="pyarrow",
             batch_size=None,
-            compute=ray.data.TaskPoolStrategy(size=placement.replicas),
+            **task_pool(placement.replicas),
             fn_kwargs={
                 "stage": worker,
                 "key": uuid.uuid4().hex,

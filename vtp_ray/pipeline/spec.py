@@ -175,12 +175,19 @@ class PipelineSpec:
         concurrency = self.preprocess_concurrency
         if concurrency is None and self.serve is not None:
             concurrency = max(1, int(cpus // 4))
-        options: dict[str, Any] = {"num_cpus": self.preprocess_cpus}
-        if concurrency:
-            options["concurrency"] = concurrency
+        options: dict[str, Any] = {"num_cpus": self.preprocess_cpus, **(task_pool(concurrency) if concurrency else {})}
         if fn_kwargs is not None:
             options["fn_kwargs"] = {**fn_kwargs, "priority": self.job_cpu_priority}
         return options
+
+
+def task_pool(size: int) -> dict[str, Any]:
+    """Ray Data's ``map_batches`` options for at most ``size`` tasks at once: a ``TaskPoolStrategy`` where Ray
+    exports one (``concurrency``, which Ray deprecated in 2.51, before that)."""
+    import ray.data
+
+    strategy = getattr(ray.data, "TaskPoolStrategy", None)
+    return {"compute": strategy(size=size)} if strategy is not None else {"concurrency": size}
 
 
 @dataclass(frozen=True)
