@@ -1,6 +1,6 @@
 """A job's CPU priority beside a serving app: the app's processes get the cores first.
 
-On a Serve app's cluster (``PipelineSpec.serve``) a job's preprocess tasks, model-stage actors and Ray Data's executor
+On a Serve app's cluster (``PipelineSpec.serve``) a job's preprocess tasks, model stage and Ray Data's executor
 on the driver share the nodes' cores with the app's proxy, ingress and model replicas. The model replicas already take
 the job's inputs only when no online request waits; ``PipelineSpec.cpu_priority`` does the same for the CPU:
 

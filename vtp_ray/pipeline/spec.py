@@ -109,7 +109,7 @@ class PipelineSpec:
             serve. Until a shape's graph is compiled (in the background) its batches run eagerly.
         preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
             ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
-        cpu_priority: the OS priority of the job's own work (preprocessing, model-stage actors, Ray Data's executor
+        cpu_priority: the OS priority of the job's own work (preprocessing, its model stage, Ray Data's executor
             on the driver; ``priority``): ``low`` (niceness 19), ``idle`` (``SCHED_IDLE``: only what the app leaves),
             ``normal`` (as Ray runs them). Default (None): ``low`` with ``serve``, so that the app's own processes
             get the cores first, else ``normal``.
