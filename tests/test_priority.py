@@ -101,8 +101,8 @@ def test_a_served_stage_is_built_once_per_job_at_its_priority_and_the_last_jobs_
     assert run.__name__ == "StageOnServeApp"  # what the progress bar and the process title show
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     for block in ([1], [2]):
-        assert run(block, stage=Stage, key="job-a", stage_kwargs={"job": "a"}, priority="low") == (block, LOW_NICENESS)
-    assert run([3], stage=Stage, key="job-b", stage_kwargs={"job": "b"}, priority="normal") == ([3], mine)
+        assert run(block, key="job-a", stage_kwargs={"job": "a"}, priority="low") == (block, LOW_NICENESS)
+    assert run([3], key="job-b", stage_kwargs={"job": "b"}, priority="normal") == ([3], mine)
     assert Stage.built == [("a", LOW_NICENESS), ("b", mine)]
     assert list(worker._SERVED_STAGES) == ["job-b"]  # a process keeps one job's stage, never every job's
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

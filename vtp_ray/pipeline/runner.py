@@ -219,12 +219,7 @@ def replica_stage(
             batch_format="pyarrow",
             batch_size=None,
             **task_pool(placement.replicas),
-            fn_kwargs={
-                "stage": worker,
-                "key": uuid.uuid4().hex,
-                "stage_kwargs": constructor_kwargs,
-                "priority": spec.job_cpu_priority,
-            },
+            fn_kwargs={"key": uuid.uuid4().hex, "stage_kwargs": constructor_kwargs, "priority": spec.job_cpu_priority},
             **placement.options,
         )
     if placement.served is not None:  # the progress bar names the stage after the class: say it runs on the app

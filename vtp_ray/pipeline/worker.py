@@ -140,13 +140,13 @@ def _served_block(block: pa.Table, *, stage: type[ModelStage], key: str, stage_k
 
 
 def served_stage(stage: type[ModelStage]) -> Callable[..., pa.Table]:
-    """The Ray Data task function of ``stage`` on a Serve app: called with ``stage``, a key of the job, its
-    ``stage_kwargs`` and the job's CPU ``priority``, it builds the stage once per process and job (in the thread at
-    that priority, as it runs each block), and returns the block's output rows. Named ``<stage>OnServeApp``: the
-    progress bar names the stage after it."""
+    """The Ray Data task function of ``stage`` on a Serve app: called with a key of the job, its ``stage_kwargs``
+    and the job's CPU ``priority``, it builds the stage once per process and job (in the thread at that priority,
+    as it runs each block), and returns the block's output rows. Named ``<stage>OnServeApp``: the progress bar names
+    the stage after it."""
 
     def run(block: pa.Table, **kwargs: Any) -> pa.Table:
-        return _served_block(block, **kwargs)
+        return _served_block(block, stage=stage, **kwargs)
 
     run.__name__ = run.__qualname__ = f"{stage.__name__}OnServeApp"
     return run
