@@ -57,7 +57,6 @@ def build_model(
     else:
         with torch.device("meta"):  # skip the constructor's random init: every tensor comes from the file
             model = make(source.config)
-        model.to_empty(device="cpu")
         load_state_strict(model, read_safetensors(Path(source.spec)))
     return model.eval().to(device)
 
@@ -87,7 +86,13 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error naming it."""
+    """``tensors`` become ``model``'s weights, in the module's dtypes; any missing, unexpected or mis-shaped tensor is
+    an error naming it.
+
+    A module built on the meta device takes the tensors themselves (``assign``): no second copy of the weights, and
+    no materializing of empty ones first (``to_empty`` goes through torch's meta decompositions, whose first use
+    imports sympy: half a second of every replica's start).
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -103,7 +108,10 @@ def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
             problems.append(f"{label} ({len(items)}): {shown}")
     if problems:
         raise CheckpointError("checkpoint does not match its config.json; " + "; ".join(problems))
-    model.load_state_dict(tensors, strict=True)
+    on_meta = any(v.is_meta for v in expected.values())
+    if on_meta:
+        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items()}  # a no-op where the dtypes agree
+    model.load_state_dict(tensors, strict=True, assign=on_meta)
     # A non-persistent buffer would be left uninitialized by a meta-device build (upstream's NaN
     # text-mask pitfall); this model keeps none, and this check keeps it that way.
     persistent = {name for name, _ in model.named_buffers()} & set(expected)
