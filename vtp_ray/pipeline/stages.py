@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from ..images import ImageLoadError
 from .spec import PipelineSpec, Preprocessing
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 __all__ = [
     "BLOCKS_PER_SLOT",
@@ -26,6 +30,7 @@ __all__ = [
     "block_rows",
     "fixed_size_lists",
     "nullable_floats",
+    "numbered_blocks",
     "pixels",
     "preprocess_images",
     "valid_rows",
@@ -49,6 +54,19 @@ def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
     slots = max(1, int(cpus / spec.preprocess_cpus))
     rows = min(BLOCK_BYTES // (3 * spec.preprocessing.size**2), math.ceil(inputs / (BLOCKS_PER_SLOT * slots)))
     return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
+
+
+def numbered_blocks(count: int) -> Dataset:
+    """A dataset of ``count`` one-row blocks numbered ``0 .. count - 1`` (column ``id``): what a source's read maps
+    its read + preprocess function over, one task per block.
+
+    Made on the driver, not by ``ray.data.range``: range's read tasks ask for a whole CPU each, which on a small
+    machine left room for one preprocess task beside the model actor (2 cores: decoding, the bottleneck, ran one
+    block at a time).
+    """
+    import ray.data
+
+    return ray.data.from_items([{"id": i} for i in range(count)], override_num_blocks=max(count, 1))
 
 
 class Refused(Exception):

@@ -2,7 +2,7 @@
 
 ```
 driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet output) -> LatentChunks of batch_size rows
-ray.data.range(chunks) -> read_latents_block (CPU tasks, no torch): slice, de-normalize, check finite
+numbered_blocks(chunks) -> read_latents_block (CPU tasks, no torch): slice, de-normalize, check finite
                        -> DecodeWorker pool (runner.replica_stage, worker.ModelStage): VTPReplica.decode
 driver: PNGs DIR/000000.png... in input order, or one ADM-style DIR/samples.npz (arr_0: uint8 (N, H, W, 3));
         inputs that cannot be decoded (non-finite values) are listed in DIR/errors.parquet
@@ -31,6 +31,7 @@ from ...words import plural
 from ..priority import job_priority
 from ..runner import ReplicaUsage, run_pipeline
 from ..spec import ModelFacts, PipelineSpec
+from ..stages import numbered_blocks
 from ..worker import ModelStage
 
 if TYPE_CHECKING:
@@ -176,10 +177,8 @@ class LatentChunks:
 
     def read(self, spec: PipelineSpec, cpus: float) -> Dataset:
         """One read task per chunk (``read_latents_block``), in input order: a model batch per block."""
-        import ray
-
         count = len(self.chunks)
-        return ray.data.range(count, override_num_blocks=max(count, 1)).map_batches(
+        return numbered_blocks(count).map_batches(
             read_latents_block,
             batch_format="pyarrow",
             batch_size=None,
@@ -195,7 +194,7 @@ def read_latents_block(
     files: Sequence[LatentFile],
     stats: tuple[np.ndarray, np.ndarray] | None,
 ) -> pa.Table:
-    """The latents of the chunks numbered in ``block`` (``ray.data.range``'s ``id``): ``index, latents, reason,
+    """The latents of the chunks numbered in ``block`` (``numbered_blocks``' ``id``): ``index, latents, reason,
     error``; non-finite latents become error rows instead of failing the batch."""
     indices, values = [], []
     for chunk in block.column("id").to_pylist():

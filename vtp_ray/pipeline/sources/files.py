@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..priority import job_priority
 from ..spec import PipelineSpec, Preprocessing
-from ..stages import block_rows, preprocess_images
+from ..stages import block_rows, numbered_blocks, preprocess_images
 from .locations import (
     InputError,
     file_identity,
@@ -92,10 +92,10 @@ class Inputs:
         import ray
 
         rows = block_rows(spec, self.table.num_rows, cpus)
-        # One read task per block, made lazily from block numbers: ray.data.from_arrow would run a metadata task
-        # per block up front (minutes for millions of inputs). The input table goes through the object store once.
+        # One read task per block, made from block numbers: ray.data.from_arrow would run a metadata task per
+        # block up front (minutes for millions of inputs). The input table goes through the object store once.
         blocks = math.ceil(self.table.num_rows / rows)
-        return ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+        return numbered_blocks(blocks).map_batches(
             preprocess_block,
             batch_format="pyarrow",
             batch_size=None,  # one block number per task
@@ -253,7 +253,7 @@ def preprocess_rows(batch: pa.Table, *, preprocessing: Preprocessing, filesystem
 
 @job_priority
 def preprocess_block(block: pa.Table, *, inputs: list[ObjectRef], block_rows: int, **preprocess: Any) -> pa.Table:
-    """``preprocess_rows`` of the input blocks numbered in ``block`` (a ``ray.data.range`` column ``id``)."""
+    """``preprocess_rows`` of the input blocks numbered in ``block`` (``numbered_blocks``' column ``id``)."""
     import ray
 
     table = ray.get(inputs[0])  # nested in a list: Ray Data passes it through unresolved

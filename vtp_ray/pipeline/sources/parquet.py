@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..priority import job_priority
 from ..spec import PipelineSpec, Preprocessing, SampleOptions
-from ..stages import block_rows
+from ..stages import block_rows, numbered_blocks
 from .locations import InputError
 from .samples import SampleSource, preprocess_samples
 
@@ -47,7 +47,7 @@ class ParquetSource(SampleSource):
         import ray
 
         count = len(self.files)
-        return ray.data.range(count, override_num_blocks=count).map_batches(
+        return numbered_blocks(count).map_batches(
             read_parquet_files,
             batch_format="pyarrow",
             batch_size=None,  # one file per task
@@ -141,7 +141,7 @@ def read_parquet_files(
     block_rows: int,
     **preprocess: Any,
 ) -> Iterator[pa.Table]:
-    """The preprocessed samples of the parquet files numbered in ``task`` (a ``ray.data.range`` column ``id``;
+    """The preprocessed samples of the parquet files numbered in ``task`` (``numbered_blocks``' column ``id``;
     ``files`` holds ``(identity, inner path)``), in blocks of ``block_rows``: never a whole file in memory."""
     for i in task.column("id").to_pylist():
         identity, inner = files[i]
