@@ -303,7 +303,8 @@ def test_every_model_command_takes_the_compile_flags():
 def test_a_compiled_serve_replica_serves_only_once_its_graphs_are_ready(compiled, serve_instance, compile_cache):
     """The Serve app with compile on: its model replica compiles the graphs of image_size for every batch up to
     max_batch_size before Serve routes to it (from this session's cache: the graphs ``compiled`` made), so no request
-    waits for a compile; /v1/model says it runs compiled; a job refuses it unless it asks for the same mode."""
+    waits for a compile; /v1/model says it runs compiled; a job on the app that asks for eager replicas is refused
+    before it reads anything."""
     import httpx
     from serving import deploy
 
@@ -321,3 +322,12 @@ def test_a_compiled_serve_replica_serves_only_once_its_graphs_are_ready(compiled
     assert status["mode"] == "on" and status["compiled"] and status["ready"]
     assert status["compiled_calls"] >= 2 and status["eager_calls"] == {} and status["compiles_on_calling_path"] == 0
     assert status["cache_hits"] >= 1  # a second process with the filled cache
+
+    from vtp_ray.outputs import model_identity
+    from vtp_ray.pipeline.served import ServeTarget, connect
+
+    served = httpx.get(f"{url}/v1/model", timeout=30).json()
+    asked = {mode: model_identity(served["config_digest"], False, "fp32", "float32", mode) for mode in ("on", "off")}
+    assert connect(ServeTarget("compiled"), asked["on"]).info["compile"]["compiled"]
+    with pytest.raises(ValueError, match=r"application 'compiled' serves vtp-tiny \(compiled: True served, False"):
+        connect(ServeTarget("compiled"), asked["off"])
