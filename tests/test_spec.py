@@ -11,6 +11,7 @@ import pytest
 from helpers import ROOT, TINY
 
 from vtp_ray.pipeline import ModelFacts, PipelineSpec, Preprocessing
+from vtp_ray.pipeline.served import ServeTarget
 from vtp_ray.pipeline.stages import BLOCK_BYTES, block_rows
 
 
@@ -60,6 +61,19 @@ def test_blocks_hold_whole_model_batches_sized_for_the_work():
     assert block_rows(PipelineSpec(model=TINY, preprocessing=Preprocessing(64), block_size=100), 20_000, cpus=2) == 100
     with pytest.raises(ValueError, match="block_size"):
         PipelineSpec(model=TINY, block_size=0)
+
+
+def test_blocks_are_sized_for_the_preprocess_tasks_that_run_at_once():
+    # On an app a job runs a quarter of the CPUs' preprocess tasks: four blocks for each of those, not for the
+    # eight tasks 4 CPUs could hold, else every block pays Ray Data's per-block cost for a fraction of the work.
+    spec = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), batch_size=32)
+    on_app = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), batch_size=32, serve=ServeTarget("fleet"))
+    assert (spec.preprocess_slots(4), on_app.preprocess_slots(4), on_app.preprocess_slots(16)) == (8, 1, 4)
+    assert block_rows(spec, 2000, cpus=4) == 64 and block_rows(on_app, 2000, cpus=4) == 512
+    assert on_app.preprocess_tasks(4)["compute"].size == 1
+    told = PipelineSpec(model=TINY, preprocessing=Preprocessing(64), preprocess_concurrency=2)
+    assert told.preprocess_slots(4) == 2 and block_rows(told, 2000, cpus=4) == 256
+    assert told.preprocess_slots(0.5) == 1  # never fewer than one
 
 
 @pytest.mark.slow

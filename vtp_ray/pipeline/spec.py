@@ -167,14 +167,25 @@ class PipelineSpec:
         """The CPU priority of the job's own work: ``cpu_priority``, else ``low`` on a Serve app, else ``normal``."""
         return self.cpu_priority or ("low" if self.serve is not None else "normal")
 
+    def preprocess_bound(self, cpus: float) -> int | None:
+        """Read + preprocess tasks at once at most on a cluster of ``cpus`` CPUs: ``preprocess_concurrency``, else
+        on a running app's cluster a quarter of its CPUs, else None (as many as their CPUs allow)."""
+        if self.preprocess_concurrency is None and self.serve is not None:
+            return max(1, int(cpus // 4))
+        return self.preprocess_concurrency
+
+    def preprocess_slots(self, cpus: float) -> int:
+        """Read + preprocess tasks that run at once on a cluster of ``cpus`` CPUs: as many as their CPUs allow,
+        within ``preprocess_bound``."""
+        slots = max(1, int(cpus / self.preprocess_cpus))
+        bound = self.preprocess_bound(cpus)
+        return min(slots, bound) if bound else slots
+
     def preprocess_tasks(self, cpus: float, fn_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Ray Data's options for the read + preprocess tasks on a cluster of ``cpus`` CPUs: their CPUs each, how
-        many run at once (on a running app's cluster, a quarter of its CPUs unless told), and with ``fn_kwargs``
-        the function's keyword arguments plus ``priority`` (the job's CPU priority: wrap the function in
-        ``priority.job_priority``)."""
-        concurrency = self.preprocess_concurrency
-        if concurrency is None and self.serve is not None:
-            concurrency = max(1, int(cpus // 4))
+        many run at once (``preprocess_bound``), and with ``fn_kwargs`` the function's keyword arguments plus
+        ``priority`` (the job's CPU priority: wrap the function in ``priority.job_priority``)."""
+        concurrency = self.preprocess_bound(cpus)
         options: dict[str, Any] = {"num_cpus": self.preprocess_cpus, **(task_pool(concurrency) if concurrency else {})}
         if fn_kwargs is not None:
             options["fn_kwargs"] = {**fn_kwargs, "priority": self.job_cpu_priority}
