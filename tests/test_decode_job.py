@@ -4,6 +4,7 @@ Pillow and numpy, equal to ``VTPReplica.decode`` of the same latents."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.numpy import save_file
 
 from vtp_ray import VTPReplica
 from vtp_ray.pipeline import PipelineSpec
-from vtp_ray.pipeline.jobs.decode import decode_latents
+from vtp_ray.pipeline.jobs.decode import LatentChunks, decode_latents, find_latents, read_latents_block
+from vtp_ray.pipeline.stages import numbered_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +70,23 @@ def test_normalized_shards_with_stats_to_adm_npz(ray_runtime, tmp_path, latents_
         samples = archive["arr_0"]
     assert samples.dtype == np.uint8 and samples.shape == (5, SIZE, SIZE, 3)
     assert np.abs(samples.astype(int) - expected).max() <= 1
+
+
+def test_a_block_reads_its_consecutive_chunks_of_each_file_at_once(ray_runtime, tmp_path) -> None:
+    # A block holds several model batches (Ray Data's cost is per block): its chunks, which may span files, come
+    # back in input order with their run-wide indices, a bad row as an error row of its own.
+    first = np.arange(3 * 4, dtype=np.float32).reshape(3, 4, 1, 1)
+    second = -np.arange(4 * 4, dtype=np.float32).reshape(4, 4, 1, 1)
+    second[1, 2] = np.inf
+    np.save(tmp_path / "a.npy", first)
+    np.save(tmp_path / "b.npy", second)
+    latents = LatentChunks.of(find_latents([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]), 2, None)
+    assert latents.chunks == ((0, 0, 2, 0), (0, 2, 3, 2), (1, 0, 2, 3), (1, 2, 4, 5))
+    blocks = numbered_blocks(len(latents.chunks), 3).materialize()
+    assert blocks.num_blocks() == 2 and blocks.take_all() == [{"id": i} for i in range(4)]
+
+    out = read_latents_block(pa.table({"id": [0, 1, 2, 3]}), chunks=latents.chunks, files=latents.files, stats=None)
+    assert out.column("index").to_pylist() == list(range(7))
+    values = np.frombuffer(out.column("latents").combine_chunks().buffers()[1], np.float32).reshape(7, 4, 1, 1)
+    np.testing.assert_array_equal(values, np.concatenate([first, second]))
+    assert out.column("reason").to_pylist() == [None] * 4 + ["bad_latents"] + [None] * 2

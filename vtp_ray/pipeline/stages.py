@@ -62,9 +62,9 @@ def block_rows(spec: PipelineSpec, inputs: int, cpus: float) -> int:
     return max(1, math.ceil(rows / spec.batch_size)) * spec.batch_size
 
 
-def numbered_blocks(count: int) -> Dataset:
-    """A dataset of ``count`` one-row blocks numbered ``0 .. count - 1`` (column ``id``): what a source's read maps
-    its read + preprocess function over, one task per block.
+def numbered_blocks(count: int, per_block: int = 1) -> Dataset:
+    """The numbers ``0 .. count - 1`` (column ``id``) in blocks of ``per_block`` consecutive numbers (the last one
+    may hold fewer): what a source's read maps its read + preprocess function over, one task per block.
 
     Made on the driver, not by ``ray.data.range``: range's read tasks ask for a whole CPU each, which on a small
     machine left room for one preprocess task beside the model actor (2 cores: decoding, the bottleneck, ran one
@@ -72,7 +72,8 @@ def numbered_blocks(count: int) -> Dataset:
     """
     import ray.data
 
-    return ray.data.from_items([{"id": i} for i in range(count)], override_num_blocks=max(count, 1))
+    blocks = max(-(-count // per_block), 1)
+    return ray.data.from_items([{"id": i} for i in range(count)], override_num_blocks=blocks)
 
 
 class Refused(Exception):

@@ -2,7 +2,8 @@
 
 ```
 driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet output) -> LatentChunks of batch_size rows
-numbered_blocks(chunks) -> read_latents_block (CPU tasks, no torch): slice, de-normalize, check finite
+numbered_blocks(chunks, whole chunks per block) -> read_latents_block (CPU tasks, no torch): slice, de-normalize,
+                       check finite
                        -> DecodeWorker pool (runner.replica_stage, worker.ModelStage): VTPReplica.decode
 driver: PNGs DIR/000000.png... in input order, or one ADM-style DIR/samples.npz (arr_0: uint8 (N, H, W, 3));
         inputs that cannot be decoded (non-finite values) are listed in DIR/errors.parquet
@@ -31,7 +32,7 @@ from ...words import plural
 from ..priority import job_priority
 from ..runner import ReplicaUsage, run_pipeline
 from ..spec import ModelFacts, PipelineSpec
-from ..stages import numbered_blocks
+from ..stages import block_rows, numbered_blocks
 from ..worker import ModelStage
 
 if TYPE_CHECKING:
@@ -152,7 +153,8 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class LatentChunks:
     """What a decode run reads: ``files`` in chunks of at most ``batch_size`` rows, ``(file, start, stop, index of
-    its first row in the whole run)``, each its own read task; ``stats`` (mean, std) de-normalizes them."""
+    its first row in the whole run)``, read whole, several to a read task; ``stats`` (mean, std) de-normalizes
+    them."""
 
     files: tuple[LatentFile, ...]
     chunks: tuple[tuple[int, int, int, int], ...]
@@ -176,9 +178,11 @@ class LatentChunks:
         return sum(file.rows for file in self.files)
 
     def read(self, spec: PipelineSpec, cpus: float) -> Dataset:
-        """One read task per chunk (``read_latents_block``), in input order: a model batch per block."""
-        count = len(self.chunks)
-        return numbered_blocks(count).map_batches(
+        """Read tasks (``read_latents_block``) of consecutive whole chunks, in input order, as many as make a block
+        of ``block_rows`` decoded images (``spec.preprocessing.size`` is their side): Ray Data's cost is per block,
+        and a block of one model batch paid it for a few ms of a small model's work."""
+        per_block = max(1, block_rows(spec, self.rows, cpus) // spec.batch_size)
+        return numbered_blocks(len(self.chunks), per_block).map_batches(
             read_latents_block,
             batch_format="pyarrow",
             batch_size=None,
@@ -196,12 +200,17 @@ def read_latents_block(
 ) -> pa.Table:
     """The latents of the chunks numbered in ``block`` (``numbered_blocks``' ``id``): ``index, latents, reason,
     error``; non-finite latents become error rows instead of failing the batch."""
-    indices, values = [], []
+    # The block's chunks are consecutive: each file's run of them is read at once (a parquet or .npz file is read
+    # whole, whatever the rows asked for).
+    runs: list[list[int]] = []  # [file, start, stop, first]
     for chunk in block.column("id").to_pylist():
         file, start, stop, first = chunks[chunk]
-        values.append(files[file].read(start, stop))
-        indices.append(np.arange(first, first + stop - start))
-    latents = np.concatenate(values)
+        if runs and runs[-1][0] == file and runs[-1][2] == start:
+            runs[-1][2] = stop
+        else:
+            runs.append([file, start, stop, first])
+    latents = np.concatenate([files[file].read(start, stop) for file, start, stop, _ in runs])
+    indices = [np.arange(first, first + stop - start) for _, start, stop, first in runs]
     if stats is not None:
         mean, std = stats
         latents = latents * std[None, :, None, None] + mean[None, :, None, None]
@@ -310,7 +319,7 @@ def decode_latents(
     if samples is not None:
         ok = np.ones(total, bool)
         ok[[e["index"] for e in errors]] = False
-        np.savez(os.path.join(output, NPZ_FILE), arr_0=samples[ok])
+        np.savez(os.path.join(output, NPZ_FILE), arr_0=samples if ok.all() else samples[ok])
     if errors:
         pq.write_table(pa.Table.from_pylist(errors), os.path.join(output, ERRORS_FILE))
     seconds = time.perf_counter() - started
@@ -326,12 +335,15 @@ def _write(batch: pa.Table, output: str, size: int, samples: np.ndarray | None, 
         column.buffers()[1], np.uint8, len(column) * size * size * 3, column.offset * size * size * 3
     )
     images = images.reshape(len(column), size, size, 3)
-    rows = zip(batch.column("index").to_pylist(), batch.column("error").to_pylist(), strict=True)
-    for row, (index, error) in enumerate(rows):
-        if error is not None:
-            errors.append({"index": index, "reason": batch.column("reason")[row].as_py(), "error": error})
-        elif samples is not None:
-            samples[index] = images[row]
-        else:
-            with open(os.path.join(output, f"{index:06d}.png"), "wb") as f:
-                f.write(to_png_bytes(images[row]))
+    indices = batch.column("index").to_numpy()
+    failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+    for row in np.flatnonzero(failed):
+        errors.append({"index": int(indices[row]), "reason": batch.column("reason")[row].as_py(),
+                       "error": batch.column("error")[row].as_py()})  # fmt: skip
+    good = np.flatnonzero(~failed)
+    if samples is not None:
+        samples[indices[good]] = images[good]
+        return
+    for row in good:
+        with open(os.path.join(output, f"{indices[row]:06d}.png"), "wb") as f:
+            f.write(to_png_bytes(images[row]))
