@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from helpers import SIZE, TINY, TINYTEXT, UNLIMITED, png_bytes, random_image, wait_until
+from PIL import Image
 from serving import ServeInstance, deploy, replica_actors
 
 from deployments import AppSettings, compose_app
@@ -273,6 +274,10 @@ def test_eval_decode_and_zero_shot_run_on_the_app(
     latents = latents.astype(np.float32).reshape(-1, *shape)
     ours = np.load(Path(decoded.output) / "samples.npz")["arr_0"].astype(int)
     assert np.abs(ours - replica.decode(latents).astype(int)).max() <= 1  # uint8 rounding
+    # PNGs: encoded by the job's CPU tasks after the app's stage, written by the driver
+    assert decode_latents([str(tokenized)], str(tmp_path / "files"), on_app()).images == IMAGES
+    files = np.stack([np.asarray(Image.open(tmp_path / "files" / f"{i:06d}.png")) for i in range(IMAGES)])
+    assert np.abs(files.astype(int) - ours).max() <= 1
 
 
 def test_a_job_for_another_checkpoint_is_refused_before_it_reads_anything(base_url: str, images: Path, tmp_path: Path):

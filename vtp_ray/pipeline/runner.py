@@ -249,6 +249,7 @@ def run_pipeline(
     model: ModelFacts,
     worker_kwargs: Mapping[str, Any] | None = None,
     prepare: Callable[[Placement], Mapping[str, Any]] | None = None,
+    then: Callable[[Dataset, float], Dataset] | None = None,
 ) -> Iterator[tuple[Placement, Iterator[pa.Table]]]:
     """In a Ray session: ``(placement, output batches)`` of ``source`` through ``worker`` replicas of ``model``
     (or, with ``spec.serve``, through a running Serve app's, checked to serve ``model`` before anything is read).
@@ -256,7 +257,9 @@ def run_pipeline(
     Iterating the batches raises ``ReplicaStartError`` with one clear line when the replicas fail in their
     constructor (a wrong model, device or precision for the workers), ``ServedModelChanged`` when the app starts
     serving another model mid-job. ``prepare`` (called with the placement, in the Ray session, before the workers
-    start) returns more worker arguments: what a job computes once for all its workers.
+    start) returns more worker arguments: what a job computes once for all its workers. ``then`` (called with the
+    model stage's dataset and the cluster's CPUs) adds a stage after the model's, whose rows are the ones yielded:
+    CPU work on the outputs that the driver alone would be too slow for.
     """
     import ray
 
@@ -270,8 +273,10 @@ def run_pipeline(
         else:
             placement = Placement.resolve(spec)
         kwargs = {**(worker_kwargs or {}), **(prepare(placement) if prepare else {})}
-        preprocessed = source.read(spec, ray.cluster_resources().get("CPU", 1))
-        dataset = replica_stage(preprocessed, spec, placement, worker, kwargs, expected)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        dataset = replica_stage(source.read(spec, cpus), spec, placement, worker, kwargs, expected)
+        if then is not None:
+            dataset = then(dataset, cpus)
         yield placement, _outputs(dataset, spec.job_cpu_priority)
 
 

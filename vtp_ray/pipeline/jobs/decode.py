@@ -5,6 +5,7 @@ driver: find_latents (LightningDiT shards, .npy / .npz, a tokenize parquet outpu
 numbered_blocks(chunks, whole chunks per block) -> read_latents_block (CPU tasks, no torch): slice, de-normalize,
                        check finite
                        -> DecodeWorker pool (runner.replica_stage, worker.ModelStage): VTPReplica.decode
+                       -> encode_pngs (CPU tasks, PNG output only)
 driver: PNGs DIR/000000.png... in input order, or one ADM-style DIR/samples.npz (arr_0: uint8 (N, H, W, 3));
         inputs that cannot be decoded (non-finite values) are listed in DIR/errors.parquet
 ```
@@ -312,7 +313,13 @@ def decode_latents(
     errors: list[dict[str, Any]] = []
     usage = ReplicaUsage()
     worker = {"latent_shape": shape}
-    with run_pipeline(spec, latents, DecodeWorker, model, worker) as (_, batches):
+
+    def png_stage(dataset: Dataset, cpus: float) -> Dataset:
+        return dataset.map_batches(
+            encode_pngs, batch_format="pyarrow", batch_size=None, **spec.preprocess_tasks(cpus, {"size": size})
+        )
+
+    with run_pipeline(spec, latents, DecodeWorker, model, worker, then=None if npz else png_stage) as (_, batches):
         for batch in batches:
             usage.add(batch)
             _write(batch, output, size, samples, errors)
@@ -327,23 +334,43 @@ def decode_latents(
     return DecodeSummary(output, images, len(errors), seconds, images / seconds, model.random_weights)
 
 
-def _write(batch: pa.Table, output: str, size: int, samples: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
+@job_priority
+def encode_pngs(block: pa.Table, *, size: int) -> pa.Table:
+    """The block's decoded images as PNG files' bytes (column ``png``, null for error rows) instead of their pixels:
+    CPU tasks across the cluster encode them, which the driver alone could not keep up with (5 ms an image at
+    256 px, against many replicas' output)."""
     from ...images import to_png_bytes
 
+    images, failed = _images(block, size), _failed(block)
+    pngs = [None if bad else to_png_bytes(image) for image, bad in zip(images, failed, strict=True)]
+    return block.drop_columns(["image"]).append_column("png", pa.array(pngs, pa.binary()))
+
+
+def _images(batch: pa.Table, size: int) -> np.ndarray:
     column = batch.column("image").combine_chunks()
-    images = np.frombuffer(
-        column.buffers()[1], np.uint8, len(column) * size * size * 3, column.offset * size * size * 3
+    width = size * size * 3
+    return np.frombuffer(column.buffers()[1], np.uint8, len(column) * width, column.offset * width).reshape(
+        len(column), size, size, 3
     )
-    images = images.reshape(len(column), size, size, 3)
+
+
+def _failed(batch: pa.Table) -> np.ndarray:
+    return batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+
+
+def _write(batch: pa.Table, output: str, size: int, samples: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
+    """A batch's rows: its images into ``samples`` (the .npz), or its PNGs (``encode_pngs``) into ``output``; its
+    error rows into ``errors``."""
     indices = batch.column("index").to_numpy()
-    failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+    failed = _failed(batch)
     for row in np.flatnonzero(failed):
         errors.append({"index": int(indices[row]), "reason": batch.column("reason")[row].as_py(),
                        "error": batch.column("error")[row].as_py()})  # fmt: skip
     good = np.flatnonzero(~failed)
     if samples is not None:
-        samples[indices[good]] = images[good]
+        samples[indices[good]] = _images(batch, size)[good]
         return
+    pngs = batch.column("png")
     for row in good:
         with open(os.path.join(output, f"{indices[row]:06d}.png"), "wb") as f:
-            f.write(to_png_bytes(images[row]))
+            f.write(pngs[int(row)].as_buffer())
