@@ -85,19 +85,42 @@ class Batching(_Group):
         None,
         ge=1,
         le=1024,
-        description="inputs per model call of batch work (jobs on the app) at most; none: max_batch_size. An online "
-        "request that arrives waits for at most one such call: smaller shortens that wait, larger fills the device "
-        "better while online requests are rare",
+        description="inputs per model call of batch work (jobs on the app) at most while online requests come; "
+        "none: max_batch_size. An online request that arrives waits for at most one such call: smaller shortens that "
+        "wait, larger fills the device better",
+    )
+    batch_idle_work_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="inputs per model call of batch work at most while no online request comes: the calls double "
+        "from batch_work_size up to this while each takes under 50 ms, and drop back at the next online request; "
+        "none: 4 x batch_work_size (at most 1024). Equal to batch_work_size: no growth",
     )
 
+    @model_validator(mode="after")
+    def _idle_calls_not_smaller(self) -> Batching:
+        if self.batch_idle_work_size is not None and self.batch_idle_work_size < self.call_size(batch_work=True):
+            raise ValueError(
+                f"batch_idle_work_size ({self.batch_idle_work_size}) must be at least batch_work_size (or "
+                f"max_batch_size): {self.call_size(batch_work=True)}"
+            )
+        return self
+
     def call_size(self, batch_work: bool) -> int:
-        """The most inputs one model call of online requests (or, ``batch_work``, of a job's inputs) takes."""
+        """The most inputs one model call of online requests (or, ``batch_work``, of a job's inputs while online
+        requests come) takes."""
         return (self.batch_work_size or self.max_batch_size) if batch_work else self.max_batch_size
+
+    @property
+    def idle_call_size(self) -> int:
+        """The most inputs one model call of a job's inputs takes while no online request comes."""
+        return self.batch_idle_work_size or min(1024, 4 * self.call_size(batch_work=True))
 
     @property
     def largest_call(self) -> int:
         """The most inputs any model call takes (what a compiling replica compiles for)."""
-        return max(self.max_batch_size, self.batch_work_size or 0)
+        return max(self.max_batch_size, self.idle_call_size)
 
 
 class Limits(_Group):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deployments.model.batching import BatchScheduler
+from deployments.model.batching import GROW_BELOW_S, BatchScheduler
 from deployments.settings import Batching
 
 
@@ -156,5 +156,46 @@ def test_batch_work_takes_calls_of_batch_work_size_and_online_ones_keep_max_batc
 
     sizes = [len(payloads) for _, payloads in asyncio.run(run()).calls]
     assert sizes == [1, 4, 2, 6, 2, 2, 1]  # b0; online 4 + 2 (max_batch_size 4); batch 6 + 2; then batch by 2
-    assert Batching(max_batch_size=4, batch_work_size=16).largest_call == 16  # what a compiling replica compiles
     assert Batching(max_batch_size=4).call_size(batch_work=True) == 4
+
+
+def test_batch_calls_grow_while_no_online_item_comes_and_drop_back_when_one_does() -> None:
+    class OnlineDuringFourthCall(Model):
+        """The fourth model call submits an online item while it runs."""
+
+        scheduler: BatchScheduler
+        online: asyncio.Task[Any]
+
+        async def __call__(self, group: Hashable, payloads: list[Any]) -> list[Any]:
+            if len(self.calls) == 3:
+                self.online = asyncio.create_task(self.scheduler.submit("g", "o0", "online"))
+            return await super().__call__(group, payloads)
+
+    async def run(model: Model, settings: Batching) -> list[int]:
+        scheduler = BatchScheduler(model, settings)
+        if isinstance(model, OnlineDuringFourthCall):
+            model.scheduler = scheduler
+        await asyncio.gather(*(scheduler.submit("g", f"b{i}", "batch") for i in range(30)))
+        if isinstance(model, OnlineDuringFourthCall):
+            assert (await model.online).value == "out:o0"
+        return [len(payloads) for _, payloads in model.calls]
+
+    settings = batching(batch_work_size=2, batch_idle_work_size=8)
+    # 2, then doubling while no online item comes, up to 8; the online item that arrives during the fourth call goes
+    # next, and batch calls start again from batch_work_size.
+    assert asyncio.run(run(OnlineDuringFourthCall(seconds=0.005), settings)) == [2, 4, 8, 8, 1, 2, 4, 2]
+    # Calls that take longer than GROW_BELOW_S do not grow: their fixed cost is not worth amortizing.
+    assert asyncio.run(run(Model(seconds=GROW_BELOW_S * 1.2), batching(batch_work_size=8))) == [8, 8, 8, 6]
+    # batch_idle_work_size equal to batch_work_size: no growth.
+    assert asyncio.run(run(Model(), batching(batch_work_size=8, batch_idle_work_size=8))) == [8, 8, 8, 6]
+
+
+def test_the_idle_call_size_defaults_to_four_batch_calls_and_is_never_smaller() -> None:
+    assert Batching(max_batch_size=4).idle_call_size == 16
+    assert Batching(max_batch_size=4, batch_work_size=16).idle_call_size == 64
+    assert Batching(max_batch_size=512).idle_call_size == 1024
+    # What a compiling replica compiles for: the largest call of any kind.
+    assert Batching(max_batch_size=4, batch_work_size=16).largest_call == 64
+    assert Batching(max_batch_size=4, batch_work_size=2, batch_idle_work_size=2).largest_call == 4
+    with pytest.raises(ValueError, match=r"batch_idle_work_size \(4\) must be at least batch_work_size"):
+        Batching(max_batch_size=8, batch_idle_work_size=4)

@@ -137,6 +137,7 @@ def test_the_last_release_config_runs_unchanged(deployed) -> None:
             "batch_wait_timeout_s": 0.0,
             "batch_min_share": 0.05,
             "batch_work_size": None,
+            "batch_idle_work_size": None,
         }
         answer = client.post("/old/v1/reconstruct", content=_png(), headers={"content-type": "image/png"})
         assert answer.status_code == 200, answer.text
@@ -152,6 +153,7 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
             "batch_wait_timeout_s": 0.0,
             "batch_min_share": 0.05,
             "batch_work_size": None,
+            "batch_idle_work_size": None,
         }
 
         (replica,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "VTPReplica"]
@@ -170,6 +172,7 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
         "batch_wait_timeout_s": 0.002,
         "batch_min_share": 0.05,
         "batch_work_size": 5,
+        "batch_idle_work_size": None,
     }
     # The same replica, loaded once: reconfigure ran on it, the weights were not loaded again.
     assert (after["replica"]["id"], after["replica"]["loaded_at"]) == (

@@ -7,6 +7,12 @@ online queue whenever an online item waits (the first one waits up to ``batch_wa
 the batch queue (up to ``batch_work_size`` items, by default ``max_batch_size`` too) only when none does. Items that
 arrive during a model call wait for the next one together, so batches fill under load with no timeout at all.
 
+While no online item comes, batch calls grow: each one that started after the latest online arrival and took
+under ``GROW_BELOW_S`` lets the next take twice as many items, up to ``batch_idle_work_size``; the next online
+arrival drops them back to ``batch_work_size``. Where a call's fixed cost is much of its time (a CPU replica, a small
+model), a job on an otherwise idle app runs at the rate of large calls, and online traffic still only ever waits
+behind calls of ``batch_work_size``, or behind the one call that was running when it came.
+
 So a waiting online request never waits behind more than the model call already running, whatever a job has
 queued. Batch work never starves either: while batch items wait beside a saturating online load, they are owed
 ``batch_min_share`` of the model time, and get a model call whenever what they are owed covers one.
@@ -30,6 +36,10 @@ __all__ = ["PRIORITIES", "BatchScheduler", "Done", "Priority"]
 
 Priority = Literal["online", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("online", "batch")
+
+#: Batch calls grow while no online item comes only while each takes under this: past it a call's fixed cost is a
+#: small part of its time, and a larger one would only lengthen what the next online arrival waits behind.
+GROW_BELOW_S = 0.05
 
 #: One model call: ``(group, payloads) -> one result per payload``.
 ModelCall = Callable[[Hashable, list[Any]], Awaitable[list[Any]]]
@@ -84,10 +94,15 @@ class BatchScheduler:
     _loop_task: asyncio.Task[None] | None = None
     _owed_s: float = 0.0  # batch model time owed by the minimum share
     _last_call_s: float = 0.0  # the latest model call's duration: what a batch call is expected to take
+    _online_arrived: float = 0.0  # when the latest online item was submitted
+    _batch_started: float = 0.0  # when the latest batch call started
+    _batch_s: float = 0.0  # and how long it took
+    _batch_most: int = 0  # the items it could take (0: start again from batch_work_size)
 
     def configure(self, batching: Batching) -> None:
         """New batching settings, from the next model call on."""
         self.batching = batching
+        self._batch_most = 0
         if self._arrived is not None:
             self._arrived.set()
 
@@ -99,6 +114,8 @@ class BatchScheduler:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._run())
         item = _Item(group, payload, time.perf_counter(), loop.create_future())
+        if priority == "online":
+            self._online_arrived = item.enqueued
         self._queues[priority].append(item)
         self._arrived.set()
         return await item.future
@@ -122,8 +139,16 @@ class BatchScheduler:
                 await self._wait_for_company()
                 if not self._queues["online"]:  # every waiting request was cancelled meanwhile
                     continue
-            most = self.batching.call_size(batch_work=priority == "batch")
+            most = self._batch_call_size() if priority == "batch" else self.batching.max_batch_size
             await self._serve(priority, self._take(self._queues[priority], most))
+
+    def _batch_call_size(self) -> int:
+        """``batch_work_size``; twice the last batch call's if no online item came since it started and it was
+        short, up to ``batch_idle_work_size``."""
+        base = self.batching.call_size(batch_work=True)
+        quiet = self._batch_most > 0 and self._online_arrived < self._batch_started and self._batch_s < GROW_BELOW_S
+        self._batch_most = min(2 * self._batch_most, self.batching.idle_call_size) if quiet else base
+        return self._batch_most
 
     def _next_priority(self) -> Priority:
         online, batch = self._queues["online"], self._queues["batch"]
@@ -175,6 +200,8 @@ class BatchScheduler:
                     item.future.set_exception(e)
             values = None
         model_s = time.perf_counter() - started
+        if priority == "batch":
+            self._batch_started, self._batch_s = started, model_s
         self._account(priority, len(items), model_s, others_waited)
         if self.on_call is not None:
             self.on_call(items[0].group, priority, len(items), model_s, [started - i.enqueued for i in items])
