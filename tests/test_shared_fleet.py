@@ -239,6 +239,22 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
     assert work["batch_calls_ahead_of_online"] == 0  # no online request ever waited for a batch call to start
 
 
+def test_a_block_on_an_idle_app_runs_in_calls_larger_than_batch_work_size(base_url: str) -> None:
+    """With no online request coming, a job's model calls grow past ``batch_work_size`` (up to
+    ``batch_idle_work_size``): fewer, larger calls than the fixed size would make."""
+    from vtp_ray.pipeline.spec import ModelFacts
+
+    expected = ModelFacts.of(spec().model).identity(spec())
+    served = ServedReplica(connect(ServeTarget(APP), expected), expected)
+    info = httpx.get(f"{base_url}/v1/model").json()
+    base = info["batching"]["batch_work_size"] or info["batching"]["max_batch_size"]
+    before = info["work"]["batch"]
+    served.encode(np.stack([random_image(SIZE, SIZE, seed=200 + i) for i in range(12 * base)]))
+    after = httpx.get(f"{base_url}/v1/model").json()["work"]["batch"]
+    items, calls = after["items"] - before["items"], after["calls"] - before["calls"]
+    assert items == 12 * base and calls < 12, (items, calls)  # calls of batch_work_size would have been 12
+
+
 @pytest.mark.soak  # three jobs, 18-38 s of CI's 15 minutes; CI checks each served verb against the replica (below)
 def test_eval_decode_and_zero_shot_run_on_the_app(
     base_url: str, images: Path, replica: VTPReplica, tmp_path: Path
