@@ -22,7 +22,7 @@ import httpx
 import ray
 from _common import write_images
 from ray import serve
-from shared_fleet import batch_call_ms, job, start_app
+from shared_fleet import batch_call_ms, batching_args, job, start_app
 
 from vtp_ray.pipeline import PipelineSpec, Preprocessing
 from vtp_ray.pipeline.served import ServeTarget
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4", help="preprocess tasks to compare (blocks: default)")
     args = parser.parse_args()
 
-    url = start_app(args.model, args.size, args.max_batch_size, args.batch_work_size, APP)
+    url = start_app(args.model, args.size, batching_args(args), APP)
     base = PipelineSpec(model=args.model, preprocessing=Preprocessing(size=args.size), progress=False,
                         serve=ServeTarget(APP))  # fmt: skip
     runs = [

@@ -134,9 +134,19 @@ def job(images: Path, output: Path, spec: PipelineSpec) -> dict[str, Any]:
     return {"images": summary.processed, "seconds": seconds, "images_per_s": summary.processed / seconds, "warm": warm}
 
 
-def start_app(model: str, size: int, max_batch_size: int, batch_work_size: int | None, name: str = APP) -> str:
+def batching_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The app's batching from the command line: the values given, the app's defaults for the others."""
+    given = {
+        "max_batch_size": args.max_batch_size,
+        "batch_work_size": args.batch_work_size,
+        "batch_work_max_ms": getattr(args, "batch_work_max_ms", None),
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def start_app(model: str, size: int, batching: dict[str, Any], name: str = APP) -> str:
     """A local Ray with the app ``name`` on it (one model replica with every core, and two CPUs more for a job's
-    own work); its URL."""
+    own work, ``batching`` over the defaults); its URL."""
     cpus = os.cpu_count() or 2
     ray.init(num_cpus=cpus + 2, include_dashboard=False, logging_level=logging.WARNING)
     port = free_port()
@@ -145,7 +155,7 @@ def start_app(model: str, size: int, max_batch_size: int, batch_work_size: int |
         model=model,
         image_size=size,
         placement={"num_cpus": cpus},
-        batching={"max_batch_size": max_batch_size, "batch_work_size": batch_work_size},
+        batching=batching,
         rate_limits=NO_RATE_LIMITS,
         uploads={"max_uploads_per_client": 0},  # every client of the benchmark is one address
     )
@@ -163,10 +173,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the capacity phase")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-work-size", type=int, help="the job's model calls at most (default: max batch size)")
+    parser.add_argument(
+        "--batch-work-max-ms", type=float, help="the longest a batch call should take (default: the app's)"
+    )
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 2
-    url = start_app(args.model, args.size, args.max_batch_size, args.batch_work_size)
+    url = start_app(args.model, args.size, batching_args(args))
     body = png_bytes(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     spec_args = {"model": args.model, "preprocessing": Preprocessing(size=args.size), "progress": False}
     on_app = PipelineSpec(**spec_args, serve=ServeTarget(APP))

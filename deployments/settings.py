@@ -89,6 +89,14 @@ class Batching(_Group):
         "none: max_batch_size. An online request that arrives waits for at most one such call: smaller shortens that "
         "wait, larger fills the device better",
     )
+    batch_work_max_ms: float = Field(
+        250.0,
+        ge=0.0,
+        le=60_000.0,
+        description="the longest a model call of batch work should take: where batch_work_size inputs (or the "
+        "grown calls' inputs) would take longer at the time per input of the latest batch call, the calls take fewer "
+        "(at least one), so that an online request that arrives waits about this long at most; 0: no bound",
+    )
     batch_idle_work_size: int | None = Field(
         None,
         ge=1,

@@ -190,6 +190,27 @@ def test_batch_calls_grow_while_no_online_item_comes_and_drop_back_when_one_does
     assert asyncio.run(run(Model(), batching(batch_work_size=8, batch_idle_work_size=8))) == [8, 8, 8, 6]
 
 
+def test_batch_calls_take_fewer_items_where_that_many_would_take_longer_than_batch_work_max_ms() -> None:
+    class PerItem(Model):
+        """A call takes ``seconds`` per item."""
+
+        async def __call__(self, group: Hashable, payloads: list[Any]) -> list[Any]:
+            self.calls.append((group, payloads))
+            await asyncio.sleep(self.seconds * len(payloads))
+            return [f"out:{p}" for p in payloads]
+
+    async def run(settings: Batching) -> list[int]:
+        model = PerItem(seconds=0.02)
+        scheduler = BatchScheduler(model, settings)
+        await asyncio.gather(*(scheduler.submit("g", f"b{i}", "batch") for i in range(20)))
+        return [len(payloads) for _, payloads in model.calls]
+
+    # The first call has no time per item to go by: batch_work_size (8, 160 ms). Then 50 ms at 20 ms an item: 2.
+    assert asyncio.run(run(batching(max_batch_size=8, batch_work_max_ms=50))) == [8, 2, 2, 2, 2, 2, 2]
+    # 0: no bound (and calls over GROW_BELOW_S do not grow).
+    assert asyncio.run(run(batching(max_batch_size=8, batch_work_max_ms=0))) == [8, 8, 4]
+
+
 def test_the_idle_call_size_defaults_to_four_batch_calls_and_is_never_smaller() -> None:
     assert Batching(max_batch_size=4).idle_call_size == 16
     assert Batching(max_batch_size=4, batch_work_size=16).idle_call_size == 64

@@ -142,6 +142,7 @@ def test_health_and_model_info(client: httpx.Client) -> None:
         "batch_wait_timeout_s": 0.1,
         "batch_min_share": 0.05,
         "batch_work_size": None,
+        "batch_work_max_ms": 250.0,
         "batch_idle_work_size": None,
     }
     assert info["limits"]["image_size"] == SIZE and info["limits"]["api_key_required"] is False

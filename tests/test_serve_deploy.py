@@ -137,6 +137,7 @@ def test_the_last_release_config_runs_unchanged(deployed) -> None:
             "batch_wait_timeout_s": 0.0,
             "batch_min_share": 0.05,
             "batch_work_size": None,
+            "batch_work_max_ms": 250.0,
             "batch_idle_work_size": None,
         }
         answer = client.post("/old/v1/reconstruct", content=_png(), headers={"content-type": "image/png"})
@@ -153,6 +154,7 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
             "batch_wait_timeout_s": 0.0,
             "batch_min_share": 0.05,
             "batch_work_size": None,
+            "batch_work_max_ms": 250.0,
             "batch_idle_work_size": None,
         }
 
@@ -172,6 +174,7 @@ def test_a_new_user_config_changes_batching_without_reloading_weights(deployed) 
         "batch_wait_timeout_s": 0.002,
         "batch_min_share": 0.05,
         "batch_work_size": 5,
+        "batch_work_max_ms": 250.0,
         "batch_idle_work_size": None,
     }
     # The same replica, loaded once: reconfigure ran on it, the weights were not loaded again.

@@ -4,14 +4,18 @@ Every input is an item of one of two priorities: ``online`` (an HTTP or OIP requ
 job's block, ``ModelDeployment.run_block``). One loop forms the model calls, one at a time: up to
 ``max_batch_size`` items of one group (same verb and input shape; all texts of ``embed_text``), taken from the
 online queue whenever an online item waits (the first one waits up to ``batch_wait_timeout_s`` for company), from
-the batch queue (up to ``batch_work_size`` items, by default ``max_batch_size`` too) only when none does. Items that
+the batch queue only when none does (up to ``batch_work_size`` items, by default ``max_batch_size`` too). Items that
 arrive during a model call wait for the next one together, so batches fill under load with no timeout at all.
 
 While no online item comes, batch calls grow: each one that started after the latest online arrival and took
 under ``GROW_BELOW_S`` lets the next take twice as many items, up to ``batch_idle_work_size``; the next online
 arrival drops them back to ``batch_work_size``. Where a call's fixed cost is much of its time (a CPU replica, a small
 model), a job on an otherwise idle app runs at the rate of large calls, and online traffic still only ever waits
-behind calls of ``batch_work_size``, or behind the one call that was running when it came.
+behind calls of ``batch_work_size``, or behind the one call that was running when it came. And whatever their
+size, batch calls take fewer items (one at least) where that many would take longer than ``batch_work_max_ms`` at
+the time per item the group's batch calls took (``_learn_item_time``): with a large model on a slow device, an online
+request waits about that long at most, not a whole call of ``batch_work_size``. (A group's first batch call has no
+time to go by: it takes ``batch_work_size`` items.)
 
 So a waiting online request never waits behind more than the model call already running, whatever a job has
 queued. Batch work never starves either: while batch items wait beside a saturating online load, they are owed
@@ -98,6 +102,7 @@ class BatchScheduler:
     _batch_started: float = 0.0  # when the latest batch call started
     _batch_s: float = 0.0  # and how long it took
     _batch_most: int = 0  # the items it could take (0: start again from batch_work_size)
+    _item_s: dict[Hashable, float] = field(default_factory=dict)  # per group: a batch call's seconds per item
 
     def configure(self, batching: Batching) -> None:
         """New batching settings, from the next model call on."""
@@ -139,16 +144,20 @@ class BatchScheduler:
                 await self._wait_for_company()
                 if not self._queues["online"]:  # every waiting request was cancelled meanwhile
                     continue
-            most = self._batch_call_size() if priority == "batch" else self.batching.max_batch_size
-            await self._serve(priority, self._take(self._queues[priority], most))
+            queue = self._queues[priority]
+            most = self._batch_call_size(queue[0].group) if priority == "batch" else self.batching.max_batch_size
+            await self._serve(priority, self._take(queue, most))
 
-    def _batch_call_size(self) -> int:
-        """``batch_work_size``; twice the last batch call's if no online item came since it started and it was
-        short, up to ``batch_idle_work_size``."""
-        base = self.batching.call_size(batch_work=True)
+    def _batch_call_size(self, group: Hashable) -> int:
+        """``batch_work_size``, or twice the last batch call's if no online item came since it started and it was
+        short (up to ``batch_idle_work_size``); fewer if that many would take longer than ``batch_work_max_ms``."""
         quiet = self._batch_most > 0 and self._online_arrived < self._batch_started and self._batch_s < GROW_BELOW_S
-        self._batch_most = min(2 * self._batch_most, self.batching.idle_call_size) if quiet else base
-        return self._batch_most
+        most = min(2 * self._batch_most, self.batching.idle_call_size) if quiet else self.batching.call_size(True)
+        bound_s, item_s = self.batching.batch_work_max_ms / 1000, self._item_s.get(group)
+        if bound_s and item_s:
+            most = max(1, min(most, int(bound_s / item_s)))
+        self._batch_most = most
+        return most
 
     def _next_priority(self) -> Priority:
         online, batch = self._queues["online"], self._queues["batch"]
@@ -202,6 +211,7 @@ class BatchScheduler:
         model_s = time.perf_counter() - started
         if priority == "batch":
             self._batch_started, self._batch_s = started, model_s
+            self._learn_item_time(items[0].group, model_s / len(items))
         self._account(priority, len(items), model_s, others_waited)
         if self.on_call is not None:
             self.on_call(items[0].group, priority, len(items), model_s, [started - i.enqueued for i in items])
@@ -211,6 +221,13 @@ class BatchScheduler:
             if not item.future.done():  # a cancelled request: its result is dropped
                 queue_ms = (started - item.enqueued) * 1000
                 item.future.set_result(Done(value, len(items), queue_ms, model_s * 1000))
+
+    def _learn_item_time(self, group: Hashable, item_s: float) -> None:
+        """A batch call's time per item: taken at once when lower, a quarter of the way when higher. A small call
+        costs more per item (a call's fixed cost), and taking it whole would keep the calls small: a tail of one
+        item would make every later call one item."""
+        known = self._item_s.get(group)
+        self._item_s[group] = item_s if known is None or item_s < known else known + (item_s - known) / 4
 
     def _account(self, priority: Priority, items: int, model_s: float, others_waited: bool) -> None:
         totals = self.totals[priority]
