@@ -94,16 +94,16 @@ class Batching(_Group):
         ge=0.0,
         le=60_000.0,
         description="the longest a model call of batch work should take: where batch_work_size inputs (or the "
-        "grown calls' inputs) would take longer at the time per input of the latest batch call, the calls take fewer "
-        "(at least one), so that an online request that arrives waits about this long at most; 0: no bound",
+        "grown calls' inputs) would take longer at the time per input the batch calls have been taking, they take "
+        "fewer (at least one), so that an online request that arrives waits about this long at most; 0: no bound",
     )
     batch_idle_work_size: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="inputs per model call of batch work at most while no online request comes: the calls double "
-        "from batch_work_size up to this while each takes under 50 ms, and drop back at the next online request; "
-        "none: 4 x batch_work_size (at most 1024). Equal to batch_work_size: no growth",
+        "from batch_work_size up to this, once none came for 1 s, while each takes under 50 ms, and drop back at the "
+        "next online request; none: 4 x batch_work_size (at most 1024). Equal to batch_work_size: no growth",
     )
 
     @model_validator(mode="after")

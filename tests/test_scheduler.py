@@ -182,8 +182,8 @@ def test_batch_calls_grow_while_no_online_item_comes_and_drop_back_when_one_does
 
     settings = batching(batch_work_size=2, batch_idle_work_size=8)
     # 2, then doubling while no online item comes, up to 8; the online item that arrives during the fourth call goes
-    # next, and batch calls start again from batch_work_size.
-    assert asyncio.run(run(OnlineDuringFourthCall(seconds=0.005), settings)) == [2, 4, 8, 8, 1, 2, 4, 2]
+    # next, and batch calls start again from batch_work_size, and stay there until no online item came for QUIET_S.
+    assert asyncio.run(run(OnlineDuringFourthCall(seconds=0.005), settings)) == [2, 4, 8, 8, 1, 2, 2, 2, 2]
     # Calls that take longer than GROW_BELOW_S do not grow: their fixed cost is not worth amortizing.
     assert asyncio.run(run(Model(seconds=GROW_BELOW_S * 1.2), batching(batch_work_size=8))) == [8, 8, 8, 6]
     # batch_idle_work_size equal to batch_work_size: no growth.

@@ -23,6 +23,7 @@ from PIL import Image
 from serving import ServeInstance, deploy, replica_actors
 
 from deployments import AppSettings, compose_app
+from deployments.model.batching import QUIET_S
 from vtp_ray import VTPReplica
 from vtp_ray.images import ImageLimits, preprocess_with_info
 from vtp_ray.metrics import psnr
@@ -240,12 +241,13 @@ def test_a_tokenize_job_on_the_app_equals_a_standalone_one_while_online_requests
 
 
 def test_a_block_on_an_idle_app_runs_in_calls_larger_than_batch_work_size(base_url: str) -> None:
-    """With no online request coming, a job's model calls grow past ``batch_work_size`` (up to
+    """With no online request for ``QUIET_S``, a job's model calls grow past ``batch_work_size`` (up to
     ``batch_idle_work_size``): fewer, larger calls than the fixed size would make."""
     from vtp_ray.pipeline.spec import ModelFacts
 
     expected = ModelFacts.of(spec().model).identity(spec())
     served = ServedReplica(connect(ServeTarget(APP), expected), expected)
+    time.sleep(QUIET_S)  # no online request for that long (an earlier test's online load): calls may grow
     info = httpx.get(f"{base_url}/v1/model").json()
     base = info["batching"]["batch_work_size"] or info["batching"]["max_batch_size"]
     before = info["work"]["batch"]

@@ -7,8 +7,8 @@ online queue whenever an online item waits (the first one waits up to ``batch_wa
 the batch queue only when none does (up to ``batch_work_size`` items, by default ``max_batch_size`` too). Items that
 arrive during a model call wait for the next one together, so batches fill under load with no timeout at all.
 
-While no online item comes, batch calls grow: each one that started after the latest online arrival and took
-under ``GROW_BELOW_S`` lets the next take twice as many items, up to ``batch_idle_work_size``; the next online
+While no online item comes, batch calls grow: once none has come for ``QUIET_S``, each batch call that took under
+``GROW_BELOW_S`` lets the next take twice as many items, up to ``batch_idle_work_size``; the next online
 arrival drops them back to ``batch_work_size``. Where a call's fixed cost is much of its time (a CPU replica, a small
 model), a job on an otherwise idle app runs at the rate of large calls, and online traffic still only ever waits
 behind calls of ``batch_work_size``, or behind the one call that was running when it came. And whatever their
@@ -44,6 +44,9 @@ PRIORITIES: tuple[Priority, ...] = ("online", "batch")
 #: Batch calls grow while no online item comes only while each takes under this: past it a call's fixed cost is a
 #: small part of its time, and a larger one would only lengthen what the next online arrival waits behind.
 GROW_BELOW_S = 0.05
+#: ... and only once no online item has come for this long: under a steady online load the gaps between arrivals are
+#: often longer than a short batch call, and calls that grew in them would be what the next arrival waits behind.
+QUIET_S = 1.0
 
 #: One model call: ``(group, payloads) -> one result per payload``.
 ModelCall = Callable[[Hashable, list[Any]], Awaitable[list[Any]]]
@@ -98,9 +101,8 @@ class BatchScheduler:
     _loop_task: asyncio.Task[None] | None = None
     _owed_s: float = 0.0  # batch model time owed by the minimum share
     _last_call_s: float = 0.0  # the latest model call's duration: what a batch call is expected to take
-    _online_arrived: float = 0.0  # when the latest online item was submitted
-    _batch_started: float = 0.0  # when the latest batch call started
-    _batch_s: float = 0.0  # and how long it took
+    _online_arrived: float = float("-inf")  # when the latest online item was submitted
+    _batch_s: float = 0.0  # how long the latest batch call took
     _batch_most: int = 0  # the items it could take (0: start again from batch_work_size)
     _item_s: dict[Hashable, float] = field(default_factory=dict)  # per group: a batch call's seconds per item
 
@@ -149,10 +151,13 @@ class BatchScheduler:
             await self._serve(priority, self._take(queue, most))
 
     def _batch_call_size(self, group: Hashable) -> int:
-        """``batch_work_size``, or twice the last batch call's if no online item came since it started and it was
+        """``batch_work_size``, or twice the last batch call's if no online item came for ``QUIET_S`` and it was
         short (up to ``batch_idle_work_size``); fewer if that many would take longer than ``batch_work_max_ms``."""
-        quiet = self._batch_most > 0 and self._online_arrived < self._batch_started and self._batch_s < GROW_BELOW_S
-        most = min(2 * self._batch_most, self.batching.idle_call_size) if quiet else self.batching.call_size(True)
+        quiet = time.perf_counter() - self._online_arrived >= QUIET_S
+        if quiet and self._batch_most > 0 and self._batch_s < GROW_BELOW_S:
+            most = min(2 * self._batch_most, self.batching.idle_call_size)
+        else:
+            most = self.batching.call_size(batch_work=True)
         bound_s, item_s = self.batching.batch_work_max_ms / 1000, self._item_s.get(group)
         if bound_s and item_s:
             most = max(1, min(most, int(bound_s / item_s)))
@@ -210,7 +215,7 @@ class BatchScheduler:
             values = None
         model_s = time.perf_counter() - started
         if priority == "batch":
-            self._batch_started, self._batch_s = started, model_s
+            self._batch_s = model_s
             self._learn_item_time(items[0].group, model_s / len(items))
         self._account(priority, len(items), model_s, others_waited)
         if self.on_call is not None:
