@@ -42,6 +42,7 @@ from deployments import AppSettings, build_app, compose_app
 from deployments.model.selection import fits_by_value
 from vtp_ray import VTPReplica
 from vtp_ray.images import preprocess
+from vtp_ray.cpu_threads import fewest_threads
 from vtp_ray.placement import OPENMP_WAIT_VARS, OPENMP_WAITS, PlacementError
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def base_url(serve_instance: ServeInstance) -> str:
         batch_wait_timeout_s=0.1,
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
-        placement="cpu",
+        placement={"num_cpus": 2},  # two torch threads to start from: cpu_threads="auto" picks one or both
         max_decode_batch=MAX_DECODE_BATCH,
         max_decode_pixels=MAX_DECODE_BATCH * SIZE * SIZE,
         rate_limits=UNLIMITED,
@@ -131,11 +132,14 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     info = client.get("/v1/model").json()
     assert info["model"] == "vtp-tiny" and info["model_spec"] == TINY
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
-    assert (info["device"], info["precision"]) == ("cpu", "fp32")  # placement cpu: no accelerator assigned
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")  # CPUs only: no accelerator assigned
     # A CPU replica's OpenMP threads spin only briefly at barriers (they share the cores with the ingress), unless
     # the environment says how they wait.
     ours = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ}
     assert info["replica"]["openmp_waits"] == (ours or OPENMP_WAITS)
+    # cpu_threads auto: of the 2 threads its placement gives, the fewest within the margin of the fastest warm-up call
+    timings = {int(n): ms for n, ms in info["replica"]["cpu_thread_timings_ms"].items()}
+    assert set(timings) == {2, 1} and info["replica"]["cpu_threads"] == fewest_threads(timings)
     assert (info["latent_channels"], info["embedding_dim"]) == (CHANNELS, 64)
     assert info["batching"] == {
         "max_batch_size": 4,

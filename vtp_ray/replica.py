@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from . import __version__
 from .arrays import as_image_batch, as_latent_batch
 from .compile_plan import plan_compile, use_compile_cache
 from .compiled import MAX_GRAPHS, CompiledModel, eager_status, eager_units
+from .cpu_threads import tune as tune_threads
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
 from .normalize import denormalize_to_uint8, normalize
@@ -45,7 +47,9 @@ class VTPReplica:
         rope_dtype: ``float32`` (portable) or ``bfloat16`` (bit-faithful to upstream).
         warmup_size: side of the square image used to warm up; 0 skips the warm-up.
         cpu_threads: torch's intra-op threads when running on the CPU (default: torch's choice,
-            which inside a Ray actor follows the actor's ``num_cpus`` through OMP_NUM_THREADS).
+            which inside a Ray actor follows the actor's ``num_cpus`` through OMP_NUM_THREADS); ``auto``: the fewest
+            of those within 25% of the fastest at warm-up (``vtp_ray.cpu_threads``; an eager replica with a
+            warm-up only, else torch's choice). ``cpu_thread_timings`` keeps what was measured.
         compile: ``off``, ``on`` or ``auto`` (where it is known to pay): the image verbs through ``torch.compile``
             (``vtp_ray.compiled``). Graphs compile in a background thread, the ``warmup_size`` ones first; until a
             shape's graph is ready its calls run eagerly. ``compile_status()`` and ``info.compile`` say how it runs.
@@ -62,7 +66,7 @@ class VTPReplica:
         precision: str = "fp32",
         rope_dtype: str = "float32",
         warmup_size: int = 256,
-        cpu_threads: int | None = None,
+        cpu_threads: int | Literal["auto"] | None = None,
         compile: str = "off",
         compile_cache: str | None = None,
         compile_max_batch: int = 8,
@@ -70,7 +74,7 @@ class VTPReplica:
     ) -> None:
         started = time.perf_counter()
         self.device = resolve_device(device)
-        if self.device.type == "cpu" and cpu_threads:
+        if self.device.type == "cpu" and isinstance(cpu_threads, int) and cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.dtype = resolve_precision(precision)
         if self.device.type == "cpu" and self.dtype != torch.float32 and not cpu_has_fast_low_precision(self.dtype):
@@ -119,8 +123,14 @@ class VTPReplica:
                 None if not cfg.train_clip else "softmax" if self.model.logit_bias is None else "sigmoid"
             ),
         )
+        #: ``cpu_threads="auto"``: seconds per warm-up call by thread count (empty where nothing was tried).
+        self.cpu_thread_timings: dict[int, float] = {}
         if warmup_size:
             self.warmup(warmup_size)
+            if cpu_threads == "auto" and self.device.type == "cpu" and self._compiled is None:
+                self.cpu_thread_timings = self._tune_cpu_threads(warmup_size)
+        #: torch's intra-op threads in the thread that built the replica (OpenMP's count is per calling thread).
+        self.cpu_threads = torch.get_num_threads()
         log.info("VTPReplica ready in %.1fs: %s", time.perf_counter() - started, self._info)
 
     def warmup(self, size: int = 256) -> None:
@@ -132,6 +142,17 @@ class VTPReplica:
         synchronize(self.device)
         if self._compiled is not None:
             self._compiled.warm(size)
+
+    def _tune_cpu_threads(self, size: int) -> dict[int, float]:
+        most = torch.get_num_threads()
+        timings = tune_threads(
+            lambda batch: self.encode(np.zeros((batch, size, size, 3), np.uint8)), torch.set_num_threads, most
+        )
+        log.info(
+            "cpu_threads=auto: %d of %d (%s)", torch.get_num_threads(), most,
+            ", ".join(f"{n}: {s * 1000:.2f} ms" for n, s in timings.items()) or "a one-image call is long: all kept",
+        )  # fmt: skip
+        return timings
 
     # ---------------------------------------------------------------------------------- compiling
 

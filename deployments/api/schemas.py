@@ -94,7 +94,14 @@ class ReplicaProcess(BaseModel):
     loaded_at: float = Field(description="when this replica loaded its model (Unix time): unchanged by reconfigure")
     visible_devices: dict[str, str] = Field(description="ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES")
     accelerator_ids: dict[str, list[str]] = Field(description="Ray's accelerator ids by resource, e.g. NPU")
-    cpu_threads: int = Field(description="torch's intra-op threads (from num_cpus in the placement)")
+    cpu_threads: int = Field(
+        description="torch's intra-op threads: of num_cpus in the placement, what the app's cpu_threads chose"
+    )
+    cpu_thread_timings_ms: dict[int, float] = Field(
+        default_factory=dict,
+        description="cpu_threads auto: a warm-up call's milliseconds by thread count (empty where none was tried: "
+        "one thread, an accelerator, a compiled replica, or a one-image call of 50 ms or more)",
+    )
     openmp_waits: dict[str, str] = Field(
         default_factory=dict,
         description="how OpenMP's idle threads wait in the replica's process (OMP_WAIT_POLICY, GOMP_SPINCOUNT): "

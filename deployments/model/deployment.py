@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import ray
@@ -85,6 +85,7 @@ class ModelDeployment:
         batching: Batching | None = None,
         compile: str = "off",
         compile_cache: str | None = None,
+        cpu_threads: int | Literal["auto"] | None = "auto",
     ) -> None:
         device = device or assigned_device()
         brief_openmp_waits(device)
@@ -95,7 +96,8 @@ class ModelDeployment:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtp-model")
         started = time.perf_counter()
         self._base_batching = batching or Batching()
-        load = (model, device, precision, warmup_size, compile, compile_cache, self._base_batching.largest_call)
+        largest = self._base_batching.largest_call
+        load = (model, device, precision, warmup_size, compile, compile_cache, largest, cpu_threads)
         self._replica = self._torch.submit(self._load, *load).result()
         if not self._replica.compile_ready:
             log.info("VTPReplica %s: compiling the graphs of %d px before serving", model, warmup_size)
@@ -114,13 +116,14 @@ class ModelDeployment:
 
     @staticmethod
     def _load(
-        model: str, device: str, precision: str, warmup_size: int, compile: str, cache: str | None, max_batch: int
-    ) -> VTPReplica:
+        model: str, device: str, precision: str, warmup_size: int, compile: str, cache: str | None, max_batch: int,
+        cpu_threads: int | Literal["auto"] | None,
+    ) -> VTPReplica:  # fmt: skip
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
         replica = VTPReplica(
             model, device=device, precision=precision, warmup_size=warmup_size, compile=compile,
-            compile_cache=cache, compile_max_batch=max_batch,
+            compile_cache=cache, compile_max_batch=max_batch, cpu_threads=cpu_threads,
         )  # fmt: skip
         if warmup_size and replica.info.text_context_length and text_available():
             replica.embed_text(["warm-up"])  # loads the tokenizer before traffic
@@ -192,8 +195,6 @@ class ModelDeployment:
     def info(self) -> dict[str, Any]:
         """The replica's model, device and batch settings, which replica and devices this is, and how its model
         time was shared between online requests and batch work."""
-        import torch
-
         context = serve.get_replica_context()
         runtime = ray.get_runtime_context()
         totals = self._scheduler.totals
@@ -208,7 +209,8 @@ class ModelDeployment:
                 "loaded_at": self._loaded_at,
                 "visible_devices": {var: os.environ[var] for var in _VISIBLE_DEVICE_VARS if var in os.environ},
                 "accelerator_ids": {name: ids for name, ids in runtime.get_accelerator_ids().items() if ids},
-                "cpu_threads": torch.get_num_threads(),
+                "cpu_threads": self._replica.cpu_threads,
+                "cpu_thread_timings_ms": {n: round(s * 1000, 3) for n, s in self._replica.cpu_thread_timings.items()},
                 "openmp_waits": {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ},
             },
             "work": {

@@ -1,0 +1,72 @@
+"""``cpu_threads="auto"``: a CPU replica keeps only the torch threads that pay for themselves.
+
+A replica's intra-op threads meet at a barrier after every parallel op. Where ops are small (a small model, small
+images), a second thread buys little even on idle cores, and on a node it shares with the Serve proxy, the ingress
+and a job's decoding it costs a great deal: a team thread that the OS preempted holds up every barrier. The tiny
+test model's calls of 8 images took 2.0 ms on two threads and 1.5 ms on one, on idle cores. Beside an online load
+and a job on the same two cores, one thread made its model calls 2-3x shorter, and the job beside the load ran
+3.4x as fast (docs/results.md, SF20). VTP-Small at 256 px is the other case: its matmuls are large, so two threads
+make a call 1.6x faster and stay faster under the same load.
+
+So at warm-up the replica times one model call at its thread count and at fewer (halving down to one). It keeps
+the fewest threads whose call is within ``WITHIN`` of the fastest. This is measured only where a one-image call at
+every thread is shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the
+timing costs milliseconds. Longer calls keep every thread without trying fewer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+__all__ = ["TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "candidates", "fewest_threads", "tune"]
+
+#: Threads that buy less than this (a fraction of the call's time) are not kept. Generous, because the timing runs
+#: on idle cores and a shared node's cost does not show there: the tiny model's calls of 8 were within 10% either
+#: way on idle cores and 2.4-2.8x longer on two threads beside an online load.
+WITHIN = 0.25
+#: Fewer threads are tried only where a one-image call at every thread takes under this.
+TUNE_BELOW_S = 0.05
+#: Images per timed call: the Serve app's default ``max_batch_size``, a typical call.
+TUNE_BATCH = 8
+#: Timed calls per thread count (after one untimed call); the fastest counts.
+REPEATS = 3
+
+
+def candidates(most: int) -> list[int]:
+    """``most`` and then halvings of it down to 1: ``8 -> [8, 4, 2, 1]``, ``6 -> [6, 3, 1]``."""
+    counts = [most]
+    while counts[-1] > 1:
+        counts.append(max(1, counts[-1] // 2))
+    return counts
+
+
+def fewest_threads(timings: Mapping[int, float], within: float = WITHIN) -> int:
+    """The fewest threads whose time is within ``within`` of the fastest."""
+    fastest = min(timings.values())
+    return min(n for n, seconds in timings.items() if seconds <= fastest * (1 + within))
+
+
+def tune(
+    call: Callable[[int], None], set_threads: Callable[[int], None], most: int, repeats: int = REPEATS
+) -> dict[int, float]:
+    """Time ``call(batch)`` at ``most`` threads and fewer, leave the chosen count set (``fewest_threads``), and
+    return the seconds per call by thread count. Only ``most`` is timed (at batch 1) where that is
+    ``TUNE_BELOW_S`` or longer."""
+
+    def fastest(threads: int, batch: int) -> float:
+        set_threads(threads)
+        call(batch)  # untimed: the thread team resizes, kernels are picked
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call(batch)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    if most <= 1 or fastest(most, 1) >= TUNE_BELOW_S:
+        set_threads(most)
+        return {}
+    timings = {threads: fastest(threads, TUNE_BATCH) for threads in candidates(most)}
+    set_threads(fewest_threads(timings))
+    return timings
