@@ -7,7 +7,7 @@ One local Ray runs the app (one model replica with every core). In one run, side
 3. online with a job: the same while ``vtp-ray tokenize --serve-app`` runs on the app over images enough to
    outlast the phase; the job's images/s over the phase (the replica's batch items; its start and its tail after
    the phase are not the load's doing) against the capacity the online load leaves ((1 - load) x the job's rate
-   on an idle app);
+   on the idle app, measured the same way over a phase of the same length);
    with the job's own work at each CPU priority (``--cpu-priority``: low, the default on an app; idle; normal);
 4. the job on the idle app, two sizes (``--images`` and half of it, twice each: the faster run of each), which
    gives its fixed cost on a warm app (the difference cancels the per-image part; a small job before them starts
@@ -214,19 +214,20 @@ def main() -> None:
         per_image = (idle_full["seconds"] - idle_half["seconds"]) / (idle_full["images"] - idle_half["images"])
         fixed_s = idle_full["seconds"] - per_image * idle_full["images"]
 
-        # The jobs beside a load phase: long enough to outlast it (at 1.5x the capacity the load leaves), so that
-        # the whole phase has the job beside it and the job's rate is measured over the phase alone.
-        leftover = (1 - args.load) * idle_full["warm"]
-        long = root / "long"
-        write_images(long, max(args.images, int(1.5 * leftover * args.seconds)), seed=3, sides=sides)
+        # The jobs of the phases below: long enough to outlast a phase (at 1.25x the idle-app rate alone, 1.5x
+        # the capacity the load leaves beside it), so that the job's rate is measured over the phase alone.
+        estimate = idle_full["warm"]
+        long, longer = root / "long", root / "longer"
+        write_images(long, max(args.images, int(1.5 * (1 - args.load) * estimate * args.seconds)), seed=3, sides=sides)
+        write_images(longer, max(args.images, int(1.25 * estimate * args.seconds)), seed=4, sides=sides)
 
-        def beside(spec: PipelineSpec, name: str, kind: str) -> dict[str, Any]:
+        def beside(spec: PipelineSpec, name: str, kind: str, source: Path = long) -> dict[str, Any]:
             """A job on the app while the client process runs an ``open`` or ``closed`` load phase of
-            ``--seconds``; the job's rate over the phase, from the replica's batch items."""
+            ``--seconds`` (``none``: no load); the job's rate over the phase, from the replica's batch items."""
             result: dict[str, Any] = {}
 
             def run_job() -> None:
-                result.update(job(long, root / name, spec))
+                result.update(job(source, root / name, spec))
                 result["ended"] = time.perf_counter()
 
             runner = threading.Thread(target=run_job)
@@ -235,8 +236,10 @@ def main() -> None:
             started = time.perf_counter()
             if kind == "open":
                 result["online"] = load.submit(clients, "open", url, body, rate, args.seconds).result()
-            else:
+            elif kind == "closed":
                 load.submit(clients, "closed", url, body, args.clients, args.seconds).result()
+            else:
+                time.sleep(args.seconds)
             after = httpx.get(f"{url}/v1/model").json()
             phase_s = min(time.perf_counter(), result.get("ended", float("inf"))) - started
             runner.join()
@@ -249,16 +252,22 @@ def main() -> None:
             result["outlasted"] = result["ended"] >= started + args.seconds
             return result
 
+        # The capacity the online load leaves: (1 - load) x the job's rate on the idle app, measured as beside it.
+        quiet = beside(on_app, "out-quiet", "none", longer)
+        leftover = (1 - args.load) * quiet["phase_images_per_s"]
         shared = beside(on_app, "out-shared", "open")  # the default on an app: low
         others = {p: beside(replace(on_app, cpu_priority=p), f"out-{p}", "open") for p in ("idle", "normal")}
         saturated = beside(on_app, "out-saturated", "closed")
-        batch_min_share = httpx.get(f"{url}/v1/model").json()["batching"]["batch_min_share"]
+        info = httpx.get(f"{url}/v1/model").json()
+        batch_min_share, replica = info["batching"]["batch_min_share"], info["replica"]
         load.shutdown()
         serve.shutdown()
         own = job(images, root / "out-own", standalone)
 
     p50, p99 = percentile(alone, 50), percentile(alone, 99)
-    print(f"\ncapacity {capacity:.1f} images/s; online at {rate:.1f}/s ({args.load:.0%}); {args.images} job images")
+    print(f"\nthe model replica: {replica['cpu_threads']} torch threads (cpu_threads auto, ms per warm-up call by "
+          f"threads: {replica['cpu_thread_timings_ms'] or 'not tried'})")  # fmt: skip
+    print(f"capacity {capacity:.1f} images/s; online at {rate:.1f}/s ({args.load:.0%}); {args.images} job images")
     print(f"{'online /v1/encode latency':44} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>11}")
     print(
         f"{'alone':44} {p50:8.1f} {p99:8.1f}{'   failed: ' if alone_run['failed'] else ''}{alone_run['failed'] or ''}"
@@ -279,11 +288,15 @@ def main() -> None:
     print(f"\njob beside the online load: {shared['phase_images_per_s']:.1f} images/s over the phase (idle "
           f"{rates['idle']:.1f}, normal {rates['normal']:.1f}); capacity left {leftover:.1f}/s: "
           f"{shared['phase_images_per_s'] / leftover:.2f}x (goal >= 0.8)")  # fmt: skip
-    print(f"  the whole job ({shared['images']} images, start and the tail after the phase included): "
-          f"{shared['images_per_s']:.1f} images/s, {shared['images_per_s'] / leftover:.2f}x")  # fmt: skip
-    for name, run in (("low", shared), *others.items(), ("saturated", saturated)):
+    print(f"  (capacity left: (1 - load) x {quiet['phase_images_per_s']:.1f} images/s, the job alone on the app over"
+          " a phase of the same length)")  # fmt: skip
+    old_left = (1 - args.load) * idle_full["warm"]
+    print(f"  the measure until SF19: the whole job ({shared['images']} images, start and the tail after the phase "
+          f"included), {shared['images_per_s']:.1f} images/s, against (1 - load) x the idle app's warm rate "
+          f"{old_left:.1f}: {shared['images_per_s'] / old_left:.2f}x")  # fmt: skip
+    for name, run in (("alone", quiet), ("low", shared), *others.items(), ("saturated", saturated)):
         if not run["outlasted"]:
-            print(f"  note: the job at {name} ended before its load phase: its rate covers its own run only")
+            print(f"  note: the job ({name}) ended before its phase did: its rate covers its own run only")
     print(f"job on the idle app: {idle_full['warm']:.1f} images/s warm; with its own replicas {own['warm']:.1f}: "
           f"{idle_full['warm'] / own['warm']:.2f}x (goal >= 0.9)")  # fmt: skip
     print(f"job's fixed cost on a warm app: {fixed_s:.2f} s (goal <= 3; {idle_half['images']} and "

@@ -41,8 +41,8 @@ from serving import ServeInstance, deploy, wait_running
 from deployments import AppSettings, build_app, compose_app
 from deployments.model.selection import fits_by_value
 from vtp_ray import VTPReplica
-from vtp_ray.images import preprocess
 from vtp_ray.cpu_threads import fewest_threads
+from vtp_ray.images import preprocess
 from vtp_ray.placement import OPENMP_WAIT_VARS, OPENMP_WAITS, PlacementError
 
 pytestmark = pytest.mark.slow
