@@ -5,13 +5,13 @@ images), a second thread buys little even on idle cores, and on a node it shares
 and a job's decoding it costs a great deal: a team thread that the OS preempted holds up every barrier. The tiny
 test model's calls of 8 images took 2.0 ms on two threads and 1.5 ms on one, on idle cores. Beside an online load
 and a job on the same two cores, one thread made its model calls 2-3x shorter, and the job beside the load ran
-3.4x as fast (docs/results.md, SF20). VTP-Small at 256 px is the other case: its matmuls are large, so two threads
-make a call 1.6x faster and stay faster under the same load.
+3.1-3.4x as fast at the same request rate (docs/results.md, SF20). VTP-Small at 256 px is the other case: its
+matmuls are large, so two threads make a call 1.6x faster and stay faster under the same load.
 
 So at warm-up the replica times one model call at its thread count and at fewer (halving down to one). It keeps
 the fewest threads whose call is within ``WITHIN`` of the fastest. This is measured only where a one-image call at
-every thread is shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the
-timing costs milliseconds. Longer calls keep every thread without trying fewer.
+the full count is shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the
+timing costs little. Longer calls keep every thread without trying fewer.
 """
 
 from __future__ import annotations
