@@ -227,8 +227,10 @@ def main() -> None:
             result: dict[str, Any] = {}
 
             def run_job() -> None:
-                result.update(job(source, root / name, spec))
-                result["ended"] = time.perf_counter()
+                try:
+                    result.update(job(source, root / name, spec))
+                finally:  # a job that fails still ends the phase's window
+                    result["ended"] = time.perf_counter()
 
             runner = threading.Thread(target=run_job)
             runner.start()
@@ -245,9 +247,7 @@ def main() -> None:
             runner.join()
             work = {p: {k: after["work"][p][k] - before["work"][p][k] for k in ("items", "calls", "model_s")}
                     for p in PRIORITIES}  # fmt: skip
-            result["batch_call_ms"] = batch_call_ms(before, after)
-            result["model_s"] = {p: work[p]["model_s"] for p in PRIORITIES}
-            result["batch_calls"] = work["batch"]["calls"]
+            result["work"], result["batch_call_ms"] = work, batch_call_ms(before, after)
             result["phase_images_per_s"] = work["batch"]["items"] / phase_s
             result["outlasted"] = result["ended"] >= started + args.seconds
             return result
@@ -302,9 +302,9 @@ def main() -> None:
     print(f"job's fixed cost on a warm app: {fixed_s:.2f} s (goal <= 3; {idle_half['images']} and "
           f"{idle_full['images']} images in {idle_half['seconds']:.1f} / {idle_full['seconds']:.1f} s, the faster of "
           f"two runs each; the smaller run bounds it from above)")  # fmt: skip
-    spent = saturated["model_s"]
+    spent, calls = {p: saturated["work"][p]["model_s"] for p in PRIORITIES}, saturated["work"]["batch"]["calls"]
     print(f"under a saturating online load ({args.clients} clients, {args.seconds:g} s) the job got "
-          f"{spent['batch']:.1f} s of {sum(spent.values()):.1f} s of model time in {saturated['batch_calls']} calls: "
+          f"{spent['batch']:.1f} s of {sum(spent.values()):.1f} s of model time in {calls} calls: "
           f"{spent['batch'] / sum(spent.values()):.3f} (batch_min_share {batch_min_share}; a model call is the "
           "unit, so a short phase rounds it down)")  # fmt: skip
 

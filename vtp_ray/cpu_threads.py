@@ -25,7 +25,7 @@ __all__ = ["TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "candidates", "fewest_threads
 #: on idle cores and a shared node's cost does not show there: the tiny model's calls of 8 were within 10% either
 #: way on idle cores and 2.4-2.8x longer on two threads beside an online load.
 WITHIN = 0.25
-#: Fewer threads are tried only where a one-image call at every thread takes under this.
+#: Fewer threads are tried only where a one-image call at the full count takes under this.
 TUNE_BELOW_S = 0.05
 #: Images per timed call: the Serve app's default ``max_batch_size``, a typical call.
 TUNE_BATCH = 8
@@ -64,8 +64,7 @@ def tune(
             best = min(best, time.perf_counter() - started)
         return best
 
-    if most <= 1 or fastest(most, 1) >= TUNE_BELOW_S:
-        set_threads(most)
+    if most <= 1 or fastest(most, 1) >= TUNE_BELOW_S:  # (``fastest`` left ``most`` set)
         return {}
     timings = {threads: fastest(threads, TUNE_BATCH) for threads in candidates(most)}
     set_threads(fewest_threads(timings))

@@ -24,6 +24,7 @@ from . import __version__
 from .arrays import as_image_batch, as_latent_batch
 from .compile_plan import plan_compile, use_compile_cache
 from .compiled import MAX_GRAPHS, CompiledModel, eager_status, eager_units
+from .cpu_threads import TUNE_BATCH
 from .cpu_threads import tune as tune_threads
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
@@ -145,9 +146,8 @@ class VTPReplica:
 
     def _tune_cpu_threads(self, size: int) -> dict[int, float]:
         most = torch.get_num_threads()
-        timings = tune_threads(
-            lambda batch: self.encode(np.zeros((batch, size, size, 3), np.uint8)), torch.set_num_threads, most
-        )
+        images = {batch: np.zeros((batch, size, size, 3), np.uint8) for batch in (1, TUNE_BATCH)}
+        timings = tune_threads(lambda batch: self.encode(images[batch]), torch.set_num_threads, most)
         log.info(
             "cpu_threads=auto: %d of %d (%s)", torch.get_num_threads(), most,
             ", ".join(f"{n}: {s * 1000:.2f} ms" for n, s in timings.items()) or "a one-image call is long: all kept",
