@@ -12,24 +12,34 @@ calls, Arrow <-> numpy copies, the driver's iteration and part writing. Over ``-
 
 - marginal and fixed: from the two runs of different sizes (``--rss-at`` and ``--images``), the rate once running
   (their difference cancels the start-up) and the fixed cost (start + stop, what the first run has beyond its
-  images at that rate);
+  images at that rate). A run's start swings by seconds on a small machine, so each size runs ``--repeats`` times
+  (alternating) and the medians count;
+- warm: the larger run's own rate from its first output on (``stats.json``'s ``warm_images_per_s``), a second view
+  of the rate once running that no start-up touches;
+- against: with ``--against-args``, the same runs with other flags, alternating with these, and the ratio of
+  their marginal and warm rates (e.g. ``--against-args "--cpu-threads 2"``: the job's replica on every core);
 - Ray's floor: a Python process that imports Ray, starts a local Ray as the CLI does (no dashboard), imports torch
   and stops, measured in the same run: what any standalone job pays before its own start-up.
 
 Goals (issue 24): marginal >= 0.8 x the loops, fixed <= 6 s::
 
     PYTHONPATH=. python benchmarks/pipeline_overhead.py --images 40000 --rss-at 20000
+    PYTHONPATH=. python benchmarks/pipeline_overhead.py --images 20000 --rss-at 10000 --against-args "--cpu-threads 2"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +78,10 @@ def loop_rates(paths: list[Path], batch_size: int) -> dict[str, float]:
     return {"decode_ms": 1e3 * decode_s / n, "model_ms": 1e3 * model_s / n, "loop_per_s": n / loop_s}
 
 
-def run_tokenize(inputs: list[str], output: Path, extra: list[str], code: Path = ROOT) -> tuple[float, float]:
-    """The CLI of the tree ``code`` end to end: ``(wall seconds, driver peak RSS in MB)`` (the driver's VmHWM)."""
+def run_tokenize(inputs: list[str], output: Path, extra: list[str], code: Path = ROOT) -> tuple[float, float, float]:
+    """The CLI of the tree ``code`` end to end into a fresh ``output``: ``(wall seconds, driver peak RSS in MB, the
+    run's images/s from its first output on)`` (the driver's VmHWM; ``stats.json``'s ``warm_images_per_s``)."""
+    shutil.rmtree(output, ignore_errors=True)
     command = [sys.executable, "-m", "vtp_ray.cli", "tokenize", *inputs, "-o", str(output), "--model", TINY]
     command += ["--size", str(SIZE), "--no-progress", *extra]
     env = {**os.environ, "PYTHONPATH": str(code)}
@@ -96,7 +108,8 @@ def run_tokenize(inputs: list[str], output: Path, extra: list[str], code: Path =
     if process.returncode:
         raise SystemExit(f"tokenize failed ({process.returncode}):\n{out}")
     print("   ", out.strip().splitlines()[-1])
-    return seconds, peak[0]
+    warm = json.loads((output / "stats.json").read_text())["last_run"].get("warm_images_per_s", float("nan"))
+    return seconds, peak[0], warm
 
 
 #: What every standalone job pays whatever it does: the CLI's own ``ray_session`` start and stop, and torch.
@@ -117,14 +130,41 @@ def ray_floor(runs: int = 2) -> float:
     return best
 
 
+@dataclass
+class Runs:
+    """One configuration's runs: wall seconds, driver peak RSS and warm rates, by input count."""
+
+    name: str
+    extra: list[str]
+    code: Path = ROOT
+    walls: dict[int, list[float]] = field(default_factory=lambda: {})
+    rss: dict[int, list[float]] = field(default_factory=lambda: {})
+    warm: dict[int, list[float]] = field(default_factory=lambda: {})
+
+    def run(self, inputs: Path, count: int, output: Path) -> None:
+        seconds, rss, warm = run_tokenize([str(inputs)], output, self.extra, self.code)
+        self.walls.setdefault(count, []).append(seconds)
+        self.rss.setdefault(count, []).append(rss)
+        self.warm.setdefault(count, []).append(warm)
+        print(f"{self.name:9}: {count} inputs in {seconds:.1f}s, driver peak RSS {rss:.0f} MB, warm {warm:.0f}/s")
+
+    def marginal(self, small: int, large: int) -> tuple[float, float]:
+        """``(images/s once running, fixed seconds)`` from the median walls of the two sizes."""
+        small_s, large_s = statistics.median(self.walls[small]), statistics.median(self.walls[large])
+        rate = (large - small) / (large_s - small_s)
+        return rate, large_s - large / rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--rss-at", type=int, default=5_000, help="also run on this many inputs for the driver RSS")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each size (alternating); medians count")
     parser.add_argument("--loop-images", type=int, default=2_000, help="images timed in the single-thread loop")
     parser.add_argument("--batch-size", type=int, default=32, help="the loop's batch")
     parser.add_argument("--data", type=Path, help="reuse (or create) the JPEGs here instead of a temporary directory")
     parser.add_argument("--tokenize-args", default="", help="extra tokenize flags, e.g. '--batch-size 256'")
+    parser.add_argument("--against-args", help="also run with these tokenize flags instead, alternating")
     parser.add_argument(
         "--baseline", type=Path, help="another source tree (e.g. `git worktree add /tmp/base main`) run the same way"
     )
@@ -147,41 +187,49 @@ def main() -> None:
         # The loop before and after the pipelines: this machine's speed drifts (shared CPUs).
         before = loop_rates(paths[: args.loop_images], args.batch_size)
         extra = args.tokenize_args.split()
-        small_s, small_rss = run_tokenize([str(subset)], Path(tmp) / "out-small", extra)
-        print(f"tokenize : {args.rss_at} inputs in {small_s:.1f}s, driver peak RSS {small_rss:.0f} MB")
-        seconds, rss = run_tokenize([str(everything)], Path(tmp) / "out", extra)
-        print(f"tokenize : {len(paths)} inputs in {seconds:.1f}s, driver peak RSS {rss:.0f} MB")
+        configs = [Runs("tokenize", extra)]
+        if args.against_args is not None:
+            configs.append(Runs("against", args.against_args.split()))
         if args.baseline:
-            base_s, base_rss = run_tokenize([str(everything)], Path(tmp) / "out-base", extra, args.baseline)
-            print(f"baseline : {len(paths)} inputs in {base_s:.1f}s, driver peak RSS {base_rss:.0f} MB")
+            configs.append(Runs("baseline", extra, args.baseline))
+        small, large = args.rss_at, len(paths)
+        for repeat in range(args.repeats):
+            for runs in configs if repeat % 2 == 0 else configs[::-1]:
+                runs.run(subset, small, Path(tmp) / "out-small")
+                runs.run(everything, large, Path(tmp) / "out")
         floor = ray_floor()
         after = loop_rates(paths[: args.loop_images], args.batch_size)
         loop = {k: (before[k] + after[k]) / 2 for k in before}
+        loops = cores * loop["loop_per_s"]
         print(
             f"loop     : {loop['loop_per_s']:8.0f} images/s on one thread ({before['loop_per_s']:.0f} before, "
             f"{after['loop_per_s']:.0f} after; decode {loop['decode_ms']:.3f} ms + model {loop['model_ms']:.3f} ms "
-            f"per image); x {cores} cores = {cores * loop['loop_per_s']:.0f}"
+            f"per image); x {cores} cores = {loops:.0f}"
         )
-        runs = [("tokenize", seconds)] + ([("baseline", base_s)] if args.baseline else [])
-        for name, wall in runs:
-            rate = len(paths) / wall
-            overhead = 1e3 * cores * wall / len(paths) - loop["decode_ms"] - loop["model_ms"]
-            ratio = rate / (cores * loop["loop_per_s"])
+        print(f"(medians of {args.repeats} runs of each size)")
+        rates = {}
+        for runs in configs:
+            wall = statistics.median(runs.walls[large])
+            overhead = 1e3 * cores * wall / large - loop["decode_ms"] - loop["model_ms"]
+            marginal, fixed = runs.marginal(small, large)
+            warm = statistics.median(runs.warm[large])
+            rates[runs.name] = marginal, warm
             print(
-                f"{name:9}: {rate:6.0f} images/s end to end, {overhead:6.2f} core-ms per image outside decode and "
-                f"model; {ratio:.3f} of the loops"
+                f"{runs.name:9}: {runs.extra or 'default flags'}: {large / wall:6.0f} images/s end to end "
+                f"({overhead:.2f} core-ms per image outside decode and model), driver peak RSS "
+                f"{max(runs.rss[small]):.0f} / {max(runs.rss[large]):.0f} MB"
             )
-        marginal = (len(paths) - args.rss_at) / (seconds - small_s)
-        fixed = seconds - len(paths) / marginal
-        ratio = marginal / (cores * loop["loop_per_s"])
-        print(
-            f"marginal : {marginal:6.0f} images/s once running = {ratio:.3f} of the loops (goal >= {GOAL}); fixed "
-            f"start + stop {fixed:.1f} s (goal <= {FIXED_GOAL_S:g})"
-        )
-        print(
-            f"floor    : {floor:6.1f} s for a process that only starts and stops a local Ray and imports torch; the "
-            f"job's fixed cost beyond it {fixed - floor:.1f} s"
-        )
+            print(
+                f"  marginal {marginal:6.0f} images/s once running = {marginal / loops:.3f} of the loops (goal >= "
+                f"{GOAL}); warm {warm:6.0f} images/s = {warm / loops:.3f}; fixed start + stop {fixed:.1f} s (goal <= "
+                f"{FIXED_GOAL_S:g}), {fixed - floor:.1f} s beyond Ray's floor"
+            )
+        for name in rates.keys() - {"tokenize"}:
+            print(
+                f"tokenize / {name}: marginal {rates['tokenize'][0] / rates[name][0]:.2f}x, "
+                f"warm {rates['tokenize'][1] / rates[name][1]:.2f}x"
+            )
+        print(f"floor    : {floor:6.1f} s for a process that only starts and stops a local Ray and imports torch")
         print(f"(flags {extra or 'default'}; load average {os.getloadavg()[0]:.1f})")
 
 

@@ -46,6 +46,11 @@ def test_job_flags_become_one_pipeline_spec():
         None,
     )  # 2048, or 10000 per shard
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m"])) == PipelineSpec("m")
+    # The replicas' torch threads: auto by default, as PipelineSpec's; or a number
+    assert PipelineSpec("m").cpu_threads == "auto"
+    for value, threads in ("3", 3), ("AUTO", "auto"):
+        args = build_parser().parse_args(["tokenize", "in", "-o", "o", "--model", "m", "--cpu-threads", value])
+        assert pipeline_spec(args).cpu_threads == threads
     # An embedded local Ray starts without its dashboard unless asked (it adds 1-2 s to ray.init).
     assert PipelineSpec("m").dashboard is False
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m", "--dashboard"])).dashboard
@@ -56,6 +61,8 @@ def test_job_flags_become_one_pipeline_spec():
     [
         ["tokenize", "in", "-o", "out", "--model", "m", "--replicas", "two"],
         ["tokenize", "in", "-o", "out", "--model", "m", "--resources", "[1]"],
+        ["tokenize", "in", "-o", "out", "--model", "m", "--cpu-threads", "0"],
+        ["tokenize", "in", "-o", "out", "--model", "m", "--cpu-threads", "all"],
         ["bench", "--model", "m", "--precisions", "fp32", "--precision", "int8"],
         ["reconstruct", "a.png", "--out", "o", "--model", "m", "--crop", "diagonal"],
     ],

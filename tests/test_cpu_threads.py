@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vtp_ray.cpu_threads import TUNE_BATCH, TUNE_BELOW_S, WITHIN, candidates, fewest_threads, tune
+from vtp_ray.cpu_threads import TUNE_BATCH, TUNE_BELOW_S, WITHIN, candidates, fewest_threads, node_cores, tune
+from vtp_ray.pipeline.worker import replica_cpu_threads
 from vtp_ray.replica import VTPReplica
 
 
@@ -80,3 +81,15 @@ def test_a_replica_with_auto_threads_runs_at_the_count_it_measured(tiny_dir: Pat
 def test_an_explicit_thread_count_is_kept_as_given(tiny_dir: Path, two_threads: None) -> None:
     replica = VTPReplica(str(tiny_dir), device="cpu", warmup_size=32, cpu_threads=1)
     assert (replica.cpu_threads, replica.cpu_thread_timings) == (1, {})
+
+
+def test_a_jobs_cpu_replica_starts_from_the_nodes_cores(two_threads: None) -> None:
+    # Inside a Ray actor torch follows num_cpus (1 by default): a job's replica starts from the node's cores instead
+    torch.set_num_threads(1)
+    assert replica_cpu_threads("auto", "cpu") == "auto" and torch.get_num_threads() == node_cores()
+    torch.set_num_threads(1)
+    assert replica_cpu_threads(None, "cpu") == node_cores() == torch.get_num_threads()
+    assert replica_cpu_threads(3, "cpu") == 3
+    # an accelerator replica's host threads are left as they are
+    torch.set_num_threads(1)
+    assert replica_cpu_threads("auto", "npu:0") == "auto" and torch.get_num_threads() == 1

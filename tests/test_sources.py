@@ -25,7 +25,7 @@ from vtp_ray.pipeline.sources import (
     source_of,
 )
 from vtp_ray.pipeline.sources.files import preprocess_rows
-from vtp_ray.pipeline.sources.locations import glob_regex
+from vtp_ray.pipeline.sources.locations import glob_regex, read_bytes
 from vtp_ray.pipeline.stages import pixels
 
 
@@ -53,6 +53,17 @@ def _paths(inputs) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ loose files
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_read_stops_one_byte_past_the_limit(tmp_path: Path, uri: bool):
+    data = bytes(range(256)) * 40
+    path = tmp_path / "image.jpg"
+    path.write_bytes(data)
+    name = path.as_uri() if uri else str(path)
+    assert read_bytes(name, None, len(data)) == read_bytes(name, None, 10**9) == data
+    assert read_bytes(name, None, 100) == data[:101]  # enough for the loader to say the file is too large
+    assert read_bytes(name, None, 0) == data[:1]
 
 
 def test_a_directory_is_searched_recursively_for_images_with_first_level_labels(tree: Path):

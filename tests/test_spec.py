@@ -33,6 +33,9 @@ def test_model_facts_come_from_the_config_alone(tiny_dir: Path):
         ({"precision": "int8"}, "precision"),
         ({"replicas": (3, 1)}, "replicas"),
         ({"preprocess_cpus": 0}, "preprocess_cpus"),
+        ({"cpu_threads": 0}, "cpu_threads"),
+        ({"cpu_threads": "some"}, "cpu_threads"),
+        ({"cpu_threads": True}, "cpu_threads"),
     ],
 )
 def test_a_spec_with_bad_settings_is_refused(bad: dict, match: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from helpers import ROOT, start_tokenize_cli, wait_for_parts
 from PIL import Image
 
 from vtp_ray import VTPReplica
+from vtp_ray.cpu_threads import node_cores
 from vtp_ray.images import ImageLimits, preprocess, preprocess_with_info
 from vtp_ray.pipeline import PipelineSpec, Preprocessing, ReplicaStartError
 from vtp_ray.pipeline.jobs.tokenize import TokenizeWorker, tokenize_dataset
@@ -236,8 +238,12 @@ def test_the_default_placement_pins_one_replica_per_npu(job):
     run = json.loads((output / "stats.json").read_text())["last_run"]
     assert run["replica_options"] == {"resources": {"NPU": 1}} and run["replica_pool"] == 2
     assert sum(run["replicas"].values()) == 9
-    npus = {name.rsplit("NPU ", 1)[1] for name in run["replicas"]}  # "host:pid cpu NPU 1"
+    # "host:pid node ab12cd34 cpu (1 torch thread) NPU 1"
+    npus = {name.rsplit("NPU ", 1)[1] for name in run["replicas"]}
     assert npus <= {"0", "1"} and len(npus) == len(run["replicas"])
+    # cpu_threads auto (the default): each CPU replica names the torch threads it kept of the node's cores
+    threads = [re.search(r" cpu \((\d+) torch threads?\) NPU ", name) for name in run["replicas"]]
+    assert all(t and 1 <= int(t.group(1)) <= node_cores() for t in threads), run["replicas"]
 
 
 # ------------------------------------------------------------------------------------------- resume

@@ -12,14 +12,19 @@ So at warm-up the replica times one model call at its thread count and at fewer 
 the fewest threads whose call is within ``WITHIN`` of the fastest. This is measured only where a one-image call at
 the full count is shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the
 timing costs little. Longer calls keep every thread without trying fewer.
+
+A job's own CPU replicas (``vtp-ray tokenize`` without ``--serve-app``) start from the node's cores and tune the
+same way: there the job's decoding shares the cores, and the tiny model's replica spent 0.27 ms of CPU per image on
+two threads against 0.19 ms on one (docs/results.md, D12).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "candidates", "fewest_threads", "tune"]
+__all__ = ["TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "candidates", "fewest_threads", "node_cores", "tune"]
 
 #: Threads that buy less than this (a fraction of the call's time) are not kept. Generous, because the timing runs
 #: on idle cores and a shared node's cost does not show there: the tiny model's calls of 8 were within 10% either
@@ -31,6 +36,14 @@ TUNE_BELOW_S = 0.05
 TUNE_BATCH = 8
 #: Timed calls per thread count (after one untimed call); the fastest counts.
 REPEATS = 3
+
+
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of the machine's where that is not known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def candidates(most: int) -> list[int]:

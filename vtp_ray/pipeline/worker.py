@@ -20,11 +20,12 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from ..cpu_threads import node_cores
 from ..outputs import identity_differences
 from ..placement import brief_openmp_waits
 from .priority import job_priority, lower_this_thread
@@ -78,7 +79,8 @@ class ModelStage:
         differences = identity_differences(expected, self.replica.info.identity())
         if differences:
             raise RuntimeError(f"model {spec.model!r} differs here from what the driver read: {'; '.join(differences)}")
-        self._label = replica_label(self.replica.info.device)
+        on_cpu = self.replica.info.device_type == "cpu"
+        self._label = replica_label(self.replica.info.device, self.replica.cpu_threads if on_cpu else None)
 
     @property
     def label(self) -> str:
@@ -152,21 +154,25 @@ def served_stage(stage: type[ModelStage]) -> Callable[..., pa.Table]:
     return run
 
 
-def replica_label(device: str) -> str:
-    """Who this actor is in run stats: host:pid, Ray node (id prefix), device and the accelerator ids Ray gave it."""
+def replica_label(device: str, cpu_threads: int | None = None) -> str:
+    """Who this actor is in run stats: host:pid, Ray node (id prefix), device (on a CPU, with its torch threads) and
+    the accelerator ids Ray gave it."""
     import ray
 
     context = ray.get_runtime_context()
     accelerators = {k: v for k, v in context.get_accelerator_ids().items() if v}
     ids = "".join(f" {kind} {','.join(map(str, v))}" for kind, v in sorted(accelerators.items()))
-    return f"{socket.gethostname()}:{os.getpid()} node {context.get_node_id()[:8]} {device}{ids}"
+    threads = f" ({cpu_threads} torch thread{'s' * (cpu_threads != 1)})" if cpu_threads else ""
+    return f"{socket.gethostname()}:{os.getpid()} node {context.get_node_id()[:8]} {device}{threads}{ids}"
 
 
-def replica_cpu_threads(cpu_threads: int | None, device: str) -> int | None:
-    """Torch threads for a CPU replica: inside a Ray actor torch would follow ``num_cpus`` (usually 1)."""
-    if cpu_threads or not device.startswith("cpu"):
+def replica_cpu_threads(cpu_threads: int | Literal["auto"] | None, device: str) -> int | Literal["auto"] | None:
+    """What a job's ``VTPReplica`` gets as ``cpu_threads``: a number as given; on a CPU, otherwise, the node's cores
+    to start from (set here as torch's count: inside a Ray actor torch would follow ``num_cpus``, usually 1), with
+    ``auto`` kept so that the replica keeps only the threads that pay at warm-up (``vtp_ray.cpu_threads``)."""
+    if isinstance(cpu_threads, int) or not device.startswith("cpu"):
         return cpu_threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count()
+    import torch
+
+    torch.set_num_threads(node_cores())
+    return cpu_threads or torch.get_num_threads()

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..cpu_threads import node_cores
 from ..pipeline.stages import pixels
 from .reads import FEATURES
 from .settings import ProbeSettings
@@ -54,15 +55,12 @@ def resolve_probe_precision(precision: str, device: Any) -> str:
     return "bf16" if supported() else "fp32"
 
 
-def _cpu_threads(requested: int | None, local_workers: int) -> int:
-    """A CPU worker's torch threads: the node's cores shared by the workers on it (Ray sets 1 for a fraction)."""
-    if requested:
+def _cpu_threads(requested: int | str | None, local_workers: int) -> int:
+    """A CPU worker's torch threads: ``requested`` if a number, else the node's cores shared by the workers on it
+    (Ray sets 1 for a fraction). ``auto`` is the latter: training has no warm-up call to tune on."""
+    if isinstance(requested, int) and requested:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_workers))
+    return max(1, node_cores() // max(1, local_workers))
 
 
 class _Feed:
