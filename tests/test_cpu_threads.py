@@ -60,6 +60,16 @@ def test_tune_keeps_the_fewest_threads_that_are_about_as_fast() -> None:
     assert all(batch == TUNE_BATCH for threads, batch in work.batches if threads != 4)
 
 
+def test_tune_stops_halving_at_the_first_count_out_of_the_margin() -> None:
+    work = Workload({8: 0.004, 4: 0.0045, 2: 0.008, 1: 0.016})  # large ops: halving the threads doubles the time
+    timings = tune(work.call, work.set_threads, 8)
+    assert list(timings) == [8, 4, 2] and work.threads == 4
+    assert 1 not in {threads for threads, _ in work.batches}
+    # where fewer threads keep getting faster (small ops), every count is tried
+    work = Workload({8: 0.006, 4: 0.004, 2: 0.003, 1: 0.003})
+    assert list(tune(work.call, work.set_threads, 8)) == [8, 4, 2, 1] and work.threads == 1
+
+
 def test_tune_keeps_every_thread_without_trying_fewer_where_one_image_is_slow() -> None:
     work = Workload({2: TUNE_BELOW_S * 1.2, 1: 0.001})
     assert tune(work.call, work.set_threads, 2, repeats=1) == {}

@@ -8,10 +8,11 @@ and a job on the same two cores, one thread made its model calls 2-3x shorter, a
 3.1-3.4x as fast at the same request rate (docs/results.md, SF20). VTP-Small at 256 px is the other case: its
 matmuls are large, so two threads make a call 1.6x faster and stay faster under the same load.
 
-So at warm-up the replica times one model call at its thread count and at fewer (halving down to one). It keeps
-the fewest threads whose call is within ``WITHIN`` of the fastest. This is measured only where a one-image call at
-the full count is shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the
-timing costs little. Longer calls keep every thread without trying fewer.
+So at warm-up the replica times one model call at its thread count and at fewer (halving down to one, or to the
+first count out of the margin: where ops are large, fewer threads only take longer). It keeps the fewest threads
+whose call is within ``WITHIN`` of the fastest. This is measured only where a one-image call at the full count is
+shorter than ``TUNE_BELOW_S``: there the ops are small enough for a barrier to matter, and the timing costs little.
+Longer calls keep every thread without trying fewer.
 
 A job's own CPU replicas (``vtp-ray tokenize`` without ``--serve-app``) start from the node's cores and tune the
 same way: there the job's decoding shares the cores, and the tiny model's replica spent 0.27 ms of CPU per image on
@@ -65,7 +66,8 @@ def tune(
 ) -> dict[int, float]:
     """Time ``call(batch)`` at ``most`` threads and fewer, leave the chosen count set (``fewest_threads``), and
     return the seconds per call by thread count. Only ``most`` is timed (at batch 1) where that is
-    ``TUNE_BELOW_S`` or longer."""
+    ``TUNE_BELOW_S`` or longer; halving stops at the first count out of the margin of the fastest so far (on a
+    node of many cores a large model's calls on one thread would take seconds each)."""
 
     def fastest(threads: int, batch: int) -> float:
         set_threads(threads)
@@ -79,6 +81,10 @@ def tune(
 
     if most <= 1 or fastest(most, 1) >= TUNE_BELOW_S:  # (``fastest`` left ``most`` set)
         return {}
-    timings = {threads: fastest(threads, TUNE_BATCH) for threads in candidates(most)}
+    timings: dict[int, float] = {}
+    for threads in candidates(most):
+        timings[threads] = fastest(threads, TUNE_BATCH)
+        if timings[threads] > min(timings.values()) * (1 + WITHIN):
+            break  # out of the margin: fewer threads still take longer where ops are large, and each call is longer
     set_threads(fewest_threads(timings))
     return timings
