@@ -39,10 +39,11 @@ def test_the_fewest_threads_within_the_margin_of_the_fastest_are_kept() -> None:
 
 
 class Workload:
-    """A call whose time depends on the thread count set, as a model call's does: ``seconds[threads]`` per image."""
+    """A call whose time depends on the thread count set, as a model call's does: ``seconds[threads]`` per image
+    (set at the most threads to start with, as a replica warmed up at its count is)."""
 
     def __init__(self, seconds: dict[int, float]) -> None:
-        self.seconds, self.threads, self.batches = seconds, 0, []
+        self.seconds, self.threads, self.batches = seconds, max(seconds), []
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads
@@ -74,6 +75,10 @@ def test_tune_keeps_every_thread_without_trying_fewer_where_one_image_is_slow() 
     work = Workload({2: TUNE_BELOW_S * 1.2, 1: 0.001})
     assert tune(work.call, work.set_threads, 2, repeats=1) == {}
     assert work.threads == 2 and {threads for threads, _ in work.batches} == {2}
+    # twice the bound or more: one call decides
+    work = Workload({2: TUNE_BELOW_S * 2.2, 1: 0.001})
+    assert tune(work.call, work.set_threads, 2) == {}
+    assert work.batches == [(2, 1)]
 
 
 def test_a_replica_with_auto_threads_runs_at_the_count_it_measured(tiny_dir: Path, two_threads: None) -> None:

@@ -64,10 +64,11 @@ def fewest_threads(timings: Mapping[int, float], within: float = WITHIN) -> int:
 def tune(
     call: Callable[[int], None], set_threads: Callable[[int], None], most: int, repeats: int = REPEATS
 ) -> dict[int, float]:
-    """Time ``call(batch)`` at ``most`` threads and fewer, leave the chosen count set (``fewest_threads``), and
-    return the seconds per call by thread count. Only ``most`` is timed (at batch 1) where that is
-    ``TUNE_BELOW_S`` or longer; halving stops at the first count out of the margin of the fastest so far (on a
-    node of many cores a large model's calls on one thread would take seconds each)."""
+    """Time ``call(batch)`` at ``most`` threads (the count set, ``call`` warmed up at it) and fewer, leave the chosen
+    count set (``fewest_threads``), and return the seconds per call by thread count. Only ``most`` is timed (at batch
+    1) where that is ``TUNE_BELOW_S`` or longer, once where it is twice that: a large model's start pays one call.
+    Halving stops at the first count out of the margin of the fastest so far (on a node of many cores a large
+    model's calls on one thread would take seconds each)."""
 
     def fastest(threads: int, batch: int) -> float:
         set_threads(threads)
@@ -79,8 +80,12 @@ def tune(
             best = min(best, time.perf_counter() - started)
         return best
 
-    if most <= 1 or fastest(most, 1) >= TUNE_BELOW_S:  # (``fastest`` left ``most`` set)
+    if most <= 1:
         return {}
+    started = time.perf_counter()
+    call(1)
+    if time.perf_counter() - started >= 2 * TUNE_BELOW_S or fastest(most, 1) >= TUNE_BELOW_S:
+        return {}  # (``most`` is still set)
     timings: dict[int, float] = {}
     for threads in candidates(most):
         timings[threads] = fastest(threads, TUNE_BATCH)
