@@ -219,11 +219,15 @@ def test_a_ctrl_c_while_the_driver_waits_sets_a_flag_and_the_handler_comes_back(
 
     from vtp_ray.probe.job import interrupt_flag
 
-    before = signal.getsignal(signal.SIGINT)
-    with interrupt_flag() as interrupted:
-        assert not interrupted.is_set()
-        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt here
-        assert interrupted.is_set()
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+    # Python's own handler to start from: a process started in the background by a shell inherits SIGINT ignored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupt_flag() as interrupted:
+            assert not interrupted.is_set()
+            signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt here
+            assert interrupted.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
