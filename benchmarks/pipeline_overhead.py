@@ -137,9 +137,9 @@ class Runs:
     name: str
     extra: list[str]
     code: Path = ROOT
-    walls: dict[int, list[float]] = field(default_factory=lambda: {})
-    rss: dict[int, list[float]] = field(default_factory=lambda: {})
-    warm: dict[int, list[float]] = field(default_factory=lambda: {})
+    walls: dict[int, list[float]] = field(default_factory=dict)
+    rss: dict[int, list[float]] = field(default_factory=dict)
+    warm: dict[int, list[float]] = field(default_factory=dict)
 
     def run(self, inputs: Path, count: int, output: Path) -> None:
         seconds, rss, warm = run_tokenize([str(inputs)], output, self.extra, self.code)

@@ -24,8 +24,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
 
-__all__ = ["TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "candidates", "fewest_threads", "node_cores", "tune"]
+__all__ = [
+    "TUNE_BATCH", "TUNE_BELOW_S", "WITHIN", "CpuThreads", "candidates", "check_cpu_threads", "fewest_threads",
+    "node_cores", "tune",
+]  # fmt: skip
+
+#: A replica's ``cpu_threads``: a number, ``auto`` (``tune`` at warm-up), or None (torch's choice, or the job's).
+CpuThreads = int | Literal["auto"] | None
 
 #: Threads that buy less than this (a fraction of the call's time) are not kept. Generous, because the timing runs
 #: on idle cores and a shared node's cost does not show there: the tiny model's calls of 8 were within 10% either
@@ -37,6 +44,12 @@ TUNE_BELOW_S = 0.05
 TUNE_BATCH = 8
 #: Timed calls per thread count (after one untimed call); the fastest counts.
 REPEATS = 3
+
+
+def check_cpu_threads(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a ``CpuThreads``: a positive int, ``auto`` or None."""
+    if not (value in (None, "auto") or (type(value) is int and value >= 1)):
+        raise ValueError(f"cpu_threads must be a positive int, 'auto' or None, got {value!r}")
 
 
 def node_cores() -> int:
@@ -70,21 +83,22 @@ def tune(
     Halving stops at the first count out of the margin of the fastest so far (on a node of many cores a large
     model's calls on one thread would take seconds each)."""
 
+    def timed(batch: int) -> float:
+        started = time.perf_counter()
+        call(batch)
+        return time.perf_counter() - started
+
     def fastest(threads: int, batch: int) -> float:
         set_threads(threads)
         call(batch)  # untimed: the thread team resizes, kernels are picked
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call(batch)
-            best = min(best, time.perf_counter() - started)
-        return best
+        return min(timed(batch) for _ in range(repeats))
 
     if most <= 1:
         return {}
-    started = time.perf_counter()
-    call(1)
-    if time.perf_counter() - started >= 2 * TUNE_BELOW_S or fastest(most, 1) >= TUNE_BELOW_S:
+    one_image = [timed(1)]  # at ``most``, already warm: no untimed call
+    if one_image[0] < 2 * TUNE_BELOW_S:
+        one_image += [timed(1) for _ in range(repeats - 1)]
+    if min(one_image) >= TUNE_BELOW_S:
         return {}  # (``most`` is still set)
     timings: dict[int, float] = {}
     for threads in candidates(most):

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from . import __version__
 from .arrays import as_image_batch, as_latent_batch
 from .compile_plan import plan_compile, use_compile_cache
 from .compiled import MAX_GRAPHS, CompiledModel, eager_status, eager_units
-from .cpu_threads import TUNE_BATCH
+from .cpu_threads import TUNE_BATCH, CpuThreads
 from .cpu_threads import tune as tune_threads
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
@@ -67,7 +66,7 @@ class VTPReplica:
         precision: str = "fp32",
         rope_dtype: str = "float32",
         warmup_size: int = 256,
-        cpu_threads: int | Literal["auto"] | None = None,
+        cpu_threads: CpuThreads = None,
         compile: str = "off",
         compile_cache: str | None = None,
         compile_max_batch: int = 8,

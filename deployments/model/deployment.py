@@ -21,12 +21,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import ray
 from ray import serve
 
+from vtp_ray.cpu_threads import CpuThreads
 from vtp_ray.outputs import identity_differences
 from vtp_ray.placement import OPENMP_WAIT_VARS, assigned_device, brief_openmp_waits
 from vtp_ray.text import expand
@@ -85,7 +86,7 @@ class ModelDeployment:
         batching: Batching | None = None,
         compile: str = "off",
         compile_cache: str | None = None,
-        cpu_threads: int | Literal["auto"] | None = "auto",
+        cpu_threads: CpuThreads = "auto",
     ) -> None:
         device = device or assigned_device()
         brief_openmp_waits(device)
@@ -117,7 +118,7 @@ class ModelDeployment:
     @staticmethod
     def _load(
         model: str, device: str, precision: str, warmup_size: int, compile: str, cache: str | None, max_batch: int,
-        cpu_threads: int | Literal["auto"] | None,
+        cpu_threads: CpuThreads,
     ) -> VTPReplica:  # fmt: skip
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 

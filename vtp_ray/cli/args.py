@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..cpu_threads import CpuThreads, check_cpu_threads
 from ..images import ImageLimits
 from ..options import COMPILE_MODES, CROPS, PRECISIONS, ROPE_DTYPES
 from ..pipeline import PipelineSpec, Preprocessing, SampleOptions
@@ -57,16 +58,13 @@ def replicas_arg(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
 
 
-def cpu_threads_arg(text: str) -> int | str:
-    if text.lower() == "auto":
-        return "auto"
+def cpu_threads_arg(text: str) -> CpuThreads:
+    value = int(text) if text.isdigit() else text.lower()
     try:
-        threads = int(text)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of threads or auto, got {text!r}")
-    return threads
+        check_cpu_threads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def resources_arg(text: str) -> str | dict[str, Any]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
+from ..cpu_threads import CpuThreads, check_cpu_threads
 from ..images import PATCH_SIZE, CropMode, ImageLimits, ImageSource, preprocess_with_info
 from ..options import CROPS, ROPE_DTYPES, check_compile_mode, check_precision
 from ..outputs import model_identity
@@ -127,7 +128,7 @@ class PipelineSpec:
     preprocess_cpus: float = 0.5
     labels_from_dirs: bool = False
     address: str | None = None
-    cpu_threads: int | Literal["auto"] | None = "auto"
+    cpu_threads: CpuThreads = "auto"
     filesystem: pafs.FileSystem | None = None
     progress: bool = True
     dashboard: bool = False
@@ -155,8 +156,7 @@ class PipelineSpec:
             raise ValueError(f"replicas must be a positive int or a (min, max) range, got {replicas!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not (self.cpu_threads in (None, "auto") or (type(self.cpu_threads) is int and self.cpu_threads >= 1)):
-            raise ValueError(f"cpu_threads must be a positive int, 'auto' or None, got {self.cpu_threads!r}")
+        check_cpu_threads(self.cpu_threads)
         if self.preprocess_cpus <= 0:
             raise ValueError(f"preprocess_cpus must be > 0, got {self.preprocess_cpus}")
         check_compile_mode(self.compile)

@@ -20,12 +20,12 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from ..cpu_threads import node_cores
+from ..cpu_threads import CpuThreads, node_cores
 from ..outputs import identity_differences
 from ..placement import brief_openmp_waits
 from .priority import job_priority, lower_this_thread
@@ -166,7 +166,7 @@ def replica_label(device: str, cpu_threads: int | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid()} node {context.get_node_id()[:8]} {device}{threads}{ids}"
 
 
-def replica_cpu_threads(cpu_threads: int | Literal["auto"] | None, device: str) -> int | Literal["auto"] | None:
+def replica_cpu_threads(cpu_threads: CpuThreads, device: str) -> CpuThreads:
     """What a job's ``VTPReplica`` gets as ``cpu_threads``: a number as given; on a CPU, otherwise, the node's cores
     to start from (set here as torch's count: inside a Ray actor torch would follow ``num_cpus``, usually 1), with
     ``auto`` kept so that the replica keeps only the threads that pay at warm-up (``vtp_ray.cpu_threads``)."""

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..cpu_threads import node_cores
+from ..cpu_threads import CpuThreads, node_cores
 from ..pipeline.stages import pixels
 from .reads import FEATURES
 from .settings import ProbeSettings
@@ -55,7 +55,7 @@ def resolve_probe_precision(precision: str, device: Any) -> str:
     return "bf16" if supported() else "fp32"
 
 
-def _cpu_threads(requested: int | str | None, local_workers: int) -> int:
+def _cpu_threads(requested: CpuThreads, local_workers: int) -> int:
     """A CPU worker's torch threads: ``requested`` if a number, else the node's cores shared by the workers on it
     (Ray sets 1 for a fraction). ``auto`` is the latter: training has no warm-up call to tune on."""
     if isinstance(requested, int) and requested:
