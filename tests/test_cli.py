@@ -157,15 +157,21 @@ def test_bench_reports_every_verb_and_batch(tiny_dir):
         (b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")
     }
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
+    gemm = {r["gemm_gflops"] for r in rows}  # one GEMM rate per precision, the one the progress line names
+    assert len(gemm) == 1 and gemm.pop() > 0
+    assert all(
+        r["of_gemm"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e9 / r["gemm_gflops"]) for r in rows
+    )
     progress = [line for line in result.stderr.splitlines() if line.startswith("bench")]
     assert re.fullmatch(
         r"bench: 8 measurements: 1 precision x 2 batch sizes x 4 verbs x 1 call \(0 warm-up \+ 1 timed\) at 64 px "
         r"on \S+; time estimates follow the first measurement",
         progress[0],
     ), progress[0]
-    assert progress[1] == "bench 1/8: fp32 eager batch 1 encode"
+    assert re.fullmatch(r"bench: fp32 GEMM rate on \S+: [\d,]+ GFLOP/s", progress[1]), progress[1]
+    assert progress[2] == "bench 1/8: fp32 eager batch 1 encode"
     # the whole estimate shows when the bench is long, which this tiny one is only on a busy machine
-    steps = [line for line in progress[2:-1] if not line.startswith("bench: about ")]
+    steps = [line for line in progress[3:-1] if not line.startswith("bench: about ")]
     measurements = [(b, v) for b in (1, 2) for v in ("encode", "decode", "reconstruct", "embed")]
     expected = [f"bench {i}/8: fp32 eager batch {b} {v}" for i, (b, v) in enumerate(measurements[1:], 2)]
     assert [line.split(";")[0] for line in steps] == expected

@@ -218,6 +218,16 @@ def test_auto_compiles_low_precision_where_the_cpu_has_a_matrix_engine():
         plan_compile("yes", cpu, torch.float32)
 
 
+def test_cuda_compiles_with_inductor_and_no_cuda_graphs():
+    # Inductor's CUDA graphs (mode="reduce-overhead") broke on an H200: graphs recorded on the compile thread failed
+    # on the calling thread, and each call overwrote the outputs of the call before. Planning needs no GPU.
+    cuda = torch.device("cuda")
+    plan = plan_compile("auto", cuda, torch.bfloat16)
+    assert plan.backend == "inductor" if plan.enabled else "triton" in plan.reason, plan
+    assert "CUDA graph" not in plan.reason
+    assert not plan_compile("auto", cuda, torch.float32).enabled
+
+
 def test_the_cache_directory_is_named_for_this_machine_class(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     key = cache_key(torch.device("cpu"))

@@ -1,5 +1,5 @@
-"""Latency and throughput of the replica's verbs, plus the model's FLOP count to put them against; with ``compile``,
-eager and compiled replicas side by side."""
+"""Latency and throughput of the replica's verbs, plus the model's FLOP count and the device's own GEMM rate to put
+them against; with ``compile``, eager and compiled replicas side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import synchronize
+from .device import resolve_precision, synchronize
 from .model import VTPConfig
 from .replica import VTPReplica
 from .words import plural
@@ -47,6 +47,16 @@ def model_flops(cfg: VTPConfig, height: int = 256, width: int = 256) -> dict[str
     encode += n * d * c
     decode = n * c * dd + _blocks_macs(n, dd, cfg.decoder_depth, cfg.decoder_ffn_layer, 4.0) + n * dd * 3 * 16 * 16
     return {"encode": 2.0 * encode, "decode": 2.0 * decode}
+
+
+def gemm_flops_per_s(device: torch.device, dtype: torch.dtype, runs: int = 5) -> float:
+    """The device's matrix-multiply rate in ``dtype``: the median of ``runs`` square products, 8192 per side on an
+    accelerator (large enough to reach its matrix engine's rate), 1024 on the CPU (seconds, not minutes, where
+    bf16 is emulated)."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2.0 * n**3 / time_call(lambda: a @ b, device, warmup=2, runs=runs)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, runs: int = 5) -> float:
@@ -184,6 +194,7 @@ class BenchRow:
     random_weights: bool = False
     compiled: bool = False
     speedup: float | None = None  # a compiled row: the eager row's time over this one's
+    gemm_gflops: float | None = None  # the device's GEMM rate at this precision (``gemm_flops_per_s``)
 
     @property
     def ms_per_batch(self) -> float:
@@ -201,8 +212,14 @@ class BenchRow:
     def gflops(self) -> float:
         return self.flops_per_image * self.images_per_s / 1e9
 
+    @property
+    def of_gemm(self) -> float | None:
+        """The model's FLOP rate as a fraction of the device's GEMM rate at this precision."""
+        return self.gflops / self.gemm_gflops if self.gemm_gflops else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "ms_per_image": self.ms_per_image, "images_per_s": self.images_per_s}
+        derived = {"ms_per_image": self.ms_per_image, "images_per_s": self.images_per_s, "of_gemm": self.of_gemm}
+        return {**dataclasses.asdict(self), **derived}
 
 
 def bench(
@@ -219,7 +236,8 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images; with ``compile``
-    ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled).
+    ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled). Each row
+    carries the device's GEMM rate at its precision, measured before that precision's first row.
 
     ``progress`` is given lines to show (the CLI writes them to stderr): the plan, an estimate of its time once the
     first measurement is timed, and before each measurement which one it is and about how long is left
@@ -232,8 +250,12 @@ def bench(
     for precision in precisions:
         replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
         tracker.plan(model_flops(replica.model.config, size, size), str(replica.device), size)
+        gemm = gemm_flops_per_s(replica.device, resolve_precision(precision)) / 1e9
+        tracker.write(f"bench: {precision} GEMM rate on {replica.device}: {gemm:,.0f} GFLOP/s")
         eager = [
-            row for batch in batch_sizes for row in _bench_batch(replica, batch, size, verbs, warmup, runs, tracker)
+            dataclasses.replace(row, gemm_gflops=gemm)
+            for batch in batch_sizes
+            for row in _bench_batch(replica, batch, size, verbs, warmup, runs, tracker)
         ]
         rows += eager
         del replica
@@ -256,7 +278,9 @@ def bench(
         for batch in batch_sizes:
             for row in _bench_batch(replica, batch, size, verbs, warmup, runs, tracker, mode="compiled"):
                 before = next(r for r in eager if (r.batch, r.verb) == (row.batch, row.verb))
-                rows.append(dataclasses.replace(row, compiled=True, speedup=before.seconds / row.seconds))
+                rows.append(
+                    dataclasses.replace(row, compiled=True, speedup=before.seconds / row.seconds, gemm_gflops=gemm)
+                )
     tracker.finish()
     return rows
 
@@ -294,14 +318,15 @@ def _bench_batch(
 def format_rows(rows: Sequence[BenchRow]) -> str:
     header = (
         f"{'precision':<10}{'mode':<9}{'batch':>6}  {'verb':<12}{'ms/batch':>10}{'ms/image':>10}{'images/s':>10}"
-        f"{'GFLOP/s':>9}{'speedup':>9}"
+        f"{'GFLOP/s':>9}{'of GEMM':>9}{'speedup':>9}"
     )
     lines = [header]
     for r in rows:
         speedup = f"{r.speedup:>8.2f}x" if r.speedup else " " * 9
+        of_gemm = f"{r.of_gemm:>8.1%}" if r.of_gemm is not None else " " * 8
         lines.append(
             f"{r.precision:<10}{'compiled' if r.compiled else 'eager':<9}{r.batch:>6}  {r.verb:<12}"
-            f"{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}{r.images_per_s:>10.2f}{r.gflops:>9.0f}{speedup}"
+            f"{r.ms_per_batch:>10.1f}{r.ms_per_image:>10.1f}{r.images_per_s:>10.2f}{r.gflops:>9.0f} {of_gemm}{speedup}"
             + ("  (random weights)" if r.random_weights else "")
         )
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Where compiling can work and pays (``plan_compile``), and where its artifacts persist (``use_compile_cache``).
 
 The plan decides ``off | on | auto`` for a device and precision and names the backend: inductor on the CPU (which
-needs a C++ compiler and Python's headers at run time) and on CUDA (with a CUDA graph per shape), TorchAir on
+needs a C++ compiler and Python's headers at run time) and on CUDA (triton kernels, no CUDA graphs), TorchAir on
 Ascend (shipped with torch_npu); where none can work, eager with the reason. ``vtp_ray.compiled`` runs the plan.
 """
 
@@ -43,7 +43,7 @@ class CompilePlan:
 
     mode: str
     enabled: bool
-    backend: str | None  # "inductor", "inductor+cudagraphs" (CUDA), "torchair" (Ascend); None: eager
+    backend: str | None  # "inductor" (CPU and CUDA), "torchair" (Ascend); None: eager
     reason: str
 
 
@@ -76,7 +76,7 @@ def plan_compile(mode: str, device: torch.device, dtype: torch.dtype) -> Compile
     if device.type == "cuda":
         if not _has_triton():
             return CompilePlan(mode, False, None, "eager: inductor on CUDA needs triton, which is not installed")
-        return CompilePlan(mode, True, "inductor+cudagraphs", f"{chosen} ({name} on cuda, a CUDA graph per shape)")
+        return CompilePlan(mode, True, "inductor", f"{chosen} ({name} on cuda, inductor's triton kernels)")
     missing = _inductor_cpu_missing()
     if missing:
         return CompilePlan(mode, False, None, f"eager: inductor on the CPU needs {missing} at run time")

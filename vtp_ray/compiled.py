@@ -100,7 +100,7 @@ _PENDING, _READY, _FAILED = "pending", "ready", "failed"
 class _Backend:
     """The compile backend, instrumented: which thread compiled, and whether a call ran a compiled graph."""
 
-    def __init__(self, plan: CompilePlan, cpu_threads: int) -> None:
+    def __init__(self, plan: CompilePlan, device_type: str, cpu_threads: int) -> None:
         self.plan = plan
         self.ran = threading.local()  # .n: compiled graphs run by this thread
         # .worker: this thread is a compile worker. A flag, not the worker's ident: each worker thread exits when
@@ -113,10 +113,12 @@ class _Backend:
         else:
             from torch._inductor.compile_fx import compile_fx
 
+            # No CUDA graphs on CUDA (mode="reduce-overhead"): inductor's CUDA graph trees belong to the thread
+            # that imported them, and every call overwrites the previous call's outputs. Measured on an H200:
+            # graphs recorded by the compile thread failed in the calling thread, and a reconstruction read its
+            # encoder's outputs after the decoder had overwritten them.
             patches: dict[str, object] = {}
-            if plan.backend == "inductor+cudagraphs":
-                patches = dict(torch._inductor.list_mode_options("reduce-overhead"))
-            else:
+            if device_type == "cpu":
                 # Kernels take their OpenMP team size from the compiling thread unless told: the caller's.
                 patches["cpp.threads"] = cpu_threads
                 # One C++ file per graph (wrapper and kernels) instead of one per kernel: the tiny model's first two
@@ -170,7 +172,7 @@ class CompiledModel:
         self.max_graphs = max_graphs
         self.cache_dir = cache_dir
         self._latent_channels = model.config.vision_feature_bottleneck
-        self._backend = _Backend(plan, torch.get_num_threads())
+        self._backend = _Backend(plan, device.type, torch.get_num_threads())
         # Dynamo compiles a function at most recompile_limit times, then runs it eagerly with only a warning (with
         # fullgraph=True: an error, reported as the graph's failure). Each replica has its own functions, so its
         # cap fits; the compile thread applies it (torch >= 2.10 keeps config overrides per thread).
@@ -199,7 +201,6 @@ class CompiledModel:
         self._compiled_calls = 0
         self._compile_seconds = 0.0
         self._cache_hits = self._cache_misses = 0
-        self._cudagraphs = plan.backend == "inductor+cudagraphs"
 
     # ------------------------------------------------------------------------------ calling path
 
@@ -230,8 +231,6 @@ class CompiledModel:
             with self._lock:
                 self._eager_calls[reason] += 1
             return self._eager[unit](x)
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
         before = self._backend.runs()
         out = self._run_only[unit](self.model, x)
         ran = self._backend.runs() > before

@@ -48,7 +48,7 @@ class CompileStatus:
 
     mode: str  # what was asked: off | on | auto
     compiled: bool  # whether the image verbs run compiled graphs (once their shapes are compiled)
-    backend: str | None  # inductor, inductor+cudagraphs (CUDA), torchair (Ascend); None: eager
+    backend: str | None  # inductor (CPU, CUDA), torchair (Ascend); None: eager
     reason: str  # what auto chose, or why compiling cannot work here
     ready: bool  # the warm-up size's graphs are compiled (or failed, or compiling is off): serve without 503s
     graphs: tuple[str, ...] = ()  # compiled graphs, e.g. "encoder 2-8x3x256x256" (batch 2..8 of 3x256x256)

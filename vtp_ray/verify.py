@@ -58,15 +58,16 @@ class VerifyReport:
         return all(m.passed for m in self.measures) and not self.compile_failed
 
     def format(self) -> str:
+        width = max([len("output"), *(len(m.name) for m in self.measures)]) + 2
         lines = [
             f"verify {self.target} against {self.reference}",
             *([f"compile: {self.compile}"] if self.compile else []),
-            f"{'output':<16}{'max err':>10}{'mean err':>10}{'limit':>8}{'PSNR dB':>9}  result",
+            f"{'output':<{width}}{'max err':>10}{'mean err':>10}{'limit':>8}{'PSNR dB':>9}  result",
         ]
         for m in self.measures:
             psnr_text = "" if m.psnr_db is None else f"{m.psnr_db:.2f}"
             lines.append(
-                f"{m.name:<16}{m.max_error:>9.4%}{m.mean_error:>10.4%}{m.threshold:>8.2%}{psnr_text:>9}"
+                f"{m.name:<{width}}{m.max_error:>10.4%}{m.mean_error:>10.4%}{m.threshold:>8.2%}{psnr_text:>9}"
                 f"  {'pass' if m.passed else 'FAIL'}"
             )
         lines.append("PASS" if self.passed else "FAIL")
@@ -74,8 +75,9 @@ class VerifyReport:
 
 
 def _compare(name: str, target: torch.Tensor, ref: torch.Tensor, threshold: float) -> Measure:
-    diff = (target.float().cpu() - ref.float()).abs()
-    scale = ref.float().abs().max().clamp_min(1e-12)
+    target, ref = target.float().cpu(), ref.float().cpu()  # ref: the CPU's, or the target's own eager outputs
+    diff = (target - ref).abs()
+    scale = ref.abs().max().clamp_min(1e-12)
     return Measure(name, (diff.max() / scale).item(), (diff.mean() / scale).item(), threshold)
 
 
