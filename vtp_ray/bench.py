@@ -234,10 +234,12 @@ def bench(
     compile: str = "off",
     compile_cache: str | None = None,
     progress: Callable[[str], None] | None = None,
+    cuda_graphs: bool = True,
 ) -> list[BenchRow]:
     """Time each verb of a ``VTPReplica`` per precision and batch size on seeded random images; with ``compile``
     ``on`` / ``auto``, a compiled replica's rows follow the eager ones (once its graphs are compiled). Each row
-    carries the device's GEMM rate at its precision, measured before that precision's first row.
+    carries the device's GEMM rate at its precision, measured before that precision's first row. On CUDA both
+    replicas replay batches of up to the largest batch size as CUDA graphs unless ``cuda_graphs`` is False.
 
     ``progress`` is given lines to show (the CLI writes them to stderr): the plan, an estimate of its time once the
     first measurement is timed, and before each measurement which one it is and about how long is left
@@ -248,8 +250,17 @@ def bench(
     tracker = BenchProgress(progress or (lambda line: None), precisions, modes, batch_sizes, verbs, warmup, runs)
     rows: list[BenchRow] = []
     for precision in precisions:
-        replica = VTPReplica(model, device=device, precision=precision, warmup_size=0)
+        replica = VTPReplica(
+            model,
+            device=device,
+            precision=precision,
+            warmup_size=0,
+            compile_max_batch=max(batch_sizes),
+            cuda_graphs=cuda_graphs,
+        )
         tracker.plan(model_flops(replica.model.config, size, size), str(replica.device), size)
+        if replica.graph_status().enabled:
+            tracker.write(f"bench: CUDA graphs on: batches of up to {max(batch_sizes)} replay recorded graphs")
         gemm = gemm_flops_per_s(replica.device, resolve_precision(precision)) / 1e9
         tracker.write(f"bench: {precision} GEMM rate on {replica.device}: {gemm:,.0f} GFLOP/s")
         eager = [
@@ -270,6 +281,7 @@ def bench(
             compile=compile,
             compile_cache=compile_cache,
             compile_max_batch=max(batch_sizes),
+            cuda_graphs=cuda_graphs,
         )
         if not replica.compile_status().compiled:
             tracker.skip(precision, "compiled")

@@ -246,6 +246,13 @@ class CompiledModel:
             log.warning("compiled graph %s did not match a call (a guard failed): such calls run eagerly", key)
         return out
 
+    def final(self, unit: str, x: Tensor) -> bool:
+        """Whether calls of ``x``'s shape run as they will from now on: compiled, or eagerly for good (failed, past
+        the cap); not before the shape's first call nor while it compiles. Larger batches: per chunk."""
+        key = self._key(unit, x[: self.max_batch])
+        with self._lock:
+            return self._states.get(key) in (_READY, _FAILED) or key in self._over_cap
+
     def _key(self, unit: str, x: Tensor) -> GraphKey:
         n = len(x)
         batch = "1" if n == 1 or self.max_batch == 1 else f"2-{self.max_batch}"

@@ -13,6 +13,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "CompileStatus",
     "Encoded",
+    "GraphStatus",
     "ReplicaInfo",
     "ZeroShot",
     "identity_differences",
@@ -70,6 +71,23 @@ class CompileStatus:
 
 
 @dataclass(frozen=True)
+class GraphStatus:
+    """What a replica's CUDA graphs did: recorded shapes, replayed calls, and what ran without a graph and why."""
+
+    enabled: bool  # whether small batches replay CUDA graphs (``vtp_ray.cuda_graphs``)
+    reason: str  # why they are on or off here
+    max_batch: int = 0
+    max_graphs: int = 0
+    graphs: tuple[str, ...] = ()  # e.g. "encoder 1x3x256x256"
+    failed: dict[str, str] = field(default_factory=dict)  # shape -> the capture error
+    replays: int = 0
+    direct_calls: dict[str, int] = field(default_factory=dict)  # by reason: large_batch, not_final, over_cap, failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class ReplicaInfo:
     """What a replica serves and how: everything a result must be traceable to."""
 
@@ -88,6 +106,7 @@ class ReplicaInfo:
     text_context_length: int | None = None  # token ids per text; None without a text tower
     zero_shot_activation: str | None = None  # "softmax" (CLIP: no logit bias) or "sigmoid" (SigLIP: a logit bias)
     compile: CompileStatus | None = None  # how the image verbs run: compiled or eager, and why (a fresh snapshot)
+    cuda_graphs: GraphStatus | None = None  # whether small batches replay CUDA graphs, and what they did
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +125,11 @@ class ReplicaInfo:
             status = fields["compile"]
             fields["compile"] = CompileStatus(
                 **{k: status[k] for k in CompileStatus.__dataclass_fields__ if k in status}
+            )
+        if isinstance(fields.get("cuda_graphs"), Mapping):
+            status = fields["cuda_graphs"]
+            fields["cuda_graphs"] = GraphStatus(
+                **{k: status[k] for k in GraphStatus.__dataclass_fields__ if k in status}
             )
         return cls(**fields)
 

@@ -25,15 +25,16 @@ from .compile_plan import plan_compile, use_compile_cache
 from .compiled import MAX_GRAPHS, CompiledModel, eager_status, eager_units
 from .cpu_threads import TUNE_BATCH, CpuThreads
 from .cpu_threads import tune as tune_threads
+from .cuda_graphs import CudaGraphs
 from .device import cpu_has_fast_low_precision, memory_stats, resolve_device, resolve_precision, synchronize
 from .model import load_model
 from .normalize import denormalize_to_uint8, normalize
-from .outputs import CompileStatus, Encoded, ReplicaInfo, ZeroShot
+from .outputs import CompileStatus, Encoded, GraphStatus, ReplicaInfo, ZeroShot
 from .text.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompileStatus", "Encoded", "ReplicaInfo", "VTPReplica", "ZeroShot"]
+__all__ = ["CompileStatus", "Encoded", "GraphStatus", "ReplicaInfo", "VTPReplica", "ZeroShot"]
 
 
 class VTPReplica:
@@ -55,7 +56,8 @@ class VTPReplica:
             shape's graph is ready its calls run eagerly. ``compile_status()`` and ``info.compile`` say how it runs.
         compile_cache: directory of the persistent compile cache (default: env ``VTP_COMPILE_CACHE``, else
             ``/tmp/vtp-ray-compile-<uid>``); a second process with a filled cache compiles in seconds.
-        compile_max_batch: the largest batch of one compiled call; larger batches run in chunks of this many.
+        compile_max_batch: the largest batch of one compiled call (larger batches run in chunks of this many), and
+            of one CUDA graph.
         compile_max_graphs: the most graphs this replica compiles (two per batch kind and image size).
     """
 
@@ -71,6 +73,7 @@ class VTPReplica:
         compile_cache: str | None = None,
         compile_max_batch: int = 8,
         compile_max_graphs: int = MAX_GRAPHS,
+        cuda_graphs: bool = True,
     ) -> None:
         started = time.perf_counter()
         self.device = resolve_device(device)
@@ -99,6 +102,13 @@ class VTPReplica:
             log.info("%s: %s, cache %s", plan.reason, plan.backend, cache)
         elif compile != "off":
             (log.warning if compile == "on" else log.info)("compile=%s: %s", compile, plan.reason)
+        self._graphs: CudaGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            final = self._compiled.final if self._compiled is not None else None
+            self._graphs = CudaGraphs(units, self.device, compile_max_batch, final=final)
+            units = {"encoder": self._graphs.encoder, "decoder": self._graphs.decoder}
+        why = "cuda_graphs=False" if not cuda_graphs else f"not on CUDA ({self.device.type})"
+        self._graphs_off = GraphStatus(enabled=False, reason=why)
         self._encoder, self._decoder = units["encoder"], units["decoder"]
         self._eager = eager_units(self.model)
         cfg = self.model.config
@@ -142,6 +152,10 @@ class VTPReplica:
         synchronize(self.device)
         if self._compiled is not None:
             self._compiled.warm(size)
+        elif self._graphs is not None:  # one image's graphs now, for the first online request (compiled: once final)
+            with torch.inference_mode():
+                latents, _ = self._encoder(self._images_in(np.zeros((1, size, size, 3), np.uint8)))
+                self._decoder(latents)
 
     def _tune_cpu_threads(self, size: int) -> dict[int, float]:
         most = torch.get_num_threads()
@@ -157,8 +171,8 @@ class VTPReplica:
 
     @property
     def info(self) -> ReplicaInfo:
-        """What this replica serves and how, with a fresh snapshot of ``compile_status()``."""
-        return dataclasses.replace(self._info, compile=self.compile_status())
+        """What this replica serves and how, with fresh snapshots of ``compile_status()`` and ``graph_status()``."""
+        return dataclasses.replace(self._info, compile=self.compile_status(), cuda_graphs=self.graph_status())
 
     @info.setter
     def info(self, value: ReplicaInfo) -> None:
@@ -167,6 +181,10 @@ class VTPReplica:
     def compile_status(self) -> CompileStatus:
         """Whether the image verbs run compiled, which graphs are ready, and how many calls ran eagerly and why."""
         return self._eager_status if self._compiled is None else self._compiled.status(self._eager_status.mode)
+
+    def graph_status(self) -> GraphStatus:
+        """Whether small batches replay CUDA graphs (``vtp_ray.cuda_graphs``), which shapes, and what ran without."""
+        return self._graphs_off if self._graphs is None else self._graphs.status("on (CUDA)")
 
     @property
     def compile_ready(self) -> bool:

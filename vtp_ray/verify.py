@@ -10,7 +10,9 @@ CLIP image feature, the latents and the reconstruction we report
 A check passes when every normalized max error is below its threshold (1% by default).
 
 With ``compile`` the target runs its compiled graphs (``vtp_ray.compiled``), and the report adds the compiled
-outputs against the eager ones of the same device and precision: the error compiling itself adds.
+outputs against the eager ones of the same device and precision: the error compiling itself adds. On CUDA the
+target's calls are then recorded as CUDA graphs, as a replica records them (``vtp_ray.cuda_graphs``), and the report
+adds the replayed outputs against the direct ones, read after other images went through the same graphs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from .compile_plan import plan_compile, use_compile_cache
 from .compiled import CompiledModel, eager_units
+from .cuda_graphs import CudaGraphs
 from .device import cpu_has_fast_low_precision, resolve_device, resolve_precision, seed_everything, synchronize
 from .metrics import psnr
 from .model import load_model
@@ -52,16 +55,19 @@ class VerifyReport:
     measures: list[Measure] = field(default_factory=list)
     compile: str | None = None  # how the target ran: compiled graphs, or eager and why
     compile_failed: bool = False  # compiling was on, but not every graph ran compiled
+    cuda_graphs: str | None = None  # what the CUDA graphs did (CUDA only)
+    graphs_failed: bool = False  # a shape could not be recorded, or the calls did not replay
 
     @property
     def passed(self) -> bool:
-        return all(m.passed for m in self.measures) and not self.compile_failed
+        return all(m.passed for m in self.measures) and not self.compile_failed and not self.graphs_failed
 
     def format(self) -> str:
         width = max([len("output"), *(len(m.name) for m in self.measures)]) + 2
         lines = [
             f"verify {self.target} against {self.reference}",
             *([f"compile: {self.compile}"] if self.compile else []),
+            *([f"cuda graphs: {self.cuda_graphs}"] if self.cuda_graphs else []),
             f"{'output':<{width}}{'max err':>10}{'mean err':>10}{'limit':>8}{'PSNR dB':>9}  result",
         ]
         for m in self.measures:
@@ -103,9 +109,11 @@ def verify(
     thresholds: dict[str, float] | None = None,
     compile: str = "off",
     compile_cache: str | None = None,
+    cuda_graphs: bool = True,
 ) -> VerifyReport:
     """Run seeded images on the target and on cpu fp32; compare img_feat, latents and reconstruction (and, when the
-    target compiles, its compiled outputs against its eager ones)."""
+    target compiles, its compiled outputs against its eager ones; on CUDA with ``cuda_graphs``, its replayed
+    outputs against its direct ones)."""
     limits = {name: 0.01 for name in OUTPUTS} | (thresholds or {})
     target_device = resolve_device(device)
     dtype = resolve_precision(precision)
@@ -148,18 +156,37 @@ def verify(
     if compiled is None:
         report.compile = None if compile == "off" else plan.reason
         report.compile_failed = compile == "on"
-        return report
-    status = compiled.status(compile)
-    compiled.close()
-    report.compile_failed = bool(status.failed) or status.compiled_calls < 2 or bool(status.eager_calls)
-    report.compile = (
-        f"{status.backend}, {len(status.graphs)} graphs in {status.compile_seconds:.1f}s, "
-        f"{status.compiled_calls} compiled calls, eager calls {status.eager_calls or 0}"
-        + (f", failed: {status.failed}" if status.failed else "")
-    )
+    else:
+        status = compiled.status(compile)
+        report.compile_failed = bool(status.failed) or status.compiled_calls < 2 or bool(status.eager_calls)
+        report.compile = (
+            f"{status.backend}, {len(status.graphs)} graphs in {status.compile_seconds:.1f}s, "
+            f"{status.compiled_calls} compiled calls, eager calls {status.eager_calls or 0}"
+            + (f", failed: {status.failed}" if status.failed else "")
+        )
+        _add_against(report, out, eager, "vs eager", limits)
+    if cuda_graphs and target_device.type == "cuda":
+        direct = {"encoder": compiled.encoder, "decoder": compiled.decoder} if compiled else eager_units(target_model)
+        graphs = CudaGraphs(direct, target_device, max_batch=batch, final=compiled.final if compiled else None)
+        units = {"encoder": graphs.encoder, "decoder": graphs.decoder}
+        replayed = _run(units, images, target_device)
+        _run(units, images.flip(1), target_device)  # other images through the same graphs: must not change those
+        status = graphs.status("on (CUDA)")
+        report.graphs_failed = bool(status.failed or status.direct_calls) or status.replays < 4
+        report.cuda_graphs = f"{len(status.graphs)} recorded, {status.replays} replayed calls, direct calls " + (
+            f"{status.direct_calls or 0}" + (f", failed: {status.failed}" if status.failed else "")
+        )
+        _add_against(report, replayed, out, "replayed vs direct", limits)
+    if compiled is not None:
+        compiled.close()
+    return report
+
+
+def _add_against(
+    report: VerifyReport, out: dict[str, torch.Tensor], base: dict[str, torch.Tensor], label: str, limits: dict
+) -> None:
     for name in OUTPUTS:
         if out[name] is not None:
-            measure = _compare(name, out[name], eager[name], limits[name])
-            measure.name = f"{name} vs eager"
+            measure = _compare(name, out[name], base[name], limits[name])
+            measure.name = f"{name} {label}"
             report.measures.append(measure)
-    return report

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-error", type=float, default=0.01, help="pass when every normalized max error is below")
+    add_cuda_graphs_arg(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="latency and throughput of encode/decode/reconstruct/embed")
@@ -50,11 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=5)
+    add_cuda_graphs_arg(p)
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no plan, estimate or progress lines on stderr"
     )
     p.set_defaults(func=cmd_bench)
+
+
+def add_cuda_graphs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cuda-graphs", choices=("on", "off"), default="on",
+        help="on CUDA, replay batches of up to the compile batch as CUDA graphs, as replicas do (default: on)",
+    )  # fmt: skip
 
 
 def _version(package: str) -> str | None:
@@ -167,6 +176,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         thresholds,
         compile=args.compile,
         compile_cache=args.compile_cache,
+        cuda_graphs=args.cuda_graphs == "on",
     )
     print(report.format())
     return 0 if report.passed else 1
@@ -187,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.runs,
         compile=args.compile,
         compile_cache=args.compile_cache,
+        cuda_graphs=args.cuda_graphs == "on",
         progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None,
     )
     if args.json:
