@@ -65,6 +65,7 @@ def compose_app(settings: AppSettings, **model_options: Any) -> Application:
             batching=settings.batching,
             compile=settings.compile,
             compile_cache=settings.compile_cache,
+            cuda_graphs=settings.cuda_graphs,
             cpu_threads=settings.cpu_threads,
         )
         for name, checkpoint in settings.checkpoints().items()

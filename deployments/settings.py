@@ -341,6 +341,11 @@ class AppSettings(BaseModel):
         "CPU); a replica becomes ready once the graphs of image_size are compiled",
     )
     compile_cache: str | None = Field(None, description="persistent compile cache directory (default: per machine)")
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, model calls of up to the largest batch replay recorded CUDA graphs (at most 16 per "
+        "replica): small batches run at the GPU's rate instead of the kernel-launch rate",
+    )
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         "auto",
         description="torch threads of a CPU model replica: auto (of the CPUs its placement gives it, the fewest "

@@ -51,6 +51,11 @@ def test_job_flags_become_one_pipeline_spec():
     for value, threads in ("3", 3), ("AUTO", "auto"):
         args = build_parser().parse_args(["tokenize", "in", "-o", "o", "--model", "m", "--cpu-threads", value])
         assert pipeline_spec(args).cpu_threads == threads
+    # CUDA graphs on by default, as VTPReplica's; off when asked (every model command has the flag)
+    assert PipelineSpec("m").cuda_graphs is True
+    args = build_parser().parse_args(["tokenize", "in", "-o", "o", "--model", "m", "--cuda-graphs", "OFF"])
+    assert pipeline_spec(args).cuda_graphs is False
+    assert build_parser().parse_args(["verify", "--model", "m"]).cuda_graphs is True
     # An embedded local Ray starts without its dashboard unless asked (it adds 1-2 s to ray.init).
     assert PipelineSpec("m").dashboard is False
     assert pipeline_spec(build_parser().parse_args(["eval", "in", "-o", "o", "--model", "m", "--dashboard"])).dashboard
@@ -63,6 +68,7 @@ def test_job_flags_become_one_pipeline_spec():
         ["tokenize", "in", "-o", "out", "--model", "m", "--resources", "[1]"],
         ["tokenize", "in", "-o", "out", "--model", "m", "--cpu-threads", "0"],
         ["tokenize", "in", "-o", "out", "--model", "m", "--cpu-threads", "all"],
+        ["bench", "--model", "m", "--cuda-graphs", "yes"],
         ["bench", "--model", "m", "--precisions", "fp32", "--precision", "int8"],
         ["reconstruct", "a.png", "--out", "o", "--model", "m", "--crop", "diagonal"],
     ],

@@ -8,6 +8,8 @@ through the same graphs; ``benchmarks/accelerator_check.sh``), on an H200 in doc
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,8 @@ from vtp_ray import VTPReplica
 from vtp_ray.compiled import eager_units
 from vtp_ray.cuda_graphs import CudaGraphs
 from vtp_ray.model import load_model
-from vtp_ray.outputs import ReplicaInfo
+from vtp_ray.outputs import CompileStatus, GraphStatus, ReplicaInfo
+from vtp_ray.pipeline.worker import ModelStage
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +69,25 @@ def test_each_shape_is_recorded_once_and_replayed_with_the_direct_outputs(units)
 
 
 @torch.inference_mode()
-def test_large_batches_calls_not_final_yet_and_shapes_past_the_cap_run_directly(units):
+def test_large_batches_shapes_not_settled_yet_and_shapes_past_the_cap_run_directly(units):
     recorder = Recorder()
-    final = {"encoder": False}
+    settled: dict[int, str | None] = {1: None, 2: "eager"}  # by batch: a compiled replica's shape state
     graphs = CudaGraphs(
-        units, torch.device("cpu"), max_batch=2, max_graphs=2, final=lambda unit, x: final.get(unit, True),
+        units, torch.device("cpu"), max_batch=2, max_graphs=2, settled=lambda unit, x: settled[len(x)],
         recorder=recorder,
     )  # fmt: skip
     graphs.encoder(images(3))  # larger than max_batch
     graphs.encoder(images(1))  # its compiled graph is not ready yet: not recorded
     assert recorder.recorded == []
-    final["encoder"] = True
+    settled[1] = "compiled"
     graphs.encoder(images(1))
-    graphs.encoder(images(2))
+    graphs.encoder(images(1))
+    graphs.encoder(images(2))  # its compile failed: recorded as the eager call it stays
     graphs.encoder(images(2, side=48))  # a third shape: past max_graphs
     assert [shape for _, shape in recorder.recorded] == [(1, 3, 32, 32), (2, 3, 32, 32)]
     status = graphs.status("on (CUDA)")
-    assert status.direct_calls == {"large_batch": 1, "not_final": 1, "over_cap": 1}
-    assert status.replays == 2
+    assert status.direct_calls == {"large_batch": 1, "not_settled": 1, "over_cap": 1}
+    assert status.replays == 3 and status.compiled_replays == 2
 
 
 @torch.inference_mode()
@@ -118,3 +122,14 @@ def test_a_replica_off_cuda_says_why_it_records_no_graphs(tiny_dir):
 def test_bad_bounds_are_refused(units):
     with pytest.raises(ValueError, match="max_batch and max_graphs must be >= 1"):
         CudaGraphs(units, torch.device("cpu"), max_batch=0)
+
+
+def test_a_jobs_rows_count_replays_as_what_their_graphs_recorded():
+    # ModelStage marks a batch's rows compiled when its calls ran compiled and none eagerly; a replay runs no Python
+    # of the compiled call, so the replica's CUDA graphs count them instead.
+    compile = CompileStatus(mode="on", compiled=True, backend="inductor", reason="on", ready=True, compiled_calls=3)
+    graphs = GraphStatus(enabled=True, reason="on (CUDA)", replays=10, compiled_replays=8)
+    stage = SimpleNamespace(replica=SimpleNamespace(info=SimpleNamespace(compile=compile, cuda_graphs=graphs)))
+    assert ModelStage._compiled_and_eager_calls(stage) == (11, 2)
+    stage.replica.info.cuda_graphs = None  # off CUDA
+    assert ModelStage._compiled_and_eager_calls(stage) == (3, 0)

@@ -133,6 +133,7 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     assert info["model"] == "vtp-tiny" and info["model_spec"] == TINY
     assert info["random_weights"] is False and len(info["config_digest"]) > 0
     assert (info["device"], info["precision"]) == ("cpu", "fp32")  # CPUs only: no accelerator assigned
+    assert info["cuda_graphs"]["enabled"] is False and info["cuda_graphs"]["reason"] == "not on CUDA (cpu)"
     # A CPU replica's OpenMP threads spin only briefly at barriers (they share the cores with the ingress), unless
     # the environment says how they wait.
     ours = {var: os.environ[var] for var in OPENMP_WAIT_VARS if var in os.environ}

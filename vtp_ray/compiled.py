@@ -246,12 +246,15 @@ class CompiledModel:
             log.warning("compiled graph %s did not match a call (a guard failed): such calls run eagerly", key)
         return out
 
-    def final(self, unit: str, x: Tensor) -> bool:
-        """Whether calls of ``x``'s shape run as they will from now on: compiled, or eagerly for good (failed, past
-        the cap); not before the shape's first call nor while it compiles. Larger batches: per chunk."""
+    def settled(self, unit: str, x: Tensor) -> str | None:
+        """How calls of ``x``'s shape run from now on: ``compiled``, or ``eager`` for good (failed, past the cap);
+        None before the shape's first call and while it compiles. Larger batches: per chunk."""
         key = self._key(unit, x[: self.max_batch])
         with self._lock:
-            return self._states.get(key) in (_READY, _FAILED) or key in self._over_cap
+            state = self._states.get(key)
+            if state == _READY:
+                return "compiled"
+            return "eager" if state == _FAILED or key in self._over_cap else None
 
     def _key(self, unit: str, x: Tensor) -> GraphKey:
         n = len(x)

@@ -7,13 +7,14 @@ belong to the thread that recorded them, and each replay overwrites the previous
 
 So a replica on CUDA records its own: one graph per unit (encoder, decoder) and exact input shape, for batches of
 up to ``max_batch`` images and at most ``max_graphs`` graphs. A shape is recorded on the calling thread at its first
-call, once the call underneath is final for it (eager, or its compiled graph ready or failed): three warm-up calls
+call, once the call underneath is settled for it (eager, or its compiled graph ready or failed): three warm-up calls
 on a side stream and the capture, about four calls' time, once. Later calls copy their input into the graph's
 input, replay, and return copies of its outputs, so no result is ever overwritten by a later call. Every graph of a
 replica draws from one memory pool: replays never overlap (one calling thread) and outputs are copied out at once.
 
 A shape that cannot be recorded (a capture error) runs as before, for good, and says why once; larger batches, other
-devices and calls before their shape is final run as before too. ``status()`` counts all of it.
+devices and calls before their shape is settled run as before too. ``status()`` counts all of it, replays of
+compiled calls apart (a job's rows say whether they ran compiled).
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def record(unit: Unit, example: Tensor, pool: Any) -> Replay:
 class CudaGraphs:
     """The encoder and decoder ``units`` (eager or compiled) replayed from CUDA graphs where a shape allows.
 
-    ``final(unit, x)`` says whether the call underneath is final for ``x``'s shape (a compiled replica: its graph
-    is ready or failed; default: always); only then is the shape recorded. ``recorder`` records one shape
-    (``record``). Call from one thread (the replica's torch thread)."""
+    ``settled(unit, x)`` says how the call underneath runs from now on for ``x``'s shape: ``compiled``, ``eager``,
+    or None while that may still change (a compiled replica's shape before its graph is ready or failed; default:
+    ``eager``); only a settled shape is recorded. ``recorder`` records one shape
+    (``record``). Call from one thread at a time (a replica's torch thread): replays of one graph must not overlap."""
 
     def __init__(
         self,
@@ -78,19 +80,19 @@ class CudaGraphs:
         device: torch.device,
         max_batch: int = 8,
         max_graphs: int = MAX_GRAPHS,
-        final: Callable[[str, Tensor], bool] | None = None,
+        settled: Callable[[str, Tensor], str | None] | None = None,
         recorder: Callable[[Unit, Tensor, Any], Replay] = record,
     ) -> None:
         if max_batch < 1 or max_graphs < 1:
             raise ValueError(f"max_batch and max_graphs must be >= 1, got {max_batch} and {max_graphs}")
         self.units, self.device = units, device
         self.max_batch, self.max_graphs = max_batch, max_graphs
-        self._final, self._record = final or (lambda unit, x: True), recorder
+        self._settled, self._record = settled or (lambda unit, x: "eager"), recorder
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self._replays: dict[tuple[str, tuple[int, ...], torch.dtype], Replay] = {}
+        self._replays: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[Replay, bool]] = {}  # (call, compiled)
         self._failed: dict[tuple[str, tuple[int, ...], torch.dtype], str] = {}
         self._lock = threading.Lock()  # status() may be read from another thread
-        self._replayed = 0
+        self._replayed = self._replayed_compiled = 0
         self._direct: Counter[str] = Counter()
 
     def encoder(self, image: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -103,27 +105,30 @@ class CudaGraphs:
 
     def _call(self, unit: str, x: Tensor) -> Any:
         key = (unit, tuple(x.shape), x.dtype)
-        replay = self._replays.get(key)
-        if replay is None:
-            replay, reason = self._record_or_why(unit, key, x)
-            if replay is None:
+        recorded = self._replays.get(key)
+        if recorded is None:
+            recorded, reason = self._record_or_why(unit, key, x)
+            if recorded is None:
                 with self._lock:
                     self._direct[reason] += 1
                 return self.units[unit](x)
+        replay, compiled = recorded
         out = replay(x)
         with self._lock:
             self._replayed += 1
+            self._replayed_compiled += compiled
         return out
 
-    def _record_or_why(self, unit: str, key: tuple, x: Tensor) -> tuple[Replay | None, str]:
+    def _record_or_why(self, unit: str, key: tuple, x: Tensor) -> tuple[tuple[Replay, bool] | None, str]:
         if len(x) > self.max_batch:
             return None, "large_batch"
         if key in self._failed:
             return None, "failed"
         if len(self._replays) + len(self._failed) >= self.max_graphs:
             return None, "over_cap"
-        if not self._final(unit, x):
-            return None, "not_final"
+        kind = self._settled(unit, x)
+        if kind is None:
+            return None, "not_settled"
         try:
             replay = self._record(self.units[unit], x, self._pool)
         except Exception as e:  # this shape runs without a graph for good; the status says why
@@ -131,10 +136,11 @@ class CudaGraphs:
                 self._failed[key] = f"{type(e).__name__}: {next(iter(str(e).strip().splitlines()), '')}"
             log.warning("no CUDA graph for %s: %s; such calls run without one", _name(key), self._failed[key])
             return None, "failed"
+        recorded = (replay, kind == "compiled")
         with self._lock:
-            self._replays[key] = replay
-        log.info("recorded a CUDA graph for %s", _name(key))
-        return replay, ""
+            self._replays[key] = recorded
+        log.info("recorded a CUDA graph for %s (%s)", _name(key), kind)
+        return recorded, ""
 
     def status(self, reason: str) -> GraphStatus:
         with self._lock:
@@ -146,6 +152,7 @@ class CudaGraphs:
                 graphs=tuple(sorted(_name(key) for key in self._replays)),
                 failed={_name(key): why for key, why in sorted(self._failed.items(), key=lambda kv: _name(kv[0]))},
                 replays=self._replayed,
+                compiled_replays=self._replayed_compiled,
                 direct_calls=dict(self._direct),
             )
 

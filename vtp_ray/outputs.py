@@ -81,7 +81,8 @@ class GraphStatus:
     graphs: tuple[str, ...] = ()  # e.g. "encoder 1x3x256x256"
     failed: dict[str, str] = field(default_factory=dict)  # shape -> the capture error
     replays: int = 0
-    direct_calls: dict[str, int] = field(default_factory=dict)  # by reason: large_batch, not_final, over_cap, failed
+    compiled_replays: int = 0  # replays of graphs recorded from compiled calls (a compiling replica's)
+    direct_calls: dict[str, int] = field(default_factory=dict)  # by reason: large_batch, not_settled, over_cap, failed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -104,8 +104,8 @@ class VTPReplica:
             (log.warning if compile == "on" else log.info)("compile=%s: %s", compile, plan.reason)
         self._graphs: CudaGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            final = self._compiled.final if self._compiled is not None else None
-            self._graphs = CudaGraphs(units, self.device, compile_max_batch, final=final)
+            settled = self._compiled.settled if self._compiled is not None else None
+            self._graphs = CudaGraphs(units, self.device, compile_max_batch, settled=settled)
             units = {"encoder": self._graphs.encoder, "decoder": self._graphs.decoder}
         why = "cuda_graphs=False" if not cuda_graphs else f"not on CUDA ({self.device.type})"
         self._graphs_off = GraphStatus(enabled=False, reason=why)
@@ -152,7 +152,7 @@ class VTPReplica:
         synchronize(self.device)
         if self._compiled is not None:
             self._compiled.warm(size)
-        elif self._graphs is not None:  # one image's graphs now, for the first online request (compiled: once final)
+        elif self._graphs is not None:  # one image's graphs now, for the first online request (compiled: once ready)
             with torch.inference_mode():
                 latents, _ = self._encoder(self._images_in(np.zeros((1, size, size, 3), np.uint8)))
                 self._decoder(latents)

@@ -167,7 +167,7 @@ def verify(
         _add_against(report, out, eager, "vs eager", limits)
     if cuda_graphs and target_device.type == "cuda":
         direct = {"encoder": compiled.encoder, "decoder": compiled.decoder} if compiled else eager_units(target_model)
-        graphs = CudaGraphs(direct, target_device, max_batch=batch, final=compiled.final if compiled else None)
+        graphs = CudaGraphs(direct, target_device, max_batch=batch, settled=compiled.settled if compiled else None)
         units = {"encoder": graphs.encoder, "decoder": graphs.decoder}
         replayed = _run(units, images, target_device)
         _run(units, images.flip(1), target_device)  # other images through the same graphs: must not change those

@@ -74,6 +74,7 @@ class ModelDeployment:
             largest model call (``max_batch_size``, or ``batch_work_size`` if larger) are compiled: until then
             readiness says it is starting, and no request ever waits for a compile. Other shapes compile in the
             background and run eagerly meanwhile.
+        cpu_threads, cuda_graphs: as ``VTPReplica``'s.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class ModelDeployment:
         compile: str = "off",
         compile_cache: str | None = None,
         cpu_threads: CpuThreads = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         device = device or assigned_device()
         brief_openmp_waits(device)
@@ -98,7 +100,7 @@ class ModelDeployment:
         started = time.perf_counter()
         self._base_batching = batching or Batching()
         largest = self._base_batching.largest_call
-        load = (model, device, precision, warmup_size, compile, compile_cache, largest, cpu_threads)
+        load = (model, device, precision, warmup_size, compile, compile_cache, largest, cpu_threads, cuda_graphs)
         self._replica = self._torch.submit(self._load, *load).result()
         if not self._replica.compile_ready:
             log.info("VTPReplica %s: compiling the graphs of %d px before serving", model, warmup_size)
@@ -118,13 +120,13 @@ class ModelDeployment:
     @staticmethod
     def _load(
         model: str, device: str, precision: str, warmup_size: int, compile: str, cache: str | None, max_batch: int,
-        cpu_threads: CpuThreads,
+        cpu_threads: CpuThreads, cuda_graphs: bool,
     ) -> VTPReplica:  # fmt: skip
         from vtp_ray.replica import VTPReplica  # here, not at import: the ingress imports this package too
 
         replica = VTPReplica(
             model, device=device, precision=precision, warmup_size=warmup_size, compile=compile,
-            compile_cache=cache, compile_max_batch=max_batch, cpu_threads=cpu_threads,
+            compile_cache=cache, compile_max_batch=max_batch, cpu_threads=cpu_threads, cuda_graphs=cuda_graphs,
         )  # fmt: skip
         if warmup_size and replica.info.text_context_length and text_available():
             replica.embed_text(["warm-up"])  # loads the tokenizer before traffic

@@ -24,8 +24,8 @@ def csv(kind: type) -> Callable[[str], list]:
 def add_model_args(
     parser: argparse.ArgumentParser, precision: str = "fp32", required: bool = True, compile: str = "off"
 ) -> None:
-    """The flags every model-running command shares, ``--compile`` (default ``compile``) and ``--compile-cache``
-    among them."""
+    """The flags every model-running command shares, ``--compile`` (default ``compile``), ``--compile-cache`` and
+    ``--cuda-graphs`` among them."""
     parser.add_argument(
         "--model",
         default=os.environ.get("VTP_MODEL"),
@@ -48,6 +48,18 @@ def add_model_args(
         "--compile-cache", default=None, metavar="DIR",
         help="persistent compile cache (default: env VTP_COMPILE_CACHE, else /tmp/vtp-ray-compile-<uid>)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cuda-graphs", type=on_off, default=True, metavar="on|off",
+        help="on CUDA, replay batches of up to the compile batch from recorded CUDA graphs (default: on)",
+    )  # fmt: skip
+
+
+def on_off(text: str) -> bool:
+    """``on`` / ``off`` -> True / False."""
+    try:
+        return {"on": True, "off": False}[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"use on or off, got {text!r}") from None
 
 
 def replicas_arg(text: str) -> int | tuple[int, int]:
@@ -106,7 +118,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 _REPLICA_FIELDS = (
     *("model", "precision", "device", "rope_dtype", "batch_size"),
     *("replicas", "resources", "address", "cpu_threads", "progress", "dashboard", "preprocess_concurrency"),
-    *("compile", "compile_cache", "cpu_priority"),
+    *("compile", "compile_cache", "cuda_graphs", "cpu_priority"),
 )
 
 

@@ -40,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-error", type=float, default=0.01, help="pass when every normalized max error is below")
-    add_cuda_graphs_arg(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="latency and throughput of encode/decode/reconstruct/embed")
@@ -51,19 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=5)
-    add_cuda_graphs_arg(p)
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no plan, estimate or progress lines on stderr"
     )
     p.set_defaults(func=cmd_bench)
-
-
-def add_cuda_graphs_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cuda-graphs", choices=("on", "off"), default="on",
-        help="on CUDA, replay batches of up to the compile batch as CUDA graphs, as replicas do (default: on)",
-    )  # fmt: skip
 
 
 def _version(package: str) -> str | None:
@@ -134,6 +125,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_cache=args.compile_cache,
         compile_max_batch=args.batch_size,
+        cuda_graphs=args.cuda_graphs,
     )
     if not replica.compile_ready:
         print(f"compiling for {args.size} px images (the first time takes minutes; cached)", file=sys.stderr)
@@ -176,7 +168,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         thresholds,
         compile=args.compile,
         compile_cache=args.compile_cache,
-        cuda_graphs=args.cuda_graphs == "on",
+        cuda_graphs=args.cuda_graphs,
     )
     print(report.format())
     return 0 if report.passed else 1
@@ -197,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.runs,
         compile=args.compile,
         compile_cache=args.compile_cache,
-        cuda_graphs=args.cuda_graphs == "on",
+        cuda_graphs=args.cuda_graphs,
         progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None,
     )
     if args.json:

@@ -109,6 +109,8 @@ class PipelineSpec:
             replicas of the job's own (``served``).
         compile, compile_cache: as ``VTPReplica``'s (``off``, ``on``, ``auto``); on a Serve app, what the app must
             serve. Until a shape's graph is compiled (in the background) its batches run eagerly.
+        cuda_graphs: as ``VTPReplica``'s: on CUDA, batches of up to ``batch_size`` replay recorded CUDA graphs (a
+            job on a Serve app runs as the app's replicas do).
         preprocess_concurrency: read + preprocess tasks at once at most (default: as many as the CPUs allow; with
             ``serve``, a quarter of the cluster's CPUs, so that the job leaves the app's ingress room).
         cpu_priority: the OS priority of the job's own work (preprocessing, its model stage, Ray Data's executor
@@ -138,6 +140,7 @@ class PipelineSpec:
     preprocess_concurrency: int | None = None
     compile: str = "auto"
     compile_cache: str | None = None
+    cuda_graphs: bool = True
     cpu_priority: CpuPriority | None = None
 
     def __post_init__(self) -> None:

@@ -75,6 +75,7 @@ class ModelStage:
             compile=spec.compile,
             compile_cache=spec.compile_cache,
             compile_max_batch=spec.batch_size,
+            cuda_graphs=spec.cuda_graphs,
         )
         differences = identity_differences(expected, self.replica.info.identity())
         if differences:
@@ -121,11 +122,17 @@ class ModelStage:
         return out.append_column("model_seconds", pa.array(np.where(valid, seconds / max(valid.sum(), 1), 0.0)))
 
     def _compiled_and_eager_calls(self) -> tuple[int, int]:
-        """This replica's graph calls so far that ran compiled and eagerly (a Serve app's: what its info says)."""
-        status = self.replica.info.compile
+        """This replica's graph calls so far that ran compiled and eagerly, CUDA graphs' replays counted by what they
+        recorded (a Serve app's: what its info says)."""
+        info = self.replica.info
+        status, graphs = info.compile, info.cuda_graphs
         if status is None:
             return 0, 0
-        return status.compiled_calls, sum(status.eager_calls.values())
+        compiled, eager = status.compiled_calls, sum(status.eager_calls.values())
+        if graphs is not None:
+            compiled += graphs.compiled_replays
+            eager += graphs.replays - graphs.compiled_replays
+        return compiled, eager
 
 
 #: This process's model stage of the job on a Serve app it last ran a block of: ``{job key: stage}``.
