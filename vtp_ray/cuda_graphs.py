@@ -71,8 +71,8 @@ class CudaGraphs:
 
     ``settled(unit, x)`` says how the call underneath runs from now on for ``x``'s shape: ``compiled``, ``eager``,
     or None while that may still change (a compiled replica's shape before its graph is ready or failed; default:
-    ``eager``); only a settled shape is recorded. ``recorder`` records one shape
-    (``record``). Call from one thread at a time (a replica's torch thread): replays of one graph must not overlap."""
+    ``eager``); only a settled shape is recorded, by ``recorder`` (``record``). Call from one thread at a time (a
+    replica's torch thread): replays of one graph must not overlap."""
 
     def __init__(
         self,
