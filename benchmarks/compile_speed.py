@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from vtp_ray import VTPReplica  # noqa: E402
+from vtp_ray.bench import gemm_flops_per_s  # noqa: E402
 from vtp_ray.device import cpu_has_fast_low_precision, resolve_precision  # noqa: E402
 
 VERBS = ("encode", "decode", "reconstruct")
@@ -67,18 +68,9 @@ def native_precisions() -> list[str]:
     return found
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
-    """This machine's matmul rate in ``dtype``: the best of ``runs`` n^3 products."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(runs))
-    return 2 * n**3 / best / 1e9
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def gemm_gflops(dtype: torch.dtype) -> float:
+    """This CPU's matmul rate in ``dtype`` (GFLOP/s): the best of five 2048^3 products."""
+    return gemm_flops_per_s(torch.device("cpu"), dtype, n=2048) / 1e9
 
 
 def _cpu_seconds() -> float:

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from vtp_ray import VTPReplica
-from vtp_ray.bench import model_flops
+from vtp_ray.bench import gemm_flops_per_s, model_flops
 from vtp_ray.device import cpu_has_fast_low_precision
 from vtp_ray.model import load_model
 from vtp_ray.normalize import normalize
 from vtp_ray.verify import verify
+
+CPU = torch.device("cpu")
 
 
 def interleaved(fns: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
@@ -43,20 +45,6 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, runs: int) ->
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def gemm_rate(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
-    """FLOP/s of an n^3 matmul in ``dtype`` (best of ``runs``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(runs))
-    return 2 * n**3 / best
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def build_upstream(path: str, ours: torch.nn.Module) -> torch.nn.Module:
@@ -104,7 +92,7 @@ def main() -> None:
 
     print("\n3. bf16 on the CPU, batch 8: VTPReplica(precision='bf16').reconstruct")
     if not cpu_has_fast_low_precision(torch.bfloat16):
-        fp32, bf16 = gemm_rate(torch.float32, 512), gemm_rate(torch.bfloat16, 512)
+        fp32, bf16 = (gemm_flops_per_s(CPU, dtype, n=512) for dtype in (torch.float32, torch.bfloat16))
         print(
             f"   skipped: this CPU has no native bf16 matmul (no AVX512-BF16/AMX; capability "
             f"{torch.backends.cpu.get_cpu_capability()}): 512^3 GEMM fp32 {fp32 / 1e9:.1f} GFLOP/s, "
@@ -121,7 +109,7 @@ def main() -> None:
 
         fns["upstream: bf16 autocast"] = upstream_bf16
     times = interleaved(fns, args.warmup, args.runs)
-    rate = gemm_rate(torch.bfloat16)
+    rate = gemm_flops_per_s(CPU, torch.bfloat16, n=2048)
     per_image = flops["encode"] + flops["decode"]
     print(f"   encode + decode = {per_image / 1e9:.1f} GFLOP per image; bf16 2048^3 GEMM: {rate / 1e9:.0f} GFLOP/s")
     for name, seconds in times.items():
