@@ -85,7 +85,7 @@ class CudaGraphs:
     ) -> None:
         if max_batch < 1 or max_graphs < 1:
             raise ValueError(f"max_batch and max_graphs must be >= 1, got {max_batch} and {max_graphs}")
-        self.units, self.device = units, device
+        self.units = units
         self.max_batch, self.max_graphs = max_batch, max_graphs
         self._settled, self._record = settled or (lambda unit, x: "eager"), recorder
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None

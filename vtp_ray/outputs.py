@@ -122,16 +122,9 @@ class ReplicaInfo:
     def from_dict(cls, values: Mapping[str, Any]) -> ReplicaInfo:
         """A ``ReplicaInfo`` from its dict (more keys, such as ``/v1/model``'s, are left out)."""
         fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
-        if isinstance(fields.get("compile"), Mapping):
-            status = fields["compile"]
-            fields["compile"] = CompileStatus(
-                **{k: status[k] for k in CompileStatus.__dataclass_fields__ if k in status}
-            )
-        if isinstance(fields.get("cuda_graphs"), Mapping):
-            status = fields["cuda_graphs"]
-            fields["cuda_graphs"] = GraphStatus(
-                **{k: status[k] for k in GraphStatus.__dataclass_fields__ if k in status}
-            )
+        for name, status_type in (("compile", CompileStatus), ("cuda_graphs", GraphStatus)):
+            if isinstance(status := fields.get(name), Mapping):
+                fields[name] = status_type(**{k: status[k] for k in status_type.__dataclass_fields__ if k in status})
         return cls(**fields)
 
 
